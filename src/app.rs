@@ -1,0 +1,165 @@
+//! The application: connections, the handler registry, and the operations
+//! every front end (CLI, HTTP API, bench) shares.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+
+use crate::config::Settings;
+use crate::job::{FieldError, Job, JobDefaults, JobId, JobRequest, NewJob, QueueName, Status};
+use crate::metrics as m;
+use crate::pipeline::Registry;
+use crate::pool::{Pool, PoolConfig};
+use crate::queue::{IndexEntry, QueueError, ValkeyQueue};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("invalid job {index}: {error}")]
+    Invalid { index: usize, error: FieldError },
+    #[error("the database schema is not up to date; run `orchestrator migrate`")]
+    NotMigrated,
+}
+
+#[derive(Clone)]
+pub struct App {
+    pub settings: Settings,
+    pub store: Store,
+    pub queue: ValkeyQueue,
+    pub registry: Registry,
+}
+
+impl App {
+    /// Connects to Postgres and Valkey; the errors say which URL failed and
+    /// what to run.
+    pub async fn connect(settings: Settings) -> Result<Self, AppError> {
+        let store = Store::connect(
+            settings.database_url.expose(),
+            settings.database.max_connections,
+        )
+        .await?;
+        let queue =
+            ValkeyQueue::connect(settings.valkey_url.expose(), &settings.key_prefix).await?;
+        Ok(App {
+            settings,
+            store,
+            queue,
+            registry: Registry::builtin(),
+        })
+    }
+
+    /// Fails with a clear message when migrations are missing.
+    pub async fn ensure_migrated(&self) -> Result<(), AppError> {
+        match self.store.migrations_applied().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AppError::NotMigrated),
+            Err(StoreError::Db(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some("42P01") =>
+            {
+                Err(AppError::NotMigrated)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn job_defaults(&self) -> JobDefaults {
+        JobDefaults {
+            retry: self.settings.retry,
+            timeout_secs: self.settings.jobs.timeout_secs,
+            max_timeout_secs: self.settings.jobs.max_timeout_secs,
+        }
+    }
+
+    /// Validates requests, all or nothing.
+    pub fn validate(
+        &self,
+        requests: Vec<JobRequest>,
+        actor: &str,
+    ) -> Result<Vec<NewJob>, AppError> {
+        let defaults = self.job_defaults();
+        let now = Utc::now();
+        requests
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| {
+                r.validate(&defaults, now, actor, |kind, payload| {
+                    self.registry.validate(kind, payload)
+                })
+                .map_err(|error| AppError::Invalid { index, error })
+            })
+            .collect()
+    }
+
+    /// Writes jobs to Postgres (committed), then indexes them in Valkey.
+    /// Returns each job with whether it was created (false: an idempotent
+    /// replay). Should indexing fail, the jobs are still safe: the
+    /// reconciler indexes them on its next pass.
+    pub async fn enqueue(&self, jobs: &[NewJob]) -> Result<Vec<(Job, bool)>, AppError> {
+        let stored = self.store.insert_jobs(jobs).await?;
+        let mut by_queue: BTreeMap<&str, Vec<IndexEntry>> = BTreeMap::new();
+        let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for (job, created) in &stored {
+            if !created {
+                continue;
+            }
+            *counts
+                .entry((job.queue.as_str(), job.kind.as_str()))
+                .or_default() += 1;
+            by_queue
+                .entry(job.queue.as_str())
+                .or_default()
+                .push(IndexEntry {
+                    id: job.id,
+                    priority: job.priority,
+                    due_ms: (job.status == Status::Scheduled)
+                        .then(|| job.run_at.timestamp_millis()),
+                });
+        }
+        for (queue, entries) in by_queue {
+            let Ok(queue) = QueueName::parse(queue) else {
+                continue;
+            };
+            let indexed = async {
+                self.queue.register_queues(&[&queue]).await?;
+                self.queue.enqueue(&queue, &entries).await
+            };
+            if let Err(err) = indexed.await {
+                tracing::warn!(queue = %queue, error = %err, jobs = entries.len(), "jobs stored but not yet indexed; the reconciler will index them");
+            }
+        }
+        for ((queue, kind), n) in counts {
+            metrics::counter!(m::JOBS_ENQUEUED, "queue" => queue.to_owned(), "kind" => kind.to_owned()).increment(n);
+        }
+        Ok(stored)
+    }
+
+    /// Admin retry of a dead job: Postgres first, then the index.
+    pub async fn retry_dead(&self, id: JobId, actor: &str) -> Result<Job, AppError> {
+        let (queue, priority) = self.store.retry_dead(id, actor).await?;
+        if let Ok(queue) = QueueName::parse(queue) {
+            let entry = IndexEntry {
+                id,
+                priority,
+                due_ms: None,
+            };
+            if let Err(err) = self.queue.enqueue(&queue, &[entry]).await {
+                tracing::warn!(job.id = %id, error = %err, "retried job not yet indexed; the reconciler will");
+            }
+        }
+        Ok(self.store.get_job(id).await?)
+    }
+
+    /// A worker pool over this app's connections.
+    pub fn pool(&self, cfg: PoolConfig) -> Pool {
+        Pool::new(
+            self.store.clone(),
+            self.queue.clone(),
+            self.registry.clone(),
+            cfg,
+        )
+    }
+}

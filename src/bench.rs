@@ -1,0 +1,226 @@
+//! `orchestrator bench`: throughput and latency through the real path
+//! (Postgres transitions and events, Valkey claims and acks), on a queue of
+//! its own, verified against Postgres at the end.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, AppError};
+use crate::job::{JobId, JobKind, NewJob, Priority, QueueName, Status};
+use crate::pool::{PoolConfig, PoolEvent};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// No-op jobs enqueued in bulk, then drained.
+    pub jobs: usize,
+    /// Worker slots.
+    pub concurrency: usize,
+    /// Jobs per enqueue call.
+    pub enqueue_batch: usize,
+    /// Jobs enqueued one at a time into an idle pool to measure latency.
+    pub latency_jobs: usize,
+    /// Rate of those single enqueues, per second.
+    pub latency_rate: u32,
+    /// Keep the bench jobs in the database afterwards.
+    pub keep: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub jobs: usize,
+    pub concurrency: usize,
+    pub enqueue_per_s: f64,
+    pub process_per_s: f64,
+    /// Enqueue call to handler start, single jobs into an idle pool.
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    /// Jobs found `succeeded` in Postgres afterwards.
+    pub verified_succeeded: i64,
+    /// Events recorded for them (enqueued, started, succeeded: 3 per job).
+    pub verified_events: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error("bench stalled: {done} of {expected} jobs finished after {waited:?}")]
+    Stalled {
+        done: usize,
+        expected: usize,
+        waited: Duration,
+    },
+}
+
+fn noop_jobs(queue: &QueueName, n: usize) -> Vec<NewJob> {
+    let kind = JobKind::parse("noop").unwrap_or_else(|_| unreachable!("noop is a valid kind"));
+    (0..n)
+        .map(|_| NewJob {
+            id: JobId::new(),
+            queue: queue.clone(),
+            kind: kind.clone(),
+            priority: Priority::DEFAULT,
+            payload: serde_json::json!({}),
+            retry: crate::job::RetryPolicy {
+                max_attempts: 3,
+                backoff_base_ms: 1000,
+                backoff_cap_ms: 60_000,
+            },
+            timeout_secs: 60,
+            run_at: None,
+            idempotency_key: None,
+            actor: "bench".to_owned(),
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Waits until `expected` jobs reached a terminal status, as reported by the pool.
+async fn drain(
+    events: &mut mpsc::UnboundedReceiver<PoolEvent>,
+    expected: usize,
+    mut on_start: impl FnMut(&[JobId]),
+) -> Result<(), BenchError> {
+    let mut done = 0;
+    let started = Instant::now();
+    let idle_limit = Duration::from_secs(60);
+    while done < expected {
+        match tokio::time::timeout(idle_limit, events.recv()).await {
+            Ok(Some(PoolEvent::Finished(ids))) => {
+                done += ids.iter().filter(|(_, s)| s.is_terminal()).count();
+            }
+            Ok(Some(PoolEvent::Started(ids))) => on_start(&ids),
+            Ok(Some(PoolEvent::Stale(_))) => {}
+            Ok(None) | Err(_) => {
+                return Err(BenchError::Stalled {
+                    done,
+                    expected,
+                    waited: started.elapsed(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let queue = QueueName::parse(format!("bench-{}", &suffix[..8]))
+        .unwrap_or_else(|_| unreachable!("bench queue names are valid"));
+
+    // Phase 1: bulk enqueue.
+    let jobs = noop_jobs(&queue, opts.jobs);
+    let t0 = Instant::now();
+    for chunk in jobs.chunks(opts.enqueue_batch.max(1)) {
+        app.enqueue(chunk).await?;
+    }
+    let enqueue_secs = t0.elapsed().as_secs_f64();
+
+    // Phase 2: drain through a pool.
+    let mut cfg = PoolConfig::from_settings(&app.settings);
+    cfg.queues = vec![queue.clone()];
+    cfg.concurrency = opts.concurrency;
+    cfg.claim_batch = opts.concurrency.min(1000);
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let pool = app.pool(cfg).with_observer(tx);
+    let stop = CancellationToken::new();
+    let t1 = Instant::now();
+    let handle = tokio::spawn(pool.run(stop.clone()));
+    drain(&mut events, opts.jobs, |_| {}).await?;
+    let process_secs = t1.elapsed().as_secs_f64();
+
+    // Phase 3: latency of single jobs into the idle pool. A collector task
+    // timestamps starts as they happen while this task enqueues.
+    let expected = opts.latency_jobs;
+    let collector = tokio::spawn(async move {
+        let mut starts: HashMap<JobId, Instant> = HashMap::new();
+        let result = drain(&mut events, expected, |ids| {
+            let now = Instant::now();
+            for id in ids {
+                starts.insert(*id, now);
+            }
+        })
+        .await;
+        result.map(|()| starts)
+    });
+    let gap = Duration::from_secs_f64(1.0 / f64::from(opts.latency_rate.max(1)));
+    let mut ticker = tokio::time::interval(gap);
+    let mut sent: HashMap<JobId, Instant> = HashMap::new();
+    for job in noop_jobs(&queue, opts.latency_jobs) {
+        ticker.tick().await;
+        sent.insert(job.id, Instant::now());
+        app.enqueue(std::slice::from_ref(&job)).await?;
+    }
+    let starts = collector.await.map_err(|_| BenchError::Stalled {
+        done: 0,
+        expected,
+        waited: Duration::ZERO,
+    })??;
+    let mut latencies: Vec<f64> = sent
+        .iter()
+        .filter_map(|(id, t)| {
+            starts
+                .get(id)
+                .map(|s| s.duration_since(*t).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    stop.cancel();
+    let _ = handle.await;
+    latencies.sort_by(f64::total_cmp);
+
+    // Verify against the truth.
+    let total = opts.jobs + opts.latency_jobs;
+    let (succeeded, events_count): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs WHERE queue = $1 AND status = $2),
+                (SELECT count(*) FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE j.queue = $1)",
+    )
+    .bind(queue.as_str())
+    .bind(Status::Succeeded.as_str())
+    .fetch_one(app.store.pool())
+    .await?;
+    if !opts.keep {
+        sqlx::query(
+            "DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE queue = $1)",
+        )
+        .bind(queue.as_str())
+        .execute(app.store.pool())
+        .await?;
+        sqlx::query("DELETE FROM jobs WHERE queue = $1")
+            .bind(queue.as_str())
+            .execute(app.store.pool())
+            .await?;
+    }
+    tracing::info!(
+        total,
+        succeeded,
+        events = events_count,
+        "bench verified against Postgres"
+    );
+    Ok(BenchReport {
+        jobs: opts.jobs,
+        concurrency: opts.concurrency,
+        enqueue_per_s: round(opts.jobs as f64 / enqueue_secs),
+        process_per_s: round(opts.jobs as f64 / process_secs),
+        latency_p50_ms: round(percentile(&latencies, 50.0)),
+        latency_p99_ms: round(percentile(&latencies, 99.0)),
+        verified_succeeded: succeeded,
+        verified_events: events_count,
+    })
+}
+
+fn round(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}

@@ -1,0 +1,407 @@
+//! Command definitions and dispatch: the binary's edge, where errors become
+//! `anyhow` messages for people.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use orchestrator::api::{self, ApiState};
+use orchestrator::app::App;
+use orchestrator::bench::{self, BenchOptions};
+use orchestrator::config::Settings;
+use orchestrator::job::{JobId, JobRequest, QueueName, Status};
+use orchestrator::pool::PoolConfig;
+use orchestrator::store::JobFilter;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "A durable job-queue worker pool for coding agents"
+)]
+struct Cli {
+    /// Config file layered over the built-in defaults.
+    #[arg(long, global = true, env = "ORCH_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply database migrations.
+    Migrate,
+    /// Run a worker: claim and run jobs until SIGTERM/SIGINT.
+    Worker(WorkerArgs),
+    /// Run the HTTP API alone.
+    Serve,
+    /// Run API, workers and maintenance in one process (migrates first).
+    Run(WorkerArgs),
+    /// Enqueue one job and print it.
+    Enqueue(EnqueueArgs),
+    /// Inspect and retry jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Queue depths; pause or resume a queue.
+    Queues {
+        #[command(subcommand)]
+        command: Option<QueuesCommand>,
+    },
+    /// Measure throughput and latency through the real path.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct WorkerArgs {
+    /// Jobs run at once.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Queues to claim from, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    queues: Vec<String>,
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    /// Job kind (noop, sleep, flaky, …).
+    kind: String,
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long)]
+    priority: Option<i64>,
+    /// Payload as a JSON object.
+    #[arg(long)]
+    payload: Option<String>,
+    #[arg(long)]
+    max_attempts: Option<i64>,
+    #[arg(long)]
+    timeout_secs: Option<i64>,
+    #[arg(long)]
+    delay_secs: Option<i64>,
+    /// RFC 3339 time to run at.
+    #[arg(long)]
+    run_at: Option<String>,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Wait until the job is finished, then print it.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Jobs newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Only jobs older than this id.
+        #[arg(long)]
+        before: Option<String>,
+    },
+    /// One job and its audit trail.
+    Show { id: String },
+    /// Put a dead job back in its queue with a fresh set of attempts.
+    Retry { id: String },
+}
+
+#[derive(Subcommand)]
+enum QueuesCommand {
+    Pause { name: String },
+    Resume { name: String },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 1_000)]
+    enqueue_batch: usize,
+    #[arg(long, default_value_t = 1_000)]
+    latency_jobs: usize,
+    #[arg(long, default_value_t = 200)]
+    latency_rate: u32,
+    /// Keep the bench jobs in the database.
+    #[arg(long)]
+    keep: bool,
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Migrate => {
+            let app = App::connect(settings).await?;
+            app.store.migrate().await?;
+            eprintln!("migrations applied");
+        }
+        Command::Worker(args) => {
+            let app = connect_migrated(settings).await?;
+            let stop = shutdown_signal();
+            app.pool(pool_config(&app, &args)?).run(stop).await;
+        }
+        Command::Serve => {
+            let app = connect_migrated(settings).await?;
+            let stop = shutdown_signal();
+            serve_http(&app, stop).await?;
+        }
+        Command::Run(args) => {
+            let app = App::connect(settings).await?;
+            app.store.migrate().await?;
+            let stop = shutdown_signal();
+            let pool = app.pool(pool_config(&app, &args)?);
+            let worker = tokio::spawn(pool.run(stop.clone()));
+            let served = serve_http(&app, stop.clone()).await;
+            stop.cancel();
+            worker.await.context("worker task failed")?;
+            served?;
+        }
+        Command::Enqueue(args) => enqueue(settings, args).await?,
+        Command::Jobs { command } => jobs(settings, command).await?,
+        Command::Queues { command } => queues(settings, command).await?,
+        Command::Bench(args) => {
+            let app = connect_migrated(settings).await?;
+            let opts = BenchOptions {
+                jobs: args.jobs,
+                concurrency: args.concurrency,
+                enqueue_batch: args.enqueue_batch,
+                latency_jobs: args.latency_jobs,
+                latency_rate: args.latency_rate,
+                keep: args.keep,
+            };
+            let report = bench::run(&app, &opts).await?;
+            let expected = (opts.jobs + opts.latency_jobs) as i64;
+            if report.verified_succeeded != expected || report.verified_events != expected * 3 {
+                bail!(
+                    "verification failed: {} of {expected} jobs succeeded with {} events",
+                    report.verified_succeeded,
+                    report.verified_events
+                );
+            }
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
+    Ok(())
+}
+
+async fn connect_migrated(settings: Settings) -> anyhow::Result<App> {
+    let app = App::connect(settings).await?;
+    app.ensure_migrated().await?;
+    Ok(app)
+}
+
+fn pool_config(app: &App, args: &WorkerArgs) -> anyhow::Result<PoolConfig> {
+    let mut cfg = PoolConfig::from_settings(&app.settings);
+    if let Some(c) = args.concurrency {
+        if c == 0 || c > 10_000 {
+            bail!("--concurrency must be between 1 and 10000, got {c}");
+        }
+        cfg.concurrency = c;
+    }
+    if !args.queues.is_empty() {
+        cfg.queues = args
+            .queues
+            .iter()
+            .map(|q| QueueName::parse(q.as_str()))
+            .collect::<Result<_, _>>()
+            .context("--queues")?;
+    }
+    Ok(cfg)
+}
+
+/// Fires on SIGTERM or SIGINT.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let fire = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        fire.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        fire.cancel();
+    });
+    token
+}
+
+async fn serve_http(app: &App, stop: CancellationToken) -> anyhow::Result<()> {
+    let handle = orchestrator::metrics::install().context("installing the metrics recorder")?;
+    let addr = app.settings.http_addr.clone();
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set ORCH_HTTP_ADDR)"))?;
+    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    let state = ApiState {
+        app: app.clone(),
+        metrics: Arc::new(handle),
+    };
+    api::serve(listener, api::router(state), stop).await?;
+    Ok(())
+}
+
+async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
+    let app = connect_migrated(settings).await?;
+    let payload = match &args.payload {
+        Some(text) => Some(serde_json::from_str(text).context("--payload is not valid JSON")?),
+        None => None,
+    };
+    let run_at = match &args.run_at {
+        Some(text) => Some(
+            chrono::DateTime::parse_from_rfc3339(text)
+                .context("--run-at must be an RFC 3339 time, e.g. 2026-01-01T12:00:00Z")?
+                .with_timezone(&chrono::Utc),
+        ),
+        None => None,
+    };
+    let request = JobRequest {
+        kind: args.kind,
+        queue: args.queue,
+        priority: args.priority,
+        payload,
+        max_attempts: args.max_attempts,
+        timeout_secs: args.timeout_secs,
+        run_at,
+        delay_secs: args.delay_secs,
+        idempotency_key: args.idempotency_key,
+        ..JobRequest::default()
+    };
+    let jobs = app.validate(vec![request], "cli")?;
+    let stored = app.enqueue(&jobs).await?;
+    let Some((mut job, _)) = stored.into_iter().next() else {
+        bail!("nothing was enqueued");
+    };
+    if args.wait {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait_secs);
+        while !job.status.is_terminal() {
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "job {} is still {} after {}s",
+                    job.id,
+                    job.status,
+                    args.wait_secs
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            job = app.store.get_job(job.id).await?;
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&job)?);
+    Ok(())
+}
+
+fn parse_id(id: &str) -> anyhow::Result<JobId> {
+    id.parse()
+        .with_context(|| format!("{id:?} is not a job id (a UUID)"))
+}
+
+async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
+    let app = connect_migrated(settings).await?;
+    match command {
+        JobsCommand::List {
+            status,
+            queue,
+            kind,
+            limit,
+            before,
+        } => {
+            let filter = JobFilter {
+                status: status.map(|s| s.parse::<Status>()).transpose()?,
+                queue,
+                kind,
+                before: before.map(|b| parse_id(&b)).transpose()?,
+                limit: limit.clamp(1, 1000),
+            };
+            for job in app.store.list_jobs(&filter).await? {
+                println!(
+                    "{}  {:<9}  {:<12} {:<10} p{:<2} attempt {}/{}  {}",
+                    job.id,
+                    job.status,
+                    job.queue,
+                    job.kind,
+                    job.priority,
+                    job.attempt,
+                    job.max_attempts,
+                    job.created_at.to_rfc3339()
+                );
+            }
+        }
+        JobsCommand::Show { id } => {
+            let id = parse_id(&id)?;
+            let job = app.store.get_job(id).await?;
+            let events = app.store.job_events(id, None).await?;
+            let out = serde_json::json!({ "job": job, "events": events });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        JobsCommand::Retry { id } => {
+            let job = app.retry_dead(parse_id(&id)?, "cli").await?;
+            println!("{}", serde_json::to_string_pretty(&job)?);
+        }
+    }
+    Ok(())
+}
+
+async fn queues(settings: Settings, command: Option<QueuesCommand>) -> anyhow::Result<()> {
+    let app = connect_migrated(settings).await?;
+    match command {
+        None => {
+            let known = app.queue.known_queues().await?;
+            println!(
+                "{:<24} {:>8} {:>8} {:>8}  paused",
+                "queue", "pending", "delayed", "active"
+            );
+            for q in known {
+                let d = app.queue.depth(&q).await?;
+                println!(
+                    "{:<24} {:>8} {:>8} {:>8}  {}",
+                    q.as_str(),
+                    d.pending(),
+                    d.delayed,
+                    d.active,
+                    d.paused
+                );
+            }
+        }
+        Some(QueuesCommand::Pause { name }) => {
+            let q = QueueName::parse(name)?;
+            app.queue.set_paused(&q, true).await?;
+            eprintln!("queue {q} paused");
+        }
+        Some(QueuesCommand::Resume { name }) => {
+            let q = QueueName::parse(name)?;
+            app.queue.set_paused(&q, false).await?;
+            eprintln!("queue {q} resumed");
+        }
+    }
+    Ok(())
+}

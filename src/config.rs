@@ -1,0 +1,261 @@
+//! Settings: built-in defaults (`config/default.toml`, compiled in), then an
+//! optional config file, then `ORCH_*` environment variables
+//! (`ORCH_DATABASE_URL`, `ORCH_WORKER__CONCURRENCY`, …: `__` separates
+//! sections).
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
+const SETTINGS_KEYS: [&str; 9] = [
+    "database_url",
+    "valkey_url",
+    "http_addr",
+    "key_prefix",
+    "database",
+    "worker",
+    "retry",
+    "jobs",
+    "maintenance",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("config file {0} does not exist")]
+    Missing(String),
+}
+
+/// A string that never prints itself (connection URLs hold passwords).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// PostgreSQL URL (`ORCH_DATABASE_URL`).
+    pub database_url: Secret,
+    /// Valkey URL (`ORCH_VALKEY_URL`).
+    pub valkey_url: Secret,
+    /// HTTP listen address (`ORCH_HTTP_ADDR`).
+    pub http_addr: String,
+    /// Prefix of every Valkey key; lets several deployments share a server.
+    pub key_prefix: String,
+    pub database: DatabaseSettings,
+    pub worker: WorkerSettings,
+    pub retry: RetryPolicy,
+    pub jobs: JobDefaults,
+    pub maintenance: MaintenanceSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Jobs run at once by one worker process.
+    pub concurrency: usize,
+    /// Queues this worker claims from.
+    pub queues: Vec<QueueName>,
+    /// Lease length; heartbeats renew it every third of it.
+    pub lease_ms: u64,
+    /// Most ids claimed in one round trip.
+    pub claim_batch: usize,
+    /// How long to wait for work when no wake-up arrives.
+    pub poll_interval_ms: u64,
+    /// How long in-flight jobs may finish after SIGTERM before release.
+    pub shutdown_grace_secs: u64,
+    /// Most completions written in one transaction.
+    pub complete_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobDefaults {
+    /// Run-time limit of a job that names none.
+    pub timeout_secs: u32,
+    pub max_timeout_secs: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceSettings {
+    pub promote_interval_ms: u64,
+    pub reap_interval_ms: u64,
+    /// Full index rebuild period (a lost index is detected sooner).
+    pub reconcile_interval_secs: u64,
+    pub flush_check_interval_ms: u64,
+}
+
+impl Settings {
+    /// Defaults, then `file` (if given, it must exist), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let settings: Settings = figment
+            .merge(
+                Env::prefixed("ORCH_")
+                    // Other ORCH_* variables (ORCH_LOG, ORCH_CONFIG, …) are
+                    // read elsewhere; only settings are taken from here.
+                    .filter(|key| {
+                        let top = key.as_str().split("__").next().unwrap_or_default();
+                        SETTINGS_KEYS.iter().any(|k| top.eq_ignore_ascii_case(k))
+                    })
+                    .split("__"),
+            )
+            .extract()
+            .map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| ConfigError::Invalid {
+            field,
+            message: message.to_owned(),
+        };
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "key_prefix",
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        let w = &self.worker;
+        if w.concurrency == 0 || w.concurrency > 10_000 {
+            return Err(invalid("worker.concurrency", "must be between 1 and 10000"));
+        }
+        if w.queues.is_empty() {
+            return Err(invalid("worker.queues", "name at least one queue"));
+        }
+        if w.lease_ms < 1_000 {
+            return Err(invalid("worker.lease_ms", "must be at least 1000"));
+        }
+        if w.claim_batch == 0 || w.claim_batch > 1_000 {
+            return Err(invalid("worker.claim_batch", "must be between 1 and 1000"));
+        }
+        if w.complete_batch == 0 || w.complete_batch > 5_000 {
+            return Err(invalid(
+                "worker.complete_batch",
+                "must be between 1 and 5000",
+            ));
+        }
+        if w.poll_interval_ms == 0 {
+            return Err(invalid("worker.poll_interval_ms", "must be positive"));
+        }
+        self.retry
+            .validate()
+            .map_err(|e: RetryPolicyError| ConfigError::Invalid {
+                field: "retry",
+                message: e.to_string(),
+            })?;
+        if self.jobs.timeout_secs == 0 || self.jobs.timeout_secs > self.jobs.max_timeout_secs {
+            return Err(invalid(
+                "jobs.timeout_secs",
+                "must be between 1 and jobs.max_timeout_secs",
+            ));
+        }
+        let m = &self.maintenance;
+        if m.promote_interval_ms == 0
+            || m.reap_interval_ms == 0
+            || m.reconcile_interval_secs == 0
+            || m.flush_check_interval_ms == 0
+        {
+            return Err(invalid("maintenance", "every interval must be positive"));
+        }
+        Ok(())
+    }
+}
+
+impl WorkerSettings {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+}
+
+#[cfg(test)]
+// figment's Jail returns its own (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_defaults_are_valid() {
+        figment::Jail::expect_with(|_jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.http_addr, "127.0.0.1:8080");
+            assert_eq!(s.worker.queues, vec![QueueName::default_queue()]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ORCH_DATABASE_URL", "postgres://u:p@db/x");
+            jail.set_env("ORCH_HTTP_ADDR", "0.0.0.0:9000");
+            jail.set_env("ORCH_WORKER__CONCURRENCY", "7");
+            jail.set_env("ORCH_ADMIN_TOKEN", "not-a-setting");
+            jail.set_env("ORCH_DOCKER_AVAILABLE", "1");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.database_url.expose(), "postgres://u:p@db/x");
+            assert_eq!(s.http_addr, "0.0.0.0:9000");
+            assert_eq!(s.worker.concurrency, 7);
+            assert!(!format!("{s:?}").contains("u:p@"), "secret printed");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ORCH_WORKER__CONCURRENCY", "0");
+            let err = Settings::load(None).expect_err("must fail").to_string();
+            assert!(err.contains("worker.concurrency"), "{err}");
+            jail.set_env("ORCH_WORKER__CONCURRENCY", "4");
+            jail.set_env("ORCH_WORKER__QUEUES", "[\"bad queue\"]");
+            let err = Settings::load(None).expect_err("must fail").to_string();
+            assert!(err.contains("queue name"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,305 @@
+//! The domain: identifiers, validated names, the job spec and the status machine.
+//! Values here are parsed once at the edge; an invalid one cannot exist past it.
+
+mod request;
+mod retry;
+mod status;
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use request::{
+    validate_idempotency_key, FieldError, JobDefaults, JobRequest, MAX_PAYLOAD_BYTES,
+    MAX_PAYLOAD_DEPTH,
+};
+pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError, MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
+pub use status::{Status, UnknownStatus};
+
+/// A job id: a UUIDv7, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    pub fn new() -> Self {
+        JobId(Uuid::now_v7())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(JobId)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{what} must not be empty")]
+    Empty { what: &'static str },
+    #[error("{what} is {len} characters long; at most {max} are allowed")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{what} {value:?} may only contain ASCII letters, digits, '-', '_' and '.', and must start with a letter or digit")]
+    Charset { what: &'static str, value: String },
+}
+
+/// Names that end up inside Valkey keys and metric labels: short, ASCII, no
+/// key separators or hash-tag braces.
+fn validate_name(what: &'static str, value: &str, max: usize) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if value.len() > max {
+        return Err(NameError::TooLong {
+            what,
+            len: value.chars().count(),
+            max,
+        });
+    }
+    let ok_start = value
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok_start || !ok_chars {
+        return Err(NameError::Charset {
+            what,
+            value: value.chars().take(80).collect(),
+        });
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(value: impl Into<String>) -> Result<Self, NameError> {
+                let value = value.into();
+                validate_name($what, &value, $max)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::parse(s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A queue name, e.g. `default` or `agents.high`.
+    QueueName,
+    "queue name",
+    64
+);
+name_type!(
+    /// A job kind, e.g. `noop` or `script-agent`; selects the handler.
+    JobKind,
+    "job kind",
+    64
+);
+
+impl QueueName {
+    pub fn default_queue() -> Self {
+        QueueName("default".to_owned())
+    }
+}
+
+/// Priority 1..=10, higher runs first; 5 by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Priority(u8);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("priority must be an integer from 1 (lowest) to 10 (highest), got {0}")]
+pub struct PriorityError(pub i64);
+
+impl Priority {
+    pub const MIN: Priority = Priority(1);
+    pub const MAX: Priority = Priority(10);
+    pub const DEFAULT: Priority = Priority(5);
+
+    pub fn new(value: i64) -> Result<Self, PriorityError> {
+        if (1..=10).contains(&value) {
+            Ok(Priority(value as u8))
+        } else {
+            Err(PriorityError(value))
+        }
+    }
+
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl Default for Priority {
+    fn default() -> Self {
+        Priority::DEFAULT
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        Priority::new(v).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Everything needed to create a job. Built and validated at the edge
+/// (CLI, API), then written to Postgres first and indexed in Valkey second.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: JobId,
+    pub queue: QueueName,
+    pub kind: JobKind,
+    pub priority: Priority,
+    pub payload: serde_json::Value,
+    pub retry: RetryPolicy,
+    pub timeout_secs: u32,
+    /// When the job becomes due; `None` means now.
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    /// Who asked for it (token name, `cli`, …); recorded in the audit trail.
+    pub actor: String,
+}
+
+/// A job as stored in Postgres.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub queue: String,
+    pub kind: String,
+    pub status: Status,
+    pub stage: Option<String>,
+    pub priority: u8,
+    pub payload: serde_json::Value,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    pub timeout_secs: u32,
+    pub lease_id: i64,
+    pub worker_id: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub run_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+    pub last_error: Option<String>,
+    pub result: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff_base_ms: self.backoff_base_ms,
+            backoff_cap_ms: self.backoff_cap_ms,
+        }
+    }
+}
+
+/// One entry of a job's append-only audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobEvent {
+    pub id: i64,
+    pub job_id: JobId,
+    pub at: DateTime<Utc>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub actor: String,
+    pub data: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names_reject_key_breaking_characters() {
+        for bad in [
+            "", "a b", "a{b}", "a:b", "-lead", ".hidden", "é", "a\nb", "a*",
+        ] {
+            assert!(QueueName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(QueueName::parse("x".repeat(65)).is_err());
+        for good in ["default", "agents.high", "q_1-2", "9"] {
+            assert!(QueueName::parse(good).is_ok(), "{good:?} rejected");
+        }
+    }
+
+    #[test]
+    fn name_errors_say_what_is_allowed() {
+        let err = JobKind::parse("bad kind").unwrap_err().to_string();
+        assert!(err.contains("job kind") && err.contains("letters"), "{err}");
+    }
+
+    #[test]
+    fn priority_bounds() {
+        assert!(Priority::new(0).is_err());
+        assert!(Priority::new(11).is_err());
+        assert!(Priority::new(-3).is_err());
+        assert_eq!(Priority::new(1).map(Priority::get), Ok(1));
+        assert_eq!(Priority::new(10).map(Priority::get), Ok(10));
+        assert_eq!(Priority::default().get(), 5);
+        assert!(serde_json::from_str::<Priority>("11").is_err());
+    }
+
+    #[test]
+    fn job_ids_sort_by_creation() {
+        let a = JobId::new();
+        let b = JobId::new();
+        assert!(a < b);
+        assert_eq!(a.to_string().parse::<JobId>().ok(), Some(a));
+    }
+}

@@ -1,0 +1,71 @@
+//! Every metric name, in one place, following Prometheus conventions
+//! (`orchestrator_` prefix, base units, `_total` on counters).
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Counter {queue, kind}: jobs written to Postgres and indexed.
+pub const JOBS_ENQUEUED: &str = "orchestrator_jobs_enqueued_total";
+/// Counter {queue, kind, outcome}: attempts that ended
+/// (outcome: succeeded, retried, dead, released, cancelled).
+pub const JOBS_FINISHED: &str = "orchestrator_jobs_finished_total";
+/// Counter {queue}: failed attempts scheduled for a retry.
+pub const JOB_RETRIES: &str = "orchestrator_job_retries_total";
+/// Counter {queue}: jobs moved to the dead-letter state.
+pub const JOBS_DEAD: &str = "orchestrator_jobs_dead_total";
+/// Histogram {queue}: from due (enqueue or run_at) to start, seconds.
+pub const JOB_WAIT_SECONDS: &str = "orchestrator_job_wait_seconds";
+/// Histogram {queue, kind}: run time of an attempt, seconds.
+pub const JOB_RUN_SECONDS: &str = "orchestrator_job_run_seconds";
+/// Counter {queue}: leases that expired and were reaped.
+pub const LEASE_EXPIRATIONS: &str = "orchestrator_lease_expirations_total";
+/// Counter {queue}: completions refused because the lease was no longer current.
+pub const STALE_COMPLETIONS: &str = "orchestrator_stale_completions_total";
+/// Gauge: worker slots running a job.
+pub const WORKER_SLOTS_BUSY: &str = "orchestrator_worker_slots_busy";
+/// Gauge: worker slots in total.
+pub const WORKER_SLOTS_TOTAL: &str = "orchestrator_worker_slots_total";
+/// Gauge {queue, state}: queue depth (pending, delayed, active), sampled.
+pub const QUEUE_DEPTH: &str = "orchestrator_queue_depth";
+/// Counter: ids re-indexed in Valkey by the reconciler.
+pub const RECONCILER_REINDEXED: &str = "orchestrator_reconciler_reindexed_total";
+/// Counter {task}: maintenance or worker loop errors (a service unreachable).
+pub const LOOP_ERRORS: &str = "orchestrator_loop_errors_total";
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 1800.0,
+];
+
+/// Installs the global recorder (once per process) and describes every metric.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(JOBS_ENQUEUED, "Jobs enqueued.");
+    describe_counter!(JOBS_FINISHED, "Job attempts that ended, by outcome.");
+    describe_counter!(JOB_RETRIES, "Failed attempts scheduled for a retry.");
+    describe_counter!(JOBS_DEAD, "Jobs dead-lettered after their last attempt.");
+    describe_histogram!(JOB_WAIT_SECONDS, Unit::Seconds, "Time from due to start.");
+    describe_histogram!(JOB_RUN_SECONDS, Unit::Seconds, "Run time of an attempt.");
+    describe_counter!(LEASE_EXPIRATIONS, "Leases that expired and were reaped.");
+    describe_counter!(STALE_COMPLETIONS, "Completions refused for a stale lease.");
+    describe_gauge!(WORKER_SLOTS_BUSY, "Worker slots running a job.");
+    describe_gauge!(WORKER_SLOTS_TOTAL, "Worker slots in total.");
+    describe_gauge!(QUEUE_DEPTH, "Jobs in a queue by state, sampled.");
+    describe_counter!(
+        RECONCILER_REINDEXED,
+        "Ids re-indexed in Valkey from Postgres."
+    );
+    describe_counter!(LOOP_ERRORS, "Errors in worker and maintenance loops.");
+}
+
+/// Records how many worker slots are busy.
+pub fn set_busy(busy: usize) {
+    metrics::gauge!(WORKER_SLOTS_BUSY).set(busy as f64);
+}

@@ -1,0 +1,90 @@
+//! The seam between the worker pool and what a job does.
+//!
+//! The pool claims a job, then hands it to the [`Handler`] registered for its
+//! kind. The agent lifecycle (spawn → git → gates → complete) is one such
+//! handler; the built-in kinds `noop`, `sleep` and `flaky` serve tests and
+//! benchmarks.
+
+mod builtin;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::ClaimedJob;
+
+pub use builtin::{Flaky, Noop, Sleep};
+
+/// What a handler gets: the job it runs and a token that fires when the job
+/// must stop (shutdown past its grace period, lost lease, cancellation).
+#[derive(Clone)]
+pub struct JobContext {
+    pub job: Arc<ClaimedJob>,
+    pub cancel: CancellationToken,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// The attempt failed; the retry policy decides what follows.
+    #[error("{0}")]
+    Failed(String),
+    /// Retrying cannot help: the job goes straight to the dead-letter state.
+    #[error("{0}")]
+    Fatal(String),
+    /// The handler stopped because its cancellation token fired.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<serde_json::Value, JobError>> + Send>>;
+
+pub trait Handler: Send + Sync + 'static {
+    /// Checks a payload at enqueue time, so bad input is refused before it is
+    /// stored. The message says which field is wrong and what is allowed.
+    fn validate(&self, payload: &serde_json::Value) -> Result<(), String>;
+
+    fn run(&self, ctx: JobContext) -> HandlerFuture;
+}
+
+/// Handlers by job kind.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+impl Registry {
+    /// The kinds every deployment has: `noop`, `sleep`, `flaky`.
+    pub fn builtin() -> Self {
+        let mut r = Registry::default();
+        r.register("noop", Noop);
+        r.register("sleep", Sleep);
+        r.register("flaky", Flaky);
+        r
+    }
+
+    pub fn register(&mut self, kind: &str, handler: impl Handler) {
+        self.handlers.insert(kind.to_owned(), Arc::new(handler));
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(kind).cloned()
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+
+    /// Checks that `kind` exists and accepts `payload`.
+    pub fn validate(&self, kind: &str, payload: &serde_json::Value) -> Result<(), String> {
+        match self.handlers.get(kind) {
+            Some(h) => h.validate(payload),
+            None => Err(format!(
+                "unknown job kind {kind:?}; known kinds: {}",
+                self.kinds().collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+}

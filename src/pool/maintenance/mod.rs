@@ -1,0 +1,190 @@
+//! Maintenance services, each a small unit with a `*_once` step that tests
+//! call directly: the promoter, the reaper, the reconciler and the depth
+//! sampler. Every one is idempotent and safe to run in every replica at once.
+
+mod promoter;
+mod reaper;
+mod reconciler;
+mod sampler;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{error_backoff, PoolError, Shared};
+use crate::config::Settings;
+use crate::job::QueueName;
+use crate::metrics as m;
+use crate::queue::ValkeyQueue;
+use crate::store::Store;
+
+pub use reaper::ReapCounts;
+pub use reconciler::ReconcileCounts;
+
+/// Most delayed ids promoted per queue per run.
+pub const PROMOTE_LIMIT: usize = 1_000;
+/// Most expired leases handled per queue per run.
+pub const REAP_LIMIT: u32 = 500;
+/// Live jobs read per page while rebuilding the index.
+pub const RECONCILE_PAGE: u32 = 2_000;
+
+#[derive(Debug, Clone)]
+pub struct MaintenanceConfig {
+    /// How often due delayed jobs are promoted.
+    pub promote_interval: Duration,
+    /// How often expired leases are looked for.
+    pub reap_interval: Duration,
+    /// How long a reaper holds expired ids before another may look at them.
+    pub reap_hold: Duration,
+    /// Period of the full index rebuild.
+    pub reconcile_interval: Duration,
+    /// How often the rebuild sentinel is checked (detects a flushed Valkey).
+    pub flush_check_interval: Duration,
+    /// How often queue depths are sampled into metrics.
+    pub sample_interval: Duration,
+}
+
+impl MaintenanceConfig {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let m = &settings.maintenance;
+        MaintenanceConfig {
+            promote_interval: Duration::from_millis(m.promote_interval_ms),
+            reap_interval: Duration::from_millis(m.reap_interval_ms),
+            reap_hold: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(m.reconcile_interval_secs),
+            flush_check_interval: Duration::from_millis(m.flush_check_interval_ms),
+            sample_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The maintenance services of one worker, over the queues it serves.
+#[derive(Clone)]
+pub struct Maintenance {
+    store: Store,
+    valkey: ValkeyQueue,
+    queues: Vec<QueueName>,
+    /// Recorded as the actor of the transitions maintenance makes.
+    actor: String,
+    cfg: MaintenanceConfig,
+}
+
+impl Maintenance {
+    pub fn new(
+        store: Store,
+        valkey: ValkeyQueue,
+        queues: Vec<QueueName>,
+        actor: String,
+        cfg: MaintenanceConfig,
+    ) -> Self {
+        Maintenance {
+            store,
+            valkey,
+            queues,
+            actor,
+            cfg,
+        }
+    }
+
+    /// Runs every service until `stop` fires.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut tasks = JoinSet::new();
+        let me = Arc::new(self);
+        let cfg = me.cfg.clone();
+        let m = me.clone();
+        tasks.spawn(periodic(
+            "promoter",
+            cfg.promote_interval,
+            stop.clone(),
+            move || {
+                let m = m.clone();
+                async move { m.promote_once().await.map(drop) }
+            },
+        ));
+        let m = me.clone();
+        tasks.spawn(periodic(
+            "reaper",
+            cfg.reap_interval,
+            stop.clone(),
+            move || {
+                let m = m.clone();
+                async move { m.reap_once().await.map(drop) }
+            },
+        ));
+        let m = me.clone();
+        let full_every = (cfg.reconcile_interval.as_millis()
+            / cfg.flush_check_interval.as_millis().max(1))
+        .max(1);
+        let mut tick = 0u128;
+        tasks.spawn(periodic(
+            "reconciler",
+            cfg.flush_check_interval,
+            stop.clone(),
+            move || {
+                let m = m.clone();
+                // The first run (startup) and every `full_every`-th is a full rebuild.
+                let full = tick % full_every == 0;
+                tick += 1;
+                async move { m.reconcile_once(full).await.map(drop) }
+            },
+        ));
+        let m = me.clone();
+        tasks.spawn(periodic(
+            "sampler",
+            cfg.sample_interval,
+            stop.clone(),
+            move || {
+                let m = m.clone();
+                async move { m.sample_once().await }
+            },
+        ));
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Calls `step` every `interval` until `stop` fires; failures are logged,
+/// counted and retried with a growing pause.
+async fn periodic<F, Fut>(
+    name: &'static str,
+    interval: Duration,
+    stop: CancellationToken,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), PoolError>>,
+{
+    let mut failures = 0u32;
+    loop {
+        let pause = match step().await {
+            Ok(()) => {
+                failures = 0;
+                interval
+            }
+            Err(err) => {
+                failures += 1;
+                metrics::counter!(m::LOOP_ERRORS, "task" => name).increment(1);
+                tracing::warn!(task = name, error = %err, "maintenance step failed");
+                interval.max(error_backoff(failures))
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// The pool's maintenance, sharing its connections.
+pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let maintenance = Maintenance::new(
+        shared.store.clone(),
+        shared.queue.clone(),
+        shared.cfg.queues.clone(),
+        shared.cfg.worker_id.clone(),
+        shared.cfg.maintenance.clone(),
+    );
+    maintenance.run(stop).await;
+}

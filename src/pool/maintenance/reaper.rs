@@ -1,0 +1,92 @@
+//! The reaper: leases whose deadline passed are ended in Postgres (counted as
+//! a failed attempt: retried after backoff, or dead-lettered), then the index
+//! follows. Two sources: Valkey's active set (fast, per queue) and a scan of
+//! Postgres (catches leases the index lost).
+
+use std::collections::HashMap;
+
+use super::{Maintenance, REAP_LIMIT};
+use crate::job::{JobId, QueueName, Status};
+use crate::metrics as m;
+use crate::pool::{repair, PoolError};
+use crate::queue::IndexEntry;
+use crate::store::Reaped;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReapCounts {
+    /// Leases ended in Postgres.
+    pub reaped: usize,
+    /// Expired Valkey entries that Postgres did not reap (repaired instead).
+    pub repaired: usize,
+}
+
+impl Maintenance {
+    pub async fn reap_once(&self) -> Result<ReapCounts, PoolError> {
+        let mut counts = ReapCounts::default();
+        for queue in &self.queues {
+            let ids = self
+                .valkey
+                .reap(queue, REAP_LIMIT as usize, self.cfg.reap_hold)
+                .await?;
+            if ids.is_empty() {
+                continue;
+            }
+            let reaped = self
+                .store
+                .reap_expired(Some(&ids), REAP_LIMIT, &self.actor)
+                .await?;
+            let rest: Vec<JobId> = ids
+                .iter()
+                .copied()
+                .filter(|id| !reaped.iter().any(|r| r.id == *id))
+                .collect();
+            counts.reaped += reaped.len();
+            counts.repaired += rest.len();
+            self.apply(reaped).await?;
+            if !rest.is_empty() {
+                repair::resolve(&self.store, &self.valkey, queue, &rest).await?;
+            }
+        }
+        // Leases of every queue that Valkey no longer knows about.
+        let reaped = self
+            .store
+            .reap_expired(None, REAP_LIMIT, &self.actor)
+            .await?;
+        counts.reaped += reaped.len();
+        self.apply(reaped).await?;
+        Ok(counts)
+    }
+
+    async fn apply(&self, reaped: Vec<Reaped>) -> Result<(), PoolError> {
+        let mut acks: HashMap<QueueName, Vec<JobId>> = HashMap::new();
+        let mut back: HashMap<QueueName, Vec<IndexEntry>> = HashMap::new();
+        for r in reaped {
+            let Ok(queue) = QueueName::parse(r.queue.as_str()) else {
+                continue;
+            };
+            tracing::warn!(job.id = %r.id, queue = %queue, to = %r.to, "lease expired; job reaped");
+            metrics::counter!(m::LEASE_EXPIRATIONS, "queue" => queue.to_string()).increment(1);
+            match r.to {
+                Status::Dead => {
+                    metrics::counter!(m::JOBS_DEAD, "queue" => queue.to_string()).increment(1);
+                    acks.entry(queue).or_default().push(r.id);
+                }
+                _ => {
+                    metrics::counter!(m::JOB_RETRIES, "queue" => queue.to_string()).increment(1);
+                    back.entry(queue).or_default().push(IndexEntry {
+                        id: r.id,
+                        priority: r.priority,
+                        due_ms: r.run_at.map(|t| t.timestamp_millis()),
+                    });
+                }
+            }
+        }
+        for (queue, ids) in acks {
+            self.valkey.ack(&queue, &ids).await?;
+        }
+        for (queue, entries) in back {
+            self.valkey.schedule(&queue, &entries).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! The reconciler: rebuilds Valkey's index from Postgres. Queued and
+//! scheduled jobs missing from Valkey are indexed again (ids already there
+//! are left alone), so a flushed or restarted Valkey loses no job. Running
+//! jobs need no index entry to be safe: their leases are reaped from Postgres.
+
+use std::collections::HashMap;
+
+use super::{Maintenance, RECONCILE_PAGE};
+use crate::job::{QueueName, Status};
+use crate::metrics as m;
+use crate::pool::PoolError;
+use crate::queue::IndexEntry;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileCounts {
+    /// Whether a full pass ran.
+    pub rebuilt: bool,
+    /// Live jobs read from Postgres.
+    pub scanned: usize,
+    /// Ids Valkey was missing and now has.
+    pub reindexed: u64,
+}
+
+impl Maintenance {
+    /// A full pass when `full` is set or when Valkey lost the rebuild
+    /// sentinel (it was flushed or restarted empty); otherwise only the check.
+    pub async fn reconcile_once(&self, full: bool) -> Result<ReconcileCounts, PoolError> {
+        let lost = !self.valkey.epoch_present().await?;
+        if !full && !lost {
+            return Ok(ReconcileCounts::default());
+        }
+        if lost {
+            tracing::warn!("Valkey index sentinel missing (flushed or restarted empty); rebuilding from Postgres");
+        }
+        // Set first: a flush during the pass removes it again and triggers
+        // another pass, rather than being hidden by this one.
+        self.valkey
+            .set_epoch(&format!(
+                "{} {}",
+                self.actor,
+                chrono::Utc::now().to_rfc3339()
+            ))
+            .await?;
+        let mut counts = ReconcileCounts {
+            rebuilt: true,
+            ..ReconcileCounts::default()
+        };
+        let mut after = None;
+        loop {
+            let page = self.store.live_jobs_page(after, RECONCILE_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            counts.scanned += page.len();
+            let mut by_queue: HashMap<String, Vec<IndexEntry>> = HashMap::new();
+            for job in &page {
+                let due_ms = match job.status {
+                    Status::Queued => None,
+                    Status::Scheduled => Some(job.run_at.timestamp_millis()),
+                    _ => continue,
+                };
+                by_queue
+                    .entry(job.queue.clone())
+                    .or_default()
+                    .push(IndexEntry {
+                        id: job.id,
+                        priority: job.priority,
+                        due_ms,
+                    });
+            }
+            for (name, entries) in by_queue {
+                let Ok(queue) = QueueName::parse(name.as_str()) else {
+                    tracing::error!(queue = %name, "invalid queue name in the database; skipped");
+                    continue;
+                };
+                self.valkey.register_queues(&[&queue]).await?;
+                counts.reindexed += self.valkey.enqueue(&queue, &entries).await?;
+            }
+            if page.len() < RECONCILE_PAGE as usize {
+                break;
+            }
+        }
+        if counts.reindexed > 0 {
+            tracing::warn!(
+                reindexed = counts.reindexed,
+                "reconciler re-indexed jobs missing from Valkey"
+            );
+            metrics::counter!(m::RECONCILER_REINDEXED).increment(counts.reindexed);
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,255 @@
+//! The worker runtime: claim loops filling free slots, the batch completer,
+//! lease heartbeats, maintenance, and graceful shutdown.
+//!
+//! A job's path through a worker: a claimer pops ids from Valkey and starts
+//! them in Postgres (one transaction per batch), a task runs the handler, the
+//! completer writes the outcome to Postgres (one transaction per batch) and
+//! only then updates Valkey. Heartbeats keep the leases of running jobs alive
+//! until their outcome is committed.
+
+mod claimer;
+mod completer;
+mod heartbeat;
+pub mod maintenance;
+mod repair;
+mod runner;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::job::{JobId, QueueName, Status};
+use crate::pipeline::Registry;
+use crate::queue::ValkeyQueue;
+use crate::store::Store;
+
+pub use maintenance::MaintenanceConfig;
+
+/// Everything a pool needs to know; see `config/default.toml` for meanings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub worker_id: String,
+    pub queues: Vec<QueueName>,
+    pub concurrency: usize,
+    pub lease: Duration,
+    pub claim_batch: usize,
+    pub poll_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub complete_batch: usize,
+    pub maintenance: MaintenanceConfig,
+}
+
+impl PoolConfig {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let w = &settings.worker;
+        PoolConfig {
+            worker_id: new_worker_id(),
+            queues: w.queues.clone(),
+            concurrency: w.concurrency,
+            lease: w.lease(),
+            claim_batch: w.claim_batch,
+            poll_interval: Duration::from_millis(w.poll_interval_ms),
+            shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+            complete_batch: w.complete_batch,
+            maintenance: MaintenanceConfig::from_settings(settings),
+        }
+    }
+}
+
+/// `<host>-<pid>-<random>`: unique per replica, readable in logs.
+pub fn new_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[..6])
+}
+
+/// What a pool reports to an observer (tests and `bench`), in place of sleeps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolEvent {
+    /// Jobs started under a lease.
+    Started(Vec<JobId>),
+    /// Outcomes committed in Postgres (and then applied to Valkey).
+    Finished(Vec<(JobId, Status)>),
+    /// Completions refused for a stale lease.
+    Stale(Vec<JobId>),
+}
+
+/// A round trip to Valkey or Postgres failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Why a running job's cancellation token fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// Shutdown grace period over: release without using up the attempt.
+    Shutdown,
+    /// Heartbeat found the lease gone: another worker may own the job now.
+    LeaseLost,
+}
+
+struct InFlight {
+    queue: QueueName,
+    lease_id: i64,
+    /// The runner handed its outcome to the completer.
+    reported: bool,
+    cancel: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+}
+
+/// State shared by a pool's tasks.
+struct Shared {
+    store: Store,
+    queue: ValkeyQueue,
+    registry: Registry,
+    cfg: PoolConfig,
+    slots: Arc<Semaphore>,
+    inflight: Mutex<HashMap<JobId, InFlight>>,
+    /// Woken by Valkey pub/sub when ids became pending.
+    wake: Notify,
+    observer: Option<mpsc::UnboundedSender<PoolEvent>>,
+}
+
+impl Shared {
+    fn observe(&self, event: impl FnOnce() -> PoolEvent) {
+        if let Some(tx) = &self.observer {
+            let _ = tx.send(event());
+        }
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, InFlight>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (every critical section is a single insert/remove/iteration).
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn busy_slots(&self) -> usize {
+        self.cfg.concurrency - self.slots.available_permits()
+    }
+}
+
+pub struct Pool {
+    shared: Shared,
+}
+
+impl Pool {
+    pub fn new(store: Store, queue: ValkeyQueue, registry: Registry, cfg: PoolConfig) -> Self {
+        let slots = Arc::new(Semaphore::new(cfg.concurrency));
+        Pool {
+            shared: Shared {
+                store,
+                queue,
+                registry,
+                slots,
+                inflight: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                observer: None,
+                cfg,
+            },
+        }
+    }
+
+    /// Reports every start and finish to `tx` (tests, benchmarks).
+    pub fn with_observer(mut self, tx: mpsc::UnboundedSender<PoolEvent>) -> Self {
+        self.shared.observer = Some(tx);
+        self
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.shared.cfg.worker_id
+    }
+
+    /// Runs until `stop` fires, then shuts down gracefully: no new claims,
+    /// in-flight jobs get the grace period to finish, the rest are released
+    /// back to their queue without using up an attempt.
+    pub async fn run(self, stop: CancellationToken) {
+        let shared = Arc::new(self.shared);
+        let cfg = &shared.cfg;
+        tracing::info!(worker_id = %cfg.worker_id, queues = ?cfg.queues, concurrency = cfg.concurrency, "worker starting");
+        metrics::gauge!(crate::metrics::WORKER_SLOTS_TOTAL).set(cfg.concurrency as f64);
+        if let Err(err) = shared
+            .queue
+            .register_queues(&cfg.queues.iter().collect::<Vec<_>>())
+            .await
+        {
+            tracing::warn!(error = %err, "cannot register queues in Valkey yet");
+        }
+
+        // Tasks that live as long as the pool itself.
+        let background = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let (completions, completer) = completer::start(shared.clone());
+        tasks.spawn(heartbeat::run(shared.clone(), background.clone()));
+        tasks.spawn(maintenance::run(shared.clone(), background.clone()));
+        tasks.spawn(claimer::forward_wakeups(shared.clone(), background.clone()));
+
+        let mut claimers = JoinSet::new();
+        for queue in cfg.queues.clone() {
+            claimers.spawn(claimer::run(
+                shared.clone(),
+                queue,
+                completions.clone(),
+                stop.clone(),
+            ));
+        }
+        while claimers.join_next().await.is_some() {}
+        tracing::info!(worker_id = %cfg.worker_id, busy = shared.busy_slots(), "stopped claiming; waiting for in-flight jobs");
+
+        // Grace period: wait for every slot to come back.
+        let all = u32::try_from(cfg.concurrency).unwrap_or(u32::MAX);
+        let finished =
+            tokio::time::timeout(cfg.shutdown_grace, shared.slots.acquire_many(all)).await;
+        if finished.is_err() {
+            let interrupted = interrupt_all(&shared, StopReason::Shutdown);
+            tracing::warn!(
+                jobs = interrupted,
+                "grace period over; releasing unfinished jobs"
+            );
+            // Handlers honour their token promptly; give them a moment, then
+            // release whatever still has not reported, directly.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), shared.slots.acquire_many(all)).await;
+            runner::release_remaining(&shared, &completions).await;
+        }
+        drop(completions);
+        if let Err(err) = completer.await {
+            tracing::error!(error = %err, "completer task failed");
+        }
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        if let Err(err) = shared.queue.worker_deregister(&cfg.worker_id).await {
+            tracing::debug!(error = %err, "could not deregister worker");
+        }
+        tracing::info!(worker_id = %cfg.worker_id, "worker stopped");
+    }
+}
+
+/// Fires the cancellation token of every running job; returns how many.
+fn interrupt_all(shared: &Shared, reason: StopReason) -> usize {
+    let inflight = shared.inflight();
+    for job in inflight.values() {
+        let mut r = job.reason.lock().unwrap_or_else(|e| e.into_inner());
+        r.get_or_insert(reason);
+        job.cancel.cancel();
+    }
+    inflight.len()
+}
+
+/// Sleep after a failed round trip: doubles up to 5 s, so an unreachable
+/// service is retried promptly but not hammered.
+fn error_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)).min(5_000))
+}

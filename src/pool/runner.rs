@@ -1,0 +1,167 @@
+//! Runs one claimed job: its handler, under its timeout, inside a span that
+//! carries the job id; then hands the outcome to the completer.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::completer::Completion;
+use super::{InFlight, Shared, StopReason};
+use crate::job::QueueName;
+use crate::metrics as m;
+use crate::pipeline::{JobContext, JobError};
+use crate::store::{ClaimedJob, Finish};
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    queue: QueueName,
+    job: ClaimedJob,
+    permit: OwnedSemaphorePermit,
+    completions: mpsc::Sender<Completion>,
+) {
+    let job = Arc::new(job);
+    let cancel = CancellationToken::new();
+    let reason = Arc::new(Mutex::new(None));
+    shared.inflight().insert(
+        job.id,
+        InFlight {
+            queue: queue.clone(),
+            lease_id: job.lease_id,
+            reported: false,
+            cancel: cancel.clone(),
+            reason: reason.clone(),
+        },
+    );
+    let span = tracing::info_span!("job", job.id = %job.id, job.kind = %job.kind, queue = %queue, attempt = job.attempt);
+    let started = Instant::now();
+    let outcome = execute(&shared, &job, cancel)
+        .instrument(span.clone())
+        .await;
+    metrics::histogram!(m::JOB_RUN_SECONDS, "queue" => job.queue.clone(), "kind" => job.kind.clone())
+        .record(started.elapsed().as_secs_f64());
+
+    let stop_reason = *reason.lock().unwrap_or_else(|e| e.into_inner());
+    let finish = match outcome {
+        Ok(result) => Some(Finish::succeeded(job.id, job.lease_id, result)),
+        Err(JobError::Failed(error)) => Some(Finish::failed(
+            job.id,
+            job.lease_id,
+            job.attempt,
+            &job.retry,
+            error,
+        )),
+        Err(JobError::Fatal(error)) => Some(Finish::dead(job.id, job.lease_id, error)),
+        Err(JobError::Interrupted) => match stop_reason {
+            Some(StopReason::Shutdown) => Some(Finish::released(job.id, job.lease_id)),
+            // Another worker may own the job now; whatever we write is stale.
+            Some(StopReason::LeaseLost) => None,
+            None => Some(Finish::failed(
+                job.id,
+                job.lease_id,
+                job.attempt,
+                &job.retry,
+                "interrupted".to_owned(),
+            )),
+        },
+    };
+    span.in_scope(|| match &finish {
+        Some(f) => tracing::debug!(to = %f.to, "attempt ended"),
+        None => tracing::warn!("lease lost while running; outcome discarded"),
+    });
+    match finish {
+        Some(finish) => {
+            if let Some(entry) = shared.inflight().get_mut(&job.id) {
+                entry.reported = true;
+            }
+            let completion = Completion {
+                finish,
+                queue,
+                kind: job.kind.clone(),
+                priority: job.priority,
+            };
+            if completions.send(completion).await.is_err() {
+                // Only during a hard stop: the lease expires and the reaper
+                // retries the job; nothing is lost.
+                tracing::warn!(job.id = %job.id, "completer gone; the lease will expire");
+            }
+        }
+        None => {
+            shared.inflight().remove(&job.id);
+        }
+    }
+    drop(permit);
+    m::set_busy(shared.busy_slots());
+}
+
+/// The handler in its own task (a panic fails the attempt instead of
+/// leaking the slot), bounded by the job's timeout.
+async fn execute(
+    shared: &Shared,
+    job: &Arc<ClaimedJob>,
+    cancel: CancellationToken,
+) -> Result<serde_json::Value, JobError> {
+    let Some(handler) = shared.registry.get(&job.kind) else {
+        return Err(JobError::Fatal(format!(
+            "this worker has no handler for job kind {:?}",
+            job.kind
+        )));
+    };
+    let ctx = JobContext {
+        job: job.clone(),
+        cancel: cancel.clone(),
+    };
+    let mut task = tokio::spawn(handler.run(ctx).in_current_span());
+    let limit = Duration::from_secs(u64::from(job.timeout_secs));
+    match tokio::time::timeout(limit, &mut task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) if join.is_panic() => {
+            Err(JobError::Failed("the job's handler panicked".to_owned()))
+        }
+        Ok(Err(_)) => Err(JobError::Interrupted),
+        Err(_) => {
+            cancel.cancel();
+            // Give the handler a moment to clean up after its token fired.
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+            Err(JobError::Failed(format!(
+                "timed out after {}s",
+                job.timeout_secs
+            )))
+        }
+    }
+}
+
+/// Shutdown, past the grace period and the interrupt: release every job
+/// whose runner has still not reported, so it goes back to its queue now.
+pub(super) async fn release_remaining(shared: &Shared, completions: &mpsc::Sender<Completion>) {
+    let stuck: Vec<Completion> = shared
+        .inflight()
+        .iter_mut()
+        .filter(|(_, f)| !f.reported)
+        .map(|(id, f)| {
+            f.reported = true;
+            Completion {
+                finish: Finish::released(*id, f.lease_id),
+                queue: f.queue.clone(),
+                kind: String::new(),
+                priority: 0,
+            }
+        })
+        .collect();
+    if !stuck.is_empty() {
+        tracing::warn!(
+            jobs = stuck.len(),
+            "releasing jobs whose handlers ignored cancellation"
+        );
+    }
+    for c in stuck {
+        let _ = completions.send(c).await;
+    }
+}

@@ -1,0 +1,95 @@
+//! Every Valkey key and channel name is built here, nowhere else.
+//!
+//! Per-queue keys carry the hash tag `{q:<name>}` so one queue's keys live in
+//! one slot and every script is Valkey Cluster-safe. Queue names cannot hold
+//! braces (see [`QueueName`]), so the tag is unambiguous.
+
+use crate::job::QueueName;
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// The keys of one queue.
+#[derive(Debug, Clone)]
+pub struct QueueKeys {
+    /// zset: id -> priority/FIFO score; what runs next.
+    pub pending: String,
+    /// zset: id -> due time (ms); delayed jobs and retries in backoff.
+    pub delayed: String,
+    /// zset: id -> lease deadline (ms); what runs now.
+    pub active: String,
+    /// hash: id -> priority, for every indexed id.
+    pub prio: String,
+    /// counter: FIFO sequence within a priority.
+    pub seq: String,
+    /// flag: present while the queue is paused.
+    pub paused: String,
+    /// pub/sub channel: published to when ids become pending.
+    pub wake: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Keys {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn queue(&self, queue: &QueueName) -> QueueKeys {
+        let base = format!("{}:{{q:{}}}", self.prefix, queue);
+        QueueKeys {
+            pending: format!("{base}:pending"),
+            delayed: format!("{base}:delayed"),
+            active: format!("{base}:active"),
+            prio: format!("{base}:prio"),
+            seq: format!("{base}:seq"),
+            paused: format!("{base}:paused"),
+            wake: format!("{}:wake:{}", self.prefix, queue),
+        }
+    }
+
+    /// set: every queue name ever used.
+    pub fn queues(&self) -> String {
+        format!("{}:queues", self.prefix)
+    }
+
+    /// zset: worker id -> last heartbeat (ms).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+
+    /// hash: what a worker told the registry about itself.
+    pub fn worker_info(&self, worker_id: &str) -> String {
+        format!("{}:worker:{}", self.prefix, worker_id)
+    }
+
+    /// Sentinel written after a full index rebuild; its absence means Valkey
+    /// lost its data (flush, restart without persistence) and the reconciler
+    /// must rebuild now rather than at its next period.
+    pub fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_keys_share_one_hash_tag() {
+        let q = QueueName::parse("agents.high").expect("valid");
+        let k = Keys::new("orch").queue(&q);
+        for key in [
+            &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused,
+        ] {
+            assert!(key.starts_with("orch:{q:agents.high}:"), "{key}");
+        }
+        assert_eq!(k.pending, "orch:{q:agents.high}:pending");
+    }
+}

@@ -1,0 +1,28 @@
+-- claim: hand out up to N ids under a lease, highest priority first, FIFO
+-- within a priority, after promoting delayed jobs that are due.
+--
+-- Guarantees: atomic; two workers never receive the same id from one pending
+-- entry. The lease deadline is recorded in the active set. Postgres still
+-- decides: the caller's claim transaction may refuse an id (cancelled, not
+-- yet due by Postgres' clock), and then gives it back or drops it.
+--
+-- KEYS[1] pending  KEYS[2] delayed  KEYS[3] active  KEYS[4] prio
+-- KEYS[5] seq      KEYS[6] paused flag
+-- ARGV[1] lease length (ms)
+-- ARGV[2] maximum ids to claim
+-- ARGV[3] maximum delayed ids to promote first
+--
+-- Returns the claimed ids, or -1 (PAUSED) when the queue is paused.
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  return -1
+end
+local now = now_ms()
+promote_due(KEYS[2], KEYS[1], KEYS[4], KEYS[5], now, tonumber(ARGV[3]))
+local popped = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[2]))
+local deadline = now + tonumber(ARGV[1])
+local ids = {}
+for i = 1, #popped, 2 do
+  ids[#ids + 1] = popped[i]
+  redis.call('ZADD', KEYS[3], deadline, popped[i])
+end
+return ids

@@ -1,0 +1,15 @@
+-- depth: a consistent snapshot of a queue's size.
+--
+-- KEYS[1] pending  KEYS[2] delayed  KEYS[3] active  KEYS[4] paused flag
+--
+-- Returns {delayed, active, paused (0/1), pending at priority 1, …, at 10}.
+local out = {
+  redis.call('ZCARD', KEYS[2]),
+  redis.call('ZCARD', KEYS[3]),
+  redis.call('EXISTS', KEYS[4]),
+}
+for p = 1, 10 do
+  local lo = (10 - p) * 10000000000000
+  out[#out + 1] = redis.call('ZCOUNT', KEYS[1], lo, '(' .. (lo + 10000000000000))
+end
+return out

@@ -1,0 +1,15 @@
+-- heartbeat: extend the leases of jobs a worker is running.
+--
+-- Guarantees: every given id ends up in the active set with the new deadline,
+-- re-added if an index rebuild lost it (Postgres holds the real lease).
+--
+-- KEYS[1] active
+-- ARGV[1] lease length (ms)
+-- ARGV[2..] ids
+--
+-- Returns the number of ids refreshed.
+local deadline = now_ms() + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+end
+return #ARGV - 1

@@ -1,0 +1,13 @@
+-- setPaused: pause (ARGV[1] = 1) or resume (ARGV[1] = 0) a queue.
+--
+-- Guarantees: a paused queue hands out no ids; jobs keep waiting, nothing is
+-- dropped, running jobs are not touched.
+--
+-- KEYS[1] paused flag
+-- ARGV[1] 1 to pause, 0 to resume
+--
+-- Returns 1 if the state changed, 0 if it already was so.
+if ARGV[1] == '1' then
+  return redis.call('SETNX', KEYS[1], '1')
+end
+return redis.call('DEL', KEYS[1])

@@ -1,0 +1,462 @@
+//! Valkey: the index of what runs next and who holds what.
+//!
+//! Valkey holds ids and scores only; Postgres holds the jobs. Every write here
+//! follows a committed Postgres write, and everything here can be rebuilt
+//! from Postgres by the reconciler.
+
+mod keys;
+mod scripts;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+use tokio::sync::mpsc;
+
+use crate::job::{JobId, QueueName};
+pub use keys::{Keys, QueueKeys};
+pub use scripts::Scripts;
+
+/// Return codes shared by the Lua scripts and this module.
+mod codes {
+    /// `claim`: the queue is paused.
+    pub const PAUSED: i64 = -1;
+}
+
+/// Ids per script call: keeps each script short so Valkey never blocks long.
+const CHUNK: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot reach Valkey at {url}: {source}. Start it (scripts/services.sh) or set ORCH_VALKEY_URL")]
+    Connect {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("Valkey script {script} failed: {source}")]
+    Script {
+        script: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("Valkey command failed: {0}")]
+    Command(#[from] redis::RedisError),
+    #[error("unexpected answer from Valkey: {0}")]
+    Protocol(String),
+}
+
+/// One id to index: its priority and when it is due (`None` = now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub id: JobId,
+    pub priority: u8,
+    pub due_ms: Option<i64>,
+}
+
+impl IndexEntry {
+    /// For [`ValkeyQueue::schedule`]: keep the priority Valkey already has.
+    pub const KEEP_PRIORITY: u8 = 0;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    Paused,
+    Ids(Vec<JobId>),
+}
+
+/// A snapshot of one queue in Valkey.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Depth {
+    /// Pending ids per priority, index 0 is priority 1.
+    pub pending_by_priority: [u64; 10],
+    pub delayed: u64,
+    pub active: u64,
+    pub paused: bool,
+}
+
+impl Depth {
+    pub fn pending(&self) -> u64 {
+        self.pending_by_priority.iter().sum()
+    }
+}
+
+#[derive(Clone)]
+pub struct ValkeyQueue {
+    client: redis::Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: Arc<Scripts>,
+}
+
+impl ValkeyQueue {
+    /// Connects, checks the server answers, and loads every script.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, QueueError> {
+        let connect_err = |source| QueueError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(connect_err)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2));
+        let mut conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(connect_err)?;
+        let scripts = Arc::new(Scripts::new());
+        scripts.load(&mut conn).await?;
+        Ok(ValkeyQueue {
+            client,
+            conn,
+            keys: Keys::new(prefix),
+            scripts,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Indexes jobs (new ones, or re-indexed by the reconciler). Ids already
+    /// indexed are left alone. Returns how many were added.
+    pub async fn enqueue(
+        &self,
+        queue: &QueueName,
+        entries: &[IndexEntry],
+    ) -> Result<u64, QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let mut added = 0;
+        for chunk in entries.chunks(CHUNK) {
+            let args = entry_args(&k.wake, chunk);
+            added += self
+                .scripts
+                .enqueue
+                .call::<u64>(
+                    &mut conn,
+                    &[&k.pending, &k.delayed, &k.active, &k.prio, &k.seq],
+                    &args,
+                )
+                .await?;
+        }
+        Ok(added)
+    }
+
+    /// Hands out up to `max` ids under a lease of `lease`.
+    pub async fn claim(
+        &self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Claimed, QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let args = [lease.as_millis() as u64, max as u64, max.max(100) as u64];
+        let value: redis::Value = self
+            .scripts
+            .claim
+            .call(
+                &mut conn,
+                &[
+                    &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused,
+                ],
+                &args,
+            )
+            .await?;
+        match value {
+            redis::Value::Int(codes::PAUSED) => Ok(Claimed::Paused),
+            redis::Value::Array(items) => items
+                .into_iter()
+                .map(|v| parse_id(&v))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Claimed::Ids),
+            other => Err(QueueError::Protocol(format!("claim returned {other:?}"))),
+        }
+    }
+
+    /// Extends the leases of running jobs.
+    pub async fn heartbeat(
+        &self,
+        queue: &QueueName,
+        ids: &[JobId],
+        lease: Duration,
+    ) -> Result<(), QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        for chunk in ids.chunks(CHUNK) {
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push((lease.as_millis() as u64).to_string());
+            args.extend(chunk.iter().map(|id| id.to_string()));
+            let _: u64 = self
+                .scripts
+                .heartbeat
+                .call(&mut conn, &[&k.active], &args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets finished jobs. Call only after Postgres committed.
+    pub async fn ack(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        for chunk in ids.chunks(CHUNK) {
+            let args: Vec<String> = chunk.iter().map(|id| id.to_string()).collect();
+            let _: u64 = self
+                .scripts
+                .ack
+                .call(
+                    &mut conn,
+                    &[&k.pending, &k.delayed, &k.active, &k.prio],
+                    &args,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Moves active jobs back to waiting (retry, reaped lease, release).
+    /// Call only after Postgres committed the new status and due time.
+    pub async fn schedule(
+        &self,
+        queue: &QueueName,
+        entries: &[IndexEntry],
+    ) -> Result<(), QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        for chunk in entries.chunks(CHUNK) {
+            let args = entry_args(&k.wake, chunk);
+            let _: u64 = self
+                .scripts
+                .schedule
+                .call(
+                    &mut conn,
+                    &[&k.pending, &k.delayed, &k.active, &k.prio, &k.seq],
+                    &args,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Moves due delayed jobs to pending. Returns how many moved.
+    pub async fn promote(&self, queue: &QueueName, limit: usize) -> Result<u64, QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let args = [k.wake.clone(), limit.to_string()];
+        self.scripts
+            .promote
+            .call(&mut conn, &[&k.pending, &k.delayed, &k.prio, &k.seq], &args)
+            .await
+    }
+
+    /// Ids whose lease deadline passed; held for `hold` so that other
+    /// reapers skip them meanwhile.
+    pub async fn reap(
+        &self,
+        queue: &QueueName,
+        limit: usize,
+        hold: Duration,
+    ) -> Result<Vec<JobId>, QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let args = [limit as u64, hold.as_millis() as u64];
+        let ids: Vec<String> = self
+            .scripts
+            .reap
+            .call(&mut conn, &[&k.active], &args)
+            .await?;
+        ids.iter().map(|s| parse_id_str(s)).collect()
+    }
+
+    /// Pauses or resumes a queue; returns whether the state changed.
+    pub async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<bool, QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let changed: u64 = self
+            .scripts
+            .set_paused
+            .call(&mut conn, &[&k.paused], &[if paused { "1" } else { "0" }])
+            .await?;
+        Ok(changed == 1)
+    }
+
+    pub async fn depth(&self, queue: &QueueName) -> Result<Depth, QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let raw: Vec<u64> = self
+            .scripts
+            .depth
+            .call(
+                &mut conn,
+                &[&k.pending, &k.delayed, &k.active, &k.paused],
+                &[] as &[u8],
+            )
+            .await?;
+        if raw.len() != 13 {
+            return Err(QueueError::Protocol(format!(
+                "depth returned {} values",
+                raw.len()
+            )));
+        }
+        let mut depth = Depth {
+            delayed: raw[0],
+            active: raw[1],
+            paused: raw[2] == 1,
+            ..Depth::default()
+        };
+        depth.pending_by_priority.copy_from_slice(&raw[3..13]);
+        Ok(depth)
+    }
+
+    /// Remembers a queue name so that listings and maintenance find it.
+    pub async fn register_queues(&self, queues: &[&QueueName]) -> Result<(), QueueError> {
+        if queues.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
+        let _: u64 = conn.sadd(self.keys.queues(), names).await?;
+        Ok(())
+    }
+
+    pub async fn known_queues(&self) -> Result<Vec<QueueName>, QueueError> {
+        let mut conn = self.conn.clone();
+        let names: Vec<String> = conn.smembers(self.keys.queues()).await?;
+        let mut queues: Vec<QueueName> = names
+            .into_iter()
+            .filter_map(|n| QueueName::parse(n).ok())
+            .collect();
+        queues.sort();
+        Ok(queues)
+    }
+
+    /// Whether the rebuild sentinel is present (see [`Keys::epoch`]).
+    pub async fn epoch_present(&self) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(self.keys.epoch()).await?)
+    }
+
+    pub async fn set_epoch(&self, value: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.set(self.keys.epoch(), value).await?;
+        Ok(())
+    }
+
+    /// Records a worker's heartbeat in the registry; entries of workers that
+    /// stopped beating expire on their own.
+    pub async fn worker_heartbeat(
+        &self,
+        worker_id: &str,
+        info: &[(&str, String)],
+        ttl: Duration,
+    ) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let info_key = self.keys.worker_info(worker_id);
+        let mut pipe = redis::pipe();
+        pipe.zadd(self.keys.workers(), worker_id, now_ms)
+            .ignore()
+            .zrembyscore(self.keys.workers(), "-inf", now_ms - ttl.as_millis() as i64)
+            .ignore();
+        if !info.is_empty() {
+            pipe.hset_multiple(&info_key, info).ignore();
+        }
+        pipe.pexpire(&info_key, ttl.as_millis() as i64).ignore();
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    pub async fn worker_deregister(&self, worker_id: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe()
+            .zrem(self.keys.workers(), worker_id)
+            .ignore()
+            .del(self.keys.worker_info(worker_id))
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Worker ids that beat within `ttl`.
+    pub async fn live_workers(&self, ttl: Duration) -> Result<Vec<String>, QueueError> {
+        let mut conn = self.conn.clone();
+        let since = chrono::Utc::now().timestamp_millis() - ttl.as_millis() as i64;
+        Ok(conn
+            .zrangebyscore(self.keys.workers(), since, "+inf")
+            .await?)
+    }
+
+    /// Subscribes to the wake channels of `queues`; every message (ids became
+    /// pending) is forwarded as a `()` on the returned channel. The task
+    /// resubscribes after a lost connection and ends when the receiver drops.
+    pub fn wake_listener(&self, queues: &[QueueName]) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel(1);
+        let client = self.client.clone();
+        let channels: Vec<String> = queues.iter().map(|q| self.keys.queue(q).wake).collect();
+        tokio::spawn(async move {
+            loop {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => {
+                        if let Err(err) = pubsub.subscribe(&channels).await {
+                            tracing::warn!(error = %err, "wake subscription failed");
+                        } else {
+                            let mut messages = pubsub.on_message();
+                            while messages.next().await.is_some() {
+                                match tx.try_send(()) {
+                                    Ok(()) | Err(mpsc::error::TrySendError::Full(())) => {}
+                                    Err(mpsc::error::TrySendError::Closed(())) => return,
+                                }
+                            }
+                        }
+                    }
+                    Err(err) => tracing::debug!(error = %err, "wake listener cannot connect"),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        rx
+    }
+}
+
+fn entry_args(wake: &str, entries: &[IndexEntry]) -> Vec<String> {
+    let mut args = Vec::with_capacity(1 + entries.len() * 3);
+    args.push(wake.to_owned());
+    for e in entries {
+        args.push(e.id.to_string());
+        args.push(e.priority.to_string());
+        args.push(e.due_ms.unwrap_or(0).to_string());
+    }
+    args
+}
+
+fn parse_id(value: &redis::Value) -> Result<JobId, QueueError> {
+    match value {
+        redis::Value::BulkString(bytes) => std::str::from_utf8(bytes)
+            .map_err(|_| QueueError::Protocol("non-UTF-8 id".into()))
+            .and_then(parse_id_str),
+        other => Err(QueueError::Protocol(format!(
+            "expected an id, got {other:?}"
+        ))),
+    }
+}
+
+fn parse_id_str(s: &str) -> Result<JobId, QueueError> {
+    s.parse()
+        .map_err(|_| QueueError::Protocol(format!("malformed job id {s:?} in Valkey")))
+}

@@ -1,0 +1,291 @@
+//! Creating and reading jobs and their events.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::rows::{EventRow, JobRow, JOB_COLUMNS};
+use super::{Store, StoreError};
+use crate::job::{Job, JobEvent, JobId, NewJob, Status};
+
+/// Filters for [`Store::list_jobs`]; newest first, keyset-paginated by id.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<Status>,
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// Only jobs older than this id (the cursor).
+    pub before: Option<JobId>,
+    pub limit: u32,
+}
+
+/// What the index needs to know about a job to repair its Valkey entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexState {
+    pub id: JobId,
+    pub queue: String,
+    pub status: Status,
+    pub priority: u8,
+    pub run_at: DateTime<Utc>,
+    /// Running with a lease that has not expired yet.
+    pub lease_live: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct IndexRow {
+    id: Uuid,
+    queue: String,
+    status: String,
+    priority: i16,
+    run_at: DateTime<Utc>,
+    lease_live: bool,
+}
+
+impl TryFrom<IndexRow> for IndexState {
+    type Error = StoreError;
+
+    fn try_from(r: IndexRow) -> Result<Self, StoreError> {
+        Ok(IndexState {
+            id: JobId(r.id),
+            queue: r.queue,
+            status: super::rows::parse_status(&r.status)?,
+            priority: r.priority.clamp(1, 10) as u8,
+            run_at: r.run_at,
+            lease_live: r.lease_live,
+        })
+    }
+}
+
+const INDEX_COLUMNS: &str = "id, queue, status, priority, run_at, \
+    COALESCE(status = 'running' AND lease_expires_at > now(), false) AS lease_live";
+
+/// Live jobs per queue and status, from Postgres.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueCounts {
+    pub queue: String,
+    pub status: Status,
+    pub count: i64,
+}
+
+impl Store {
+    /// Inserts jobs and their `enqueued` events in one statement. A job whose
+    /// idempotency key already exists is not inserted; the existing job is
+    /// returned in its place with `false`. Output order matches input order.
+    pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<(Job, bool)>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = jobs.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut queues = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
+        let mut priorities = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut max_attempts = Vec::with_capacity(n);
+        let mut bases = Vec::with_capacity(n);
+        let mut caps = Vec::with_capacity(n);
+        let mut timeouts = Vec::with_capacity(n);
+        let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+        let mut keys: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut actors = Vec::with_capacity(n);
+        for j in jobs {
+            ids.push(j.id.0);
+            queues.push(j.queue.as_str().to_owned());
+            kinds.push(j.kind.as_str().to_owned());
+            priorities.push(i16::from(j.priority.get()));
+            payloads.push(j.payload.clone());
+            max_attempts.push(j.retry.max_attempts as i32);
+            bases.push(j.retry.backoff_base_ms as i64);
+            caps.push(j.retry.backoff_cap_ms as i64);
+            timeouts.push(j.timeout_secs as i32);
+            run_ats.push(j.run_at);
+            keys.push(j.idempotency_key.clone());
+            actors.push(j.actor.clone());
+        }
+        let sql = format!(
+            "WITH input AS (
+                SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[],
+                    $6::int[], $7::bigint[], $8::bigint[], $9::int[], $10::timestamptz[], $11::text[],
+                    $12::text[])
+                AS t(id, queue, kind, priority, payload, max_attempts, backoff_base_ms,
+                     backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor)
+            ),
+            ins AS (
+                INSERT INTO jobs (id, queue, kind, status, priority, payload, max_attempts,
+                    backoff_base_ms, backoff_cap_ms, timeout_secs, run_at, idempotency_key)
+                SELECT id, queue, kind,
+                    CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
+                    priority, payload, max_attempts, backoff_base_ms, backoff_cap_ms,
+                    timeout_secs, COALESCE(run_at, now()), idempotency_key
+                FROM input
+                ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                RETURNING {JOB_COLUMNS}
+            ),
+            ev AS (
+                INSERT INTO job_events (job_id, type, actor, data)
+                SELECT ins.id, 'enqueued', input.actor,
+                    jsonb_build_object('status', ins.status, 'queue', ins.queue, 'kind', ins.kind,
+                                       'priority', ins.priority)
+                FROM ins JOIN input USING (id)
+            )
+            SELECT {JOB_COLUMNS} FROM ins"
+        );
+        let rows: Vec<JobRow> = sqlx::query_as(&sql)
+            .bind(&ids)
+            .bind(&queues)
+            .bind(&kinds)
+            .bind(&priorities)
+            .bind(&payloads)
+            .bind(&max_attempts)
+            .bind(&bases)
+            .bind(&caps)
+            .bind(&timeouts)
+            .bind(&run_ats)
+            .bind(&keys)
+            .bind(&actors)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut inserted: HashMap<Uuid, Job> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let job = Job::try_from(row)?;
+            inserted.insert(job.id.0, job);
+        }
+        let mut existing: HashMap<String, Job> = HashMap::new();
+        if inserted.len() < n {
+            let wanted: Vec<String> = jobs
+                .iter()
+                .filter(|j| !inserted.contains_key(&j.id.0))
+                .filter_map(|j| j.idempotency_key.clone())
+                .collect();
+            let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = ANY($1)");
+            let rows: Vec<JobRow> = sqlx::query_as(&sql)
+                .bind(&wanted)
+                .fetch_all(&self.pool)
+                .await?;
+            for row in rows {
+                let job = Job::try_from(row)?;
+                if let Some(key) = job.idempotency_key.clone() {
+                    existing.insert(key, job);
+                }
+            }
+        }
+        jobs.iter()
+            .map(|j| {
+                if let Some(job) = inserted.remove(&j.id.0) {
+                    return Ok((job, true));
+                }
+                j.idempotency_key
+                    .as_ref()
+                    .and_then(|k| existing.get(k).cloned())
+                    .map(|job| (job, false))
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "job {} was neither inserted nor found by its key",
+                            j.id
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    pub async fn get_job(&self, id: JobId) -> Result<Job, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        let row: Option<JobRow> = sqlx::query_as(&sql)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.ok_or(StoreError::NotFound(id))?.try_into()
+    }
+
+    /// Jobs newest first. Ids are UUIDv7, so id order is creation order and
+    /// the primary key serves as the pagination index.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE ($1::text IS NULL OR status = $1)
+               AND ($2::text IS NULL OR queue = $2)
+               AND ($3::text IS NULL OR kind = $3)
+               AND ($4::uuid IS NULL OR id < $4)
+             ORDER BY id DESC
+             LIMIT $5"
+        );
+        let rows: Vec<JobRow> = sqlx::query_as(&sql)
+            .bind(filter.status.map(Status::as_str))
+            .bind(filter.queue.as_deref())
+            .bind(filter.kind.as_deref())
+            .bind(filter.before.map(|id| id.0))
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    /// A job's audit trail in order, optionally only events after `after_id`.
+    pub async fn job_events(
+        &self,
+        id: JobId,
+        after_id: Option<i64>,
+    ) -> Result<Vec<JobEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT id, job_id, at, type, actor, data FROM job_events
+             WHERE job_id = $1 AND id > $2 ORDER BY id",
+        )
+        .bind(id.0)
+        .bind(after_id.unwrap_or(0))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(JobEvent::from).collect())
+    }
+
+    /// The index-relevant state of the given jobs; unknown ids are absent.
+    pub async fn index_states(&self, ids: &[JobId]) -> Result<Vec<IndexState>, StoreError> {
+        let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let sql = format!("SELECT {INDEX_COLUMNS} FROM jobs WHERE id = ANY($1)");
+        let rows: Vec<IndexRow> = sqlx::query_as(&sql)
+            .bind(&uuids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(IndexState::try_from).collect()
+    }
+
+    /// One page of live (queued, scheduled, running) jobs in id order, for
+    /// rebuilding the index. Served by the partial index `jobs_live_idx`.
+    pub async fn live_jobs_page(
+        &self,
+        after: Option<JobId>,
+        limit: u32,
+    ) -> Result<Vec<IndexState>, StoreError> {
+        let sql = format!(
+            "SELECT {INDEX_COLUMNS} FROM jobs
+             WHERE status IN ('queued', 'scheduled', 'running') AND ($1::uuid IS NULL OR id > $1)
+             ORDER BY id LIMIT $2"
+        );
+        let rows: Vec<IndexRow> = sqlx::query_as(&sql)
+            .bind(after.map(|id| id.0))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(IndexState::try_from).collect()
+    }
+
+    /// Live jobs per queue and status.
+    pub async fn queue_counts(&self) -> Result<Vec<QueueCounts>, StoreError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT queue, status, count(*) FROM jobs
+             WHERE status IN ('queued', 'scheduled', 'running')
+             GROUP BY queue, status ORDER BY queue, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(queue, status, count)| {
+                Ok(QueueCounts {
+                    queue,
+                    status: super::rows::parse_status(&status)?,
+                    count,
+                })
+            })
+            .collect()
+    }
+}

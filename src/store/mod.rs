@@ -1,0 +1,142 @@
+//! Postgres: the truth about every job.
+//!
+//! Every status change is one transaction that locks the rows it changes
+//! (`SELECT … FOR UPDATE`, in id order so concurrent batches never deadlock),
+//! checks the current status against [`Status::can_transition_to`] and, for
+//! running jobs, the fencing token (`lease_id`) and lease deadline, writes the
+//! new state and appends a `job_events` row, all in one statement.
+
+mod jobs;
+mod rows;
+mod transitions;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::job::{JobId, Status};
+pub use jobs::{IndexState, JobFilter, QueueCounts};
+pub use transitions::{ClaimedJob, Finish, FinishOutcome, Reaped};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot reach PostgreSQL at {url}: {source}. Start it (scripts/services.sh) or set ORCH_DATABASE_URL")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    #[error("job {job} is {from}; it cannot become {to}")]
+    InvalidTransition {
+        job: JobId,
+        from: Status,
+        to: Status,
+    },
+    /// The caller's lease is gone: it expired, or another worker holds the
+    /// job now. Nothing was changed.
+    #[error(
+        "stale lease on job {job}: lease {lease_id} is no longer current; nothing was changed"
+    )]
+    StaleLease { job: JobId, lease_id: i64 },
+    #[error("corrupt row in the database: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed (the database is unreachable or
+    /// restarting), as opposed to a definite answer.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect { .. } => true,
+            StoreError::Db(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::Tls(_)
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| {
+                        c.starts_with("57") || c.starts_with("08") || c == "40001" || c == "40P01"
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Masks the password of a connection URL for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparseable URL>".to_owned(),
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects and checks the server answers.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let connect_err = |source| StoreError::Connect {
+            url: redact_url(url),
+            source,
+        };
+        let options: PgConnectOptions = url.parse().map_err(connect_err)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(connect_err)?;
+        Ok(Store { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether every migration this binary knows has been applied.
+    pub async fn migrations_applied(&self) -> Result<bool, StoreError> {
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

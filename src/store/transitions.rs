@@ -1,0 +1,525 @@
+//! Status transitions, one statement (and so one transaction) per batch.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::rows::parse_status;
+use super::{Store, StoreError};
+use crate::job::{JobId, RetryDecision, RetryPolicy, Status};
+
+/// What a worker needs to run a job it claimed.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: JobId,
+    pub queue: String,
+    pub kind: String,
+    pub priority: u8,
+    pub payload: serde_json::Value,
+    pub attempt: u32,
+    pub retry: RetryPolicy,
+    pub timeout_secs: u32,
+    /// The fencing token: every later change must present it.
+    pub lease_id: i64,
+    pub created_at: DateTime<Utc>,
+    pub run_at: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+}
+
+/// One requested end of a running attempt, guarded by its lease.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub id: JobId,
+    pub lease_id: i64,
+    pub to: Status,
+    /// For `Scheduled`: when to run again.
+    pub run_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub result: Option<serde_json::Value>,
+    /// Give the attempt back (graceful release at shutdown).
+    pub refund_attempt: bool,
+    /// Event type recorded in the audit trail.
+    pub event: &'static str,
+    pub event_data: serde_json::Value,
+}
+
+impl Finish {
+    pub fn succeeded(id: JobId, lease_id: i64, result: serde_json::Value) -> Self {
+        Finish {
+            id,
+            lease_id,
+            to: Status::Succeeded,
+            run_at: None,
+            error: None,
+            result: Some(result),
+            refund_attempt: false,
+            event: "succeeded",
+            event_data: serde_json::Value::Null,
+        }
+    }
+
+    /// A failed attempt: retried after backoff, or dead-lettered.
+    pub fn failed(
+        id: JobId,
+        lease_id: i64,
+        attempt: u32,
+        retry: &RetryPolicy,
+        error: String,
+    ) -> Self {
+        match retry.after_failure(attempt) {
+            RetryDecision::RetryAfter(delay) => {
+                let run_at =
+                    Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                Finish {
+                    id,
+                    lease_id,
+                    to: Status::Scheduled,
+                    run_at: Some(run_at),
+                    event: "failed",
+                    event_data: serde_json::json!({ "error": error, "retry_at": run_at }),
+                    error: Some(error),
+                    result: None,
+                    refund_attempt: false,
+                }
+            }
+            RetryDecision::Dead => Finish::dead(id, lease_id, error),
+        }
+    }
+
+    /// Straight to the dead-letter state: retrying cannot help.
+    pub fn dead(id: JobId, lease_id: i64, error: String) -> Self {
+        Finish {
+            id,
+            lease_id,
+            to: Status::Dead,
+            run_at: None,
+            event: "dead",
+            event_data: serde_json::json!({ "error": error }),
+            error: Some(error),
+            result: None,
+            refund_attempt: false,
+        }
+    }
+
+    /// Back to the queue without using up the attempt (shutdown).
+    pub fn released(id: JobId, lease_id: i64) -> Self {
+        Finish {
+            id,
+            lease_id,
+            to: Status::Queued,
+            run_at: None,
+            error: None,
+            result: None,
+            refund_attempt: true,
+            event: "released",
+            event_data: serde_json::Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct FinishOutcome {
+    /// Committed: the caller may now update Valkey for these.
+    pub applied: Vec<(JobId, Status)>,
+    /// Refused because the lease was no longer current; nothing changed.
+    pub stale: Vec<JobId>,
+}
+
+/// A lease the reaper ended in Postgres.
+#[derive(Debug, Clone)]
+pub struct Reaped {
+    pub id: JobId,
+    pub queue: String,
+    pub priority: u8,
+    pub to: Status,
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+/// Which leases a finish statement accepts: live ones (a worker finishing
+/// its own attempt) or expired ones (the reaper, holding the row lock).
+#[derive(Clone, Copy)]
+enum LeaseState {
+    Live,
+    Expired,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    id: Uuid,
+    queue: String,
+    kind: String,
+    priority: i16,
+    payload: serde_json::Value,
+    attempt: i32,
+    max_attempts: i32,
+    backoff_base_ms: i64,
+    backoff_cap_ms: i64,
+    timeout_secs: i32,
+    lease_id: i64,
+    created_at: DateTime<Utc>,
+    run_at: DateTime<Utc>,
+    started_at: DateTime<Utc>,
+}
+
+impl From<ClaimRow> for ClaimedJob {
+    fn from(r: ClaimRow) -> Self {
+        ClaimedJob {
+            id: JobId(r.id),
+            queue: r.queue,
+            kind: r.kind,
+            priority: r.priority.clamp(1, 10) as u8,
+            payload: r.payload,
+            attempt: r.attempt.max(0) as u32,
+            retry: RetryPolicy {
+                max_attempts: r.max_attempts.max(1) as u32,
+                backoff_base_ms: r.backoff_base_ms.max(1) as u64,
+                backoff_cap_ms: r.backoff_cap_ms.max(1) as u64,
+            },
+            timeout_secs: r.timeout_secs.max(1) as u32,
+            lease_id: r.lease_id,
+            created_at: r.created_at,
+            run_at: r.run_at,
+            started_at: r.started_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ExpiredRow {
+    id: Uuid,
+    queue: String,
+    priority: i16,
+    attempt: i32,
+    max_attempts: i32,
+    backoff_base_ms: i64,
+    backoff_cap_ms: i64,
+    lease_id: i64,
+    worker_id: Option<String>,
+}
+
+fn statuses(list: &[Status]) -> Vec<&'static str> {
+    list.iter().map(|s| s.as_str()).collect()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Store {
+    /// Starts the given jobs under a new lease for `worker_id`: `queued` (or
+    /// due `scheduled`) → `running`, `attempt` and `lease_id` incremented, one
+    /// `started` event each. Ids Postgres refuses are returned with the reason.
+    pub async fn claim(
+        &self,
+        ids: &[JobId],
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<(Vec<ClaimedJob>, Vec<JobId>), StoreError> {
+        if ids.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let rows: Vec<ClaimRow> = sqlx::query_as(
+            "WITH locked AS (
+                SELECT id FROM jobs
+                WHERE id = ANY($1) AND status = ANY($4)
+                  AND (status <> 'scheduled' OR run_at <= now())
+                ORDER BY id
+                FOR UPDATE
+            ),
+            upd AS (
+                UPDATE jobs j SET status = 'running', attempt = j.attempt + 1,
+                    lease_id = j.lease_id + 1, worker_id = $2,
+                    lease_expires_at = now() + $3 * interval '1 millisecond',
+                    started_at = now(), updated_at = now(), stage = NULL
+                FROM locked WHERE j.id = locked.id
+                RETURNING j.id, j.queue, j.kind, j.priority, j.payload, j.attempt,
+                    j.max_attempts, j.backoff_base_ms, j.backoff_cap_ms, j.timeout_secs,
+                    j.lease_id, j.created_at, j.run_at, j.started_at
+            ),
+            ev AS (
+                INSERT INTO job_events (job_id, type, actor, data)
+                SELECT id, 'started', $2, jsonb_build_object('attempt', attempt, 'lease_id', lease_id)
+                FROM upd
+            )
+            SELECT * FROM upd",
+        )
+        .bind(&uuids)
+        .bind(worker_id)
+        .bind(ms(lease))
+        .bind(statuses(&Status::sources_of(Status::Running)))
+        .fetch_all(&self.pool)
+        .await?;
+        let claimed: Vec<ClaimedJob> = rows.into_iter().map(ClaimedJob::from).collect();
+        let mut refused = Vec::new();
+        if claimed.len() < ids.len() {
+            let got: HashSet<JobId> = claimed.iter().map(|j| j.id).collect();
+            refused.extend(ids.iter().copied().filter(|id| !got.contains(id)));
+        }
+        Ok((claimed, refused))
+    }
+
+    /// Ends running attempts in one transaction. Each row must still be
+    /// `running` under the given `lease_id` with a live lease; the others are
+    /// reported stale and left untouched.
+    pub async fn finish(&self, batch: &[Finish], actor: &str) -> Result<FinishOutcome, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        finish_on(&mut conn, batch, actor, LeaseState::Live).await
+    }
+
+    /// Finishes one attempt, with [`StoreError::StaleLease`] if the lease is gone.
+    pub async fn finish_one(&self, finish: Finish, actor: &str) -> Result<Status, StoreError> {
+        let (id, lease_id) = (finish.id, finish.lease_id);
+        let outcome = self.finish(&[finish], actor).await?;
+        match outcome.applied.first() {
+            Some((_, status)) => Ok(*status),
+            None => Err(StoreError::StaleLease { job: id, lease_id }),
+        }
+    }
+
+    /// Extends live leases; returns the ids whose lease is still ours (the
+    /// others were lost: expired, reaped or taken by another worker).
+    pub async fn heartbeat(
+        &self,
+        leases: &[(JobId, i64)],
+        lease: Duration,
+    ) -> Result<Vec<JobId>, StoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = leases.iter().map(|(id, _)| id.0).collect();
+        let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
+        let held: Vec<Uuid> = sqlx::query_scalar(
+            "WITH input AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) AS t(id, lease_id)),
+            locked AS (
+                SELECT j.id FROM jobs j JOIN input i ON i.id = j.id
+                WHERE j.status = 'running' AND j.lease_id = i.lease_id AND j.lease_expires_at > now()
+                ORDER BY j.id
+                FOR UPDATE OF j
+            )
+            UPDATE jobs j SET lease_expires_at = now() + $3 * interval '1 millisecond'
+            FROM locked WHERE j.id = locked.id
+            RETURNING j.id",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(ms(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(held.into_iter().map(JobId).collect())
+    }
+
+    /// Ends expired leases: each attempt counts as failed ("lease expired"),
+    /// so the job is scheduled for a retry after backoff or dead-lettered.
+    /// `only` limits the search to ids Valkey reported; `None` scans
+    /// Postgres. Safe to run in every replica at once (`SKIP LOCKED`).
+    pub async fn reap_expired(
+        &self,
+        only: Option<&[JobId]>,
+        limit: u32,
+        actor: &str,
+    ) -> Result<Vec<Reaped>, StoreError> {
+        let only: Option<Vec<Uuid>> = only.map(|ids| ids.iter().map(|id| id.0).collect());
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<ExpiredRow> = sqlx::query_as(
+            "SELECT id, queue, priority, attempt, max_attempts, backoff_base_ms, backoff_cap_ms,
+                    lease_id, worker_id
+             FROM jobs
+             WHERE status = 'running' AND lease_expires_at <= now()
+               AND ($1::uuid[] IS NULL OR id = ANY($1))
+             ORDER BY id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&only)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        let mut meta = Vec::with_capacity(rows.len());
+        for r in rows {
+            let retry = RetryPolicy {
+                max_attempts: r.max_attempts.max(1) as u32,
+                backoff_base_ms: r.backoff_base_ms.max(1) as u64,
+                backoff_cap_ms: r.backoff_cap_ms.max(1) as u64,
+            };
+            let error = format!(
+                "lease expired: worker {} stopped renewing it",
+                r.worker_id.as_deref().unwrap_or("?")
+            );
+            let mut finish = Finish::failed(
+                JobId(r.id),
+                r.lease_id,
+                r.attempt.max(0) as u32,
+                &retry,
+                error,
+            );
+            finish.event = "lease_expired";
+            meta.push((
+                JobId(r.id),
+                r.queue,
+                r.priority.clamp(1, 10) as u8,
+                finish.run_at,
+            ));
+            batch.push(finish);
+        }
+        let outcome = finish_on(&mut tx, &batch, actor, LeaseState::Expired).await?;
+        tx.commit().await?;
+        Ok(meta
+            .into_iter()
+            .filter_map(|(id, queue, priority, run_at)| {
+                outcome
+                    .applied
+                    .iter()
+                    .find(|(a, _)| *a == id)
+                    .map(|(_, to)| Reaped {
+                        id,
+                        queue,
+                        priority,
+                        to: *to,
+                        run_at,
+                    })
+            })
+            .collect())
+    }
+
+    /// Admin retry of a dead-lettered job: `dead` → `queued` with a fresh
+    /// set of attempts. Returns the job's queue and priority for indexing.
+    pub async fn retry_dead(&self, id: JobId, actor: &str) -> Result<(String, u8), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(String, String, i16)> =
+            sqlx::query_as("SELECT status, queue, priority FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (status, queue, priority) = row.ok_or(StoreError::NotFound(id))?;
+        let from = parse_status(&status)?;
+        if !from.can_transition_to(Status::Queued) || from != Status::Dead {
+            return Err(StoreError::InvalidTransition {
+                job: id,
+                from,
+                to: Status::Queued,
+            });
+        }
+        sqlx::query(
+            "UPDATE jobs SET status = 'queued', attempt = 0, run_at = now(), finished_at = NULL,
+                 updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO job_events (job_id, type, actor, data)
+             VALUES ($1, 'retried', $2, jsonb_build_object('from', 'dead'))",
+        )
+        .bind(id.0)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((queue, priority.clamp(1, 10) as u8))
+    }
+}
+
+async fn finish_on(
+    conn: &mut sqlx::PgConnection,
+    batch: &[Finish],
+    actor: &str,
+    lease_state: LeaseState,
+) -> Result<FinishOutcome, StoreError> {
+    if batch.is_empty() {
+        return Ok(FinishOutcome::default());
+    }
+    for f in batch {
+        // Every finish leaves `running`; the table says where it may go.
+        if !Status::Running.can_transition_to(f.to) {
+            return Err(StoreError::InvalidTransition {
+                job: f.id,
+                from: Status::Running,
+                to: f.to,
+            });
+        }
+    }
+    // The same job twice in one batch (two racing completions): the first
+    // one competes, the later ones are stale by definition.
+    let mut seen = HashSet::with_capacity(batch.len());
+    let (batch, duplicates): (Vec<&Finish>, Vec<&Finish>) =
+        batch.iter().partition(|f| seen.insert(f.id));
+    let ids: Vec<Uuid> = batch.iter().map(|f| f.id.0).collect();
+    let tokens: Vec<i64> = batch.iter().map(|f| f.lease_id).collect();
+    let to: Vec<&str> = batch.iter().map(|f| f.to.as_str()).collect();
+    let run_at: Vec<Option<DateTime<Utc>>> = batch.iter().map(|f| f.run_at).collect();
+    let errors: Vec<Option<&str>> = batch.iter().map(|f| f.error.as_deref()).collect();
+    let results: Vec<Option<&serde_json::Value>> =
+        batch.iter().map(|f| f.result.as_ref()).collect();
+    let refunds: Vec<bool> = batch.iter().map(|f| f.refund_attempt).collect();
+    let events: Vec<&str> = batch.iter().map(|f| f.event).collect();
+    let data: Vec<&serde_json::Value> = batch.iter().map(|f| &f.event_data).collect();
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[],
+                $5::text[], $6::jsonb[], $7::bool[], $8::text[], $9::jsonb[])
+            AS t(id, lease_id, status, run_at, error, result, refund, event, data)
+        ),
+        locked AS (
+            SELECT j.id FROM jobs j JOIN input i ON i.id = j.id
+            WHERE j.status = 'running' AND j.lease_id = i.lease_id
+              AND CASE WHEN $11 THEN j.lease_expires_at > now() ELSE j.lease_expires_at <= now() END
+            ORDER BY j.id
+            FOR UPDATE OF j
+        ),
+        upd AS (
+            UPDATE jobs j SET status = i.status,
+                run_at = COALESCE(i.run_at, CASE WHEN i.status = 'queued' THEN now() ELSE j.run_at END),
+                last_error = COALESCE(i.error, j.last_error),
+                result = COALESCE(i.result, j.result),
+                attempt = j.attempt - CASE WHEN i.refund THEN 1 ELSE 0 END,
+                worker_id = NULL, lease_expires_at = NULL,
+                finished_at = CASE WHEN i.status IN ('succeeded', 'dead', 'cancelled') THEN now() END,
+                updated_at = now()
+            FROM input i, locked l
+            WHERE j.id = l.id AND i.id = l.id
+            RETURNING j.id, j.status, j.attempt
+        ),
+        ev AS (
+            INSERT INTO job_events (job_id, type, actor, data)
+            SELECT u.id, i.event, $10,
+                CASE WHEN jsonb_typeof(i.data) = 'object' THEN i.data ELSE '{}'::jsonb END
+                    || jsonb_build_object('attempt', u.attempt)
+            FROM upd u JOIN input i ON i.id = u.id
+        )
+        SELECT id, status FROM upd",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&to)
+    .bind(&run_at)
+    .bind(&errors)
+    .bind(&results)
+    .bind(&refunds)
+    .bind(&events)
+    .bind(&data)
+    .bind(actor)
+    .bind(matches!(lease_state, LeaseState::Live))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut outcome = FinishOutcome::default();
+    let mut applied = HashSet::with_capacity(rows.len());
+    for (id, status) in rows {
+        applied.insert(id);
+        outcome.applied.push((JobId(id), parse_status(&status)?));
+    }
+    outcome.stale = batch
+        .iter()
+        .map(|f| f.id)
+        .filter(|id| !applied.contains(&id.0))
+        .chain(duplicates.iter().map(|f| f.id))
+        .collect();
+    Ok(outcome)
+}
