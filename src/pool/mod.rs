@@ -28,7 +28,7 @@ use crate::pipeline::Registry;
 use crate::queue::ValkeyQueue;
 use crate::store::Store;
 
-pub use maintenance::MaintenanceConfig;
+pub use maintenance::{Maintenance, MaintenanceConfig};
 
 /// Everything a pool needs to know; see `config/default.toml` for meanings.
 #[derive(Debug, Clone)]

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs and starts PostgreSQL,
+# Valkey and Docker (scripts/lib/services.sh), then runs every test against
+# them. Extra arguments go to the test runner (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# shellcheck source=lib/services.sh
+source scripts/lib/services.sh
+orch_services_up --with-promtool
+
+# Databases left behind by earlier runs (each test makes its own).
+psql "$ORCH_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'test\_%'" |
+  while read -r db; do psql "$ORCH_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" || true; done
+
+echo "== format and lints" >&2
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "== tests" >&2
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast "$@"
+else
+  cargo test --locked --no-fail-fast -- "$@"
+fi

@@ -1,0 +1,512 @@
+//! Test harness: a fresh Postgres database and a fresh Valkey key prefix per
+//! test (so tests run in parallel), private Valkey and Postgres servers for
+//! the tests that flush or restart them, and worker processes.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use orchestrator::app::App;
+use orchestrator::config::{Secret, Settings};
+use orchestrator::job::{Job, JobId, JobRequest, Status};
+use orchestrator::pool::{Maintenance, PoolConfig, PoolEvent};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub fn env_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh, which starts the services and sets it")
+    })
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// Replaces the database name of a Postgres URL.
+pub fn with_database(url: &str, db: &str) -> String {
+    let mut u = url::Url::parse(url).expect("valid database URL");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+/// Creates an empty database with the schema applied; returns its URL.
+pub async fn fresh_database(server_url: &str) -> String {
+    let name = format!("test_{}", short_id());
+    let admin = sqlx::PgPool::connect(server_url)
+        .await
+        .expect("connect to Postgres");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    let url = with_database(server_url, &name);
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .expect("connect to test database");
+    orchestrator::store::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("migrations");
+    pool.close().await;
+    url
+}
+
+/// Settings tuned for tests: short leases and fast maintenance.
+pub fn test_settings(database_url: &str, valkey_url: &str) -> Settings {
+    let mut s = Settings::load(None).expect("default settings");
+    s.database_url = Secret::new(database_url);
+    s.valkey_url = Secret::new(valkey_url);
+    s.key_prefix = format!("t{}", short_id());
+    s.database.max_connections = 8;
+    s.worker.lease_ms = 2_000;
+    s.worker.poll_interval_ms = 100;
+    s.worker.shutdown_grace_secs = 5;
+    s.retry.backoff_base_ms = 100;
+    s.retry.backoff_cap_ms = 1_000;
+    s.maintenance.promote_interval_ms = 100;
+    s.maintenance.reap_interval_ms = 200;
+    s.maintenance.flush_check_interval_ms = 200;
+    s.maintenance.reconcile_interval_secs = 3600;
+    s
+}
+
+pub struct TestEnv {
+    pub app: App,
+    pub database_url: String,
+    pub valkey_url: String,
+}
+
+impl TestEnv {
+    /// Shared Valkey (own key prefix), own database.
+    pub async fn new() -> TestEnv {
+        let valkey_url = env_var("ORCH_VALKEY_URL");
+        Self::with_valkey(&valkey_url).await
+    }
+
+    pub async fn with_valkey(valkey_url: &str) -> TestEnv {
+        let database_url = fresh_database(&env_var("ORCH_DATABASE_URL")).await;
+        Self::with_services(&database_url, valkey_url).await
+    }
+
+    pub async fn with_services(database_url: &str, valkey_url: &str) -> TestEnv {
+        let settings = test_settings(database_url, valkey_url);
+        let app = App::connect(settings).await.expect("connect app");
+        TestEnv {
+            app,
+            database_url: database_url.to_owned(),
+            valkey_url: valkey_url.to_owned(),
+        }
+    }
+
+    pub fn pool_config(&self, queue: &str, concurrency: usize) -> PoolConfig {
+        let mut cfg = PoolConfig::from_settings(&self.app.settings);
+        cfg.queues = vec![queue.parse().expect("queue name")];
+        cfg.concurrency = concurrency;
+        cfg
+    }
+
+    pub fn maintenance(&self, queue: &str) -> Maintenance {
+        let cfg = self.pool_config(queue, 1);
+        Maintenance::new(
+            self.app.store.clone(),
+            self.app.queue.clone(),
+            cfg.queues.clone(),
+            "test-maintenance".to_owned(),
+            cfg.maintenance,
+        )
+    }
+
+    /// Starts an in-process pool with an observer.
+    pub fn start_pool(&self, cfg: PoolConfig) -> RunningPool {
+        let (tx, events) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let pool = self.app.pool(cfg).with_observer(tx);
+        let handle = tokio::spawn(pool.run(stop.clone()));
+        RunningPool {
+            stop,
+            handle,
+            events,
+        }
+    }
+
+    pub async fn enqueue(&self, requests: Vec<JobRequest>) -> Vec<Job> {
+        let jobs = self.app.validate(requests, "test").expect("valid requests");
+        self.app
+            .enqueue(&jobs)
+            .await
+            .expect("enqueue")
+            .into_iter()
+            .map(|(job, _)| job)
+            .collect()
+    }
+
+    pub async fn job(&self, id: JobId) -> Job {
+        self.app.store.get_job(id).await.expect("job exists")
+    }
+
+    /// Polls Postgres until every job is terminal, or panics after `limit`.
+    pub async fn wait_terminal(&self, ids: &[JobId], limit: Duration) -> Vec<Job> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
+            let open: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('queued', 'scheduled', 'running')",
+            )
+            .bind(&uuids)
+            .fetch_one(self.app.store.pool())
+            .await
+            .unwrap_or(i64::MAX);
+            if open == 0 {
+                let mut jobs = Vec::new();
+                for id in ids {
+                    jobs.push(self.job(*id).await);
+                }
+                return jobs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{open} of {} jobs still not finished after {limit:?}",
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Number of events of each given type per job.
+    pub async fn event_counts(&self, id: JobId, kind: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM job_events WHERE job_id = $1 AND type = $2")
+            .bind(id.0)
+            .bind(kind)
+            .fetch_one(self.app.store.pool())
+            .await
+            .expect("count events")
+    }
+
+    /// Terminal events (succeeded, dead, cancelled) of a job.
+    pub async fn terminal_events(&self, id: JobId) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM job_events WHERE job_id = $1 AND type IN ('succeeded', 'dead', 'cancelled')",
+        )
+        .bind(id.0)
+        .fetch_one(self.app.store.pool())
+        .await
+        .expect("count events")
+    }
+}
+
+pub struct RunningPool {
+    pub stop: CancellationToken,
+    pub handle: JoinHandle<()>,
+    pub events: mpsc::UnboundedReceiver<PoolEvent>,
+}
+
+impl RunningPool {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("pool stops within 30s")
+            .expect("pool task did not panic");
+    }
+
+    /// Waits until `n` jobs have started (as the pool reports).
+    pub async fn wait_started(&mut self, n: usize, limit: Duration) -> Vec<JobId> {
+        let mut started = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        while started.len() < n {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(PoolEvent::Started(ids))) => started.extend(ids),
+                Ok(Some(_)) => {}
+                _ => panic!(
+                    "only {} of {n} jobs started within {limit:?}",
+                    started.len()
+                ),
+            }
+        }
+        started
+    }
+}
+
+pub fn request(kind: &str, queue: &str, payload: serde_json::Value) -> JobRequest {
+    JobRequest {
+        kind: kind.to_owned(),
+        queue: Some(queue.to_owned()),
+        payload: Some(payload),
+        ..JobRequest::default()
+    }
+}
+
+pub fn unique_queue() -> String {
+    format!("q-{}", short_id())
+}
+
+pub fn assert_status(jobs: &[Job], status: Status) {
+    for j in jobs {
+        assert_eq!(
+            j.status, status,
+            "job {} is {} ({:?})",
+            j.id, j.status, j.last_error
+        );
+    }
+}
+
+/// A private valkey-server on a free port, killed on drop.
+pub struct ValkeyServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ValkeyServer {
+    pub fn start() -> ValkeyServer {
+        let bin = env_var("ORCH_VALKEY_SERVER");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start valkey-server");
+        wait_port(port, Duration::from_secs(10));
+        ValkeyServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn flushall(&self) {
+        let client = redis::Client::open(self.url()).expect("client");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: () = redis::cmd("FLUSHALL")
+            .query_async(&mut conn)
+            .await
+            .expect("FLUSHALL");
+    }
+}
+
+impl Drop for ValkeyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_port(port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on port {port} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A private PostgreSQL cluster (initdb) on a free port, run as the
+/// `postgres` OS user; stopped on drop.
+pub struct PgServer {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    Path::new("/usr/lib/postgresql/15/bin").join(name)
+}
+
+fn as_postgres(program: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("run as postgres")
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let dir = std::env::temp_dir().join(format!("orch-pg-{}", short_id()));
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(status.success());
+        let data = dir.join("data");
+        let out = as_postgres(
+            &pg_bin("initdb"),
+            &[
+                "-D",
+                data.to_str().expect("utf-8 path"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let server = PgServer {
+            dir,
+            port: free_port(),
+        };
+        server.resume();
+        server
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_string_lossy().into_owned()
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts (again) on the same port and data.
+    pub fn resume(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log").to_string_lossy().into_owned();
+        let out = as_postgres(
+            &pg_bin("pg_ctl"),
+            &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops immediately (connections are cut, as in a crash).
+    pub fn halt(&self) {
+        let out = as_postgres(
+            &pg_bin("pg_ctl"),
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = as_postgres(
+            &pg_bin("pg_ctl"),
+            &["-D", &self.data(), "-m", "immediate", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A worker process of the real binary, killed on drop.
+pub struct WorkerProcess {
+    pub child: Child,
+}
+
+impl WorkerProcess {
+    pub fn spawn(env: &TestEnv, queue: &str, concurrency: usize) -> WorkerProcess {
+        let s = &env.app.settings;
+        let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args([
+                "worker",
+                "--queues",
+                queue,
+                "--concurrency",
+                &concurrency.to_string(),
+            ])
+            .env("ORCH_DATABASE_URL", &env.database_url)
+            .env("ORCH_VALKEY_URL", &env.valkey_url)
+            .env("ORCH_KEY_PREFIX", &s.key_prefix)
+            .env("ORCH_WORKER__LEASE_MS", s.worker.lease_ms.to_string())
+            .env("ORCH_WORKER__POLL_INTERVAL_MS", "100")
+            .env(
+                "ORCH_WORKER__SHUTDOWN_GRACE_SECS",
+                s.worker.shutdown_grace_secs.to_string(),
+            )
+            .env("ORCH_MAINTENANCE__REAP_INTERVAL_MS", "200")
+            .env("ORCH_RETRY__BACKOFF_BASE_MS", "100")
+            .env("ORCH_RETRY__BACKOFF_CAP_MS", "1000")
+            .env("ORCH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn worker");
+        WorkerProcess { child }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

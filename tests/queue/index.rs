@@ -1,0 +1,230 @@
+//! The Lua scripts and the reconciler on a real Valkey.
+
+use std::time::Duration;
+
+use orchestrator::job::{JobId, QueueName};
+use orchestrator::queue::{Claimed, IndexEntry, ValkeyQueue};
+use serde_json::json;
+
+use crate::helpers::{env_var, request, unique_queue, TestEnv, ValkeyServer};
+
+async fn queue() -> (ValkeyQueue, QueueName) {
+    let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let q = ValkeyQueue::connect(&env_var("ORCH_VALKEY_URL"), &prefix)
+        .await
+        .expect("connect");
+    (q, unique_queue().parse().expect("name"))
+}
+
+fn entry(id: JobId, priority: u8) -> IndexEntry {
+    IndexEntry {
+        id,
+        priority,
+        due_ms: None,
+    }
+}
+
+fn ids(c: Claimed) -> Vec<JobId> {
+    match c {
+        Claimed::Ids(ids) => ids,
+        Claimed::Paused => panic!("queue unexpectedly paused"),
+    }
+}
+
+#[tokio::test]
+async fn claim_pops_highest_priority_first_and_fifo_within_a_priority() {
+    let (vq, q) = queue().await;
+    let jobs: Vec<(JobId, u8)> = [5, 1, 10, 5, 10, 1, 7, 5]
+        .into_iter()
+        .map(|p| (JobId::new(), p))
+        .collect();
+    let entries: Vec<IndexEntry> = jobs.iter().map(|(id, p)| entry(*id, *p)).collect();
+    assert_eq!(vq.enqueue(&q, &entries).await.expect("enqueue"), 8);
+    // Enqueuing the same ids again indexes nothing twice.
+    assert_eq!(vq.enqueue(&q, &entries).await.expect("enqueue"), 0);
+
+    let mut expected = jobs.clone();
+    // Stable sort: FIFO within equal priorities.
+    expected.sort_by_key(|(_, p)| std::cmp::Reverse(*p));
+    let mut got = ids(vq
+        .claim(&q, 3, Duration::from_secs(30))
+        .await
+        .expect("claim"));
+    got.extend(ids(vq
+        .claim(&q, 10, Duration::from_secs(30))
+        .await
+        .expect("claim")));
+    assert_eq!(got, expected.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+    assert!(ids(vq
+        .claim(&q, 10, Duration::from_secs(30))
+        .await
+        .expect("claim"))
+    .is_empty());
+    let depth = vq.depth(&q).await.expect("depth");
+    assert_eq!((depth.pending(), depth.active), (0, 8));
+}
+
+#[tokio::test]
+async fn delayed_ids_are_not_claimed_before_they_are_due() {
+    let (vq, q) = queue().await;
+    let soon = JobId::new();
+    let due_ms = chrono::Utc::now().timestamp_millis() + 700;
+    vq.enqueue(
+        &q,
+        &[IndexEntry {
+            id: soon,
+            priority: 5,
+            due_ms: Some(due_ms),
+        }],
+    )
+    .await
+    .expect("enqueue");
+    assert!(ids(vq
+        .claim(&q, 10, Duration::from_secs(30))
+        .await
+        .expect("claim"))
+    .is_empty());
+    assert_eq!(vq.depth(&q).await.expect("depth").delayed, 1);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        ids(vq
+            .claim(&q, 10, Duration::from_secs(30))
+            .await
+            .expect("claim")),
+        vec![soon]
+    );
+}
+
+#[tokio::test]
+async fn paused_queue_hands_out_nothing_and_loses_nothing() {
+    let (vq, q) = queue().await;
+    let id = JobId::new();
+    vq.enqueue(&q, &[entry(id, 5)]).await.expect("enqueue");
+    assert!(vq.set_paused(&q, true).await.expect("pause"));
+    assert!(!vq.set_paused(&q, true).await.expect("pause again"));
+    assert_eq!(
+        vq.claim(&q, 10, Duration::from_secs(30))
+            .await
+            .expect("claim"),
+        Claimed::Paused
+    );
+    let depth = vq.depth(&q).await.expect("depth");
+    assert!(depth.paused);
+    assert_eq!(depth.pending(), 1);
+    assert!(vq.set_paused(&q, false).await.expect("resume"));
+    assert_eq!(
+        ids(vq
+            .claim(&q, 10, Duration::from_secs(30))
+            .await
+            .expect("claim")),
+        vec![id]
+    );
+}
+
+#[tokio::test]
+async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
+    let (vq, q) = queue().await;
+    let (a, b) = (JobId::new(), JobId::new());
+    vq.enqueue(&q, &[entry(a, 5), entry(b, 5)])
+        .await
+        .expect("enqueue");
+    ids(vq
+        .claim(&q, 2, Duration::from_millis(300))
+        .await
+        .expect("claim"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    vq.heartbeat(&q, &[b], Duration::from_secs(30))
+        .await
+        .expect("heartbeat");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let reaped = vq
+        .reap(&q, 10, Duration::from_secs(30))
+        .await
+        .expect("reap");
+    assert_eq!(reaped, vec![a]);
+    // Held: a second reaper does not get it again.
+    assert!(vq
+        .reap(&q, 10, Duration::from_secs(30))
+        .await
+        .expect("reap")
+        .is_empty());
+    vq.ack(&q, &[a, b]).await.expect("ack");
+    assert_eq!(vq.depth(&q).await.expect("depth").active, 0);
+}
+
+#[tokio::test]
+async fn schedule_keeps_the_indexed_priority_when_asked() {
+    let (vq, q) = queue().await;
+    let (low, high) = (JobId::new(), JobId::new());
+    vq.enqueue(&q, &[entry(low, 2), entry(high, 9)])
+        .await
+        .expect("enqueue");
+    ids(vq
+        .claim(&q, 2, Duration::from_secs(30))
+        .await
+        .expect("claim"));
+    let keep = IndexEntry::KEEP_PRIORITY;
+    vq.schedule(
+        &q,
+        &[
+            IndexEntry {
+                id: low,
+                priority: keep,
+                due_ms: None,
+            },
+            IndexEntry {
+                id: high,
+                priority: keep,
+                due_ms: None,
+            },
+        ],
+    )
+    .await
+    .expect("schedule");
+    let depth = vq.depth(&q).await.expect("depth");
+    assert_eq!(depth.pending_by_priority[1], 1, "{depth:?}");
+    assert_eq!(depth.pending_by_priority[8], 1, "{depth:?}");
+    assert_eq!(
+        ids(vq
+            .claim(&q, 2, Duration::from_secs(30))
+            .await
+            .expect("claim")),
+        vec![high, low]
+    );
+}
+
+#[tokio::test]
+async fn reconciler_rebuilds_a_flushed_index_from_postgres() {
+    let valkey = ValkeyServer::start();
+    let env = TestEnv::with_valkey(&valkey.url()).await;
+    let q = unique_queue();
+    let now_jobs = env
+        .enqueue((0..30).map(|_| request("noop", &q, json!({}))).collect())
+        .await;
+    let mut later = request("noop", &q, json!({}));
+    later.delay_secs = Some(600);
+    env.enqueue(vec![later]).await;
+    let queue: QueueName = q.parse().expect("name");
+    assert_eq!(
+        env.app.queue.depth(&queue).await.expect("depth").pending(),
+        30
+    );
+
+    valkey.flushall().await;
+    assert_eq!(
+        env.app.queue.depth(&queue).await.expect("depth").pending(),
+        0
+    );
+    let m = env.maintenance(&q);
+    let counts = m.reconcile_once(false).await.expect("reconcile");
+    assert!(counts.rebuilt, "a lost sentinel triggers a rebuild");
+    assert_eq!(counts.reindexed, 31);
+    let depth = env.app.queue.depth(&queue).await.expect("depth");
+    assert_eq!((depth.pending(), depth.delayed), (30, 1));
+    // Nothing is indexed twice by another pass.
+    assert_eq!(
+        m.reconcile_once(true).await.expect("reconcile").reindexed,
+        0
+    );
+    assert_eq!(now_jobs.len(), 30);
+}

@@ -1,0 +1,10 @@
+//! Integration tests of the durable queue core against a real Valkey, a real
+//! PostgreSQL and the real binary. Run them with `scripts/test.sh`.
+
+mod helpers;
+mod index;
+mod ordering;
+mod race;
+mod recovery;
+mod retry;
+mod shutdown;

@@ -1,0 +1,86 @@
+//! Graceful shutdown: stop claiming, let in-flight jobs finish within the
+//! grace period, release the rest without using up an attempt.
+
+use std::time::Duration;
+
+use orchestrator::job::{JobId, Status};
+use serde_json::json;
+
+use crate::helpers::{request, unique_queue, TestEnv, WorkerProcess};
+
+#[tokio::test]
+async fn in_flight_jobs_finish_within_grace_and_unstarted_ones_stay_queued() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let jobs = env
+        .enqueue(
+            (0..10)
+                .map(|_| request("sleep", &q, json!({ "ms": 400 })))
+                .collect(),
+        )
+        .await;
+    let mut pool = env.start_pool(env.pool_config(&q, 3));
+    let started = pool.wait_started(3, Duration::from_secs(20)).await;
+    pool.shutdown().await;
+
+    let mut succeeded = 0;
+    for job in &jobs {
+        let j = env.job(job.id).await;
+        match j.status {
+            Status::Succeeded => succeeded += 1,
+            Status::Queued => assert_eq!(j.attempt, 0, "an unstarted job used an attempt"),
+            other => panic!("job {} is {other} after a graceful shutdown", j.id),
+        }
+    }
+    for id in &started {
+        assert_eq!(
+            env.job(*id).await.status,
+            Status::Succeeded,
+            "started job {id} did not finish"
+        );
+    }
+    assert!(succeeded >= 3 && succeeded < 10, "{succeeded} succeeded");
+
+    // Nothing was lost: a new pool finishes the rest.
+    let pool = env.start_pool(env.pool_config(&q, 10));
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let done = env.wait_terminal(&ids, Duration::from_secs(20)).await;
+    pool.shutdown().await;
+    assert!(done.iter().all(|j| j.status == Status::Succeeded));
+}
+
+#[tokio::test]
+async fn sigterm_releases_unfinished_jobs_after_the_grace_period_without_burning_attempts() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let jobs = env
+        .enqueue(
+            (0..4)
+                .map(|_| request("sleep", &q, json!({ "ms": 60_000 })))
+                .collect(),
+        )
+        .await;
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let mut worker = WorkerProcess::spawn(&env, &q, 4);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while env.event_counts(ids[3], "started").await == 0 || {
+        let mut all = true;
+        for id in &ids {
+            all &= env.job(*id).await.status == Status::Running;
+        }
+        !all
+    } {
+        assert!(std::time::Instant::now() < deadline, "jobs never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.terminate();
+    // Grace is 5s in tests; the 60s jobs cannot finish in it.
+    let status = worker.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "worker exited with {status}");
+    for id in &ids {
+        let j = env.job(*id).await;
+        assert_eq!(j.status, Status::Queued, "job {id}");
+        assert_eq!(j.attempt, 0, "job {id} used an attempt");
+        assert_eq!(env.event_counts(*id, "released").await, 1);
+    }
+}
