@@ -19,6 +19,8 @@ pub struct BenchOptions {
     pub jobs: usize,
     /// Worker slots.
     pub concurrency: usize,
+    /// Jobs claimed ahead of free slots.
+    pub prefetch: usize,
     /// Jobs per enqueue call.
     pub enqueue_batch: usize,
     /// Jobs enqueued one at a time into an idle pool to measure latency.
@@ -33,6 +35,7 @@ pub struct BenchOptions {
 pub struct BenchReport {
     pub jobs: usize,
     pub concurrency: usize,
+    pub prefetch: usize,
     pub enqueue_per_s: f64,
     pub process_per_s: f64,
     /// Enqueue call to handler start, single jobs into an idle pool.
@@ -133,7 +136,8 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     let mut cfg = PoolConfig::from_settings(&app.settings);
     cfg.queues = vec![queue.clone()];
     cfg.concurrency = opts.concurrency;
-    cfg.claim_batch = opts.concurrency.min(1000);
+    cfg.prefetch = opts.prefetch;
+    cfg.claim_batch = (opts.concurrency + opts.prefetch).min(1000);
     let (tx, mut events) = mpsc::unbounded_channel();
     let pool = app.pool(cfg).with_observer(tx);
     let stop = CancellationToken::new();
@@ -212,6 +216,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     Ok(BenchReport {
         jobs: opts.jobs,
         concurrency: opts.concurrency,
+        prefetch: opts.prefetch,
         enqueue_per_s: round(opts.jobs as f64 / enqueue_secs),
         process_per_s: round(opts.jobs as f64 / process_secs),
         latency_p50_ms: round(percentile(&latencies, 50.0)),

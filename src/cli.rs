@@ -130,6 +130,9 @@ struct BenchArgs {
     jobs: usize,
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
+    /// Jobs claimed ahead of free slots (graphile-worker's "local queue").
+    #[arg(long, default_value_t = 500)]
+    prefetch: usize,
     #[arg(long, default_value_t = 1_000)]
     enqueue_batch: usize,
     #[arg(long, default_value_t = 1_000)]
@@ -179,6 +182,7 @@ pub async fn run() -> anyhow::Result<()> {
             let opts = BenchOptions {
                 jobs: args.jobs,
                 concurrency: args.concurrency,
+                prefetch: args.prefetch,
                 enqueue_batch: args.enqueue_batch,
                 latency_jobs: args.latency_jobs,
                 latency_rate: args.latency_rate,

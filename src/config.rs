@@ -96,6 +96,8 @@ pub struct WorkerSettings {
     pub lease_ms: u64,
     /// Most ids claimed in one round trip.
     pub claim_batch: usize,
+    /// Jobs claimed ahead of free slots (see `PoolConfig::prefetch`).
+    pub prefetch: usize,
     /// How long to wait for work when no wake-up arrives.
     pub poll_interval_ms: u64,
     /// How long in-flight jobs may finish after SIGTERM before release.
@@ -172,6 +174,9 @@ impl Settings {
         }
         if w.claim_batch == 0 || w.claim_batch > 1_000 {
             return Err(invalid("worker.claim_batch", "must be between 1 and 1000"));
+        }
+        if w.prefetch > 10_000 {
+            return Err(invalid("worker.prefetch", "must be at most 10000"));
         }
         if w.complete_batch == 0 || w.complete_batch > 5_000 {
             return Err(invalid(

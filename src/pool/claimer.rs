@@ -1,40 +1,75 @@
-//! The claim loop: one per queue, filling free slots in batches.
+//! The claim loop (one per queue) and the dispatcher.
+//!
+//! A claimer holds a *credit* for every job it claims, from the claim until
+//! the job's outcome reaches the completer. Credits number `concurrency +
+//! prefetch`: with a prefetch, the next batch is claimed while the current
+//! one runs (as graphile-worker's local queue does). Claimed jobs wait in a
+//! local buffer for a free *slot* (`concurrency` of them); the dispatcher
+//! starts them. Claims are batched: once one credit is free, the claimer
+//! lingers briefly for more, so a busy pool claims many ids per round trip
+//! and an idle one answers a single job at once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::completer::Completion;
-use super::{error_backoff, repair, runner, PoolError, PoolEvent, Shared};
-use crate::job::QueueName;
+use super::{error_backoff, repair, runner, InFlight, PoolError, PoolEvent, Shared};
+use crate::job::{JobId, QueueName};
 use crate::metrics as m;
 use crate::queue::{Claimed, IndexEntry};
-use crate::store::ClaimedJob;
+use crate::store::{ClaimedJob, Finish};
+
+/// How long a claimer waits for more free credits before claiming with
+/// what it has.
+const CLAIM_LINGER: Duration = Duration::from_millis(2);
+
+/// A claimed job waiting for a slot, with the credit it holds.
+pub(super) struct Buffered {
+    pub queue: QueueName,
+    pub job: ClaimedJob,
+    pub credit: OwnedSemaphorePermit,
+}
 
 pub(super) async fn run(
     shared: Arc<Shared>,
     queue: QueueName,
-    completions: mpsc::Sender<Completion>,
+    buffer: mpsc::UnboundedSender<Buffered>,
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
+    let batch = shared.cfg.claim_batch;
+    let linger_for = (batch / 4).max(1);
     loop {
-        let mut permits = tokio::select! {
+        let mut credits = tokio::select! {
             biased;
             () = stop.cancelled() => return,
-            permit = shared.slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
+            credit = shared.credits.clone().acquire_owned() => match credit {
+                Ok(c) => c,
                 Err(_) => return,
             },
         };
+        let available = shared.credits.available_permits();
+        if available + 1 < linger_for {
+            let more = (linger_for - 1) as u32;
+            if let Ok(Ok(c)) = tokio::time::timeout(
+                CLAIM_LINGER,
+                shared.credits.clone().acquire_many_owned(more),
+            )
+            .await
+            {
+                credits.merge(c);
+            }
+        }
         let extra = shared
-            .slots
+            .credits
             .available_permits()
-            .min(shared.cfg.claim_batch.saturating_sub(1));
+            .min(batch.saturating_sub(credits.num_permits()));
         if extra > 0 {
-            if let Ok(more) = shared.slots.clone().try_acquire_many_owned(extra as u32) {
-                permits.merge(more);
+            if let Ok(c) = shared.credits.clone().try_acquire_many_owned(extra as u32) {
+                credits.merge(c);
             }
         }
         // Armed before claiming, so a wake-up that arrives while the claim is
@@ -43,26 +78,28 @@ pub(super) async fn run(
         tokio::pin!(woken);
         woken.as_mut().enable();
 
-        match claim(&shared, &queue, permits.num_permits()).await {
+        match claim(&shared, &queue, credits.num_permits()).await {
             Ok(jobs) if !jobs.is_empty() => {
                 failures = 0;
                 for job in jobs {
-                    let Some(permit) = permits.split(1) else {
+                    let Some(credit) = credits.split(1) else {
                         break;
                     };
-                    tokio::spawn(runner::run(
-                        shared.clone(),
-                        queue.clone(),
+                    let item = Buffered {
+                        queue: queue.clone(),
                         job,
-                        permit,
-                        completions.clone(),
-                    ));
+                        credit,
+                    };
+                    if let Err(mpsc::error::SendError(item)) = buffer.send(item) {
+                        // Dispatcher gone (hard stop): the lease expires and
+                        // the reaper retries the job.
+                        tracing::warn!(job.id = %item.job.id, "dispatcher gone; leaving the lease to expire");
+                    }
                 }
-                m::set_busy(shared.busy_slots());
             }
             Ok(_) => {
                 failures = 0;
-                drop(permits);
+                drop(credits);
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = woken => {}
@@ -70,7 +107,7 @@ pub(super) async fn run(
                 }
             }
             Err(err) => {
-                drop(permits);
+                drop(credits);
                 failures += 1;
                 metrics::counter!(m::LOOP_ERRORS, "task" => "claim").increment(1);
                 tracing::warn!(queue = %queue, error = %err, "claim failed; retrying");
@@ -84,16 +121,20 @@ pub(super) async fn run(
 }
 
 /// Claims up to `max` jobs: ids from Valkey, then one Postgres transaction.
+/// Claimed jobs are registered as in flight at once, so their leases are
+/// renewed even while they wait for a slot.
 async fn claim(
     shared: &Shared,
     queue: &QueueName,
     max: usize,
 ) -> Result<Vec<ClaimedJob>, PoolError> {
-    let ids = match shared.queue.claim(queue, max, shared.cfg.lease).await? {
+    let t0 = std::time::Instant::now();
+    let claimed = match shared.queue.claim(queue, max, shared.cfg.lease).await? {
         Claimed::Paused => return Ok(Vec::new()),
         Claimed::Ids(ids) if ids.is_empty() => return Ok(Vec::new()),
         Claimed::Ids(ids) => ids,
     };
+    let ids: Vec<JobId> = claimed.iter().map(|(id, _)| *id).collect();
     let (jobs, refused) = match shared
         .store
         .claim(&ids, &shared.cfg.worker_id, shared.cfg.lease)
@@ -105,11 +146,11 @@ async fn claim(
             // stranding them until their Valkey lease expires. Should the
             // claim have committed after all, Postgres still holds the lease
             // and the next claimer's transaction refuses the id.
-            let entries: Vec<IndexEntry> = ids
+            let entries: Vec<IndexEntry> = claimed
                 .iter()
-                .map(|id| IndexEntry {
+                .map(|(id, priority)| IndexEntry {
                     id: *id,
-                    priority: IndexEntry::KEEP_PRIORITY,
+                    priority: *priority,
                     due_ms: None,
                 })
                 .collect();
@@ -119,19 +160,65 @@ async fn claim(
             return Err(err.into());
         }
     };
+    tracing::debug!(queue = %queue, asked = max, claimed = jobs.len(), elapsed_ms = t0.elapsed().as_millis() as u64, "claimed batch");
     if !refused.is_empty() {
         repair::resolve(&shared.store, &shared.queue, queue, &refused).await?;
     }
     if !jobs.is_empty() {
+        let mut inflight = shared.inflight();
         for job in &jobs {
-            let due = job.run_at.max(job.created_at);
-            let wait = (job.started_at - due).to_std().unwrap_or_default();
-            metrics::histogram!(m::JOB_WAIT_SECONDS, "queue" => job.queue.clone())
-                .record(wait.as_secs_f64());
+            inflight.insert(
+                job.id,
+                InFlight::new(queue.clone(), job.priority, job.lease_id),
+            );
         }
+        drop(inflight);
         shared.observe(|| PoolEvent::Started(jobs.iter().map(|j| j.id).collect()));
     }
     Ok(jobs)
+}
+
+/// Starts buffered jobs as slots free up. Runs until every claimer has
+/// stopped and the buffer is empty; once `stop` fires, buffered jobs that
+/// have not started are released back to their queue, attempt refunded.
+pub(super) async fn dispatch(
+    shared: Arc<Shared>,
+    mut buffer: mpsc::UnboundedReceiver<Buffered>,
+    completions: mpsc::Sender<Completion>,
+    stop: CancellationToken,
+) {
+    while let Some(item) = buffer.recv().await {
+        let slot = tokio::select! {
+            biased;
+            () = stop.cancelled() => None,
+            slot = shared.slots.clone().acquire_owned() => slot.ok(),
+        };
+        match slot {
+            Some(slot) => {
+                let due = item.job.run_at.max(item.job.created_at);
+                let wait = (chrono::Utc::now() - due).to_std().unwrap_or_default();
+                metrics::histogram!(m::JOB_WAIT_SECONDS, "queue" => item.queue.to_string())
+                    .record(wait.as_secs_f64());
+                tokio::spawn(runner::run(shared.clone(), item, slot, completions.clone()));
+                m::set_busy(shared.busy_slots());
+            }
+            None => release(&shared, item, &completions).await,
+        }
+    }
+}
+
+async fn release(shared: &Shared, item: Buffered, completions: &mpsc::Sender<Completion>) {
+    if let Some(f) = shared.inflight().get_mut(&item.job.id) {
+        f.reported = true;
+    }
+    let completion = Completion {
+        finish: Finish::released(item.job.id, item.job.lease_id),
+        queue: item.queue,
+        kind: item.job.kind.clone(),
+        priority: item.job.priority,
+    };
+    let _ = completions.send(completion).await;
+    drop(item.credit);
 }
 
 /// Turns Valkey wake-up messages into a notification for every claimer.

@@ -19,7 +19,7 @@ pub(super) struct Completion {
     pub finish: Finish,
     pub queue: QueueName,
     pub kind: String,
-    /// For retries: the priority to index with (0 = keep Valkey's).
+    /// For retries: the priority to index with.
     pub priority: u8,
 }
 
@@ -48,6 +48,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Completion>) {
 async fn flush(shared: &Shared, batch: &mut Vec<Completion>) {
     let finishes: Vec<Finish> = batch.iter().map(|c| c.finish.clone()).collect();
     let mut failures = 0;
+    let t0 = std::time::Instant::now();
     let outcome = loop {
         match shared.store.finish(&finishes, &shared.cfg.worker_id).await {
             Ok(outcome) => break outcome,
@@ -70,6 +71,7 @@ async fn flush(shared: &Shared, batch: &mut Vec<Completion>) {
             }
         }
     };
+    let pg = t0.elapsed();
     {
         let mut inflight = shared.inflight();
         for c in batch.iter() {
@@ -78,6 +80,12 @@ async fn flush(shared: &Shared, batch: &mut Vec<Completion>) {
     }
     record_metrics(batch, &outcome);
     apply_to_valkey(shared, batch, &outcome).await;
+    tracing::debug!(
+        jobs = batch.len(),
+        postgres_ms = pg.as_millis() as u64,
+        total_ms = t0.elapsed().as_millis() as u64,
+        "completed batch"
+    );
     if !outcome.stale.is_empty() {
         tracing::warn!(
             jobs = outcome.stale.len(),

@@ -38,6 +38,9 @@ pub struct PoolConfig {
     pub concurrency: usize,
     pub lease: Duration,
     pub claim_batch: usize,
+    /// Jobs claimed ahead of free slots, to claim the next batch while the
+    /// current one runs. 0 suits long jobs; hundreds suit tiny ones.
+    pub prefetch: usize,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
     pub complete_batch: usize,
@@ -53,6 +56,7 @@ impl PoolConfig {
             concurrency: w.concurrency,
             lease: w.lease(),
             claim_batch: w.claim_batch,
+            prefetch: w.prefetch,
             poll_interval: Duration::from_millis(w.poll_interval_ms),
             shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
             complete_batch: w.complete_batch,
@@ -101,13 +105,28 @@ enum StopReason {
     LeaseLost,
 }
 
+/// A job this worker holds a lease on: claimed, waiting for a slot or running.
 struct InFlight {
     queue: QueueName,
+    priority: u8,
     lease_id: i64,
     /// The runner handed its outcome to the completer.
     reported: bool,
     cancel: CancellationToken,
     reason: Arc<Mutex<Option<StopReason>>>,
+}
+
+impl InFlight {
+    fn new(queue: QueueName, priority: u8, lease_id: i64) -> Self {
+        InFlight {
+            queue,
+            priority,
+            lease_id,
+            reported: false,
+            cancel: CancellationToken::new(),
+            reason: Arc::new(Mutex::new(None)),
+        }
+    }
 }
 
 /// State shared by a pool's tasks.
@@ -116,7 +135,10 @@ struct Shared {
     queue: ValkeyQueue,
     registry: Registry,
     cfg: PoolConfig,
+    /// Jobs running at once: `concurrency`.
     slots: Arc<Semaphore>,
+    /// Jobs claimed and not yet finished: `concurrency + prefetch`.
+    credits: Arc<Semaphore>,
     inflight: Mutex<HashMap<JobId, InFlight>>,
     /// Woken by Valkey pub/sub when ids became pending.
     wake: Notify,
@@ -148,12 +170,14 @@ pub struct Pool {
 impl Pool {
     pub fn new(store: Store, queue: ValkeyQueue, registry: Registry, cfg: PoolConfig) -> Self {
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
+        let credits = Arc::new(Semaphore::new(cfg.concurrency + cfg.prefetch));
         Pool {
             shared: Shared {
                 store,
                 queue,
                 registry,
                 slots,
+                credits,
                 inflight: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 observer: None,
@@ -196,16 +220,29 @@ impl Pool {
         tasks.spawn(maintenance::run(shared.clone(), background.clone()));
         tasks.spawn(claimer::forward_wakeups(shared.clone(), background.clone()));
 
+        let (buffer, buffered) = mpsc::unbounded_channel();
+        let dispatcher = tokio::spawn(claimer::dispatch(
+            shared.clone(),
+            buffered,
+            completions.clone(),
+            stop.clone(),
+        ));
         let mut claimers = JoinSet::new();
         for queue in cfg.queues.clone() {
             claimers.spawn(claimer::run(
                 shared.clone(),
                 queue,
-                completions.clone(),
+                buffer.clone(),
                 stop.clone(),
             ));
         }
+        drop(buffer);
         while claimers.join_next().await.is_some() {}
+        // Every claimer is gone, so the buffer closes once drained: the
+        // dispatcher releases what never started.
+        if let Err(err) = dispatcher.await {
+            tracing::error!(error = %err, "dispatcher task failed");
+        }
         tracing::info!(worker_id = %cfg.worker_id, busy = shared.busy_slots(), "stopped claiming; waiting for in-flight jobs");
 
         // Grace period: wait for every slot to come back.

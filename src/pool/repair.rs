@@ -40,7 +40,7 @@ pub(super) async fn resolve(
         }
     }
     if !forget.is_empty() {
-        valkey.ack(queue, &forget).await?;
+        valkey.forget(queue, &forget).await?;
     }
     if !back.is_empty() {
         valkey.schedule(queue, &back).await?;

@@ -8,33 +8,25 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::claimer::Buffered;
 use super::completer::Completion;
-use super::{InFlight, Shared, StopReason};
-use crate::job::QueueName;
+use super::{Shared, StopReason};
 use crate::metrics as m;
 use crate::pipeline::{JobContext, JobError};
 use crate::store::{ClaimedJob, Finish};
 
 pub(super) async fn run(
     shared: Arc<Shared>,
-    queue: QueueName,
-    job: ClaimedJob,
-    permit: OwnedSemaphorePermit,
+    item: Buffered,
+    slot: OwnedSemaphorePermit,
     completions: mpsc::Sender<Completion>,
 ) {
+    let Buffered { queue, job, credit } = item;
     let job = Arc::new(job);
-    let cancel = CancellationToken::new();
-    let reason = Arc::new(Mutex::new(None));
-    shared.inflight().insert(
-        job.id,
-        InFlight {
-            queue: queue.clone(),
-            lease_id: job.lease_id,
-            reported: false,
-            cancel: cancel.clone(),
-            reason: reason.clone(),
-        },
-    );
+    let (cancel, reason) = match shared.inflight().get(&job.id) {
+        Some(f) => (f.cancel.clone(), f.reason.clone()),
+        None => (CancellationToken::new(), Arc::new(Mutex::new(None))),
+    };
     let span = tracing::info_span!("job", job.id = %job.id, job.kind = %job.kind, queue = %queue, attempt = job.attempt);
     let started = Instant::now();
     let outcome = execute(&shared, &job, cancel)
@@ -92,7 +84,8 @@ pub(super) async fn run(
             shared.inflight().remove(&job.id);
         }
     }
-    drop(permit);
+    drop(slot);
+    drop(credit);
     m::set_busy(shared.busy_slots());
 }
 
@@ -151,7 +144,7 @@ pub(super) async fn release_remaining(shared: &Shared, completions: &mpsc::Sende
                 finish: Finish::released(*id, f.lease_id),
                 queue: f.queue.clone(),
                 kind: String::new(),
-                priority: 0,
+                priority: f.priority,
             }
         })
         .collect();

@@ -56,15 +56,11 @@ pub struct IndexEntry {
     pub due_ms: Option<i64>,
 }
 
-impl IndexEntry {
-    /// For [`ValkeyQueue::schedule`]: keep the priority Valkey already has.
-    pub const KEEP_PRIORITY: u8 = 0;
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claimed {
     Paused,
-    Ids(Vec<JobId>),
+    /// Ids handed out, with the priority they were queued at.
+    Ids(Vec<(JobId, u8)>),
 }
 
 /// A snapshot of one queue in Valkey.
@@ -177,8 +173,11 @@ impl ValkeyQueue {
         match value {
             redis::Value::Int(codes::PAUSED) => Ok(Claimed::Paused),
             redis::Value::Array(items) => items
-                .into_iter()
-                .map(|v| parse_id(&v))
+                .chunks(2)
+                .map(|pair| match pair {
+                    [id, redis::Value::Int(p)] => Ok((parse_id(id)?, (*p).clamp(1, 10) as u8)),
+                    other => Err(QueueError::Protocol(format!("claim returned {other:?}"))),
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Claimed::Ids),
             other => Err(QueueError::Protocol(format!("claim returned {other:?}"))),
@@ -207,7 +206,7 @@ impl ValkeyQueue {
         Ok(())
     }
 
-    /// Forgets finished jobs. Call only after Postgres committed.
+    /// Releases the leases of finished jobs. Call only after Postgres committed.
     pub async fn ack(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
         let k = self.keys.queue(queue);
         let mut conn = self.conn.clone();
@@ -216,6 +215,21 @@ impl ValkeyQueue {
             let _: u64 = self
                 .scripts
                 .ack
+                .call(&mut conn, &[&k.active], &args)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes every trace of ids (finished, cancelled or unknown jobs).
+    pub async fn forget(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        for chunk in ids.chunks(CHUNK) {
+            let args: Vec<String> = chunk.iter().map(|id| id.to_string()).collect();
+            let _: u64 = self
+                .scripts
+                .forget
                 .call(
                     &mut conn,
                     &[&k.pending, &k.delayed, &k.active, &k.prio],

@@ -90,6 +90,7 @@ pub struct Scripts {
     pub claim: LuaScript,
     pub heartbeat: LuaScript,
     pub ack: LuaScript,
+    pub forget: LuaScript,
     pub schedule: LuaScript,
     pub promote: LuaScript,
     pub reap: LuaScript,
@@ -103,7 +104,8 @@ impl Scripts {
             enqueue: LuaScript::new("enqueue-5.lua", lua!("enqueue-5.lua")),
             claim: LuaScript::new("claim-6.lua", lua!("claim-6.lua")),
             heartbeat: LuaScript::new("heartbeat-1.lua", lua!("heartbeat-1.lua")),
-            ack: LuaScript::new("ack-4.lua", lua!("ack-4.lua")),
+            ack: LuaScript::new("ack-1.lua", lua!("ack-1.lua")),
+            forget: LuaScript::new("forget-4.lua", lua!("forget-4.lua")),
             schedule: LuaScript::new("schedule-5.lua", lua!("schedule-5.lua")),
             promote: LuaScript::new("promote-4.lua", lua!("promote-4.lua")),
             reap: LuaScript::new("reap-1.lua", lua!("reap-1.lua")),
@@ -112,12 +114,13 @@ impl Scripts {
         }
     }
 
-    pub fn all(&self) -> [&LuaScript; 9] {
+    pub fn all(&self) -> [&LuaScript; 10] {
         [
             &self.enqueue,
             &self.claim,
             &self.heartbeat,
             &self.ack,
+            &self.forget,
             &self.schedule,
             &self.promote,
             &self.reap,

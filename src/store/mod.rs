@@ -102,6 +102,15 @@ impl Store {
             source,
         };
         let options: PgConnectOptions = url.parse().map_err(connect_err)?;
+        // Batch statements take arrays of any length; a cached generic plan
+        // (estimated for 100 rows) can turn their joins into nested loops
+        // that take seconds on large batches. Plan each execution instead.
+        // The random_page_cost suits SSDs and makes lookups of id arrays use
+        // the primary key rather than scan small tables.
+        let options = options.options([
+            ("plan_cache_mode", "force_custom_plan"),
+            ("random_page_cost", "1.1"),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(1)

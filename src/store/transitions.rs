@@ -223,8 +223,11 @@ impl Store {
         let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
         let rows: Vec<ClaimRow> = sqlx::query_as(
             "WITH locked AS (
+                -- COLLATE keeps the planner off jobs_live_idx: that index
+                -- would scan every queued job (the whole backlog) to find
+                -- these few; the primary key finds them directly.
                 SELECT id FROM jobs
-                WHERE id = ANY($1) AND status = ANY($4)
+                WHERE id = ANY($1) AND (status COLLATE \"C\") = ANY($4)
                   AND (status <> 'scheduled' OR run_at <= now())
                 ORDER BY id
                 FOR UPDATE
@@ -234,7 +237,8 @@ impl Store {
                     lease_id = j.lease_id + 1, worker_id = $2,
                     lease_expires_at = now() + $3 * interval '1 millisecond',
                     started_at = now(), updated_at = now(), stage = NULL
-                FROM locked WHERE j.id = locked.id
+                -- Rows by primary key, never a scan of the table.
+                WHERE j.id = ANY(ARRAY(SELECT id FROM locked))
                 RETURNING j.id, j.queue, j.kind, j.priority, j.payload, j.attempt,
                     j.max_attempts, j.backoff_base_ms, j.backoff_cap_ms, j.timeout_secs,
                     j.lease_id, j.created_at, j.run_at, j.started_at
@@ -292,15 +296,16 @@ impl Store {
         let ids: Vec<Uuid> = leases.iter().map(|(id, _)| id.0).collect();
         let tokens: Vec<i64> = leases.iter().map(|(_, t)| *t).collect();
         let held: Vec<Uuid> = sqlx::query_scalar(
-            "WITH input AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) AS t(id, lease_id)),
-            locked AS (
-                SELECT j.id FROM jobs j JOIN input i ON i.id = j.id
-                WHERE j.status = 'running' AND j.lease_id = i.lease_id AND j.lease_expires_at > now()
+            "WITH locked AS (
+                SELECT j.id FROM jobs j
+                JOIN UNNEST($1::uuid[], $2::bigint[]) AS i(id, lease_id)
+                  ON i.id = j.id AND i.lease_id = j.lease_id
+                WHERE j.status = 'running' AND j.lease_expires_at > now()
                 ORDER BY j.id
                 FOR UPDATE OF j
             )
             UPDATE jobs j SET lease_expires_at = now() + $3 * interval '1 millisecond'
-            FROM locked WHERE j.id = locked.id
+            WHERE j.id = ANY(ARRAY(SELECT id FROM locked))
             RETURNING j.id",
         )
         .bind(&ids)
@@ -461,15 +466,15 @@ async fn finish_on(
     let refunds: Vec<bool> = batch.iter().map(|f| f.refund_attempt).collect();
     let events: Vec<&str> = batch.iter().map(|f| f.event).collect();
     let data: Vec<&serde_json::Value> = batch.iter().map(|f| &f.event_data).collect();
+    // Each step reads its rows by primary key or from the input arrays
+    // (whose length the planner knows); no step joins two intermediate
+    // results, which the planner may turn into quadratic nested loops.
     let rows: Vec<(Uuid, String)> = sqlx::query_as(
-        "WITH input AS (
-            SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[],
-                $5::text[], $6::jsonb[], $7::bool[], $8::text[], $9::jsonb[])
-            AS t(id, lease_id, status, run_at, error, result, refund, event, data)
-        ),
-        locked AS (
-            SELECT j.id FROM jobs j JOIN input i ON i.id = j.id
-            WHERE j.status = 'running' AND j.lease_id = i.lease_id
+        "WITH locked AS (
+            SELECT j.id FROM jobs j
+            JOIN UNNEST($1::uuid[], $2::bigint[]) AS i(id, lease_id)
+              ON i.id = j.id AND i.lease_id = j.lease_id
+            WHERE j.status = 'running'
               AND CASE WHEN $11 THEN j.lease_expires_at > now() ELSE j.lease_expires_at <= now() END
             ORDER BY j.id
             FOR UPDATE OF j
@@ -483,16 +488,18 @@ async fn finish_on(
                 worker_id = NULL, lease_expires_at = NULL,
                 finished_at = CASE WHEN i.status IN ('succeeded', 'dead', 'cancelled') THEN now() END,
                 updated_at = now()
-            FROM input i, locked l
-            WHERE j.id = l.id AND i.id = l.id
-            RETURNING j.id, j.status, j.attempt
+            FROM UNNEST($1::uuid[], $3::text[], $4::timestamptz[], $5::text[], $6::jsonb[],
+                        $7::bool[], $8::text[], $9::jsonb[])
+                AS i(id, status, run_at, error, result, refund, event, data)
+            WHERE j.id = i.id AND j.id = ANY(ARRAY(SELECT id FROM locked))
+            RETURNING j.id, j.status, j.attempt, i.event, i.data
         ),
         ev AS (
             INSERT INTO job_events (job_id, type, actor, data)
-            SELECT u.id, i.event, $10,
-                CASE WHEN jsonb_typeof(i.data) = 'object' THEN i.data ELSE '{}'::jsonb END
-                    || jsonb_build_object('attempt', u.attempt)
-            FROM upd u JOIN input i ON i.id = u.id
+            SELECT id, event, $10,
+                CASE WHEN jsonb_typeof(data) = 'object' THEN data ELSE '{}'::jsonb END
+                    || jsonb_build_object('attempt', attempt)
+            FROM upd
         )
         SELECT id, status FROM upd",
     )

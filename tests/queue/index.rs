@@ -26,7 +26,7 @@ fn entry(id: JobId, priority: u8) -> IndexEntry {
 
 fn ids(c: Claimed) -> Vec<JobId> {
     match c {
-        Claimed::Ids(ids) => ids,
+        Claimed::Ids(ids) => ids.into_iter().map(|(id, _)| id).collect(),
         Claimed::Paused => panic!("queue unexpectedly paused"),
     }
 }
@@ -153,37 +153,41 @@ async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
 }
 
 #[tokio::test]
-async fn schedule_keeps_the_indexed_priority_when_asked() {
+async fn claims_report_priorities_and_schedule_requeues_by_them() {
     let (vq, q) = queue().await;
     let (low, high) = (JobId::new(), JobId::new());
     vq.enqueue(&q, &[entry(low, 2), entry(high, 9)])
         .await
         .expect("enqueue");
-    ids(vq
+    let claimed = match vq
         .claim(&q, 2, Duration::from_secs(30))
         .await
-        .expect("claim"));
-    let keep = IndexEntry::KEEP_PRIORITY;
-    vq.schedule(
-        &q,
-        &[
-            IndexEntry {
-                id: low,
-                priority: keep,
-                due_ms: None,
-            },
-            IndexEntry {
-                id: high,
-                priority: keep,
-                due_ms: None,
-            },
-        ],
-    )
-    .await
-    .expect("schedule");
+        .expect("claim")
+    {
+        Claimed::Ids(ids) => ids,
+        Claimed::Paused => panic!("paused"),
+    };
+    assert_eq!(claimed, vec![(high, 9), (low, 2)]);
+    let later = chrono::Utc::now().timestamp_millis() + 60_000;
+    let back: Vec<IndexEntry> = claimed
+        .iter()
+        .map(|(id, p)| IndexEntry {
+            id: *id,
+            priority: *p,
+            due_ms: None,
+        })
+        .collect();
+    vq.schedule(&q, &back).await.expect("schedule");
     let depth = vq.depth(&q).await.expect("depth");
-    assert_eq!(depth.pending_by_priority[1], 1, "{depth:?}");
-    assert_eq!(depth.pending_by_priority[8], 1, "{depth:?}");
+    assert_eq!(
+        (
+            depth.pending_by_priority[1],
+            depth.pending_by_priority[8],
+            depth.active
+        ),
+        (1, 1, 0),
+        "{depth:?}"
+    );
     assert_eq!(
         ids(vq
             .claim(&q, 2, Duration::from_secs(30))
@@ -191,6 +195,22 @@ async fn schedule_keeps_the_indexed_priority_when_asked() {
             .expect("claim")),
         vec![high, low]
     );
+    // Delayed retries keep their priority until promoted.
+    vq.schedule(
+        &q,
+        &[IndexEntry {
+            id: low,
+            priority: 2,
+            due_ms: Some(later),
+        }],
+    )
+    .await
+    .expect("schedule");
+    let depth = vq.depth(&q).await.expect("depth");
+    assert_eq!((depth.delayed, depth.active), (1, 1));
+    vq.forget(&q, &[low, high]).await.expect("forget");
+    let depth = vq.depth(&q).await.expect("depth");
+    assert_eq!((depth.pending(), depth.delayed, depth.active), (0, 0, 0));
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use crate::queue::IndexEntry;
 pub struct ReconcileCounts {
     /// Whether a full pass ran.
     pub rebuilt: bool,
-    /// Live jobs read from Postgres.
+    /// Waiting jobs read from Postgres.
     pub scanned: usize,
     /// Ids Valkey was missing and now has.
     pub reindexed: u64,
@@ -45,38 +45,39 @@ impl Maintenance {
             rebuilt: true,
             ..ReconcileCounts::default()
         };
-        let mut after = None;
-        loop {
-            let page = self.store.live_jobs_page(after, RECONCILE_PAGE).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id);
-            counts.scanned += page.len();
-            let mut by_queue: HashMap<String, Vec<IndexEntry>> = HashMap::new();
-            for job in &page {
-                let due_ms = match job.status {
-                    Status::Queued => None,
-                    Status::Scheduled => Some(job.run_at.timestamp_millis()),
-                    _ => continue,
-                };
-                by_queue
-                    .entry(job.queue.clone())
-                    .or_default()
-                    .push(IndexEntry {
-                        id: job.id,
-                        priority: job.priority,
-                        due_ms,
-                    });
-            }
-            for (name, entries) in by_queue {
-                let Ok(queue) = QueueName::parse(name.as_str()) else {
-                    tracing::error!(queue = %name, "invalid queue name in the database; skipped");
-                    continue;
-                };
-                self.valkey.register_queues(&[&queue]).await?;
-                counts.reindexed += self.valkey.enqueue(&queue, &entries).await?;
-            }
-            if page.len() < RECONCILE_PAGE as usize {
-                break;
+        for status in [Status::Queued, Status::Scheduled] {
+            let mut after = None;
+            loop {
+                let page = self
+                    .store
+                    .waiting_jobs_page(status, after, RECONCILE_PAGE)
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id);
+                counts.scanned += page.len();
+                let mut by_queue: HashMap<&str, Vec<IndexEntry>> = HashMap::new();
+                for job in &page {
+                    by_queue
+                        .entry(job.queue.as_str())
+                        .or_default()
+                        .push(IndexEntry {
+                            id: job.id,
+                            priority: job.priority,
+                            due_ms: (status == Status::Scheduled)
+                                .then(|| job.run_at.timestamp_millis()),
+                        });
+                }
+                for (name, entries) in by_queue {
+                    let Ok(queue) = QueueName::parse(name) else {
+                        tracing::error!(queue = %name, "invalid queue name in the database; skipped");
+                        continue;
+                    };
+                    self.valkey.register_queues(&[&queue]).await?;
+                    counts.reindexed += self.valkey.enqueue(&queue, &entries).await?;
+                }
+                if page.len() < RECONCILE_PAGE as usize {
+                    break;
+                }
             }
         }
         if counts.reindexed > 0 {

@@ -12,17 +12,23 @@
 -- ARGV[2] maximum ids to claim
 -- ARGV[3] maximum delayed ids to promote first
 --
--- Returns the claimed ids, or -1 (PAUSED) when the queue is paused.
+-- Returns pairs {id, priority, …}, or -1 (PAUSED) when the queue is paused.
 if redis.call('EXISTS', KEYS[6]) == 1 then
   return -1
 end
 local now = now_ms()
 promote_due(KEYS[2], KEYS[1], KEYS[4], KEYS[5], now, tonumber(ARGV[3]))
 local popped = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[2]))
-local deadline = now + tonumber(ARGV[1])
-local ids = {}
-for i = 1, #popped, 2 do
-  ids[#ids + 1] = popped[i]
-  redis.call('ZADD', KEYS[3], deadline, popped[i])
+if #popped == 0 then
+  return {}
 end
-return ids
+local deadline = now + tonumber(ARGV[1])
+local out, active = {}, {}
+for i = 1, #popped, 2 do
+  out[#out + 1] = popped[i]
+  out[#out + 1] = score_priority(popped[i + 1])
+  active[#active + 1] = deadline
+  active[#active + 1] = popped[i]
+end
+redis.call('ZADD', KEYS[3], unpack(active))
+return out

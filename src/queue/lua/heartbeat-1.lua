@@ -8,8 +8,14 @@
 -- ARGV[2..] ids
 --
 -- Returns the number of ids refreshed.
-local deadline = now_ms() + tonumber(ARGV[1])
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+if #ARGV < 2 then
+  return 0
 end
+local deadline = now_ms() + tonumber(ARGV[1])
+local args = {}
+for i = 2, #ARGV do
+  args[#args + 1] = deadline
+  args[#args + 1] = ARGV[i]
+end
+redis.call('ZADD', KEYS[1], unpack(args))
 return #ARGV - 1
