@@ -119,6 +119,8 @@ pub struct JobDefaults {
 pub struct MaintenanceSettings {
     pub promote_interval_ms: u64,
     pub reap_interval_ms: u64,
+    /// Scan of Postgres for expired leases the index lost.
+    pub lease_scan_interval_secs: u64,
     /// Full index rebuild period (a lost index is detected sooner).
     pub reconcile_interval_secs: u64,
     pub flush_check_interval_ms: u64,
@@ -202,6 +204,7 @@ impl Settings {
         let m = &self.maintenance;
         if m.promote_interval_ms == 0
             || m.reap_interval_ms == 0
+            || m.lease_scan_interval_secs == 0
             || m.reconcile_interval_secs == 0
             || m.flush_check_interval_ms == 0
         {

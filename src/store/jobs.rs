@@ -249,21 +249,19 @@ impl Store {
         rows.into_iter().map(IndexState::try_from).collect()
     }
 
-    /// One page of waiting (queued or scheduled) jobs of one status in id
-    /// order, for rebuilding the index. Served by `jobs_live_idx`.
-    pub async fn waiting_jobs_page(
+    /// One page of unfinished (queued, scheduled, running) jobs in id
+    /// order, for rebuilding the index. Served by `jobs_unfinished_idx`.
+    pub async fn unfinished_jobs_page(
         &self,
-        status: Status,
         after: Option<JobId>,
         limit: u32,
     ) -> Result<Vec<IndexState>, StoreError> {
         let sql = format!(
             "SELECT {INDEX_COLUMNS} FROM jobs
-             WHERE status = $1 AND ($2::uuid IS NULL OR id > $2)
-             ORDER BY status, id LIMIT $3"
+             WHERE finished_at IS NULL AND ($1::uuid IS NULL OR id > $1)
+             ORDER BY id LIMIT $2"
         );
         let rows: Vec<IndexRow> = sqlx::query_as(&sql)
-            .bind(status.as_str())
             .bind(after.map(|id| id.0))
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
@@ -275,7 +273,7 @@ impl Store {
     pub async fn queue_counts(&self) -> Result<Vec<QueueCounts>, StoreError> {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT queue, status, count(*) FROM jobs
-             WHERE status IN ('queued', 'scheduled', 'running')
+             WHERE finished_at IS NULL
              GROUP BY queue, status ORDER BY queue, status",
         )
         .fetch_all(&self.pool)

@@ -223,11 +223,8 @@ impl Store {
         let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
         let rows: Vec<ClaimRow> = sqlx::query_as(
             "WITH locked AS (
-                -- COLLATE keeps the planner off jobs_live_idx: that index
-                -- would scan every queued job (the whole backlog) to find
-                -- these few; the primary key finds them directly.
                 SELECT id FROM jobs
-                WHERE id = ANY($1) AND (status COLLATE \"C\") = ANY($4)
+                WHERE id = ANY($1) AND status = ANY($4)
                   AND (status <> 'scheduled' OR run_at <= now())
                 ORDER BY id
                 FOR UPDATE
@@ -318,8 +315,9 @@ impl Store {
 
     /// Ends expired leases: each attempt counts as failed ("lease expired"),
     /// so the job is scheduled for a retry after backoff or dead-lettered.
-    /// `only` limits the search to ids Valkey reported; `None` scans
-    /// Postgres. Safe to run in every replica at once (`SKIP LOCKED`).
+    /// `only` limits the search to ids Valkey reported (primary-key
+    /// lookups); `None` scans every unfinished job, for leases the index
+    /// lost. Safe to run in every replica at once (`SKIP LOCKED`).
     pub async fn reap_expired(
         &self,
         only: Option<&[JobId]>,
@@ -328,20 +326,27 @@ impl Store {
     ) -> Result<Vec<Reaped>, StoreError> {
         let only: Option<Vec<Uuid>> = only.map(|ids| ids.iter().map(|id| id.0).collect());
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<ExpiredRow> = sqlx::query_as(
+        // Two statements, so each can use its index: the primary key for
+        // given ids, jobs_unfinished_idx for the scan.
+        let which = if only.is_some() {
+            "id = ANY($1)"
+        } else {
+            "finished_at IS NULL AND $1::uuid[] IS NULL"
+        };
+        let sql = format!(
             "SELECT id, queue, priority, attempt, max_attempts, backoff_base_ms, backoff_cap_ms,
                     lease_id, worker_id
              FROM jobs
-             WHERE status = 'running' AND lease_expires_at <= now()
-               AND ($1::uuid[] IS NULL OR id = ANY($1))
+             WHERE {which} AND status = 'running' AND lease_expires_at <= now()
              ORDER BY id
              LIMIT $2
-             FOR UPDATE SKIP LOCKED",
-        )
-        .bind(&only)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
+             FOR UPDATE SKIP LOCKED"
+        );
+        let rows: Vec<ExpiredRow> = sqlx::query_as(&sql)
+            .bind(&only)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }

@@ -1,6 +1,6 @@
 //! Maintenance services, each a small unit with a `*_once` step that tests
-//! call directly: the promoter, the reaper, the reconciler and the depth
-//! sampler. Every one is idempotent and safe to run in every replica at once.
+//! call directly: the promoter, the reaper (and its slower scan for lost
+//! leases), the reconciler and the depth sampler. Every one is idempotent and safe to run in every replica at once.
 
 mod promoter;
 mod reaper;
@@ -37,6 +37,8 @@ pub struct MaintenanceConfig {
     pub promote_interval: Duration,
     /// How often expired leases are looked for.
     pub reap_interval: Duration,
+    /// How often Postgres is scanned for expired leases Valkey lost.
+    pub lease_scan_interval: Duration,
     /// How long a reaper holds expired ids before another may look at them.
     pub reap_hold: Duration,
     /// Period of the full index rebuild.
@@ -53,6 +55,7 @@ impl MaintenanceConfig {
         MaintenanceConfig {
             promote_interval: Duration::from_millis(m.promote_interval_ms),
             reap_interval: Duration::from_millis(m.reap_interval_ms),
+            lease_scan_interval: Duration::from_secs(m.lease_scan_interval_secs),
             reap_hold: Duration::from_secs(10),
             reconcile_interval: Duration::from_secs(m.reconcile_interval_secs),
             flush_check_interval: Duration::from_millis(m.flush_check_interval_ms),
@@ -112,6 +115,16 @@ impl Maintenance {
             move || {
                 let m = m.clone();
                 async move { m.reap_once().await.map(drop) }
+            },
+        ));
+        let m = me.clone();
+        tasks.spawn(periodic(
+            "lease-scanner",
+            cfg.lease_scan_interval,
+            stop.clone(),
+            move || {
+                let m = m.clone();
+                async move { m.reap_lost_once().await.map(drop) }
             },
         ));
         let m = me.clone();

@@ -1,7 +1,8 @@
 //! The reaper: leases whose deadline passed are ended in Postgres (counted as
 //! a failed attempt: retried after backoff, or dead-lettered), then the index
-//! follows. Two sources: Valkey's active set (fast, per queue) and a scan of
-//! Postgres (catches leases the index lost).
+//! follows. Two sources: Valkey's active set (every `reap_interval`, primary
+//! key lookups) and a scan of Postgres (every `lease_scan_interval` and in
+//! every full reconcile: leases the index lost).
 
 use std::collections::HashMap;
 
@@ -47,14 +48,26 @@ impl Maintenance {
                 repair::resolve(&self.store, &self.valkey, queue, &rest).await?;
             }
         }
-        // Leases of every queue that Valkey no longer knows about.
-        let reaped = self
-            .store
-            .reap_expired(None, REAP_LIMIT, &self.actor)
-            .await?;
-        counts.reaped += reaped.len();
-        self.apply(reaped).await?;
         Ok(counts)
+    }
+
+    /// Expired leases Valkey no longer knows about (it was flushed while the
+    /// jobs ran and their workers died): a scan of unfinished jobs in
+    /// Postgres, run at a slower pace than [`Maintenance::reap_once`].
+    pub async fn reap_lost_once(&self) -> Result<usize, PoolError> {
+        let mut total = 0;
+        loop {
+            let reaped = self
+                .store
+                .reap_expired(None, REAP_LIMIT, &self.actor)
+                .await?;
+            let n = reaped.len();
+            total += n;
+            self.apply(reaped).await?;
+            if n < REAP_LIMIT as usize {
+                return Ok(total);
+            }
+        }
     }
 
     async fn apply(&self, reaped: Vec<Reaped>) -> Result<(), PoolError> {

@@ -1,7 +1,8 @@
 //! The reconciler: rebuilds Valkey's index from Postgres. Queued and
 //! scheduled jobs missing from Valkey are indexed again (ids already there
 //! are left alone), so a flushed or restarted Valkey loses no job. Running
-//! jobs need no index entry to be safe: their leases are reaped from Postgres.
+//! jobs need no index entry to be safe: expired leases are found in
+//! Postgres by the same pass.
 
 use std::collections::HashMap;
 
@@ -15,10 +16,12 @@ use crate::queue::IndexEntry;
 pub struct ReconcileCounts {
     /// Whether a full pass ran.
     pub rebuilt: bool,
-    /// Waiting jobs read from Postgres.
+    /// Unfinished jobs read from Postgres.
     pub scanned: usize,
     /// Ids Valkey was missing and now has.
     pub reindexed: u64,
+    /// Expired leases found in Postgres and ended.
+    pub reaped: usize,
 }
 
 impl Maintenance {
@@ -45,41 +48,46 @@ impl Maintenance {
             rebuilt: true,
             ..ReconcileCounts::default()
         };
-        for status in [Status::Queued, Status::Scheduled] {
-            let mut after = None;
-            loop {
-                let page = self
-                    .store
-                    .waiting_jobs_page(status, after, RECONCILE_PAGE)
-                    .await?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.id);
-                counts.scanned += page.len();
-                let mut by_queue: HashMap<&str, Vec<IndexEntry>> = HashMap::new();
-                for job in &page {
-                    by_queue
-                        .entry(job.queue.as_str())
-                        .or_default()
-                        .push(IndexEntry {
-                            id: job.id,
-                            priority: job.priority,
-                            due_ms: (status == Status::Scheduled)
-                                .then(|| job.run_at.timestamp_millis()),
-                        });
-                }
-                for (name, entries) in by_queue {
-                    let Ok(queue) = QueueName::parse(name) else {
-                        tracing::error!(queue = %name, "invalid queue name in the database; skipped");
-                        continue;
-                    };
-                    self.valkey.register_queues(&[&queue]).await?;
-                    counts.reindexed += self.valkey.enqueue(&queue, &entries).await?;
-                }
-                if page.len() < RECONCILE_PAGE as usize {
-                    break;
-                }
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .unfinished_jobs_page(after, RECONCILE_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            counts.scanned += page.len();
+            let mut by_queue: HashMap<&str, Vec<IndexEntry>> = HashMap::new();
+            for job in &page {
+                let due_ms = match job.status {
+                    Status::Queued => None,
+                    Status::Scheduled => Some(job.run_at.timestamp_millis()),
+                    _ => continue,
+                };
+                by_queue
+                    .entry(job.queue.as_str())
+                    .or_default()
+                    .push(IndexEntry {
+                        id: job.id,
+                        priority: job.priority,
+                        due_ms,
+                    });
+            }
+            for (name, entries) in by_queue {
+                let Ok(queue) = QueueName::parse(name) else {
+                    tracing::error!(queue = %name, "invalid queue name in the database; skipped");
+                    continue;
+                };
+                self.valkey.register_queues(&[&queue]).await?;
+                counts.reindexed += self.valkey.enqueue(&queue, &entries).await?;
+            }
+            if page.len() < RECONCILE_PAGE as usize {
+                break;
             }
         }
+        // Running jobs need no index entry: leases that expired while the
+        // index had lost them are found here.
+        counts.reaped = self.reap_lost_once().await?;
         if counts.reindexed > 0 {
             tracing::warn!(
                 reindexed = counts.reindexed,
