@@ -5,12 +5,12 @@
 //! prefetch`: with a prefetch, the next batch is claimed while the current
 //! one runs (as graphile-worker's local queue does). Claimed jobs wait in a
 //! local buffer for a free *slot* (`concurrency` of them); the dispatcher
-//! starts them. Claims are batched: once one credit is free, the claimer
-//! lingers briefly for more, so a busy pool claims many ids per round trip
-//! and an idle one answers a single job at once.
+//! starts them. Claims are batched: a claimer takes every free credit (up to
+//! `claim_batch`), and while a claim is under way more come back, so a busy
+//! pool claims many ids per round trip and an idle one answers a single job
+//! at once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
@@ -21,10 +21,6 @@ use crate::job::{JobId, QueueName};
 use crate::metrics as m;
 use crate::queue::{Claimed, IndexEntry};
 use crate::store::{ClaimedJob, Finish};
-
-/// How long a claimer waits for more free credits before claiming with
-/// what it has.
-const CLAIM_LINGER: Duration = Duration::from_millis(2);
 
 /// A claimed job waiting for a slot, with the credit it holds.
 pub(super) struct Buffered {
@@ -41,7 +37,6 @@ pub(super) async fn run(
 ) {
     let mut failures = 0u32;
     let batch = shared.cfg.claim_batch;
-    let linger_for = (batch / 4).max(1);
     loop {
         let mut credits = tokio::select! {
             biased;
@@ -51,18 +46,6 @@ pub(super) async fn run(
                 Err(_) => return,
             },
         };
-        let available = shared.credits.available_permits();
-        if available + 1 < linger_for {
-            let more = (linger_for - 1) as u32;
-            if let Ok(Ok(c)) = tokio::time::timeout(
-                CLAIM_LINGER,
-                shared.credits.clone().acquire_many_owned(more),
-            )
-            .await
-            {
-                credits.merge(c);
-            }
-        }
         let extra = shared
             .credits
             .available_permits()
