@@ -35,7 +35,9 @@ done
 curl -fsS "http://$ORCH_HTTP_ADDR/readyz"
 echo
 
-summary() { python3 -c 'import json,sys; j=json.load(sys.stdin); print(f"  {j[\"kind\"]:<6} {j[\"id\"]}  {j[\"status\"]}  attempt {j[\"attempt\"]}/{j[\"max_attempts\"]}  result={json.dumps(j[\"result\"])}")'; }
+summary() {
+  python3 -c "import json,sys; j=json.load(sys.stdin); print('  %-6s %s  %-9s attempt %s/%s  result=%s' % (j['kind'], j['id'], j['status'], j['attempt'], j['max_attempts'], json.dumps(j['result'])))"
+}
 
 echo "== sample jobs" >&2
 "$bin" enqueue noop --wait | summary
@@ -45,10 +47,10 @@ echo "$flaky" | summary
 flaky_id=$(echo "$flaky" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 
 echo "== audit trail of the flaky job (failed twice, retried with backoff, then succeeded)" >&2
-"$bin" jobs show "$flaky_id" | python3 -c '
+"$bin" jobs show "$flaky_id" | python3 -c "
 import json, sys
-for e in json.load(sys.stdin)["events"]:
-    print(f"  {e[\"at\"]}  {e[\"type\"]:<10} by {e[\"actor\"]:<28} {json.dumps(e[\"data\"])}")'
+for e in json.load(sys.stdin)['events']:
+    print('  %s  %-10s by %-28s %s' % (e['at'], e['type'], e['actor'], json.dumps(e['data'])))"
 
 echo "== queues" >&2
 "$bin" queues

@@ -206,6 +206,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
             .bind(queue.as_str())
             .execute(app.store.pool())
             .await?;
+        app.queue.drop_queue(&queue).await.map_err(AppError::from)?;
     }
     tracing::info!(
         total,

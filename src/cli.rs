@@ -197,7 +197,7 @@ pub async fn run() -> anyhow::Result<()> {
                     report.verified_events
                 );
             }
-            println!("{}", serde_json::to_string(&report)?);
+            out(&serde_json::to_string(&report)?)?;
         }
     }
     Ok(())
@@ -320,8 +320,18 @@ async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
             job = app.store.get_job(job.id).await?;
         }
     }
-    println!("{}", serde_json::to_string_pretty(&job)?);
+    out(&serde_json::to_string_pretty(&job)?)?;
     Ok(())
+}
+
+/// Prints a line to stdout; a closed pipe (`| head`) ends the output quietly.
+fn out(line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn parse_id(id: &str) -> anyhow::Result<JobId> {
@@ -347,7 +357,7 @@ async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
                 limit: limit.clamp(1, 1000),
             };
             for job in app.store.list_jobs(&filter).await? {
-                println!(
+                out(&format!(
                     "{}  {:<9}  {:<12} {:<10} p{:<2} attempt {}/{}  {}",
                     job.id,
                     job.status,
@@ -357,19 +367,19 @@ async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
                     job.attempt,
                     job.max_attempts,
                     job.created_at.to_rfc3339()
-                );
+                ))?;
             }
         }
         JobsCommand::Show { id } => {
             let id = parse_id(&id)?;
             let job = app.store.get_job(id).await?;
             let events = app.store.job_events(id, None).await?;
-            let out = serde_json::json!({ "job": job, "events": events });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            let shown = serde_json::json!({ "job": job, "events": events });
+            out(&serde_json::to_string_pretty(&shown)?)?;
         }
         JobsCommand::Retry { id } => {
             let job = app.retry_dead(parse_id(&id)?, "cli").await?;
-            println!("{}", serde_json::to_string_pretty(&job)?);
+            out(&serde_json::to_string_pretty(&job)?)?;
         }
     }
     Ok(())

@@ -30,19 +30,21 @@ const CHUNK: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("cannot reach Valkey at {url}: {source}. Start it (scripts/services.sh) or set ORCH_VALKEY_URL")]
+    #[error(
+        "cannot reach Valkey at {url} (start it with scripts/services.sh, or set ORCH_VALKEY_URL)"
+    )]
     Connect {
         url: String,
         #[source]
         source: redis::RedisError,
     },
-    #[error("Valkey script {script} failed: {source}")]
+    #[error("Valkey script {script} failed")]
     Script {
         script: &'static str,
         #[source]
         source: redis::RedisError,
     },
-    #[error("Valkey command failed: {0}")]
+    #[error(transparent)]
     Command(#[from] redis::RedisError),
     #[error("unexpected answer from Valkey: {0}")]
     Protocol(String),
@@ -342,6 +344,21 @@ impl ValkeyQueue {
         let mut conn = self.conn.clone();
         let names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
         let _: u64 = conn.sadd(self.keys.queues(), names).await?;
+        Ok(())
+    }
+
+    /// Deletes a queue's keys and its name (bench queues, tests). Only for
+    /// queues whose jobs are all finished: their ids are gone with it.
+    pub async fn drop_queue(&self, queue: &QueueName) -> Result<(), QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe()
+            .del(&[&k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused])
+            .ignore()
+            .srem(self.keys.queues(), queue.as_str())
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
         Ok(())
     }
 

@@ -23,15 +23,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot reach PostgreSQL at {url}: {source}. Start it (scripts/services.sh) or set ORCH_DATABASE_URL")]
+    #[error("cannot reach PostgreSQL at {url} (start it with scripts/services.sh, or set ORCH_DATABASE_URL)")]
     Connect {
         url: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("database migration failed: {0}")]
+    #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Db(#[from] sqlx::Error),
     #[error("job {0} not found")]
     NotFound(JobId),
