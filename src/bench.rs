@@ -106,7 +106,7 @@ async fn drain(
                 done += ids.iter().filter(|(_, s)| s.is_terminal()).count();
             }
             Ok(Some(PoolEvent::Started(ids))) => on_start(&ids),
-            Ok(Some(PoolEvent::Stale(_))) => {}
+            Ok(Some(PoolEvent::Stale(_) | PoolEvent::Reconciled(_))) => {}
             Ok(None) | Err(_) => {
                 return Err(BenchError::Stalled {
                     done,
@@ -124,7 +124,11 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     let queue = QueueName::parse(format!("bench-{}", &suffix[..8]))
         .unwrap_or_else(|_| unreachable!("bench queue names are valid"));
 
-    // Phase 1: bulk enqueue.
+    // Phase 1: bulk enqueue, into a paused queue.
+    app.queue
+        .set_paused(&queue, true)
+        .await
+        .map_err(AppError::from)?;
     let jobs = noop_jobs(&queue, opts.jobs);
     let t0 = Instant::now();
     for chunk in jobs.chunks(opts.enqueue_batch.max(1)) {
@@ -132,7 +136,9 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     }
     let enqueue_secs = t0.elapsed().as_secs_f64();
 
-    // Phase 2: drain through a pool.
+    // Phase 2: drain through a pool, timed from the moment the queue opens.
+    // The pool starts first and finishes its start-up reconcile pass (which
+    // reads every unfinished job once), so the figure is the steady state.
     let mut cfg = PoolConfig::from_settings(&app.settings);
     cfg.queues = vec![queue.clone()];
     cfg.concurrency = opts.concurrency;
@@ -141,8 +147,25 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     let (tx, mut events) = mpsc::unbounded_channel();
     let pool = app.pool(cfg).with_observer(tx);
     let stop = CancellationToken::new();
-    let t1 = Instant::now();
     let handle = tokio::spawn(pool.run(stop.clone()));
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+            Ok(Some(PoolEvent::Reconciled(_))) => break,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                return Err(BenchError::Stalled {
+                    done: 0,
+                    expected: opts.jobs,
+                    waited: Duration::from_secs(60),
+                })
+            }
+        }
+    }
+    let t1 = Instant::now();
+    app.queue
+        .set_paused(&queue, false)
+        .await
+        .map_err(AppError::from)?;
     drain(&mut events, opts.jobs, |_| {}).await?;
     let process_secs = t1.elapsed().as_secs_f64();
 

@@ -85,6 +85,8 @@ pub enum PoolEvent {
     Finished(Vec<(JobId, Status)>),
     /// Completions refused for a stale lease.
     Stale(Vec<JobId>),
+    /// A full reconcile pass ended.
+    Reconciled(maintenance::ReconcileCounts),
 }
 
 /// A round trip to Valkey or Postgres failed.

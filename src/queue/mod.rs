@@ -151,6 +151,29 @@ impl ValkeyQueue {
         Ok(added)
     }
 
+    /// The ids this queue does not index anywhere (read-only).
+    pub async fn missing(
+        &self,
+        queue: &QueueName,
+        ids: &[JobId],
+    ) -> Result<Vec<JobId>, QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let mut missing = Vec::new();
+        for chunk in ids.chunks(CHUNK) {
+            let args: Vec<String> = chunk.iter().map(|id| id.to_string()).collect();
+            let found: Vec<String> = self
+                .scripts
+                .missing
+                .call(&mut conn, &[&k.pending, &k.delayed, &k.active], &args)
+                .await?;
+            for id in found {
+                missing.push(parse_id_str(&id)?);
+            }
+        }
+        Ok(missing)
+    }
+
     /// Hands out up to `max` ids under a lease of `lease`.
     pub async fn claim(
         &self,
@@ -303,7 +326,11 @@ impl ValkeyQueue {
         let changed: u64 = self
             .scripts
             .set_paused
-            .call(&mut conn, &[&k.paused], &[if paused { "1" } else { "0" }])
+            .call(
+                &mut conn,
+                &[&k.paused],
+                &[if paused { "1" } else { "0" }, k.wake.as_str()],
+            )
             .await?;
         Ok(changed == 1)
     }
@@ -353,7 +380,9 @@ impl ValkeyQueue {
         let k = self.keys.queue(queue);
         let mut conn = self.conn.clone();
         let _: () = redis::pipe()
-            .del(&[&k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused])
+            .del(&[
+                &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused,
+            ])
             .ignore()
             .srem(self.keys.queues(), queue.as_str())
             .ignore()

@@ -91,6 +91,7 @@ pub struct Scripts {
     pub heartbeat: LuaScript,
     pub ack: LuaScript,
     pub forget: LuaScript,
+    pub missing: LuaScript,
     pub schedule: LuaScript,
     pub promote: LuaScript,
     pub reap: LuaScript,
@@ -106,6 +107,7 @@ impl Scripts {
             heartbeat: LuaScript::new("heartbeat-1.lua", lua!("heartbeat-1.lua")),
             ack: LuaScript::new("ack-1.lua", lua!("ack-1.lua")),
             forget: LuaScript::new("forget-4.lua", lua!("forget-4.lua")),
+            missing: LuaScript::new("missing-3.lua", lua!("missing-3.lua")),
             schedule: LuaScript::new("schedule-5.lua", lua!("schedule-5.lua")),
             promote: LuaScript::new("promote-4.lua", lua!("promote-4.lua")),
             reap: LuaScript::new("reap-1.lua", lua!("reap-1.lua")),
@@ -114,13 +116,14 @@ impl Scripts {
         }
     }
 
-    pub fn all(&self) -> [&LuaScript; 10] {
+    pub fn all(&self) -> [&LuaScript; 11] {
         [
             &self.enqueue,
             &self.claim,
             &self.heartbeat,
             &self.ack,
             &self.forget,
+            &self.missing,
             &self.schedule,
             &self.promote,
             &self.reap,

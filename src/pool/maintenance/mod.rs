@@ -14,7 +14,9 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{error_backoff, PoolError, Shared};
+use tokio::sync::mpsc;
+
+use super::{error_backoff, PoolError, PoolEvent, Shared};
 use crate::config::Settings;
 use crate::job::QueueName;
 use crate::metrics as m;
@@ -73,6 +75,7 @@ pub struct Maintenance {
     /// Recorded as the actor of the transitions maintenance makes.
     actor: String,
     cfg: MaintenanceConfig,
+    observer: Option<mpsc::UnboundedSender<PoolEvent>>,
 }
 
 impl Maintenance {
@@ -89,6 +92,19 @@ impl Maintenance {
             queues,
             actor,
             cfg,
+            observer: None,
+        }
+    }
+
+    /// Reports the end of every full reconcile pass to `tx` (tests, bench).
+    pub fn with_observer(mut self, tx: Option<mpsc::UnboundedSender<PoolEvent>>) -> Self {
+        self.observer = tx;
+        self
+    }
+
+    fn observe(&self, event: impl FnOnce() -> PoolEvent) {
+        if let Some(tx) = &self.observer {
+            let _ = tx.send(event());
         }
     }
 
@@ -198,6 +214,7 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         shared.cfg.queues.clone(),
         shared.cfg.worker_id.clone(),
         shared.cfg.maintenance.clone(),
-    );
+    )
+    .with_observer(shared.observer.clone());
     maintenance.run(stop).await;
 }

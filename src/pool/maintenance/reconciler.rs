@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::{Maintenance, RECONCILE_PAGE};
-use crate::job::{QueueName, Status};
+use crate::job::{JobId, QueueName, Status};
 use crate::metrics as m;
 use crate::pool::PoolError;
 use crate::queue::IndexEntry;
@@ -57,29 +57,19 @@ impl Maintenance {
             let Some(last) = page.last() else { break };
             after = Some(last.id);
             counts.scanned += page.len();
-            let mut by_queue: HashMap<&str, Vec<IndexEntry>> = HashMap::new();
+            let mut by_queue: HashMap<&str, Vec<JobId>> = HashMap::new();
             for job in &page {
-                let due_ms = match job.status {
-                    Status::Queued => None,
-                    Status::Scheduled => Some(job.run_at.timestamp_millis()),
-                    _ => continue,
-                };
-                by_queue
-                    .entry(job.queue.as_str())
-                    .or_default()
-                    .push(IndexEntry {
-                        id: job.id,
-                        priority: job.priority,
-                        due_ms,
-                    });
+                if matches!(job.status, Status::Queued | Status::Scheduled) {
+                    by_queue.entry(job.queue.as_str()).or_default().push(job.id);
+                }
             }
-            for (name, entries) in by_queue {
+            for (name, ids) in by_queue {
                 let Ok(queue) = QueueName::parse(name) else {
                     tracing::error!(queue = %name, "invalid queue name in the database; skipped");
                     continue;
                 };
                 self.valkey.register_queues(&[&queue]).await?;
-                counts.reindexed += self.valkey.enqueue(&queue, &entries).await?;
+                counts.reindexed += self.reindex_missing(&queue, &ids).await?;
             }
             if page.len() < RECONCILE_PAGE as usize {
                 break;
@@ -88,6 +78,7 @@ impl Maintenance {
         // Running jobs need no index entry: leases that expired while the
         // index had lost them are found here.
         counts.reaped = self.reap_lost_once().await?;
+        self.observe(|| crate::pool::PoolEvent::Reconciled(counts));
         if counts.reindexed > 0 {
             tracing::warn!(
                 reindexed = counts.reindexed,
@@ -96,5 +87,35 @@ impl Maintenance {
             metrics::counter!(m::RECONCILER_REINDEXED).increment(counts.reindexed);
         }
         Ok(counts)
+    }
+
+    /// Indexes those of `ids` that Valkey lacks, after reading them again
+    /// from Postgres: the page they came from may be stale by now (a job
+    /// claimed and finished meanwhile must not be indexed again).
+    async fn reindex_missing(&self, queue: &QueueName, ids: &[JobId]) -> Result<u64, PoolError> {
+        let missing = self.valkey.missing(queue, ids).await?;
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let entries: Vec<IndexEntry> = self
+            .store
+            .index_states(&missing)
+            .await?
+            .into_iter()
+            .filter(|s| s.queue == queue.as_str())
+            .filter_map(|s| {
+                let due_ms = match s.status {
+                    Status::Queued => None,
+                    Status::Scheduled => Some(s.run_at.timestamp_millis()),
+                    _ => return None,
+                };
+                Some(IndexEntry {
+                    id: s.id,
+                    priority: s.priority,
+                    due_ms,
+                })
+            })
+            .collect();
+        Ok(self.valkey.enqueue(queue, &entries).await?)
     }
 }
