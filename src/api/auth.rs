@@ -1,0 +1,152 @@
+//! Bearer-token authentication with scopes.
+//!
+//! Tokens come from config (`[[api.tokens]]`: name, token, scopes) and from
+//! `ORCH_ADMIN_TOKEN` (name `admin`, every scope). A token is compared in
+//! constant time against every configured one; its *name* is the actor in
+//! the audit trail. Tokens are never logged.
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::ApiState;
+use crate::config::Settings;
+
+/// What a token may do. `admin` may do everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Enqueue,
+    Read,
+    Cancel,
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Enqueue => "enqueue",
+            Scope::Read => "read",
+            Scope::Cancel => "cancel",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+struct Token {
+    name: String,
+    secret: Vec<u8>,
+    scopes: Vec<Scope>,
+}
+
+/// The configured tokens.
+#[derive(Clone)]
+pub struct Tokens(Arc<Vec<Token>>);
+
+impl Tokens {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let mut tokens: Vec<Token> = settings
+            .api
+            .tokens
+            .iter()
+            .map(|t| Token {
+                name: t.name.clone(),
+                secret: t.token.expose().as_bytes().to_vec(),
+                scopes: t.scopes.clone(),
+            })
+            .collect();
+        if let Some(admin) = &settings.admin_token {
+            tokens.push(Token {
+                name: "admin".to_owned(),
+                secret: admin.expose().as_bytes().to_vec(),
+                scopes: vec![Scope::Admin],
+            });
+        }
+        Tokens(Arc::new(tokens))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The token whose secret equals `presented`. Every token is compared,
+    /// each in constant time, so timing tells nothing about which matched.
+    fn find(&self, presented: &[u8]) -> Option<&Token> {
+        let mut found = None;
+        for token in self.0.iter() {
+            if bool::from(token.secret.as_slice().ct_eq(presented)) {
+                found = Some(token);
+            }
+        }
+        found
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl Caller {
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("token {:?} lacks the {:?} scope this request needs", self.name, scope.as_str()),
+            ))
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.scopes.contains(&Scope::Admin)
+    }
+}
+
+/// A missing or unknown token: 401 with a `WWW-Authenticate` challenge.
+pub struct Unauthorized(&'static str);
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        let mut response = ApiError::new(StatusCode::UNAUTHORIZED, self.0).into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+pub fn authenticate(tokens: &Tokens, parts: &Parts) -> Result<Caller, Unauthorized> {
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or(Unauthorized("this endpoint needs an Authorization: Bearer <token> header"))?;
+    let presented = value
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .ok_or(Unauthorized("the Authorization header must be \"Bearer <token>\""))?;
+    let token = tokens
+        .find(presented)
+        .ok_or(Unauthorized("the bearer token is not valid"))?;
+    Ok(Caller {
+        name: token.name.clone(),
+        scopes: token.scopes.clone(),
+    })
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = Unauthorized;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
+        authenticate(&state.tokens, parts)
+    }
+}

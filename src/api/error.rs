@@ -1,0 +1,149 @@
+//! Errors as `application/problem+json` (RFC 9457): a status, a short title
+//! and a detail a person can act on, plus the offending field when there is
+//! one. Internal failures are logged with their cause and answered with a
+//! generic message.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::app::AppError;
+use crate::job::FieldError;
+use crate::queue::QueueError;
+use crate::store::StoreError;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The request field at fault, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// For batches: the index of the job at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub detail: String,
+    pub field: Option<String>,
+    pub index: Option<usize>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            detail: detail.into(),
+            field: None,
+            index: None,
+        }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, detail)
+    }
+
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, detail)
+    }
+
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub fn invalid(error: FieldError) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, error.to_string()).field(error.field)
+    }
+
+    fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the server failed to process the request; it has been logged",
+        )
+    }
+
+    /// A dependency is down: a retry later may succeed.
+    fn unavailable(cause: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "dependency unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a backing service (PostgreSQL or Valkey) is unavailable; retry later",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => ApiError::not_found(format!("job {id} does not exist")),
+            StoreError::InvalidTransition { job, from, to } => {
+                ApiError::conflict(format!("job {job} is {from}; it cannot become {to}"))
+            }
+            StoreError::StaleLease { .. } => ApiError::conflict(e.to_string()),
+            e if e.is_transient() => ApiError::unavailable(&e),
+            e => ApiError::internal(&e),
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        ApiError::unavailable(&e)
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Store(e) => e.into(),
+            AppError::Queue(e) => e.into(),
+            AppError::Invalid { index, error } => {
+                let mut api = ApiError::invalid(error);
+                api.index = Some(index);
+                api
+            }
+            AppError::NotMigrated => ApiError::unavailable(&e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let title = self
+            .status
+            .canonical_reason()
+            .unwrap_or("Error")
+            .to_owned();
+        let slug = title.to_lowercase().replace(' ', "-");
+        let body = Problem {
+            kind: format!("https://orchestrator.dev/problems/{slug}"),
+            title,
+            status: self.status.as_u16(),
+            detail: self.detail,
+            field: self.field,
+            index: self.index,
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            json,
+        )
+            .into_response()
+    }
+}
