@@ -153,6 +153,28 @@ impl App {
         Ok(self.store.get_job(id).await?)
     }
 
+    /// Cancels a queued or scheduled job: Postgres first, then its index
+    /// entry is removed. Idempotent for an already cancelled job.
+    pub async fn cancel_waiting(
+        &self,
+        id: JobId,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Job, AppError> {
+        let (job, changed) = self.store.cancel_waiting(id, actor, reason).await?;
+        if changed {
+            if let Ok(queue) = QueueName::parse(job.queue.as_str()) {
+                // Should this fail, a claim of the id is refused by Postgres
+                // and the id forgotten then.
+                if let Err(err) = self.queue.forget(&queue, &[id]).await {
+                    tracing::warn!(job.id = %id, error = %err, "cancelled job still indexed; it will be dropped when claimed");
+                }
+            }
+            metrics::counter!(m::JOBS_FINISHED, "queue" => job.queue.clone(), "kind" => job.kind.clone(), "outcome" => "cancelled").increment(1);
+        }
+        Ok(job)
+    }
+
     /// A worker pool over this app's connections.
     pub fn pool(&self, cfg: PoolConfig) -> Pool {
         Pool::new(

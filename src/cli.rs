@@ -2,7 +2,6 @@
 //! `anyhow` messages for people.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -266,10 +265,7 @@ async fn serve_http(app: &App, stop: CancellationToken) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr} (set ORCH_HTTP_ADDR)"))?;
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
-    let state = ApiState {
-        app: app.clone(),
-        metrics: Arc::new(handle),
-    };
+    let state = ApiState::new(app.clone(), handle);
     api::serve(listener, api::router(state), stop).await?;
     Ok(())
 }

@@ -15,7 +15,9 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 9] = [
+const SETTINGS_KEYS: [&str; 11] = [
+    "admin_token",
+    "api",
     "database_url",
     "valkey_url",
     "http_addr",
@@ -72,12 +74,39 @@ pub struct Settings {
     pub http_addr: String,
     /// Prefix of every Valkey key; lets several deployments share a server.
     pub key_prefix: String,
+    /// A token with every scope, named `admin` (`ORCH_ADMIN_TOKEN`).
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
+    pub api: ApiSettings,
     pub database: DatabaseSettings,
     pub worker: WorkerSettings,
     pub retry: RetryPolicy,
     pub jobs: JobDefaults,
     pub maintenance: MaintenanceSettings,
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Largest request body accepted; larger ones get 413.
+    pub body_limit_bytes: usize,
+    /// Whether `GET /metrics` is served without a token.
+    pub metrics_public: bool,
+    /// Bearer tokens: name (the actor in the audit trail), token, scopes.
+    #[serde(default)]
+    pub tokens: Vec<TokenSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    pub name: String,
+    pub token: Secret,
+    pub scopes: Vec<crate::api::Scope>,
+}
+
+/// Tokens shorter than this are refused as guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -163,6 +192,36 @@ impl Settings {
                 "key_prefix",
                 "must be non-empty, without braces or spaces",
             ));
+        }
+        let api = &self.api;
+        if api.body_limit_bytes < 1024 || api.body_limit_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "api.body_limit_bytes",
+                "must be between 1024 and 67108864",
+            ));
+        }
+        let weak = |t: &Secret| {
+            t.expose().len() < MIN_TOKEN_LEN
+                || t.expose()
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+        };
+        if self.admin_token.as_ref().is_some_and(weak) {
+            return Err(invalid(
+                "admin_token",
+                "ORCH_ADMIN_TOKEN must be at least 16 characters, without spaces",
+            ));
+        }
+        for t in &api.tokens {
+            if t.name.is_empty() || t.name.len() > 64 || weak(&t.token) || t.scopes.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "api.tokens",
+                    message: format!(
+                        "token {:?}: needs a name (1-64 characters), a token of at least {MIN_TOKEN_LEN} characters without spaces, and at least one scope",
+                        t.name
+                    ),
+                });
+            }
         }
         let w = &self.worker;
         if w.concurrency == 0 || w.concurrency > 10_000 {

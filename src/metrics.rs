@@ -29,6 +29,10 @@ pub const WORKER_SLOTS_TOTAL: &str = "orchestrator_worker_slots_total";
 pub const QUEUE_DEPTH: &str = "orchestrator_queue_depth";
 /// Counter: ids re-indexed in Valkey by the reconciler.
 pub const RECONCILER_REINDEXED: &str = "orchestrator_reconciler_reindexed_total";
+/// Counter {method, route, status}: HTTP requests (route as matched).
+pub const HTTP_REQUESTS: &str = "orchestrator_http_requests_total";
+/// Histogram {method, route}: HTTP request duration, seconds.
+pub const HTTP_REQUEST_SECONDS: &str = "orchestrator_http_request_duration_seconds";
 /// Counter {task}: maintenance or worker loop errors (a service unreachable).
 pub const LOOP_ERRORS: &str = "orchestrator_loop_errors_total";
 
@@ -37,13 +41,25 @@ const SECONDS_BUCKETS: &[f64] = &[
     300.0, 1800.0,
 ];
 
-/// Installs the global recorder (once per process) and describes every metric.
+/// Installs the global recorder once per process and describes every
+/// metric; later calls return the same handle.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let handle = PrometheusBuilder::new()
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
-        .install_recorder()?;
-    describe();
-    Ok(handle)
+        .build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_ok() {
+        describe();
+        let _ = HANDLE.set(handle.clone());
+        Ok(handle)
+    } else {
+        // Lost a race with another caller: use theirs.
+        Ok(HANDLE.get().cloned().unwrap_or(handle))
+    }
 }
 
 fn describe() {
@@ -63,6 +79,12 @@ fn describe() {
         "Ids re-indexed in Valkey from Postgres."
     );
     describe_counter!(LOOP_ERRORS, "Errors in worker and maintenance loops.");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status.");
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "HTTP request duration."
+    );
 }
 
 /// Records how many worker slots are busy.

@@ -102,13 +102,13 @@ impl Caller {
         } else {
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                format!("token {:?} lacks the {:?} scope this request needs", self.name, scope.as_str()),
+                format!(
+                    "token {:?} lacks the {:?} scope this request needs",
+                    self.name,
+                    scope.as_str()
+                ),
             ))
         }
-    }
-
-    pub fn is_admin(&self) -> bool {
-        self.scopes.contains(&Scope::Admin)
     }
 }
 
@@ -118,9 +118,10 @@ pub struct Unauthorized(&'static str);
 impl IntoResponse for Unauthorized {
     fn into_response(self) -> Response {
         let mut response = ApiError::new(StatusCode::UNAUTHORIZED, self.0).into_response();
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
         response
     }
 }
@@ -129,11 +130,15 @@ pub fn authenticate(tokens: &Tokens, parts: &Parts) -> Result<Caller, Unauthoriz
     let value = parts
         .headers
         .get(header::AUTHORIZATION)
-        .ok_or(Unauthorized("this endpoint needs an Authorization: Bearer <token> header"))?;
+        .ok_or(Unauthorized(
+            "this endpoint needs an Authorization: Bearer <token> header",
+        ))?;
     let presented = value
         .as_bytes()
         .strip_prefix(b"Bearer ")
-        .ok_or(Unauthorized("the Authorization header must be \"Bearer <token>\""))?;
+        .ok_or(Unauthorized(
+            "the Authorization header must be \"Bearer <token>\"",
+        ))?;
     let token = tokens
         .find(presented)
         .ok_or(Unauthorized("the bearer token is not valid"))?;
@@ -146,7 +151,10 @@ pub fn authenticate(tokens: &Tokens, parts: &Parts) -> Result<Caller, Unauthoriz
 impl FromRequestParts<ApiState> for Caller {
     type Rejection = Unauthorized;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
         authenticate(&state.tokens, parts)
     }
 }

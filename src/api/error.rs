@@ -124,11 +124,7 @@ impl From<AppError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let title = self
-            .status
-            .canonical_reason()
-            .unwrap_or("Error")
-            .to_owned();
+        let title = self.status.canonical_reason().unwrap_or("Error").to_owned();
         let slug = title.to_lowercase().replace(' ', "-");
         let body = Problem {
             kind: format!("https://orchestrator.dev/problems/{slug}"),

@@ -1,30 +1,79 @@
-//! The HTTP interface (axum): health, readiness and Prometheus metrics.
+//! The HTTP API (axum): jobs, queues, health, metrics, OpenAPI.
+//!
+//! Every error is `application/problem+json`; every `/v1` route needs a
+//! bearer token with the right scope (see [`auth`]).
+
+mod auth;
+mod body;
+mod error;
+mod events;
+mod health;
+mod jobs;
+pub mod openapi;
+mod queues;
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
 
 use crate::app::App;
+use crate::metrics as m;
+pub use auth::{Scope, Tokens};
+pub use error::{ApiError, Problem};
 
 #[derive(Clone)]
 pub struct ApiState {
     pub app: App,
     pub metrics: Arc<PrometheusHandle>,
+    pub tokens: Tokens,
+    pub body_limit: usize,
+    pub metrics_public: bool,
+}
+
+impl ApiState {
+    pub fn new(app: App, metrics: PrometheusHandle) -> Self {
+        let tokens = Tokens::from_settings(&app.settings);
+        if tokens.is_empty() {
+            tracing::warn!("no API tokens configured: every /v1 request will get 401; set ORCH_ADMIN_TOKEN or [[api.tokens]]");
+        }
+        ApiState {
+            body_limit: app.settings.api.body_limit_bytes,
+            metrics_public: app.settings.api.metrics_public,
+            tokens,
+            metrics: Arc::new(metrics),
+            app,
+        }
+    }
 }
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/v1/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/jobs/batch", post(jobs::create_batch))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/events", get(events::events))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/queues", get(queues::list))
+        .route("/v1/queues/{name}/pause", post(queues::pause))
+        .route("/v1/queues/{name}/resume", post(queues::resume))
+        .route("/v1/openapi.json", get(openapi_json))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
 
@@ -39,39 +88,37 @@ pub async fn serve(
         .await
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+async fn openapi_json() -> impl IntoResponse {
+    Json(openapi::ApiDoc::openapi())
 }
 
-/// Ready when Postgres and Valkey answer and the schema is current.
-async fn readyz(State(state): State<ApiState>) -> Response {
-    let postgres = state.app.store.ping().await.map_err(|e| e.to_string());
-    let valkey = state.app.queue.ping().await.map_err(|e| e.to_string());
-    let migrations = state.app.ensure_migrated().await.map_err(|e| e.to_string());
-    let ready = postgres.is_ok() && valkey.is_ok() && migrations.is_ok();
-    let show = |r: &Result<(), String>| match r {
-        Ok(()) => json!("ok"),
-        Err(e) => json!(e),
-    };
-    let body = json!({
-        "status": if ready { "ready" } else { "not ready" },
-        "checks": { "postgres": show(&postgres), "valkey": show(&valkey), "migrations": show(&migrations) },
-    });
-    let code = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(body)).into_response()
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; GET /v1/openapi.json lists them")
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this endpoint does not accept that method",
     )
-        .into_response()
+}
+
+/// Counts and times every request by matched route (bounded label values),
+/// inside a span that names the route, never the token or the body.
+async fn track(State(_): State<ApiState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let span = tracing::info_span!("http", method = %method, route = %route);
+    let response = tracing::Instrument::instrument(next.run(req), span).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(m::HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(m::HTTP_REQUEST_SECONDS, "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }

@@ -212,14 +212,16 @@ pub struct NewJob {
 }
 
 /// A job as stored in Postgres.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Job {
+    #[schema(value_type = String, format = Uuid)]
     pub id: JobId,
     pub queue: String,
     pub kind: String,
     pub status: Status,
     pub stage: Option<String>,
     pub priority: u8,
+    #[schema(value_type = Object)]
     pub payload: serde_json::Value,
     pub attempt: u32,
     pub max_attempts: u32,
@@ -232,6 +234,7 @@ pub struct Job {
     pub run_at: DateTime<Utc>,
     pub idempotency_key: Option<String>,
     pub last_error: Option<String>,
+    #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -250,14 +253,16 @@ impl Job {
 }
 
 /// One entry of a job's append-only audit trail.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct JobEvent {
     pub id: i64,
+    #[schema(value_type = String, format = Uuid)]
     pub job_id: JobId,
     pub at: DateTime<Utc>,
     #[serde(rename = "type")]
     pub kind: String,
     pub actor: String,
+    #[schema(value_type = Object)]
     pub data: serde_json::Value,
 }
 

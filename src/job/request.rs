@@ -19,7 +19,7 @@ pub const MAX_PAST_RUN_AT: Duration = Duration::hours(1);
 /// `run_at` may lie this far in the future, no further.
 pub const MAX_FUTURE_RUN_AT: Duration = Duration::days(365);
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     /// Job kind, e.g. `noop`, `sleep`, `flaky`.
@@ -32,6 +32,7 @@ pub struct JobRequest {
     pub priority: Option<i64>,
     /// Kind-specific JSON object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub payload: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<i64>,

@@ -189,6 +189,16 @@ impl Store {
             .collect()
     }
 
+    /// Jobs holding any of the given idempotency keys.
+    pub async fn jobs_by_idempotency_keys(&self, keys: &[String]) -> Result<Vec<Job>, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = ANY($1)");
+        let rows: Vec<JobRow> = sqlx::query_as(&sql)
+            .bind(keys)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
     pub async fn get_job(&self, id: JobId) -> Result<Job, StoreError> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
         let row: Option<JobRow> = sqlx::query_as(&sql)

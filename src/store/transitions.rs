@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::rows::parse_status;
 use super::{Store, StoreError};
-use crate::job::{JobId, RetryDecision, RetryPolicy, Status};
+use crate::job::{Job, JobId, RetryDecision, RetryPolicy, Status};
 
 /// What a worker needs to run a job it claimed.
 #[derive(Debug, Clone)]
@@ -396,6 +396,59 @@ impl Store {
                     })
             })
             .collect())
+    }
+
+    /// Cancels a job that waits (queued or scheduled): `cancelled`, with an
+    /// event naming actor, reason and the status it left. Cancelling a
+    /// cancelled job again changes nothing and succeeds (idempotent); any
+    /// other status is an [`StoreError::InvalidTransition`].
+    pub async fn cancel_waiting(
+        &self,
+        id: JobId,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(Job, bool), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let from = parse_status(&status.ok_or(StoreError::NotFound(id))?)?;
+        let changed = match from {
+            Status::Cancelled => false,
+            Status::Queued | Status::Scheduled if from.can_transition_to(Status::Cancelled) => {
+                sqlx::query(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
+                         last_error = $2
+                     WHERE id = $1",
+                )
+                .bind(id.0)
+                .bind(format!("cancelled: {reason}"))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO job_events (job_id, type, actor, data)
+                     VALUES ($1, 'cancelled', $2, jsonb_build_object('reason', $3::text, 'from', $4::text))",
+                )
+                .bind(id.0)
+                .bind(actor)
+                .bind(reason)
+                .bind(from.as_str())
+                .execute(&mut *tx)
+                .await?;
+                true
+            }
+            _ => {
+                return Err(StoreError::InvalidTransition {
+                    job: id,
+                    from,
+                    to: Status::Cancelled,
+                })
+            }
+        };
+        tx.commit().await?;
+        Ok((self.get_job(id).await?, changed))
     }
 
     /// Admin retry of a dead-lettered job: `dead` → `queued` with a fresh

@@ -1,0 +1,66 @@
+//! Health, readiness and Prometheus metrics.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::auth::authenticate;
+use super::ApiState;
+
+/// Process alive.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "alive")))]
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when Postgres and Valkey answer and the schema is current.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "ready"),
+    (status = 503, description = "a dependency is not ready")
+))]
+pub async fn readyz(State(state): State<ApiState>) -> Response {
+    let postgres = state.app.store.ping().await.map_err(|e| e.to_string());
+    let valkey = state.app.queue.ping().await.map_err(|e| e.to_string());
+    let migrations = state.app.ensure_migrated().await.map_err(|e| e.to_string());
+    let ready = postgres.is_ok() && valkey.is_ok() && migrations.is_ok();
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => json!("ok"),
+        Err(e) => json!(e),
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not ready" },
+        "checks": { "postgres": show(&postgres), "valkey": show(&valkey), "migrations": show(&migrations) },
+    });
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+/// Prometheus text format. Open unless `api.metrics_public` is false, then
+/// any valid token may read it.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses(
+    (status = 200, description = "Prometheus text exposition", content_type = "text/plain"),
+    (status = 401, description = "a token is required", body = super::error::Problem, content_type = "application/problem+json")
+))]
+pub async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if !state.metrics_public {
+        let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+        parts.headers = headers;
+        if let Err(unauthorized) = authenticate(&state.tokens, &parts) {
+            return unauthorized.into_response();
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,360 @@
+//! `/v1/jobs`: enqueue, read, list, audit trail, cancel, retry.
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::{Caller, Scope};
+use super::body::JsonBody;
+use super::error::{ApiError, Problem};
+use super::ApiState;
+use crate::job::{validate_idempotency_key, Job, JobEvent, JobId, JobRequest, NewJob, Status};
+use crate::store::JobFilter;
+
+/// Most jobs in one batch request.
+pub const MAX_BATCH: usize = 1000;
+/// Most jobs in one page of a listing.
+pub const MAX_PAGE: u32 = 1000;
+const DEFAULT_PAGE: u32 = 50;
+const MAX_REASON_LEN: usize = 1000;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Up to 1000 jobs; all are valid or none is enqueued.
+    pub jobs: Vec<JobRequest>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    /// Newest first.
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    pub events: Vec<JobEvent>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    /// Why; recorded in the audit trail (1-1000 characters).
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// queued, scheduled, running, succeeded, dead or cancelled.
+    pub status: Option<String>,
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// 1-1000, default 50.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+pub(super) fn parse_job_id(path: Result<Path<String>, PathRejection>) -> Result<JobId, ApiError> {
+    let Path(raw) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    raw.parse()
+        .map_err(|_| ApiError::bad_request(format!("{raw:?} is not a job id (a UUID)")).field("id"))
+}
+
+/// The key from the `Idempotency-Key` header, reconciled with the body's.
+fn idempotency_key(headers: &HeaderMap, request: &mut JobRequest) -> Result<(), ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(());
+    };
+    let header = value.to_str().map_err(|_| {
+        ApiError::bad_request("the Idempotency-Key header must be printable ASCII")
+            .field("Idempotency-Key")
+    })?;
+    let header = validate_idempotency_key(header)
+        .map_err(|e| ApiError::invalid(e).field("Idempotency-Key"))?;
+    match &request.idempotency_key {
+        Some(body) if *body != header => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the Idempotency-Key header and the idempotency_key field differ; send one, or the same in both",
+        )
+        .field("idempotency_key")),
+        _ => {
+            request.idempotency_key = Some(header);
+            Ok(())
+        }
+    }
+}
+
+/// A replayed key must describe the same job.
+fn check_replay(requested: &NewJob, existing: &Job) -> Result<(), ApiError> {
+    if existing.kind != requested.kind.as_str()
+        || existing.queue != requested.queue.as_str()
+        || existing.payload != requested.payload
+    {
+        return Err(ApiError::conflict(format!(
+            "idempotency key {:?} was used for job {} with a different kind, queue or payload",
+            existing.idempotency_key.as_deref().unwrap_or_default(),
+            existing.id
+        ))
+        .field("idempotency_key"));
+    }
+    Ok(())
+}
+
+/// Enqueue one job.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "replays return the same job")),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "created", body = Job),
+        (status = 200, description = "an idempotent replay: the job created before", body = Job),
+        (status = 400, description = "malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks the enqueue scope", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the idempotency key belongs to a different job", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is invalid", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    JsonBody(mut request): JsonBody<JobRequest>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Enqueue)?;
+    idempotency_key(&headers, &mut request)?;
+    let jobs = state.app.validate(vec![request], &caller.name)?;
+    let stored = state.app.enqueue(&jobs).await?;
+    let (job, created) = stored
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "nothing was stored"))?;
+    if !created {
+        check_replay(&jobs[0], &job)?;
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(job)).into_response())
+}
+
+/// Enqueue many jobs at once: all valid or none enqueued.
+#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", request_body = BatchRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "the jobs, in request order (replays included)", body = JobList),
+        (status = 400, description = "malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks the enqueue scope", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "an idempotency key belongs to a different job", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a job is invalid; `index` says which", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create_batch(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JsonBody(batch): JsonBody<BatchRequest>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Enqueue)?;
+    if batch.jobs.is_empty() || batch.jobs.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "jobs must hold 1 to {MAX_BATCH} jobs, got {}",
+                batch.jobs.len()
+            ),
+        )
+        .field("jobs"));
+    }
+    let mut keys = std::collections::HashSet::new();
+    for (index, job) in batch.jobs.iter().enumerate() {
+        if let Some(key) = &job.idempotency_key {
+            if !keys.insert(key.clone()) {
+                let mut err = ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("idempotency key {key:?} appears twice in this batch"),
+                )
+                .field("idempotency_key");
+                err.index = Some(index);
+                return Err(err);
+            }
+        }
+    }
+    let jobs = state.app.validate(batch.jobs, &caller.name)?;
+    // Replays are checked before anything is written, so a mismatch
+    // rejects the whole batch.
+    let keyed: Vec<String> = jobs
+        .iter()
+        .filter_map(|j| j.idempotency_key.clone())
+        .collect();
+    if !keyed.is_empty() {
+        for existing in state.app.store.jobs_by_idempotency_keys(&keyed).await? {
+            if let Some((index, requested)) = jobs
+                .iter()
+                .enumerate()
+                .find(|(_, j)| j.idempotency_key == existing.idempotency_key)
+            {
+                check_replay(requested, &existing).map_err(|mut e| {
+                    e.index = Some(index);
+                    e
+                })?;
+            }
+        }
+    }
+    let stored = state.app.enqueue(&jobs).await?;
+    let jobs = stored.into_iter().map(|(job, _)| job).collect();
+    Ok((StatusCode::CREATED, Json(JobList { jobs })).into_response())
+}
+
+/// One job.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "job id (UUID)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Job),
+        (status = 400, description = "not a job id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks the read scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such job", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Job>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = parse_job_id(path)?;
+    Ok(Json(state.app.store.get_job(id).await?))
+}
+
+/// Jobs newest first, filtered, cursor-paginated.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = JobPage),
+        (status = 400, description = "a bad filter or cursor", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks the read scope", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<JobPage>, ApiError> {
+    caller.require(Scope::Read)?;
+    let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let status = match p.status.as_deref() {
+        None => None,
+        Some(s) => Some(
+            s.parse::<Status>()
+                .map_err(|e| ApiError::bad_request(e.to_string()).field("status"))?,
+        ),
+    };
+    let limit = p.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}, got {limit}"
+        ))
+        .field("limit"));
+    }
+    let before = match p.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(c.parse::<JobId>().map_err(|_| {
+            ApiError::bad_request("cursor is not one this API returned; pass next_cursor as is")
+                .field("cursor")
+        })?),
+    };
+    for (field, value) in [("queue", &p.queue), ("kind", &p.kind)] {
+        if value.as_ref().is_some_and(|v| v.len() > 64) {
+            return Err(
+                ApiError::bad_request(format!("{field} is at most 64 characters")).field(field),
+            );
+        }
+    }
+    let filter = JobFilter {
+        status,
+        queue: p.queue,
+        kind: p.kind,
+        before,
+        limit,
+    };
+    let jobs = state.app.store.list_jobs(&filter).await?;
+    let next_cursor = (jobs.len() == limit as usize)
+        .then(|| jobs.last().map(|j| j.id.to_string()))
+        .flatten();
+    Ok(Json(JobPage { jobs, next_cursor }))
+}
+
+/// Cancel a queued or scheduled job.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", request_body = CancelRequest,
+    params(("id" = String, Path, description = "job id (UUID)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "cancelled (or already cancelled)", body = Job),
+        (status = 400, description = "malformed request", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks the cancel scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the job is running or finished", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "reason missing or too long", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn cancel(
+    State(state): State<ApiState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<CancelRequest>,
+) -> Result<Json<Job>, ApiError> {
+    caller.require(Scope::Cancel)?;
+    let id = parse_job_id(path)?;
+    let reason = body.reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_REASON_LEN {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reason must be 1 to {MAX_REASON_LEN} characters"),
+        )
+        .field("reason"));
+    }
+    Ok(Json(
+        state.app.cancel_waiting(id, &caller.name, reason).await?,
+    ))
+}
+
+/// Put a dead job back in its queue with a fresh set of attempts (admin).
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = String, Path, description = "job id (UUID)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Job),
+        (status = 400, description = "not a job id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks the admin scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the job is not dead", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn retry(
+    State(state): State<ApiState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Job>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let id = parse_job_id(path)?;
+    Ok(Json(state.app.retry_dead(id, &caller.name).await?))
+}

@@ -1,0 +1,37 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{error, events, health, jobs, queues};
+use crate::job::{Job, JobEvent, JobRequest, Status};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "orchestrator", description = "A durable job queue for coding agents."),
+    paths(
+        jobs::create, jobs::create_batch, jobs::get, jobs::list, jobs::cancel, jobs::retry,
+        events::events,
+        queues::list, queues::pause, queues::resume,
+        health::healthz, health::readyz, health::metrics,
+    ),
+    components(schemas(
+        Job, JobEvent, JobRequest, Status, error::Problem,
+        jobs::BatchRequest, jobs::JobList, jobs::JobPage, jobs::EventList, jobs::CancelRequest,
+        queues::QueueInfo, queues::QueueList,
+    )),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
