@@ -9,6 +9,13 @@ cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
 orch_services_up --with-promtool
 
+# The API fuzzer (tests/api/fuzz.rs).
+schemathesis_version=4.32.5
+if ! schemathesis --version 2>/dev/null | grep -q "$schemathesis_version"; then
+  echo "installing schemathesis $schemathesis_version" >&2
+  python3 -m pip install -q "schemathesis==$schemathesis_version" >&2
+fi
+
 # Databases left behind by earlier runs (each test makes its own).
 psql "$ORCH_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'test\_%'" |
   while read -r db; do psql "$ORCH_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" || true; done

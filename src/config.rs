@@ -301,13 +301,19 @@ mod tests {
             jail.set_env("ORCH_DATABASE_URL", "postgres://u:p@db/x");
             jail.set_env("ORCH_HTTP_ADDR", "0.0.0.0:9000");
             jail.set_env("ORCH_WORKER__CONCURRENCY", "7");
-            jail.set_env("ORCH_ADMIN_TOKEN", "not-a-setting");
+            jail.set_env("ORCH_ADMIN_TOKEN", "a-long-admin-token-123");
             jail.set_env("ORCH_DOCKER_AVAILABLE", "1");
+            jail.set_env("ORCH_LOG", "debug");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!(s.database_url.expose(), "postgres://u:p@db/x");
             assert_eq!(s.http_addr, "0.0.0.0:9000");
             assert_eq!(s.worker.concurrency, 7);
             assert!(!format!("{s:?}").contains("u:p@"), "secret printed");
+            assert!(!format!("{s:?}").contains("a-long-admin"), "secret printed");
+            assert_eq!(
+                s.admin_token.as_ref().map(Secret::expose),
+                Some("a-long-admin-token-123")
+            );
             Ok(())
         });
     }
@@ -322,6 +328,10 @@ mod tests {
             jail.set_env("ORCH_WORKER__QUEUES", "[\"bad queue\"]");
             let err = Settings::load(None).expect_err("must fail").to_string();
             assert!(err.contains("queue name"), "{err}");
+            jail.set_env("ORCH_WORKER__QUEUES", "[\"default\"]");
+            jail.set_env("ORCH_ADMIN_TOKEN", "short");
+            let err = Settings::load(None).expect_err("must fail").to_string();
+            assert!(err.contains("admin_token"), "{err}");
             Ok(())
         });
     }

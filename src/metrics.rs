@@ -23,8 +23,8 @@ pub const LEASE_EXPIRATIONS: &str = "orchestrator_lease_expirations_total";
 pub const STALE_COMPLETIONS: &str = "orchestrator_stale_completions_total";
 /// Gauge: worker slots running a job.
 pub const WORKER_SLOTS_BUSY: &str = "orchestrator_worker_slots_busy";
-/// Gauge: worker slots in total.
-pub const WORKER_SLOTS_TOTAL: &str = "orchestrator_worker_slots_total";
+/// Gauge: worker slots in all (busy or not).
+pub const WORKER_SLOTS: &str = "orchestrator_worker_slots";
 /// Gauge {queue, state}: queue depth (pending, delayed, active), sampled.
 pub const QUEUE_DEPTH: &str = "orchestrator_queue_depth";
 /// Counter: ids re-indexed in Valkey by the reconciler.
@@ -72,7 +72,7 @@ fn describe() {
     describe_counter!(LEASE_EXPIRATIONS, "Leases that expired and were reaped.");
     describe_counter!(STALE_COMPLETIONS, "Completions refused for a stale lease.");
     describe_gauge!(WORKER_SLOTS_BUSY, "Worker slots running a job.");
-    describe_gauge!(WORKER_SLOTS_TOTAL, "Worker slots in total.");
+    describe_gauge!(WORKER_SLOTS, "Worker slots in all.");
     describe_gauge!(QUEUE_DEPTH, "Jobs in a queue by state, sampled.");
     describe_counter!(
         RECONCILER_REINDEXED,

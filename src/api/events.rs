@@ -27,7 +27,7 @@ const POLL: Duration = Duration::from_millis(200);
 /// The audit trail of a job.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
     params(
-        ("id" = String, Path, description = "job id (UUID)"),
+        ("id" = String, Path, format = Uuid, description = "job id (UUID)"),
         ("Last-Event-ID" = Option<String>, Header, description = "with an event stream: resume after this event id"),
     ),
     security(("bearer" = [])),

@@ -225,7 +225,7 @@ pub async fn create_batch(
 
 /// One job.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
-    params(("id" = String, Path, description = "job id (UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "job id (UUID)")),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Job),
@@ -304,7 +304,7 @@ pub async fn list(
 
 /// Cancel a queued or scheduled job.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", request_body = CancelRequest,
-    params(("id" = String, Path, description = "job id (UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "job id (UUID)")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "cancelled (or already cancelled)", body = Job),
@@ -339,7 +339,7 @@ pub async fn cancel(
 
 /// Put a dead job back in its queue with a fresh set of attempts (admin).
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs",
-    params(("id" = String, Path, description = "job id (UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "job id (UUID)")),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Job),

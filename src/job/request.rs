@@ -29,6 +29,7 @@ pub struct JobRequest {
     pub queue: Option<String>,
     /// 1 (lowest) to 10 (highest); 5 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10)]
     pub priority: Option<i64>,
     /// Kind-specific JSON object.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -205,7 +205,7 @@ impl Pool {
         let shared = Arc::new(self.shared);
         let cfg = &shared.cfg;
         tracing::info!(worker_id = %cfg.worker_id, queues = ?cfg.queues, concurrency = cfg.concurrency, "worker starting");
-        metrics::gauge!(crate::metrics::WORKER_SLOTS_TOTAL).set(cfg.concurrency as f64);
+        metrics::gauge!(crate::metrics::WORKER_SLOTS).set(cfg.concurrency as f64);
         if let Err(err) = shared
             .queue
             .register_queues(&cfg.queues.iter().collect::<Vec<_>>())

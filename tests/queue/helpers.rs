@@ -99,6 +99,20 @@ impl TestEnv {
         Self::with_services(&database_url, valkey_url).await
     }
 
+    /// Shared Valkey, own database, settings adjusted by `adjust`.
+    pub async fn with_settings(adjust: impl FnOnce(&mut Settings)) -> TestEnv {
+        let valkey_url = env_var("ORCH_VALKEY_URL");
+        let database_url = fresh_database(&env_var("ORCH_DATABASE_URL")).await;
+        let mut settings = test_settings(&database_url, &valkey_url);
+        adjust(&mut settings);
+        let app = App::connect(settings).await.expect("connect app");
+        TestEnv {
+            app,
+            database_url,
+            valkey_url,
+        }
+    }
+
     pub async fn with_services(database_url: &str, valkey_url: &str) -> TestEnv {
         let settings = test_settings(database_url, valkey_url);
         let app = App::connect(settings).await.expect("connect app");
