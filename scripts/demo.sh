@@ -24,6 +24,8 @@ if orch_wait_tcp "$host" "$port" 0 2>/dev/null; then
 fi
 
 "$bin" migrate
+# A token for this demo's API calls (every scope); never logged.
+export ORCH_ADMIN_TOKEN="${ORCH_ADMIN_TOKEN:-demo-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}"
 echo "== starting orchestrator run (log: .data/demo.log)" >&2
 "$bin" run --concurrency 8 >.data/demo.log 2>&1 &
 run_pid=$!
@@ -52,6 +54,17 @@ import json, sys
 for e in json.load(sys.stdin)['events']:
     print('  %s  %-10s by %-28s %s' % (e['at'], e['type'], e['actor'], json.dumps(e['data'])))"
 
+echo "== the HTTP API: enqueue with an idempotency key, then follow the job's events live (SSE)" >&2
+auth="Authorization: Bearer $ORCH_ADMIN_TOKEN"
+api_job=$(curl -fsS -X POST "http://$ORCH_HTTP_ADDR/v1/jobs" -H "$auth" -H 'Content-Type: application/json' \
+  -H 'Idempotency-Key: demo-sleep-1' -d '{"kind": "sleep", "payload": {"ms": 300}, "priority": 7}')
+api_id=$(echo "$api_job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+echo "  POST /v1/jobs -> $api_id"
+curl -fsSN "http://$ORCH_HTTP_ADDR/v1/jobs/$api_id/events" -H "$auth" -H 'Accept: text/event-stream' | grep '^event:' | sed 's/^/  /'
+curl -sS -o /dev/null -w "  a bad request answers %{http_code} with application/problem+json: " -X POST "http://$ORCH_HTTP_ADDR/v1/jobs" -H "$auth" -H 'Content-Type: application/json' -d '{"kind": "noop", "priority": 11}'
+curl -sS -X POST "http://$ORCH_HTTP_ADDR/v1/jobs" -H "$auth" -H 'Content-Type: application/json' -d '{"kind": "noop", "priority": 11}'
+echo
+
 echo "== queues" >&2
 "$bin" queues
 echo "== metrics (excerpt of http://$ORCH_HTTP_ADDR/metrics)" >&2
@@ -63,5 +76,6 @@ Done. Where to look:
   target/debug/orchestrator jobs list          recent jobs
   target/debug/orchestrator jobs show <id>     one job and its audit trail
   .data/demo.log                               the server's log
-Start it yourself with: target/debug/orchestrator run   (API on $ORCH_HTTP_ADDR)
+  http://$ORCH_HTTP_ADDR/v1/openapi.json        the API, described
+Start it yourself with: ORCH_ADMIN_TOKEN=<16+ chars> target/debug/orchestrator run   (API on $ORCH_HTTP_ADDR)
 TXT

@@ -137,7 +137,15 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Enqueue)?;
     idempotency_key(&headers, &mut request)?;
-    let jobs = state.app.validate(vec![request], &caller.name)?;
+    let jobs = state
+        .app
+        .validate(vec![request], &caller.name)
+        .map_err(|e| {
+            // One job: an index would only be noise.
+            let mut e = ApiError::from(e);
+            e.index = None;
+            e
+        })?;
     let stored = state.app.enqueue(&jobs).await?;
     let (job, created) = stored
         .into_iter()

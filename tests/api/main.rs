@@ -9,4 +9,5 @@ mod auth;
 mod bad_input;
 mod endpoints;
 mod fuzz;
+mod logs;
 mod server;
