@@ -78,7 +78,11 @@ impl Finish {
                     to: Status::Scheduled,
                     run_at: Some(run_at),
                     event: "failed",
-                    event_data: serde_json::json!({ "error": error, "retry_at": run_at }),
+                    event_data: serde_json::json!({
+                        "error": error,
+                        "retry_at": run_at,
+                        "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    }),
                     error: Some(error),
                     result: None,
                     refund_attempt: false,
