@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 # shellcheck source=lib/services.sh
 source scripts/lib/services.sh
+# shellcheck source=lib/images.sh
+source scripts/lib/images.sh
 orch_services_up --no-docker
 
 echo "== building" >&2

@@ -7,7 +7,14 @@ cd "$(dirname "$0")/.."
 
 # shellcheck source=lib/services.sh
 source scripts/lib/services.sh
+# shellcheck source=lib/images.sh
+source scripts/lib/images.sh
 orch_services_up --with-promtool
+if [[ "${ORCH_DOCKER_AVAILABLE:-0}" == 1 ]]; then
+  orch_images_up
+else
+  echo "warning: no Docker daemon; the sandbox tests will fail (see /var/log/orchestrator-dockerd.log)" >&2
+fi
 
 # The API fuzzer (tests/api/fuzz.rs).
 schemathesis_version=4.32.5

@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pool;
 pub mod queue;
+pub mod sandbox;
 pub mod store;
 pub mod telemetry;

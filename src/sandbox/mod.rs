@@ -1,0 +1,297 @@
+//! Sandboxes: where agents and quality gates run. Every agent is untrusted
+//! code. The Docker runtime (bollard) is hardened by default; the
+//! local-process runtime exists for machines without Docker and is weaker
+//! isolation, which it says loudly.
+
+mod docker;
+mod local;
+mod logs;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+use crate::job::JobId;
+
+pub use docker::DockerRuntime;
+pub use local::LocalRuntime;
+pub use logs::{LogCap, LogLine, LogStream, LogSummary};
+
+/// Labels every container of ours carries; the orphan reaper only ever
+/// touches containers that have [`LABEL_JOB`].
+pub const LABEL_JOB: &str = "dev.orchestrator.job-id";
+pub const LABEL_ATTEMPT: &str = "dev.orchestrator.attempt";
+pub const LABEL_WORKER: &str = "dev.orchestrator.worker-id";
+pub const LABEL_CREATED: &str = "dev.orchestrator.created-at";
+pub const LABEL_EXPIRES: &str = "dev.orchestrator.expires-at";
+
+/// Secret values shorter than this are not masked in output (masking "a"
+/// would garble every line, and such a value is no secret).
+const MIN_MASKED_LEN: usize = 4;
+
+/// The uid:gid sandboxes run as.
+pub const SANDBOX_USER: &str = "1000:1000";
+/// Where the job's worktree is mounted.
+pub const WORKSPACE: &str = "/workspace";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Loopback only: the default.
+    #[default]
+    None,
+    /// Docker's default bridge: outbound access, for kinds that need it.
+    Bridge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory, and memory + swap (no swap).
+    pub memory_bytes: i64,
+    /// CPUs, in billionths (1.5 CPUs = 1_500_000_000).
+    pub nano_cpus: i64,
+    /// Processes and threads.
+    pub pids: i64,
+    /// Size of the writable /tmp.
+    pub tmp_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 512 * 1024 * 1024,
+            nano_cpus: 1_000_000_000,
+            pids: 256,
+            tmp_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub host: PathBuf,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// Who a sandbox belongs to, written into its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub worker_id: String,
+    pub created_at: DateTime<Utc>,
+    /// After this the sandbox is an orphan even if its job still runs.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Everything needed to start a sandbox. The command is an argv array,
+/// never a shell string built from input.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Injected as environment variables at start only; never logged,
+    /// never stored.
+    pub secrets: BTreeMap<String, Secret>,
+    /// The job's worktree, mounted at [`WORKSPACE`] (the working directory).
+    pub workspace: Option<BindMount>,
+    pub mounts: Vec<BindMount>,
+    pub limits: Limits,
+    pub network: Network,
+    pub owner: Owner,
+}
+
+/// How a sandbox ended: each a distinct, named outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Outcome {
+    /// The command exited by itself with this code.
+    Exited { code: i64 },
+    /// Killed for exceeding its memory limit.
+    OomKilled,
+    /// Ran past its timeout and was stopped.
+    TimedOut,
+    /// Stopped on request (cancellation, shutdown); `code` as it exited.
+    Stopped { code: i64 },
+}
+
+impl Outcome {
+    pub fn succeeded(self) -> bool {
+        matches!(self, Outcome::Exited { code: 0 })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub outcome: Outcome,
+    pub duration: Duration,
+}
+
+/// How long to run and how to stop.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub timeout: Duration,
+    /// Between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("Docker: {0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error("cannot start {command:?}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid sandbox spec: {0}")]
+    Spec(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A container left behind, found by [`Runtime::list_ours`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labelled {
+    pub id: String,
+    pub name: String,
+    pub job_id: Option<JobId>,
+    pub attempt: Option<u32>,
+    pub worker_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The runtime in use.
+#[derive(Clone)]
+pub enum Runtime {
+    Docker(DockerRuntime),
+    Local(LocalRuntime),
+}
+
+impl Runtime {
+    /// Docker when a daemon answers (`DOCKER_HOST` or the local socket),
+    /// else the local-process runtime, with a loud warning.
+    pub async fn detect(prefer_local: bool) -> Runtime {
+        if !prefer_local {
+            match DockerRuntime::connect().await {
+                Ok(docker) => return Runtime::Docker(docker),
+                Err(err) => tracing::warn!(error = %err, "no Docker daemon reachable"),
+            }
+        }
+        tracing::warn!(
+            "sandboxes run as LOCAL PROCESSES: weaker isolation (rlimits and a process group, no \
+             filesystem, network or user isolation); use Docker for untrusted agents"
+        );
+        Runtime::Local(LocalRuntime)
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Runtime::Docker(_) => "docker",
+            Runtime::Local(_) => "local",
+        }
+    }
+
+    /// Runs a sandbox to its end: start, stream logs to `logs`, wait within
+    /// the timeout (or until `cancel` fires), stop with SIGTERM, the grace
+    /// period, then SIGKILL; always removed afterwards.
+    pub async fn run(
+        &self,
+        spec: &SandboxSpec,
+        opts: RunOptions,
+        logs: mpsc::UnboundedSender<LogLine>,
+        cancel: CancellationToken,
+    ) -> Result<Finished, SandboxError> {
+        validate(spec)?;
+        // Output passes through a mask of the secrets' values: an agent
+        // that prints its API key does not put it into the job's events.
+        let masks: Vec<String> = spec
+            .secrets
+            .values()
+            .map(|s| s.expose().to_owned())
+            .filter(|v| v.len() >= MIN_MASKED_LEN)
+            .collect();
+        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<LogLine>();
+        let forward = tokio::spawn(async move {
+            while let Some(mut line) = raw_rx.recv().await {
+                for secret in &masks {
+                    if line.text.contains(secret.as_str()) {
+                        line.text = line.text.replace(secret.as_str(), "***");
+                    }
+                }
+                if logs.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let result = match self {
+            Runtime::Docker(d) => d.run(spec, opts, raw_tx, cancel).await,
+            Runtime::Local(l) => l.run(spec, opts, raw_tx, cancel).await,
+        };
+        let _ = forward.await;
+        result
+    }
+
+    /// Sandboxes of ours that still exist (Docker only).
+    pub async fn list_ours(&self) -> Result<Vec<Labelled>, SandboxError> {
+        match self {
+            Runtime::Docker(d) => d.list_ours().await,
+            Runtime::Local(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Stops (SIGTERM, grace, SIGKILL) and removes one of ours.
+    pub async fn remove(&self, id: &str, grace: Duration) -> Result<(), SandboxError> {
+        match self {
+            Runtime::Docker(d) => d.remove(id, grace).await,
+            Runtime::Local(_) => Ok(()),
+        }
+    }
+}
+
+fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
+    if spec.command.is_empty() {
+        return Err(SandboxError::Spec("the command is empty".into()));
+    }
+    let name_ok = !spec.name.is_empty()
+        && spec.name.len() <= 128
+        && spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !name_ok {
+        return Err(SandboxError::Spec(format!(
+            "invalid sandbox name {:?}",
+            spec.name
+        )));
+    }
+    for key in spec.env.keys().chain(spec.secrets.keys()) {
+        let ok = !key.is_empty()
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !key.starts_with(|c: char| c.is_ascii_digit());
+        if !ok {
+            return Err(SandboxError::Spec(format!(
+                "invalid environment variable name {key:?}"
+            )));
+        }
+    }
+    if spec.limits.memory_bytes < 4 * 1024 * 1024
+        || spec.limits.pids < 1
+        || spec.limits.nano_cpus < 1
+    {
+        return Err(SandboxError::Spec(
+            "limits must allow at least 4 MiB, 1 process and some CPU".into(),
+        ));
+    }
+    Ok(())
+}
