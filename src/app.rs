@@ -8,7 +8,8 @@ use chrono::Utc;
 use crate::config::Settings;
 use crate::job::{FieldError, Job, JobDefaults, JobId, JobRequest, NewJob, QueueName, Status};
 use crate::metrics as m;
-use crate::pipeline::Registry;
+use crate::pipeline::kinds::KindDef;
+use crate::pipeline::{Registry, SandboxHost};
 use crate::pool::{Pool, PoolConfig};
 use crate::queue::{IndexEntry, QueueError, ValkeyQueue};
 use crate::store::{Store, StoreError};
@@ -23,6 +24,8 @@ pub enum AppError {
     Invalid { index: usize, error: FieldError },
     #[error("the database schema is not up to date; run `orchestrator migrate`")]
     NotMigrated,
+    #[error("invalid job kind definition: {0}")]
+    Kind(#[from] crate::pipeline::kinds::KindError),
 }
 
 #[derive(Clone)]
@@ -31,6 +34,7 @@ pub struct App {
     pub store: Store,
     pub queue: ValkeyQueue,
     pub registry: Registry,
+    pub sandboxes: SandboxHost,
 }
 
 impl App {
@@ -44,11 +48,14 @@ impl App {
         .await?;
         let queue =
             ValkeyQueue::connect(settings.valkey_url.expose(), &settings.key_prefix).await?;
+        let kinds = KindDef::load_dir(&settings.sandbox.workers_dir)?;
+        let sandboxes = SandboxHost::new(&settings.sandbox);
         Ok(App {
+            registry: Registry::with_kinds(kinds, &sandboxes),
+            sandboxes,
             settings,
             store,
             queue,
-            registry: Registry::builtin(),
         })
     }
 
@@ -183,5 +190,6 @@ impl App {
             self.registry.clone(),
             cfg,
         )
+        .with_sandboxes(self.sandboxes.clone())
     }
 }

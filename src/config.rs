@@ -15,7 +15,7 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 11] = [
+const SETTINGS_KEYS: [&str; 12] = [
     "admin_token",
     "api",
     "database_url",
@@ -27,6 +27,7 @@ const SETTINGS_KEYS: [&str; 11] = [
     "retry",
     "jobs",
     "maintenance",
+    "sandbox",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,31 @@ pub struct Settings {
     pub retry: RetryPolicy,
     pub jobs: JobDefaults,
     pub maintenance: MaintenanceSettings,
+    pub sandbox: SandboxSettings,
+}
+
+/// Which sandbox runtime to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// Docker when a daemon answers, else local processes (with a warning).
+    Auto,
+    Docker,
+    /// Local processes: weaker isolation, for development.
+    Local,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSettings {
+    pub runtime: RuntimeChoice,
+    /// Where job kinds are defined: `<dir>/<kind>/worker.toml`.
+    pub workers_dir: std::path::PathBuf,
+    /// Log bytes per job recorded as events; past it only the tail is kept.
+    pub log_budget_bytes: u64,
+    pub log_tail_bytes: usize,
+    /// How often containers of finished or abandoned jobs are removed.
+    pub orphan_reap_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -117,7 +117,7 @@ impl From<AppError> for ApiError {
                 api.index = Some(index);
                 api
             }
-            AppError::NotMigrated => ApiError::unavailable(&e),
+            AppError::NotMigrated | AppError::Kind(_) => ApiError::unavailable(&e),
         }
     }
 }

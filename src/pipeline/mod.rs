@@ -6,6 +6,8 @@
 //! benchmarks.
 
 mod builtin;
+pub mod kinds;
+mod sandboxed;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -14,9 +16,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::ClaimedJob;
+use crate::store::{ClaimedJob, Store};
 
 pub use builtin::{Flaky, Noop, Sleep};
+pub use sandboxed::{SandboxHost, SandboxKind};
 
 /// What a handler gets: the job it runs and a token that fires when the job
 /// must stop (shutdown past its grace period, lost lease, cancellation).
@@ -24,6 +27,10 @@ pub use builtin::{Flaky, Noop, Sleep};
 pub struct JobContext {
     pub job: Arc<ClaimedJob>,
     pub cancel: CancellationToken,
+    /// For events the handler records (fenced by the job's lease).
+    pub store: Store,
+    /// The worker running the job: the actor of those events.
+    pub worker_id: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +69,16 @@ impl Registry {
         r.register("noop", Noop);
         r.register("sleep", Sleep);
         r.register("flaky", Flaky);
+        r
+    }
+
+    /// The built-in kinds plus every kind defined under `workers_dir`.
+    pub fn with_kinds(defs: Vec<kinds::KindDef>, host: &SandboxHost) -> Self {
+        let mut r = Registry::builtin();
+        for def in defs {
+            let kind = def.kind.to_string();
+            r.register(&kind, SandboxKind::new(def, host.clone()));
+        }
         r
     }
 

@@ -96,6 +96,8 @@ pub enum PoolError {
     Queue(#[from] crate::queue::QueueError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("sandbox runtime: {0}")]
+    Sandbox(String),
 }
 
 /// Why a running job's cancellation token fired.
@@ -145,6 +147,9 @@ struct Shared {
     /// Woken by Valkey pub/sub when ids became pending.
     wake: Notify,
     observer: Option<mpsc::UnboundedSender<PoolEvent>>,
+    worker_id: Arc<str>,
+    /// For the orphan-sandbox reaper.
+    sandboxes: Option<crate::pipeline::SandboxHost>,
 }
 
 impl Shared {
@@ -183,6 +188,8 @@ impl Pool {
                 inflight: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 observer: None,
+                worker_id: Arc::from(cfg.worker_id.as_str()),
+                sandboxes: None,
                 cfg,
             },
         }
@@ -191,6 +198,12 @@ impl Pool {
     /// Reports every start and finish to `tx` (tests, benchmarks).
     pub fn with_observer(mut self, tx: mpsc::UnboundedSender<PoolEvent>) -> Self {
         self.shared.observer = Some(tx);
+        self
+    }
+
+    /// Reaps orphaned sandboxes of this host's runtime.
+    pub fn with_sandboxes(mut self, host: crate::pipeline::SandboxHost) -> Self {
+        self.shared.sandboxes = Some(host);
         self
     }
 

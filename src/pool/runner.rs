@@ -105,6 +105,8 @@ async fn execute(
     let ctx = JobContext {
         job: job.clone(),
         cancel: cancel.clone(),
+        store: shared.store.clone(),
+        worker_id: shared.worker_id.clone(),
     };
     let mut task = tokio::spawn(handler.run(ctx).in_current_span());
     let limit = Duration::from_secs(u64::from(job.timeout_secs));

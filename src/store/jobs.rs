@@ -60,6 +60,16 @@ impl TryFrom<IndexRow> for IndexState {
 const INDEX_COLUMNS: &str = "id, queue, status, priority, run_at, \
     COALESCE(status = 'running' AND lease_expires_at > now(), false) AS lease_live";
 
+/// Who holds a job now, for telling orphaned sandboxes from live ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub id: JobId,
+    pub status: Status,
+    pub attempt: u32,
+    pub worker_id: Option<String>,
+    pub lease_live: bool,
+}
+
 /// Live jobs per queue and status, from Postgres.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QueueCounts {
@@ -189,6 +199,29 @@ impl Store {
             .collect()
     }
 
+    pub async fn lease_holders(&self, ids: &[JobId]) -> Result<Vec<LeaseHolder>, StoreError> {
+        let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let rows: Vec<(Uuid, String, i32, Option<String>, bool)> = sqlx::query_as(
+            "SELECT id, status, attempt, worker_id,
+                    COALESCE(status = 'running' AND lease_expires_at > now(), false)
+             FROM jobs WHERE id = ANY($1)",
+        )
+        .bind(&uuids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(id, status, attempt, worker_id, lease_live)| {
+                Ok(LeaseHolder {
+                    id: JobId(id),
+                    status: super::rows::parse_status(&status)?,
+                    attempt: attempt.max(0) as u32,
+                    worker_id,
+                    lease_live,
+                })
+            })
+            .collect()
+    }
+
     /// Jobs holding any of the given idempotency keys.
     pub async fn jobs_by_idempotency_keys(&self, keys: &[String]) -> Result<Vec<Job>, StoreError> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = ANY($1)");
@@ -197,6 +230,53 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(Job::try_from).collect()
+    }
+
+    /// Appends events to a running job's trail, only while `lease_id` is its
+    /// current lease. Returns how many were written (0: the lease is gone).
+    pub async fn append_events(
+        &self,
+        id: JobId,
+        lease_id: i64,
+        events: &[(&str, serde_json::Value)],
+        actor: &str,
+    ) -> Result<u64, StoreError> {
+        let types: Vec<&str> = events.iter().map(|(t, _)| *t).collect();
+        let data: Vec<&serde_json::Value> = events.iter().map(|(_, d)| d).collect();
+        let done = sqlx::query(
+            "INSERT INTO job_events (job_id, type, actor, data)
+             SELECT $1, t.type, $4, t.data
+             FROM UNNEST($2::text[], $3::jsonb[]) WITH ORDINALITY AS t(type, data, n)
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'running' AND lease_id = $5)
+             ORDER BY t.n",
+        )
+        .bind(id.0)
+        .bind(&types)
+        .bind(&data)
+        .bind(actor)
+        .bind(lease_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Records an event on a job whatever its state (maintenance: an orphan
+    /// sandbox removed, say).
+    pub async fn record_event(
+        &self,
+        id: JobId,
+        kind: &str,
+        actor: &str,
+        data: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO job_events (job_id, type, actor, data) VALUES ($1, $2, $3, $4)")
+            .bind(id.0)
+            .bind(kind)
+            .bind(actor)
+            .bind(data)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn get_job(&self, id: JobId) -> Result<Job, StoreError> {

@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 use crate::job::{JobId, Status};
-pub use jobs::{IndexState, JobFilter, QueueCounts};
+pub use jobs::{IndexState, JobFilter, LeaseHolder, QueueCounts};
 pub use transitions::{ClaimedJob, Finish, FinishOutcome, Reaped};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

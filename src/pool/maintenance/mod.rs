@@ -6,6 +6,7 @@ mod promoter;
 mod reaper;
 mod reconciler;
 mod sampler;
+mod sandboxes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::store::Store;
 
 pub use reaper::ReapCounts;
 pub use reconciler::ReconcileCounts;
+pub use sandboxes::OrphanReport;
 
 /// Most delayed ids promoted per queue per run.
 pub const PROMOTE_LIMIT: usize = 1_000;
@@ -49,6 +51,8 @@ pub struct MaintenanceConfig {
     pub flush_check_interval: Duration,
     /// How often queue depths are sampled into metrics.
     pub sample_interval: Duration,
+    /// How often orphaned sandboxes are looked for.
+    pub orphan_interval: Duration,
 }
 
 impl MaintenanceConfig {
@@ -62,6 +66,7 @@ impl MaintenanceConfig {
             reconcile_interval: Duration::from_secs(m.reconcile_interval_secs),
             flush_check_interval: Duration::from_millis(m.flush_check_interval_ms),
             sample_interval: Duration::from_secs(5),
+            orphan_interval: Duration::from_secs(settings.sandbox.orphan_reap_interval_secs),
         }
     }
 }
@@ -76,6 +81,7 @@ pub struct Maintenance {
     actor: String,
     cfg: MaintenanceConfig,
     observer: Option<mpsc::UnboundedSender<PoolEvent>>,
+    sandboxes: Option<crate::pipeline::SandboxHost>,
 }
 
 impl Maintenance {
@@ -93,7 +99,14 @@ impl Maintenance {
             actor,
             cfg,
             observer: None,
+            sandboxes: None,
         }
+    }
+
+    /// Also reaps orphaned sandboxes of `host`'s runtime.
+    pub fn with_sandboxes(mut self, host: Option<crate::pipeline::SandboxHost>) -> Self {
+        self.sandboxes = host;
+        self
     }
 
     /// Reports the end of every full reconcile pass to `tx` (tests, bench).
@@ -170,6 +183,18 @@ impl Maintenance {
                 async move { m.sample_once().await }
             },
         ));
+        if me.sandboxes.is_some() {
+            let m = me.clone();
+            tasks.spawn(periodic(
+                "orphan-reaper",
+                cfg.orphan_interval,
+                stop.clone(),
+                move || {
+                    let m = m.clone();
+                    async move { m.reap_sandboxes_once().await.map(drop) }
+                },
+            ));
+        }
         while tasks.join_next().await.is_some() {}
     }
 }
@@ -215,6 +240,7 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         shared.cfg.worker_id.clone(),
         shared.cfg.maintenance.clone(),
     )
-    .with_observer(shared.observer.clone());
+    .with_observer(shared.observer.clone())
+    .with_sandboxes(shared.sandboxes.clone());
     maintenance.run(stop).await;
 }

@@ -1,0 +1,238 @@
+//! Job kinds as data: `workers/<kind>/worker.toml` describes the sandbox a
+//! kind runs in (image, command, resources, network, which environment
+//! variables of the worker it may receive, timeouts). Validated at startup;
+//! errors name the file and the field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::job::JobKind;
+use crate::sandbox::{Limits, Network};
+
+/// The placeholder in `command` replaced by the payload's script.
+pub const SCRIPT_PLACEHOLDER: &str = "{script}";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindFile {
+    /// The sandbox image, e.g. `orchestrator/script-agent:latest`.
+    pub image: String,
+    /// argv; `{script}` as a whole element is replaced by the payload's
+    /// `script` (never spliced into a string).
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub network: Network,
+    /// Environment variables of the *worker* passed into the sandbox, e.g.
+    /// an LLM API key. Injected at start; never stored or logged.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// Fixed, non-secret environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default = "default_grace")]
+    pub stop_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub memory_mb: i64,
+    pub cpus: f64,
+    pub pids: i64,
+    pub tmp_mb: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            memory_mb: 512,
+            cpus: 1.0,
+            pids: 256,
+            tmp_mb: 64,
+        }
+    }
+}
+
+fn default_timeout() -> u64 {
+    600
+}
+
+fn default_grace() -> u64 {
+    10
+}
+
+/// A validated kind.
+#[derive(Debug, Clone)]
+pub struct KindDef {
+    pub kind: JobKind,
+    pub file: PathBuf,
+    pub image: String,
+    pub command: Vec<String>,
+    pub limits: Limits,
+    pub network: Network,
+    pub secrets: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout_secs: u64,
+    pub stop_grace_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {field}: {message}", file.display())]
+pub struct KindError {
+    pub file: PathBuf,
+    pub field: String,
+    pub message: String,
+}
+
+fn err(file: &Path, field: &str, message: impl Into<String>) -> KindError {
+    KindError {
+        file: file.to_owned(),
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn env_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
+impl KindDef {
+    pub fn parse(kind: &str, file: &Path, text: &str) -> Result<KindDef, KindError> {
+        let kind = JobKind::parse(kind).map_err(|e| err(file, "(folder name)", e.to_string()))?;
+        let raw: KindFile = toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|s| format!("at bytes {}..{}", s.start, s.end))
+                .unwrap_or_default();
+            err(file, &field, e.message().to_owned())
+        })?;
+        if raw.image.trim().is_empty() {
+            return Err(err(file, "image", "must name an image"));
+        }
+        if raw.command.is_empty() || raw.command[0].is_empty() {
+            return Err(err(file, "command", "must be a non-empty argv array"));
+        }
+        let r = raw.resources;
+        if !(4..=65_536).contains(&r.memory_mb) {
+            return Err(err(
+                file,
+                "resources.memory_mb",
+                "must be between 4 and 65536",
+            ));
+        }
+        if !(r.cpus > 0.0 && r.cpus <= 64.0) {
+            return Err(err(
+                file,
+                "resources.cpus",
+                "must be above 0 and at most 64",
+            ));
+        }
+        if !(1..=100_000).contains(&r.pids) {
+            return Err(err(file, "resources.pids", "must be between 1 and 100000"));
+        }
+        if !(1..=65_536).contains(&r.tmp_mb) {
+            return Err(err(file, "resources.tmp_mb", "must be between 1 and 65536"));
+        }
+        for name in raw.secrets.iter().chain(raw.env.keys()) {
+            if !env_name_ok(name) {
+                return Err(err(
+                    file,
+                    "secrets/env",
+                    format!("{name:?} is not an environment variable name"),
+                ));
+            }
+        }
+        if raw.timeout_secs == 0 || raw.timeout_secs > 86_400 {
+            return Err(err(file, "timeout_secs", "must be between 1 and 86400"));
+        }
+        if raw.stop_grace_secs == 0 || raw.stop_grace_secs > 600 {
+            return Err(err(file, "stop_grace_secs", "must be between 1 and 600"));
+        }
+        Ok(KindDef {
+            kind,
+            file: file.to_owned(),
+            image: raw.image,
+            command: raw.command,
+            limits: Limits {
+                memory_bytes: r.memory_mb * 1024 * 1024,
+                nano_cpus: (r.cpus * 1e9) as i64,
+                pids: r.pids,
+                tmp_bytes: r.tmp_mb * 1024 * 1024,
+            },
+            network: raw.network,
+            secrets: raw.secrets,
+            env: raw.env,
+            timeout_secs: raw.timeout_secs,
+            stop_grace_secs: raw.stop_grace_secs,
+        })
+    }
+
+    /// Every `workers/<kind>/worker.toml` under `dir`, sorted by kind.
+    pub fn load_dir(dir: &Path) -> Result<Vec<KindDef>, KindError> {
+        let mut defs = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(defs),
+            Err(e) => return Err(err(dir, "(directory)", e.to_string())),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| err(dir, "(directory)", e.to_string()))?;
+            let file = entry.path().join("worker.toml");
+            if !file.is_file() {
+                continue;
+            }
+            let kind = entry.file_name().to_string_lossy().into_owned();
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| err(&file, "(file)", e.to_string()))?;
+            defs.push(KindDef::parse(&kind, &file, &text)?);
+        }
+        defs.sort_by(|a, b| a.kind.cmp(&b.kind));
+        Ok(defs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<KindDef, KindError> {
+        KindDef::parse("k", Path::new("workers/k/worker.toml"), text)
+    }
+
+    #[test]
+    fn a_minimal_kind_gets_defaults() {
+        let d =
+            parse("image = \"img\"\ncommand = [\"sh\", \"-c\", \"{script}\"]\n").expect("valid");
+        assert_eq!(d.network, Network::None);
+        assert_eq!(d.limits.memory_bytes, 512 * 1024 * 1024);
+        assert_eq!(d.timeout_secs, 600);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_field() {
+        let e = parse("image = \"img\"\ncommand = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("workers/k/worker.toml: command:"), "{e}");
+        let e = parse("image = \"img\"\ncommand = [\"sh\"]\n[resources]\nmemory_mb = 1\ncpus = 1.0\npids = 1\ntmp_mb = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("resources.memory_mb"), "{e}");
+        let e = parse("image = \"img\"\ncommand = [\"sh\"]\nsecrets = [\"A B\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secrets"), "{e}");
+        let e = parse("image = \"img\"\ncommand = [\"sh\"]\nsurprise = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! A job kind that runs in a sandbox, defined by its `worker.toml`. Output
+//! streams into the job's events as it arrives (capped: past the budget only
+//! the tail is kept, and how much was dropped is recorded); secrets named by
+//! the kind come from the worker's environment at start only.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, OnceCell};
+
+use super::kinds::{KindDef, SCRIPT_PLACEHOLDER};
+use super::{Handler, HandlerFuture, JobContext, JobError};
+use crate::config::{RuntimeChoice, SandboxSettings, Secret};
+use crate::sandbox::{
+    DockerRuntime, LogCap, LogLine, Outcome, Owner, RunOptions, Runtime, SandboxSpec,
+};
+
+/// Largest script a payload may carry.
+pub const MAX_SCRIPT_BYTES: usize = 64 * 1024;
+/// Log events are written in batches of this many lines, or sooner.
+const LOG_BATCH: usize = 200;
+const LOG_FLUSH: Duration = Duration::from_millis(250);
+
+/// The sandbox runtime, chosen on first use, and log limits.
+#[derive(Clone)]
+pub struct SandboxHost {
+    runtime: Arc<OnceCell<Result<Runtime, String>>>,
+    choice: RuntimeChoice,
+    pub log_budget_bytes: u64,
+    pub log_tail_bytes: usize,
+}
+
+impl SandboxHost {
+    pub fn new(settings: &SandboxSettings) -> Self {
+        SandboxHost {
+            runtime: Arc::new(OnceCell::new()),
+            choice: settings.runtime,
+            log_budget_bytes: settings.log_budget_bytes,
+            log_tail_bytes: settings.log_tail_bytes,
+        }
+    }
+
+    /// The runtime; `Err` says why none is available (Docker required but
+    /// unreachable).
+    pub async fn runtime(&self) -> Result<&Runtime, String> {
+        let choice = self.choice;
+        self.runtime
+            .get_or_init(|| async move {
+                match choice {
+                    RuntimeChoice::Auto => Ok(Runtime::detect(false).await),
+                    RuntimeChoice::Local => Ok(Runtime::detect(true).await),
+                    RuntimeChoice::Docker => DockerRuntime::connect()
+                        .await
+                        .map(Runtime::Docker)
+                        .map_err(|e| {
+                            format!("sandbox.runtime is docker, but no Docker daemon answers: {e}")
+                        }),
+                }
+            })
+            .await
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+pub struct SandboxKind {
+    def: Arc<KindDef>,
+    host: SandboxHost,
+}
+
+impl SandboxKind {
+    pub fn new(def: KindDef, host: SandboxHost) -> Self {
+        SandboxKind {
+            def: Arc::new(def),
+            host,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScriptPayload {
+    script: String,
+}
+
+fn parse_payload(payload: &Value) -> Result<ScriptPayload, String> {
+    let p: ScriptPayload = serde_json::from_value(payload.clone())
+        .map_err(|e| format!("payload must look like {{\"script\": \"echo hello\"}}: {e}"))?;
+    if p.script.trim().is_empty() {
+        return Err("payload.script must not be empty".into());
+    }
+    if p.script.len() > MAX_SCRIPT_BYTES {
+        return Err(format!(
+            "payload.script is larger than {MAX_SCRIPT_BYTES} bytes"
+        ));
+    }
+    if p.script.contains('\0') {
+        return Err("payload.script must not contain NUL characters".into());
+    }
+    Ok(p)
+}
+
+impl Handler for SandboxKind {
+    fn validate(&self, payload: &Value) -> Result<(), String> {
+        parse_payload(payload).map(drop)
+    }
+
+    fn run(&self, ctx: JobContext) -> HandlerFuture {
+        let def = self.def.clone();
+        let host = self.host.clone();
+        Box::pin(async move { run(&def, &host, ctx).await })
+    }
+}
+
+async fn run(def: &KindDef, host: &SandboxHost, ctx: JobContext) -> Result<Value, JobError> {
+    let payload = parse_payload(&ctx.job.payload).map_err(JobError::Fatal)?;
+    let job = &ctx.job;
+    let mut secrets = BTreeMap::new();
+    for name in &def.secrets {
+        let value = std::env::var(name).map_err(|_| {
+            JobError::Failed(format!(
+                "this worker has no {name} in its environment; kind {} needs it",
+                def.kind
+            ))
+        })?;
+        secrets.insert(name.clone(), Secret::new(value));
+    }
+    let mut env = def.env.clone();
+    env.insert("ORCH_JOB_ID".into(), job.id.to_string());
+    env.insert("ORCH_ATTEMPT".into(), job.attempt.to_string());
+    let command = def
+        .command
+        .iter()
+        .map(|arg| {
+            if arg == SCRIPT_PLACEHOLDER {
+                payload.script.clone()
+            } else {
+                arg.clone()
+            }
+        })
+        .collect();
+    let now = chrono::Utc::now();
+    let timeout = Duration::from_secs(def.timeout_secs.min(u64::from(job.timeout_secs)));
+    let grace = Duration::from_secs(def.stop_grace_secs);
+    let spec = SandboxSpec {
+        name: format!("orch-{}-{}", job.id, job.attempt),
+        image: def.image.clone(),
+        command,
+        env,
+        secrets,
+        workspace: None,
+        mounts: Vec::new(),
+        limits: def.limits,
+        network: def.network,
+        owner: Owner {
+            job_id: job.id,
+            attempt: job.attempt,
+            worker_id: ctx.worker_id.to_string(),
+            created_at: now,
+            expires_at: now
+                + chrono::Duration::from_std(timeout + grace * 2 + Duration::from_secs(60))
+                    .unwrap_or(chrono::Duration::hours(24)),
+        },
+    };
+    let runtime = host.runtime().await.map_err(JobError::Failed)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_logs(
+        ctx.clone(),
+        rx,
+        LogCap::new(host.log_budget_bytes, host.log_tail_bytes),
+    ));
+    let finished = runtime
+        .run(
+            &spec,
+            RunOptions {
+                timeout,
+                stop_grace: grace,
+            },
+            tx,
+            ctx.cancel.clone(),
+        )
+        .await;
+    let log = writer.await.unwrap_or_default();
+    let finished = finished.map_err(|e| JobError::Failed(format!("sandbox failed: {e}")))?;
+    let result = json!({
+        "runtime": runtime.name(),
+        "outcome": finished.outcome,
+        "duration_ms": u64::try_from(finished.duration.as_millis()).unwrap_or(u64::MAX),
+        "log": log,
+    });
+    match finished.outcome {
+        Outcome::Exited { code: 0 } => Ok(result),
+        Outcome::Exited { code } => Err(JobError::Failed(format!(
+            "the script exited with code {code}"
+        ))),
+        Outcome::OomKilled => Err(JobError::Failed(format!(
+            "the sandbox ran out of memory ({} MiB)",
+            def.limits.memory_bytes / 1024 / 1024
+        ))),
+        Outcome::TimedOut => Err(JobError::Failed(format!(
+            "timed out after {}s",
+            timeout.as_secs()
+        ))),
+        Outcome::Stopped { .. } => Err(JobError::Interrupted),
+    }
+}
+
+/// Writes output lines as `log` events in batches while the sandbox runs;
+/// once the budget is spent, records a `log_truncated` event with the tail.
+async fn write_logs(
+    ctx: JobContext,
+    mut rx: mpsc::UnboundedReceiver<LogLine>,
+    mut cap: LogCap,
+) -> Value {
+    let mut batch: Vec<(&'static str, Value)> = Vec::new();
+    let mut ticker = tokio::time::interval(LOG_FLUSH);
+    loop {
+        tokio::select! {
+            line = rx.recv() => match line {
+                Some(line) => {
+                    if let Some(line) = cap.accept(line) {
+                        batch.push(("log", json!({ "stream": line.stream, "line": line.text })));
+                    }
+                    if batch.len() >= LOG_BATCH {
+                        flush(&ctx, &mut batch).await;
+                    }
+                }
+                None => break,
+            },
+            _ = ticker.tick() => flush(&ctx, &mut batch).await,
+        }
+    }
+    flush(&ctx, &mut batch).await;
+    let summary = cap.finish();
+    if summary.dropped_bytes > 0 || !summary.tail.is_empty() {
+        let event = json!({
+            "emitted_bytes": summary.emitted_bytes,
+            "dropped_bytes": summary.dropped_bytes,
+            "tail": summary.tail,
+        });
+        batch.push(("log_truncated", event));
+        flush(&ctx, &mut batch).await;
+    }
+    json!({ "emitted_bytes": summary.emitted_bytes, "dropped_bytes": summary.dropped_bytes })
+}
+
+async fn flush(ctx: &JobContext, batch: &mut Vec<(&'static str, Value)>) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(err) = ctx
+        .store
+        .append_events(ctx.job.id, ctx.job.lease_id, batch, &ctx.worker_id)
+        .await
+    {
+        tracing::warn!(job.id = %ctx.job.id, error = %err, lines = batch.len(), "could not record log lines");
+    }
+    batch.clear();
+}
