@@ -49,7 +49,7 @@ impl App {
         let queue =
             ValkeyQueue::connect(settings.valkey_url.expose(), &settings.key_prefix).await?;
         let kinds = KindDef::load_dir(&settings.sandbox.workers_dir)?;
-        let sandboxes = SandboxHost::new(&settings.sandbox);
+        let sandboxes = SandboxHost::new(&settings.sandbox, &settings.key_prefix);
         Ok(App {
             registry: Registry::with_kinds(kinds, &sandboxes),
             sandboxes,

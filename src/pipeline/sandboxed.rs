@@ -29,15 +29,18 @@ const LOG_FLUSH: Duration = Duration::from_millis(250);
 pub struct SandboxHost {
     runtime: Arc<OnceCell<Result<Runtime, String>>>,
     choice: RuntimeChoice,
+    /// Labels this deployment's sandboxes (the Valkey key prefix).
+    pub deployment: String,
     pub log_budget_bytes: u64,
     pub log_tail_bytes: usize,
 }
 
 impl SandboxHost {
-    pub fn new(settings: &SandboxSettings) -> Self {
+    pub fn new(settings: &SandboxSettings, deployment: &str) -> Self {
         SandboxHost {
             runtime: Arc::new(OnceCell::new()),
             choice: settings.runtime,
+            deployment: deployment.to_owned(),
             log_budget_bytes: settings.log_budget_bytes,
             log_tail_bytes: settings.log_tail_bytes,
         }
@@ -156,6 +159,7 @@ async fn run(def: &KindDef, host: &SandboxHost, ctx: JobContext) -> Result<Value
         limits: def.limits,
         network: def.network,
         owner: Owner {
+            deployment: host.deployment.clone(),
             job_id: job.id,
             attempt: job.attempt,
             worker_id: ctx.worker_id.to_string(),

@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::logs::{LineSplitter, LogLine, LogStream};
 use super::{
     Finished, Labelled, Network, Outcome, RunOptions, SandboxError, SandboxSpec, LABEL_ATTEMPT,
-    LABEL_CREATED, LABEL_EXPIRES, LABEL_JOB, LABEL_WORKER, SANDBOX_USER, WORKSPACE,
+    LABEL_CREATED, LABEL_DEPLOYMENT, LABEL_EXPIRES, LABEL_JOB, LABEL_WORKER, SANDBOX_USER,
+    WORKSPACE,
 };
 
 #[derive(Clone)]
@@ -66,6 +67,7 @@ impl DockerRuntime {
         }
         let owner = &spec.owner;
         let labels = HashMap::from([
+            (LABEL_DEPLOYMENT.to_owned(), owner.deployment.clone()),
             (LABEL_JOB.to_owned(), owner.job_id.to_string()),
             (LABEL_ATTEMPT.to_owned(), owner.attempt.to_string()),
             (LABEL_WORKER.to_owned(), owner.worker_id.clone()),
@@ -264,9 +266,15 @@ impl DockerRuntime {
         self.force_remove(id).await
     }
 
-    /// Every container carrying our job label, running or not.
-    pub async fn list_ours(&self) -> Result<Vec<Labelled>, SandboxError> {
-        let filters = HashMap::from([("label".to_owned(), vec![LABEL_JOB.to_owned()])]);
+    /// Every container of `deployment` carrying our job label, running or not.
+    pub async fn list_ours(&self, deployment: &str) -> Result<Vec<Labelled>, SandboxError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                LABEL_JOB.to_owned(),
+                format!("{LABEL_DEPLOYMENT}={deployment}"),
+            ],
+        )]);
         let containers = self
             .docker
             .list_containers(Some(ListContainersOptions {
@@ -281,6 +289,9 @@ impl DockerRuntime {
                 let labels = c.labels.unwrap_or_default();
                 // Double check: never touch what is not ours.
                 labels.get(LABEL_JOB)?;
+                if labels.get(LABEL_DEPLOYMENT).map(String::as_str) != Some(deployment) {
+                    return None;
+                }
                 Some(Labelled {
                     id: c.id?,
                     name: c

@@ -26,6 +26,9 @@ pub use logs::{LogCap, LogLine, LogStream, LogSummary};
 /// Labels every container of ours carries; the orphan reaper only ever
 /// touches containers that have [`LABEL_JOB`].
 pub const LABEL_JOB: &str = "dev.orchestrator.job-id";
+/// The deployment (the Valkey key prefix): replicas of one deployment reap
+/// only their own sandboxes, even on a shared Docker daemon.
+pub const LABEL_DEPLOYMENT: &str = "dev.orchestrator.deployment";
 pub const LABEL_ATTEMPT: &str = "dev.orchestrator.attempt";
 pub const LABEL_WORKER: &str = "dev.orchestrator.worker-id";
 pub const LABEL_CREATED: &str = "dev.orchestrator.created-at";
@@ -83,6 +86,8 @@ pub struct BindMount {
 /// Who a sandbox belongs to, written into its labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
+    /// The deployment this sandbox belongs to (see [`LABEL_DEPLOYMENT`]).
+    pub deployment: String,
     pub job_id: JobId,
     pub attempt: u32,
     pub worker_id: String,
@@ -242,10 +247,10 @@ impl Runtime {
         result
     }
 
-    /// Sandboxes of ours that still exist (Docker only).
-    pub async fn list_ours(&self) -> Result<Vec<Labelled>, SandboxError> {
+    /// Sandboxes of this deployment that still exist (Docker only).
+    pub async fn list_ours(&self, deployment: &str) -> Result<Vec<Labelled>, SandboxError> {
         match self {
-            Runtime::Docker(d) => d.list_ours().await,
+            Runtime::Docker(d) => d.list_ours(deployment).await,
             Runtime::Local(_) => Ok(Vec::new()),
         }
     }

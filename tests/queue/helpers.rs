@@ -461,8 +461,19 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn spawn(env: &TestEnv, queue: &str, concurrency: usize) -> WorkerProcess {
+        Self::spawn_with(env, queue, concurrency, &[])
+    }
+
+    /// With extra environment variables.
+    pub fn spawn_with(
+        env: &TestEnv,
+        queue: &str,
+        concurrency: usize,
+        vars: &[(&str, &str)],
+    ) -> WorkerProcess {
         let s = &env.app.settings;
         let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .envs(vars.iter().copied())
             .args([
                 "worker",
                 "--queues",

@@ -2,6 +2,11 @@
 //! local-process runtime). Run them with `scripts/test.sh`, which starts
 //! Docker and builds the `orchestrator/script-agent` image.
 
+#[allow(dead_code)]
+#[path = "../queue/helpers.rs"]
+mod helpers;
+mod jobs;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -15,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const IMAGE: &str = "orchestrator/script-agent:latest";
+const DEPLOYMENT: &str = "sandbox-tests";
 
 async fn docker() -> Runtime {
     match DockerRuntime::connect().await {
@@ -41,6 +47,7 @@ fn spec(script: &str) -> SandboxSpec {
         limits: Limits::default(),
         network: Network::None,
         owner: Owner {
+            deployment: DEPLOYMENT.to_owned(),
             job_id: JobId::new(),
             attempt: 1,
             worker_id: "sandbox-tests".into(),
@@ -82,7 +89,7 @@ fn stdout(lines: &[LogLine]) -> Vec<&str> {
 }
 
 async fn gone(rt: &Runtime, name: &str) -> bool {
-    !rt.list_ours()
+    !rt.list_ours(DEPLOYMENT)
         .await
         .expect("list")
         .iter()
@@ -250,8 +257,14 @@ async fn logs_and_secrets(rt: Runtime) {
         "{passed} lines fit in 1000 bytes"
     );
     assert!(summary.dropped_bytes > 0);
+    // Order holds within a stream (stdout and stderr are separate pipes).
     assert_eq!(
-        summary.tail.last().map(|l| l.text.as_str()),
+        summary
+            .tail
+            .iter()
+            .rev()
+            .find(|l| l.stream == LogStream::Stdout)
+            .map(|l| l.text.as_str()),
         Some("leak:***")
     );
 }

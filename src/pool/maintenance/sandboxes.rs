@@ -32,7 +32,10 @@ impl Maintenance {
         let Ok(runtime) = host.runtime().await else {
             return Ok(OrphanReport::default());
         };
-        let ours = runtime.list_ours().await.map_err(sandbox_err)?;
+        let ours = runtime
+            .list_ours(&host.deployment)
+            .await
+            .map_err(sandbox_err)?;
         let mut report = OrphanReport {
             seen: ours.len(),
             ..OrphanReport::default()

@@ -1,0 +1,312 @@
+//! Sandboxed job kinds through the worker pool: output as events, secrets
+//! from the worker's environment, and orphaned containers reaped.
+
+use std::time::Duration;
+
+use orchestrator::job::{JobId, Status};
+use orchestrator::sandbox::{DockerRuntime, Runtime};
+use serde_json::json;
+
+use crate::helpers::{request, unique_queue, TestEnv, WorkerProcess};
+
+const SECRET_VAR: &str = "ORCH_TEST_AGENT_KEY";
+const SECRET: &str = "sk-agent-7d1e3c9b2a";
+
+/// A workers dir with script-agent plus a kind that receives a secret.
+fn workers_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (kind, extra) in [
+        ("script-agent", ""),
+        ("secret-agent", "secrets = [\"ORCH_TEST_AGENT_KEY\"]\n"),
+    ] {
+        let path = dir.path().join(kind);
+        std::fs::create_dir_all(&path).expect("mkdir");
+        std::fs::write(
+            path.join("worker.toml"),
+            format!(
+                "image = \"orchestrator/script-agent:latest\"\ncommand = [\"sh\", \"-c\", \"{{script}}\"]\n\
+                 timeout_secs = 60\nstop_grace_secs = 2\n{extra}"
+            ),
+        )
+        .expect("write worker.toml");
+    }
+    dir
+}
+
+async fn env_with_kinds(dir: &tempfile::TempDir) -> TestEnv {
+    let path = dir.path().to_owned();
+    TestEnv::with_settings(move |s| {
+        s.sandbox.workers_dir = path;
+        s.sandbox.log_budget_bytes = 2_000;
+        s.sandbox.log_tail_bytes = 200;
+    })
+    .await
+}
+
+async fn events(env: &TestEnv, id: JobId) -> Vec<orchestrator::job::JobEvent> {
+    env.app.store.job_events(id, None).await.expect("events")
+}
+
+#[tokio::test]
+async fn output_becomes_capped_log_events_and_secrets_stay_secret() {
+    std::env::set_var(SECRET_VAR, SECRET);
+    let dir = workers_dir();
+    let env = env_with_kinds(&dir).await;
+    let q = unique_queue();
+    let script = "i=1; while [ $i -le 400 ]; do echo \"out $i\"; i=$((i+1)); done; \
+                  echo \"key=$ORCH_TEST_AGENT_KEY\"; echo bad >&2";
+    let jobs = env
+        .enqueue(vec![request(
+            "secret-agent",
+            &q,
+            json!({ "script": script }),
+        )])
+        .await;
+    let pool = env.start_pool(env.pool_config(&q, 2));
+    let done = env
+        .wait_terminal(&[jobs[0].id], Duration::from_secs(60))
+        .await;
+    pool.shutdown().await;
+    assert_eq!(
+        done[0].status,
+        Status::Succeeded,
+        "{:?}",
+        done[0].last_error
+    );
+
+    let events = events(&env, jobs[0].id).await;
+    let lines: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "log")
+        .filter_map(|e| e.data["line"].as_str())
+        .collect();
+    assert_eq!(lines[0], "out 1");
+    assert!(lines.windows(2).all(|w| w[0] != w[1]), "no line twice");
+    let numbered: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("out "))
+        .collect();
+    let expected: Vec<String> = (1..=numbered.len()).map(|i| format!("out {i}")).collect();
+    assert_eq!(
+        numbered,
+        expected.iter().map(String::as_str).collect::<Vec<_>>(),
+        "in order"
+    );
+    assert!(numbered.len() < 400, "the budget cut the log");
+    let truncated = events
+        .iter()
+        .find(|e| e.kind == "log_truncated")
+        .expect("a log_truncated event");
+    assert!(truncated.data["dropped_bytes"].as_u64().unwrap_or(0) > 0);
+    let tail: Vec<&str> = truncated.data["tail"]
+        .as_array()
+        .expect("tail")
+        .iter()
+        .filter_map(|l| l["text"].as_str())
+        .collect();
+    // stdout and stderr are separate pipes: only the order within one holds.
+    let tail_out: Vec<&str> = tail.iter().copied().filter(|l| *l != "bad").collect();
+    assert_eq!(
+        tail_out.last(),
+        Some(&"key=***"),
+        "the tail ends with the last line, the secret masked: {tail:?}"
+    );
+
+    // The secret is nowhere: not in events, not in the job (payload, result).
+    let everything = serde_json::to_string(&(events, env.job(jobs[0].id).await)).expect("json");
+    assert!(!everything.contains(SECRET), "the secret leaked");
+}
+
+#[tokio::test]
+async fn a_failing_script_fails_the_attempt_with_its_exit_code() {
+    let dir = workers_dir();
+    let env = env_with_kinds(&dir).await;
+    let q = unique_queue();
+    let mut r = request(
+        "script-agent",
+        &q,
+        json!({ "script": "echo about to fail; exit 7" }),
+    );
+    r.max_attempts = Some(1);
+    let jobs = env.enqueue(vec![r]).await;
+    let pool = env.start_pool(env.pool_config(&q, 1));
+    let done = env
+        .wait_terminal(&[jobs[0].id], Duration::from_secs(60))
+        .await;
+    pool.shutdown().await;
+    assert_eq!(done[0].status, Status::Dead);
+    assert_eq!(
+        done[0].last_error.as_deref(),
+        Some("the script exited with code 7")
+    );
+    assert!(events(&env, jobs[0].id)
+        .await
+        .iter()
+        .any(|e| e.data["line"] == "about to fail"));
+}
+
+#[tokio::test]
+async fn local_runtime_is_used_when_configured() {
+    let dir = workers_dir();
+    let path = dir.path().to_owned();
+    let env = TestEnv::with_settings(move |s| {
+        s.sandbox.workers_dir = path;
+        s.sandbox.runtime = orchestrator::config::RuntimeChoice::Local;
+    })
+    .await;
+    let q = unique_queue();
+    let jobs = env
+        .enqueue(vec![request(
+            "script-agent",
+            &q,
+            json!({ "script": "echo on the host" }),
+        )])
+        .await;
+    let pool = env.start_pool(env.pool_config(&q, 1));
+    let done = env
+        .wait_terminal(&[jobs[0].id], Duration::from_secs(60))
+        .await;
+    pool.shutdown().await;
+    assert_eq!(
+        done[0].status,
+        Status::Succeeded,
+        "{:?}",
+        done[0].last_error
+    );
+    assert_eq!(
+        done[0].result.as_ref().map(|r| r["runtime"].clone()),
+        Some(json!("local"))
+    );
+}
+
+async fn container_exists(env: &TestEnv, name: &str) -> bool {
+    let rt = Runtime::Docker(DockerRuntime::connect().await.expect("docker"));
+    rt.list_ours(&env.app.settings.key_prefix)
+        .await
+        .expect("list")
+        .iter()
+        .any(|c| c.name == name)
+}
+
+#[tokio::test]
+async fn a_sigkilled_workers_container_is_reaped_and_its_job_recovered() {
+    let dir = workers_dir();
+    let env = env_with_kinds(&dir).await;
+    let q = unique_queue();
+    let mut r = request(
+        "script-agent",
+        &q,
+        json!({ "script": "echo working; sleep 3; echo done" }),
+    );
+    r.max_attempts = Some(3);
+    let job = env.enqueue(vec![r]).await.remove(0);
+    let name = format!("orch-{}-1", job.id);
+
+    let mut victim = WorkerProcess::spawn_with(
+        &env,
+        &q,
+        1,
+        &[(
+            "ORCH_SANDBOX__WORKERS_DIR",
+            dir.path().to_str().expect("utf-8"),
+        )],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !container_exists(&env, &name).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    victim.kill9();
+    assert!(
+        container_exists(&env, &name).await,
+        "the container outlives its worker"
+    );
+
+    // Another worker: its reaper removes the orphan once the lease is gone,
+    // and the job runs again and succeeds.
+    let rescuer = WorkerProcess::spawn_with(
+        &env,
+        &q,
+        1,
+        &[
+            (
+                "ORCH_SANDBOX__WORKERS_DIR",
+                dir.path().to_str().expect("utf-8"),
+            ),
+            ("ORCH_SANDBOX__ORPHAN_REAP_INTERVAL_SECS", "1"),
+        ],
+    );
+    let done = env.wait_terminal(&[job.id], Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while container_exists(&env, &name).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(rescuer);
+    assert_eq!(
+        done[0].status,
+        Status::Succeeded,
+        "{:?}",
+        done[0].last_error
+    );
+    let events = events(&env, job.id).await;
+    let removed = events
+        .iter()
+        .find(|e| e.kind == "sandbox_removed")
+        .expect("a sandbox_removed event");
+    assert_eq!(removed.data["container"], name);
+    assert_eq!(env.terminal_events(job.id).await, 1);
+}
+
+#[tokio::test]
+async fn the_reaper_never_touches_containers_that_are_not_ours() {
+    let dir = workers_dir();
+    let env = env_with_kinds(&dir).await;
+    let name = format!(
+        "not-ours-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let status = std::process::Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            "none",
+            "orchestrator/script-agent:latest",
+            "sleep",
+            "30",
+        ])
+        .output()
+        .expect("docker run");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let m = env
+        .maintenance("default")
+        .with_sandboxes(Some(env.app.sandboxes.clone()));
+    let report = m.reap_sandboxes_once().await.expect("reap");
+    assert!(!report.removed.contains(&name));
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Running}}", &name])
+        .output()
+        .expect("inspect");
+    let _ = std::process::Command::new("docker")
+        .args(["rm", "-f", &name])
+        .output();
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        "true",
+        "someone else's container was touched"
+    );
+}
