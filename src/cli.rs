@@ -53,6 +53,13 @@ enum Command {
     },
     /// Measure throughput and latency through the real path.
     Bench(BenchArgs),
+    /// Spawn-to-exit of a sandbox against `docker run --rm`, side by side.
+    BenchSandbox {
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        #[arg(long, default_value = "orchestrator/script-agent:latest")]
+        image: String,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -176,6 +183,10 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Enqueue(args) => enqueue(settings, args).await?,
         Command::Jobs { command } => jobs(settings, command).await?,
         Command::Queues { command } => queues(settings, command).await?,
+        Command::BenchSandbox { runs, image } => {
+            let report = orchestrator::sandbox::bench::run(&image, runs.max(1)).await?;
+            out(&serde_json::to_string(&report)?)?;
+        }
         Command::Bench(args) => {
             let app = connect_migrated(settings).await?;
             let opts = BenchOptions {

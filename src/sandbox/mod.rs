@@ -3,6 +3,7 @@
 //! local-process runtime exists for machines without Docker and is weaker
 //! isolation, which it says loudly.
 
+pub mod bench;
 mod docker;
 mod local;
 mod logs;
@@ -287,6 +288,24 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
         if !ok {
             return Err(SandboxError::Spec(format!(
                 "invalid environment variable name {key:?}"
+            )));
+        }
+    }
+    for m in spec.workspace.iter().chain(spec.mounts.iter()) {
+        let host = m.host.to_string_lossy();
+        if !m.host.is_absolute() || host.contains("..") {
+            return Err(SandboxError::Spec(format!(
+                "mount source {host:?} must be an absolute path without '..'"
+            )));
+        }
+        // Never the Docker socket (or any other daemon's).
+        if host.ends_with(".sock")
+            || host == "/"
+            || host.starts_with("/var/run")
+            || host.starts_with("/run")
+        {
+            return Err(SandboxError::Spec(format!(
+                "mount source {host:?} is not allowed in a sandbox"
             )));
         }
     }
