@@ -15,7 +15,7 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 12] = [
+const SETTINGS_KEYS: [&str; 13] = [
     "admin_token",
     "api",
     "database_url",
@@ -28,6 +28,7 @@ const SETTINGS_KEYS: [&str; 12] = [
     "jobs",
     "maintenance",
     "sandbox",
+    "git",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,9 @@ pub struct Settings {
     pub jobs: JobDefaults,
     pub maintenance: MaintenanceSettings,
     pub sandbox: SandboxSettings,
+    /// Which repositories jobs may name (`ORCH_GIT_ALLOW_LOCAL=true` allows
+    /// local ones).
+    pub git: crate::git::names::RepoPolicy,
 }
 
 /// Which sandbox runtime to use.
@@ -204,6 +208,11 @@ impl Settings {
             )
             .extract()
             .map_err(Box::new)?;
+        let mut settings = settings;
+        // The variable the docs name, beside ORCH_GIT__ALLOW_LOCAL.
+        if std::env::var("ORCH_GIT_ALLOW_LOCAL").is_ok_and(|v| v == "true" || v == "1") {
+            settings.git.allow_local = true;
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -330,10 +339,12 @@ mod tests {
             jail.set_env("ORCH_ADMIN_TOKEN", "a-long-admin-token-123");
             jail.set_env("ORCH_DOCKER_AVAILABLE", "1");
             jail.set_env("ORCH_LOG", "debug");
+            jail.set_env("ORCH_GIT_ALLOW_LOCAL", "true");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!(s.database_url.expose(), "postgres://u:p@db/x");
             assert_eq!(s.http_addr, "0.0.0.0:9000");
             assert_eq!(s.worker.concurrency, 7);
+            assert!(s.git.allow_local, "ORCH_GIT_ALLOW_LOCAL=true");
             assert!(!format!("{s:?}").contains("u:p@"), "secret printed");
             assert!(!format!("{s:?}").contains("a-long-admin"), "secret printed");
             assert_eq!(

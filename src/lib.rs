@@ -7,6 +7,7 @@ pub mod api;
 pub mod app;
 pub mod bench;
 pub mod config;
+pub mod git;
 pub mod job;
 pub mod metrics;
 pub mod pipeline;
