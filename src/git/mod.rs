@@ -3,4 +3,5 @@
 //! commits, conflict checks and push come next (issue #5).
 
 pub mod names;
+pub mod repo;
 pub mod secrets;

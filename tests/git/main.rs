@@ -1,0 +1,382 @@
+//! The git stage against real repositories: bare remotes in temp dirs and a
+//! `git daemon` on loopback (which runs the remote's hooks).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator::git::names::{BranchName, RepoUrl};
+use orchestrator::git::repo::{CommitOutcome, GitError, GitStage, Worktree};
+use orchestrator::git::secrets::Scanner;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A bare `origin.git` with one commit on main: README.md and app.txt.
+fn origin(dir: &Path) -> PathBuf {
+    let bare = dir.join("origin.git");
+    git(dir, &["init", "--bare", bare.to_str().expect("utf-8")]);
+    let seed = dir.join("seed");
+    git(
+        dir,
+        &[
+            "clone",
+            bare.to_str().expect("utf-8"),
+            seed.to_str().expect("utf-8"),
+        ],
+    );
+    std::fs::write(seed.join("README.md"), "# app\nline two\n").expect("write");
+    std::fs::write(seed.join("app.txt"), "v1\n").expect("write");
+    std::fs::write(seed.join(".gitignore"), "*.log\n").expect("write");
+    git(&seed, &["add", "."]);
+    git(&seed, &["commit", "-m", "init"]);
+    git(&seed, &["push", "origin", "HEAD:main"]);
+    bare
+}
+
+fn stage(root: &Path) -> GitStage {
+    GitStage::new(
+        root.join("data"),
+        "orchestrator".into(),
+        "bot@orchestrator.test".into(),
+        Arc::new(Scanner::default_rules().expect("rules")),
+    )
+}
+
+fn local(path: &Path) -> RepoUrl {
+    RepoUrl::Local {
+        path: path.to_owned(),
+    }
+}
+
+fn branch(name: &str) -> BranchName {
+    BranchName::parse(name).expect("valid branch")
+}
+
+fn remote_branches(bare: &Path) -> Vec<String> {
+    git(
+        bare,
+        &["for-each-ref", "--format=%(refname:short)", "refs/heads"],
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+#[test]
+fn eight_concurrent_jobs_get_isolated_worktrees_and_push_their_branches() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let stage = stage(tmp.path());
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let stage = stage.clone();
+            let url = local(&bare);
+            std::thread::spawn(move || {
+                let job = format!("job-{i}");
+                let wt = stage
+                    .prepare(&job, &url, None, &branch(&format!("orchestrator/{job}")))
+                    .expect("prepare");
+                // Each worktree sees only its own change.
+                std::fs::write(wt.path.join(format!("out-{i}.txt")), format!("from {i}\n"))
+                    .expect("write");
+                let entries: Vec<_> = std::fs::read_dir(&wt.path)
+                    .expect("ls")
+                    .filter_map(|e| e.ok())
+                    .collect();
+                assert_eq!(
+                    entries
+                        .iter()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("out-"))
+                        .count(),
+                    1
+                );
+                let outcome = stage.commit(&wt, &format!("job {i}")).expect("commit");
+                assert!(
+                    matches!(outcome, CommitOutcome::Committed { files: 1, .. }),
+                    "{outcome:?}"
+                );
+                stage.push(&wt).expect("push");
+                stage.cleanup(&wt, true).expect("cleanup");
+                assert!(!wt.path.exists());
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("job thread");
+    }
+    let branches = remote_branches(&bare);
+    for i in 0..8 {
+        assert!(
+            branches.contains(&format!("orchestrator/job-{i}")),
+            "{branches:?}"
+        );
+        let file = git(
+            &bare,
+            &["show", &format!("orchestrator/job-{i}:out-{i}.txt")],
+        );
+        assert_eq!(file, format!("from {i}"));
+    }
+}
+
+#[test]
+fn nothing_changed_and_ignored_files_are_not_commits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let stage = stage(tmp.path());
+    let wt = stage
+        .prepare("j1", &local(&bare), None, &branch("orchestrator/j1"))
+        .expect("prepare");
+    assert_eq!(
+        stage.commit(&wt, "none").expect("commit"),
+        CommitOutcome::NoChanges
+    );
+    std::fs::write(wt.path.join("debug.log"), "ignored\n").expect("write");
+    assert_eq!(
+        stage.commit(&wt, "ignored").expect("commit"),
+        CommitOutcome::NoChanges
+    );
+    std::fs::remove_file(wt.path.join("app.txt")).expect("rm");
+    assert!(matches!(
+        stage.commit(&wt, "deletion").expect("commit"),
+        CommitOutcome::Committed { files: 1, .. }
+    ));
+    stage.cleanup(&wt, false).expect("cleanup");
+    let mirror = git2::Repository::open_bare(&wt.mirror).expect("mirror");
+    assert!(
+        mirror
+            .find_branch("orchestrator/j1", git2::BranchType::Local)
+            .is_err(),
+        "unpushed branch removed"
+    );
+}
+
+#[test]
+fn secrets_in_new_files_and_modified_lines_block_the_commit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let stage = stage(tmp.path());
+    let secret = "ghp_aB3dE5fG7hJ9kL2mN4pQ6rS8tU0vW1xY3zAB";
+    let wt = stage
+        .prepare("s1", &local(&bare), None, &branch("orchestrator/s1"))
+        .expect("prepare");
+    std::fs::write(
+        wt.path.join("deploy.env"),
+        format!("A=1\nGITHUB_TOKEN={secret}\n"),
+    )
+    .expect("write");
+    std::fs::write(
+        wt.path.join("README.md"),
+        "# app\n-----BEGIN OPENSSH PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let outcome = stage.commit(&wt, "leaky").expect("commit");
+    let CommitOutcome::SecretDetected { findings } = &outcome else {
+        panic!("not detected: {outcome:?}")
+    };
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.rule_id == "github-pat" && f.file == "deploy.env" && f.line == 2),
+        "{findings:?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.rule_id == "private-key" && f.file == "README.md" && f.line == 2),
+        "{findings:?}"
+    );
+    assert!(
+        !serde_json::to_string(&outcome)
+            .expect("json")
+            .contains(secret),
+        "the finding carries no secret"
+    );
+    let head = git2::Repository::open(&wt.path)
+        .expect("wt")
+        .head()
+        .expect("head")
+        .peel_to_commit()
+        .expect("commit")
+        .id();
+    assert_eq!(head, wt.base_commit, "nothing was committed");
+    stage.cleanup(&wt, false).expect("cleanup");
+}
+
+#[test]
+fn conflicts_are_found_with_their_paths_and_clean_merges_pass() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let stage = stage(tmp.path());
+    let url = local(&bare);
+    let wt = stage
+        .prepare("c1", &url, Some("main"), &branch("orchestrator/c1"))
+        .expect("prepare");
+    std::fs::write(wt.path.join("README.md"), "# app\nline two, by the agent\n").expect("write");
+    std::fs::write(wt.path.join("new.txt"), "agent\n").expect("write");
+    assert!(matches!(
+        stage.commit(&wt, "agent").expect("commit"),
+        CommitOutcome::Committed { .. }
+    ));
+    assert_eq!(
+        stage.conflicts(&wt, &url, "main").expect("check"),
+        Vec::<String>::new(),
+        "clean so far"
+    );
+
+    // Someone changes the same line on main.
+    let other = tmp.path().join("other");
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            bare.to_str().expect("utf-8"),
+            other.to_str().expect("utf-8"),
+        ],
+    );
+    std::fs::write(other.join("README.md"), "# app\nline two, by a human\n").expect("write");
+    std::fs::write(other.join("unrelated.txt"), "fine\n").expect("write");
+    git(&other, &["commit", "-am", "human", "--allow-empty"]);
+    git(&other, &["add", "."]);
+    git(&other, &["commit", "-m", "more", "--allow-empty"]);
+    git(&other, &["push", "origin", "HEAD:main"]);
+    assert_eq!(
+        stage.conflicts(&wt, &url, "main").expect("check"),
+        vec!["README.md".to_owned()]
+    );
+    assert!(matches!(
+        stage.conflicts(&wt, &url, "no-such-branch"),
+        Err(GitError::Git(_) | GitError::NoSuchBase(_))
+    ));
+    stage.cleanup(&wt, false).expect("cleanup");
+}
+
+#[test]
+fn an_unknown_base_is_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let err = stage(tmp.path())
+        .prepare(
+            "b1",
+            &local(&bare),
+            Some("release-9"),
+            &branch("orchestrator/b1"),
+        )
+        .expect_err("no such base");
+    assert!(err.to_string().contains("release-9"), "{err}");
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `git daemon` serving `base` on a free loopback port, with pushes allowed.
+fn daemon(base: &Path) -> (Daemon, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let child = Command::new("git")
+        .args([
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--enable=receive-pack",
+            "--listen=127.0.0.1",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--base-path={}", base.display()))
+        .arg(base)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("git daemon");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "git daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Daemon(child), port)
+}
+
+#[test]
+fn push_rejections_are_reported_not_swallowed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    // The remote refuses any push to protected/*.
+    let hook = bare.join("hooks").join("pre-receive");
+    std::fs::write(&hook, "#!/bin/sh\nwhile read old new ref; do case \"$ref\" in refs/heads/protected/*) echo \"protected ref\" >&2; exit 1;; esac; done\n").expect("hook");
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&hook)
+        .status()
+        .expect("chmod");
+    let (_daemon, port) = daemon(tmp.path());
+    let url = RepoUrl::Remote {
+        url: format!("git://127.0.0.1:{port}/origin.git"),
+        scheme: "git".into(),
+        host: "127.0.0.1".into(),
+    };
+    let stage = stage(tmp.path());
+
+    let wt: Worktree = stage
+        .prepare("p1", &url, None, &branch("protected/p1"))
+        .expect("prepare");
+    std::fs::write(wt.path.join("x.txt"), "x\n").expect("write");
+    stage.commit(&wt, "x").expect("commit");
+    let err = stage.push(&wt).expect_err("the hook refuses it");
+    assert!(
+        matches!(err, GitError::PushRejected { .. } | GitError::Git(_)),
+        "{err}"
+    );
+    assert!(!remote_branches(&bare).contains(&"protected/p1".to_owned()));
+    stage.cleanup(&wt, false).expect("cleanup");
+
+    // Non-fast-forward: the branch moved on the remote since.
+    let wt = stage
+        .prepare("n1", &url, None, &branch("feature/n1"))
+        .expect("prepare");
+    std::fs::write(wt.path.join("a.txt"), "a\n").expect("write");
+    stage.commit(&wt, "a").expect("commit");
+    stage.push(&wt).expect("first push");
+    stage.cleanup(&wt, true).expect("cleanup");
+    let wt = stage
+        .prepare("n2", &url, None, &branch("feature/n1"))
+        .expect("prepare again from main");
+    std::fs::write(wt.path.join("b.txt"), "b\n").expect("write");
+    stage.commit(&wt, "b").expect("commit");
+    let err = stage.push(&wt).expect_err("non-fast-forward");
+    let text = err.to_string();
+    assert!(matches!(err, GitError::PushRejected { .. }), "{text}");
+    assert!(text.contains("feature/n1"), "{text}");
+    stage.cleanup(&wt, true).expect("cleanup");
+}
