@@ -53,6 +53,13 @@ enum Command {
     },
     /// Measure throughput and latency through the real path.
     Bench(BenchArgs),
+    /// Worktree creation through the git stage against `git worktree add`.
+    BenchGit {
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// Spawn-to-exit of a sandbox against `docker run --rm`, side by side.
     BenchSandbox {
         #[arg(long, default_value_t = 30)]
@@ -183,6 +190,13 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Enqueue(args) => enqueue(settings, args).await?,
         Command::Jobs { command } => jobs(settings, command).await?,
         Command::Queues { command } => queues(settings, command).await?,
+        Command::BenchGit { files, runs } => {
+            let report = tokio::task::spawn_blocking(move || {
+                orchestrator::git::bench::run(files, runs.max(1))
+            })
+            .await??;
+            out(&serde_json::to_string(&report)?)?;
+        }
         Command::BenchSandbox { runs, image } => {
             let report = orchestrator::sandbox::bench::run(&image, runs.max(1)).await?;
             out(&serde_json::to_string(&report)?)?;
