@@ -83,7 +83,8 @@ fn noop_jobs(queue: &QueueName, n: usize) -> Vec<NewJob> {
         .collect()
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p`th percentile (nearest rank) of sorted samples, 0 when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -250,6 +251,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     })
 }
 
-fn round(v: f64) -> f64 {
+/// Rounded to two decimals, for reports.
+pub fn round(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }

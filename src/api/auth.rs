@@ -126,13 +126,10 @@ impl IntoResponse for Unauthorized {
     }
 }
 
-pub fn authenticate(tokens: &Tokens, parts: &Parts) -> Result<Caller, Unauthorized> {
-    let value = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .ok_or(Unauthorized(
-            "this endpoint needs an Authorization: Bearer <token> header",
-        ))?;
+pub fn authenticate(tokens: &Tokens, headers: &header::HeaderMap) -> Result<Caller, Unauthorized> {
+    let value = headers.get(header::AUTHORIZATION).ok_or(Unauthorized(
+        "this endpoint needs an Authorization: Bearer <token> header",
+    ))?;
     let presented = value
         .as_bytes()
         .strip_prefix(b"Bearer ")
@@ -155,6 +152,6 @@ impl FromRequestParts<ApiState> for Caller {
         parts: &mut Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
-        authenticate(&state.tokens, parts)
+        authenticate(&state.tokens, &parts.headers)
     }
 }

@@ -15,7 +15,7 @@ mod queues;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -73,7 +73,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(health::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(middleware::from_fn(track))
         .with_state(state)
 }
 
@@ -105,7 +105,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// Counts and times every request by matched route (bounded label values),
 /// inside a span that names the route, never the token or the body.
-async fn track(State(_): State<ApiState>, req: Request, next: Next) -> Response {
+async fn track(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()

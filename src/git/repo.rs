@@ -36,6 +36,8 @@ pub enum GitError {
     PushRejected { refname: String, reason: String },
     #[error("cannot lock the mirror: {0}")]
     Lock(String),
+    #[error("{0}")]
+    Command(String),
 }
 
 /// How the git stage is set up.

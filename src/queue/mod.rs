@@ -234,33 +234,32 @@ impl ValkeyQueue {
     /// Releases the leases of finished jobs. Call only after Postgres committed.
     pub async fn ack(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
         let k = self.keys.queue(queue);
-        let mut conn = self.conn.clone();
-        for chunk in ids.chunks(CHUNK) {
-            let args: Vec<String> = chunk.iter().map(|id| id.to_string()).collect();
-            let _: u64 = self
-                .scripts
-                .ack
-                .call(&mut conn, &[&k.active], &args)
-                .await?;
-        }
-        Ok(())
+        self.call_with_ids(&self.scripts.ack, &[&k.active], ids)
+            .await
     }
 
     /// Removes every trace of ids (finished, cancelled or unknown jobs).
     pub async fn forget(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
         let k = self.keys.queue(queue);
+        self.call_with_ids(
+            &self.scripts.forget,
+            &[&k.pending, &k.delayed, &k.active, &k.prio],
+            ids,
+        )
+        .await
+    }
+
+    /// Calls a script whose arguments are ids, in chunks.
+    async fn call_with_ids(
+        &self,
+        script: &scripts::LuaScript,
+        keys: &[&str],
+        ids: &[JobId],
+    ) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         for chunk in ids.chunks(CHUNK) {
             let args: Vec<String> = chunk.iter().map(|id| id.to_string()).collect();
-            let _: u64 = self
-                .scripts
-                .forget
-                .call(
-                    &mut conn,
-                    &[&k.pending, &k.delayed, &k.active, &k.prio],
-                    &args,
-                )
-                .await?;
+            let _: u64 = script.call(&mut conn, keys, &args).await?;
         }
         Ok(())
     }

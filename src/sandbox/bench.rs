@@ -27,11 +27,7 @@ pub struct SandboxBench {
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    (sorted[i.min(sorted.len() - 1)] * 100.0).round() / 100.0
+    crate::bench::round(crate::bench::percentile(sorted, p))
 }
 
 pub async fn run(image: &str, runs: usize) -> Result<SandboxBench, SandboxError> {
