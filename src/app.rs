@@ -2,14 +2,17 @@
 //! every front end (CLI, HTTP API, bench) shares.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::Utc;
 
 use crate::config::Settings;
+use crate::git::repo::GitStage;
+use crate::git::secrets::Scanner;
 use crate::job::{FieldError, Job, JobDefaults, JobId, JobRequest, NewJob, QueueName, Status};
 use crate::metrics as m;
 use crate::pipeline::kinds::KindDef;
-use crate::pipeline::{Registry, SandboxHost};
+use crate::pipeline::{GitHost, Registry, SandboxHost};
 use crate::pool::{Pool, PoolConfig};
 use crate::queue::{IndexEntry, QueueError, ValkeyQueue};
 use crate::store::{Store, StoreError};
@@ -26,6 +29,8 @@ pub enum AppError {
     NotMigrated,
     #[error("invalid job kind definition: {0}")]
     Kind(#[from] crate::pipeline::kinds::KindError),
+    #[error("git stage: {0}")]
+    Git(String),
 }
 
 #[derive(Clone)]
@@ -50,8 +55,25 @@ impl App {
             ValkeyQueue::connect(settings.valkey_url.expose(), &settings.key_prefix).await?;
         let kinds = KindDef::load_dir(&settings.sandbox.workers_dir)?;
         let sandboxes = SandboxHost::new(&settings.sandbox, &settings.key_prefix);
+        let scanner = match &settings.git.secret_rules {
+            Some(path) => Scanner::from_file(path),
+            None => Scanner::default_rules(),
+        }
+        .map_err(|e| AppError::Git(e.to_string()))?;
+        let git = GitHost {
+            stage: GitStage::new(
+                // Absolute: worktrees are bind-mounted into sandboxes.
+                std::path::absolute(&settings.git.data_dir)
+                    .map_err(|e| AppError::Git(e.to_string()))?,
+                settings.git.author_name.clone(),
+                settings.git.author_email.clone(),
+                Arc::new(scanner),
+            ),
+            policy: settings.git.policy(),
+            no_changes: settings.git.no_changes,
+        };
         Ok(App {
-            registry: Registry::with_kinds(kinds, &sandboxes),
+            registry: Registry::with_kinds(kinds, &sandboxes, Some(&git)),
             sandboxes,
             settings,
             store,

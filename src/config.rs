@@ -86,9 +86,45 @@ pub struct Settings {
     pub jobs: JobDefaults,
     pub maintenance: MaintenanceSettings,
     pub sandbox: SandboxSettings,
-    /// Which repositories jobs may name (`ORCH_GIT_ALLOW_LOCAL=true` allows
-    /// local ones).
-    pub git: crate::git::names::RepoPolicy,
+    /// The git stage: which repositories jobs may name
+    /// (`ORCH_GIT_ALLOW_LOCAL=true` allows local ones), where mirrors and
+    /// worktrees live, the commit author.
+    pub git: GitSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitSettings {
+    pub allowed_schemes: Vec<String>,
+    /// Host names, or "*" for any.
+    pub allowed_hosts: Vec<String>,
+    pub allow_local: bool,
+    /// Mirrors and worktrees: `<data_dir>/mirrors`, `<data_dir>/worktrees`.
+    pub data_dir: std::path::PathBuf,
+    pub author_name: String,
+    pub author_email: String,
+    /// What a job whose agent changed nothing ends as: `fail` or `succeed`.
+    pub no_changes: NoChanges,
+    /// A gitleaks-format rules file replacing the built-in secret rules.
+    #[serde(default)]
+    pub secret_rules: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoChanges {
+    Fail,
+    Succeed,
+}
+
+impl GitSettings {
+    pub fn policy(&self) -> crate::git::names::RepoPolicy {
+        crate::git::names::RepoPolicy {
+            allowed_schemes: self.allowed_schemes.clone(),
+            allowed_hosts: self.allowed_hosts.clone(),
+            allow_local: self.allow_local,
+        }
+    }
 }
 
 /// Which sandbox runtime to use.

@@ -117,7 +117,9 @@ impl From<AppError> for ApiError {
                 api.index = Some(index);
                 api
             }
-            AppError::NotMigrated | AppError::Kind(_) => ApiError::unavailable(&e),
+            AppError::NotMigrated | AppError::Kind(_) | AppError::Git(_) => {
+                ApiError::unavailable(&e)
+            }
         }
     }
 }

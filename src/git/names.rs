@@ -4,11 +4,8 @@
 use std::net::IpAddr;
 use std::path::{Component, PathBuf};
 
-use serde::Deserialize;
-
-/// Which repositories jobs may name.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Which repositories jobs may name (from `[git]`).
+#[derive(Debug, Clone)]
 pub struct RepoPolicy {
     /// e.g. ["https", "ssh"]; `file` is governed by `allow_local`.
     pub allowed_schemes: Vec<String>,
@@ -17,7 +14,6 @@ pub struct RepoPolicy {
     pub allowed_hosts: Vec<String>,
     /// `file://` URLs, absolute paths and this machine's addresses
     /// (`ORCH_GIT_ALLOW_LOCAL=true`): for tests and local use.
-    #[serde(default)]
     pub allow_local: bool,
 }
 

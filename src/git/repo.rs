@@ -247,27 +247,46 @@ impl GitStage {
         Ok(findings)
     }
 
-    /// Fetches `target` and merges it with the job's branch in memory; the
-    /// conflicted paths, empty when the branch merges cleanly.
+    /// Fetches `target` (default: the remote's HEAD) and merges it with the
+    /// job's branch in memory; the conflicted paths, empty when the branch
+    /// merges cleanly.
     pub fn conflicts(
         &self,
         wt: &Worktree,
         url: &RepoUrl,
-        target: &str,
+        target: Option<&str>,
     ) -> Result<Vec<String>, GitError> {
-        let target = BranchName::parse(target).map_err(GitError::NoSuchBase)?;
+        let target = target
+            .map(BranchName::parse)
+            .transpose()
+            .map_err(GitError::NoSuchBase)?;
+        let (spec, local) = match &target {
+            Some(t) => (
+                format!("+{}:{REMOTE_PREFIX}{}", t.refname(), t.as_str()),
+                format!("{REMOTE_PREFIX}{}", t.as_str()),
+            ),
+            None => (
+                format!("+HEAD:{REMOTE_PREFIX}HEAD"),
+                format!("{REMOTE_PREFIX}HEAD"),
+            ),
+        };
         {
             let _lock = self.lock(&wt.mirror)?;
             let mirror = open_or_init_mirror(&wt.mirror, url)?;
-            let spec = format!("+{}:{REMOTE_PREFIX}{}", target.refname(), target.as_str());
             fetch(&mirror, &[spec.as_str()])?;
         }
         let repo = Repository::open(&wt.path)?;
         let ours = repo.head()?.peel_to_commit()?;
         let theirs = repo
-            .find_reference(&format!("{REMOTE_PREFIX}{}", target.as_str()))
+            .find_reference(&local)
             .and_then(|r| r.peel_to_commit())
-            .map_err(|_| GitError::NoSuchBase(target.as_str().to_owned()))?;
+            .map_err(|_| {
+                GitError::NoSuchBase(
+                    target
+                        .map(|t| t.as_str().to_owned())
+                        .unwrap_or_else(|| "HEAD".into()),
+                )
+            })?;
         let index = repo.merge_commits(&ours, &theirs, None)?;
         if !index.has_conflicts() {
             return Ok(Vec::new());

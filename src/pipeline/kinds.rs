@@ -11,8 +11,9 @@ use serde::Deserialize;
 use crate::job::JobKind;
 use crate::sandbox::{Limits, Network};
 
-/// The placeholder in `command` replaced by the payload's script.
+/// The placeholders in `command` replaced by the payload's script (or task).
 pub const SCRIPT_PLACEHOLDER: &str = "{script}";
+pub const TASK_PLACEHOLDER: &str = "{task}";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,6 +7,7 @@
 
 mod builtin;
 pub mod kinds;
+mod lifecycle;
 mod sandboxed;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{ClaimedJob, Store};
 
 pub use builtin::{Flaky, Noop, Sleep};
-pub use sandboxed::{SandboxHost, SandboxKind};
+pub use sandboxed::{GitHost, SandboxHost, SandboxKind};
 
 /// What a handler gets: the job it runs and a token that fires when the job
 /// must stop (shutdown past its grace period, lost lease, cancellation).
@@ -73,11 +74,15 @@ impl Registry {
     }
 
     /// The built-in kinds plus every kind defined under `workers_dir`.
-    pub fn with_kinds(defs: Vec<kinds::KindDef>, host: &SandboxHost) -> Self {
+    pub fn with_kinds(
+        defs: Vec<kinds::KindDef>,
+        host: &SandboxHost,
+        git: Option<&GitHost>,
+    ) -> Self {
         let mut r = Registry::builtin();
         for def in defs {
             let kind = def.kind.to_string();
-            r.register(&kind, SandboxKind::new(def, host.clone()));
+            r.register(&kind, SandboxKind::new(def, host.clone(), git.cloned()));
         }
         r
     }

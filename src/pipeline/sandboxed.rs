@@ -11,11 +11,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, OnceCell};
 
-use super::kinds::{KindDef, SCRIPT_PLACEHOLDER};
+use super::kinds::{KindDef, SCRIPT_PLACEHOLDER, TASK_PLACEHOLDER};
 use super::{Handler, HandlerFuture, JobContext, JobError};
-use crate::config::{RuntimeChoice, SandboxSettings, Secret};
+use crate::config::{NoChanges, RuntimeChoice, SandboxSettings, Secret};
+use crate::git::names::{BranchName, RepoPolicy};
+use crate::git::repo::GitStage;
 use crate::sandbox::{
-    DockerRuntime, LogCap, LogLine, Outcome, Owner, RunOptions, Runtime, SandboxSpec,
+    BindMount, DockerRuntime, Finished, LogCap, LogLine, Outcome, Owner, RunOptions, Runtime,
+    SandboxSpec,
 };
 
 /// Largest script a payload may carry.
@@ -72,54 +75,146 @@ impl SandboxHost {
 pub struct SandboxKind {
     def: Arc<KindDef>,
     host: SandboxHost,
+    git: Option<GitHost>,
 }
 
 impl SandboxKind {
-    pub fn new(def: KindDef, host: SandboxHost) -> Self {
+    pub fn new(def: KindDef, host: SandboxHost, git: Option<GitHost>) -> Self {
         SandboxKind {
             def: Arc::new(def),
             host,
+            git,
         }
     }
 }
 
-#[derive(Deserialize)]
+/// The agent job payload (public contract): the text for the agent
+/// (`script` for script-agent, `task` for LLM agents: either name), and, to
+/// work on a repository, `repo`, `base`, `branch`, `push`, `message`.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ScriptPayload {
-    script: String,
+pub(super) struct AgentPayload {
+    pub script: Option<String>,
+    pub task: Option<String>,
+    pub repo: Option<String>,
+    pub base: Option<String>,
+    pub branch: Option<String>,
+    #[serde(default)]
+    pub push: bool,
+    pub message: Option<String>,
+    /// Quality gates and YOLO mode come with the gate stage (not yet).
+    pub gates: Option<Value>,
+    pub yolo: Option<bool>,
 }
 
-fn parse_payload(payload: &Value) -> Result<ScriptPayload, String> {
-    let p: ScriptPayload = serde_json::from_value(payload.clone())
-        .map_err(|e| format!("payload must look like {{\"script\": \"echo hello\"}}: {e}"))?;
-    if p.script.trim().is_empty() {
+impl AgentPayload {
+    pub fn text(&self) -> &str {
+        self.script
+            .as_deref()
+            .or(self.task.as_deref())
+            .unwrap_or_default()
+    }
+}
+
+pub(super) fn parse_payload(
+    payload: &Value,
+    git: Option<&GitHost>,
+) -> Result<AgentPayload, String> {
+    let p: AgentPayload = serde_json::from_value(payload.clone()).map_err(|e| {
+        format!("payload must look like {{\"script\": \"echo hello\"}} (optionally with repo, base, branch, push, message): {e}")
+    })?;
+    let text = match (&p.script, &p.task) {
+        (Some(_), Some(_)) => return Err("give payload.script or payload.task, not both".into()),
+        (None, None) => return Err("payload.script (or payload.task) is required".into()),
+        (Some(t), None) | (None, Some(t)) => t,
+    };
+    if text.trim().is_empty() {
         return Err("payload.script must not be empty".into());
     }
-    if p.script.len() > MAX_SCRIPT_BYTES {
+    if text.len() > MAX_SCRIPT_BYTES {
         return Err(format!(
             "payload.script is larger than {MAX_SCRIPT_BYTES} bytes"
         ));
     }
-    if p.script.contains('\0') {
+    if text.contains('\0') {
         return Err("payload.script must not contain NUL characters".into());
+    }
+    if p.gates.is_some() || p.yolo.is_some() {
+        return Err(
+            "payload.gates and payload.yolo are not available yet: this version has no gate stage"
+                .into(),
+        );
+    }
+    match (&p.repo, git) {
+        (None, _) => {
+            if p.base.is_some() || p.branch.is_some() || p.push || p.message.is_some() {
+                return Err("payload.base, branch, push and message need payload.repo".into());
+            }
+        }
+        (Some(_), None) => return Err("this deployment has no git stage configured".into()),
+        (Some(repo), Some(git)) => {
+            git.policy
+                .check(repo)
+                .map_err(|e| format!("payload.repo: {e}"))?;
+            if let Some(b) = &p.base {
+                BranchName::parse(b).map_err(|e| format!("payload.base: {e}"))?;
+            }
+            if let Some(b) = &p.branch {
+                BranchName::parse(b).map_err(|e| format!("payload.branch: {e}"))?;
+            }
+            if p.message
+                .as_ref()
+                .is_some_and(|m| m.trim().is_empty() || m.len() > 10_000)
+            {
+                return Err("payload.message must be 1 to 10000 bytes".into());
+            }
+        }
     }
     Ok(p)
 }
 
+/// What the git stage needs: the stage itself and the repository policy.
+#[derive(Clone)]
+pub struct GitHost {
+    pub stage: GitStage,
+    pub policy: RepoPolicy,
+    pub no_changes: NoChanges,
+}
+
 impl Handler for SandboxKind {
     fn validate(&self, payload: &Value) -> Result<(), String> {
-        parse_payload(payload).map(drop)
+        parse_payload(payload, self.git.as_ref()).map(drop)
     }
 
     fn run(&self, ctx: JobContext) -> HandlerFuture {
         let def = self.def.clone();
         let host = self.host.clone();
-        Box::pin(async move { run(&def, &host, ctx).await })
+        let git = self.git.clone();
+        Box::pin(async move {
+            let payload = parse_payload(&ctx.job.payload, git.as_ref()).map_err(JobError::Fatal)?;
+            match (&payload.repo, &git) {
+                (Some(_), Some(git)) => {
+                    super::lifecycle::run(&def, &host, git, &payload, ctx).await
+                }
+                _ => {
+                    let (finished, log, runtime) =
+                        run_sandbox(&def, &host, &ctx, payload.text(), None).await?;
+                    outcome_result(&def, finished, log, runtime)
+                }
+            }
+        })
     }
 }
 
-async fn run(def: &KindDef, host: &SandboxHost, ctx: JobContext) -> Result<Value, JobError> {
-    let payload = parse_payload(&ctx.job.payload).map_err(JobError::Fatal)?;
+/// Runs the kind's sandbox with `text` as its script, `workspace` mounted at
+/// /workspace; output streams into the job's events.
+pub(super) async fn run_sandbox(
+    def: &KindDef,
+    host: &SandboxHost,
+    ctx: &JobContext,
+    text: &str,
+    workspace: Option<BindMount>,
+) -> Result<(Finished, Value, &'static str), JobError> {
     let job = &ctx.job;
     let mut secrets = BTreeMap::new();
     for name in &def.secrets {
@@ -138,8 +233,8 @@ async fn run(def: &KindDef, host: &SandboxHost, ctx: JobContext) -> Result<Value
         .command
         .iter()
         .map(|arg| {
-            if arg == SCRIPT_PLACEHOLDER {
-                payload.script.clone()
+            if arg == SCRIPT_PLACEHOLDER || arg == TASK_PLACEHOLDER {
+                text.to_owned()
             } else {
                 arg.clone()
             }
@@ -154,7 +249,7 @@ async fn run(def: &KindDef, host: &SandboxHost, ctx: JobContext) -> Result<Value
         command,
         env,
         secrets,
-        workspace: None,
+        workspace,
         mounts: Vec::new(),
         limits: def.limits,
         network: def.network,
@@ -189,8 +284,18 @@ async fn run(def: &KindDef, host: &SandboxHost, ctx: JobContext) -> Result<Value
         .await;
     let log = writer.await.unwrap_or_default();
     let finished = finished.map_err(|e| JobError::Failed(format!("sandbox failed: {e}")))?;
+    Ok((finished, log, runtime.name()))
+}
+
+/// The job's result for a sandbox run, or why the attempt failed.
+pub(super) fn outcome_result(
+    def: &KindDef,
+    finished: Finished,
+    log: Value,
+    runtime: &str,
+) -> Result<Value, JobError> {
     let result = json!({
-        "runtime": runtime.name(),
+        "runtime": runtime,
         "outcome": finished.outcome,
         "duration_ms": u64::try_from(finished.duration.as_millis()).unwrap_or(u64::MAX),
         "log": log,
@@ -206,7 +311,7 @@ async fn run(def: &KindDef, host: &SandboxHost, ctx: JobContext) -> Result<Value
         ))),
         Outcome::TimedOut => Err(JobError::Failed(format!(
             "timed out after {}s",
-            timeout.as_secs()
+            def.timeout_secs
         ))),
         Outcome::Stopped { .. } => Err(JobError::Interrupted),
     }

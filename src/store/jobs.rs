@@ -260,6 +260,24 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Records the stage a running job is in, only under its current lease.
+    pub async fn set_stage(
+        &self,
+        id: JobId,
+        lease_id: i64,
+        stage: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET stage = $3, updated_at = now() WHERE id = $1 AND status = 'running' AND lease_id = $2",
+        )
+        .bind(id.0)
+        .bind(lease_id)
+        .bind(stage)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Records an event on a job whatever its state (maintenance: an orphan
     /// sandbox removed, say).
     pub async fn record_event(

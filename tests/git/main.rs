@@ -239,7 +239,7 @@ fn conflicts_are_found_with_their_paths_and_clean_merges_pass() {
         CommitOutcome::Committed { .. }
     ));
     assert_eq!(
-        stage.conflicts(&wt, &url, "main").expect("check"),
+        stage.conflicts(&wt, &url, Some("main")).expect("check"),
         Vec::<String>::new(),
         "clean so far"
     );
@@ -261,11 +261,11 @@ fn conflicts_are_found_with_their_paths_and_clean_merges_pass() {
     git(&other, &["commit", "-m", "more", "--allow-empty"]);
     git(&other, &["push", "origin", "HEAD:main"]);
     assert_eq!(
-        stage.conflicts(&wt, &url, "main").expect("check"),
+        stage.conflicts(&wt, &url, Some("main")).expect("check"),
         vec!["README.md".to_owned()]
     );
     assert!(matches!(
-        stage.conflicts(&wt, &url, "no-such-branch"),
+        stage.conflicts(&wt, &url, Some("no-such-branch")),
         Err(GitError::Git(_) | GitError::NoSuchBase(_))
     ));
     stage.cleanup(&wt, false).expect("cleanup");

@@ -2,6 +2,7 @@
 //! local-process runtime). Run them with `scripts/test.sh`, which starts
 //! Docker and builds the `orchestrator/script-agent` image.
 
+mod agent;
 #[allow(dead_code)]
 #[path = "../queue/helpers.rs"]
 mod helpers;

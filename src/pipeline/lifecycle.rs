@@ -1,0 +1,284 @@
+//! The agent lifecycle for jobs that name a repository: **spawn** (a
+//! worktree from the repository's mirror, the agent in its sandbox on it),
+//! **git** (commit after a secret scan, conflict check), **complete** (a
+//! second conflict check and the push when asked, the result). The stage is
+//! recorded on the job, each start and end is an event with its duration,
+//! and the worktree is cleaned up on every path. (Quality gates, between git
+//! and complete, are not built yet.)
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+use super::kinds::KindDef;
+use super::sandboxed::{outcome_result, run_sandbox, AgentPayload, GitHost, SandboxHost};
+use super::{JobContext, JobError};
+use crate::config::NoChanges;
+use crate::git::names::BranchName;
+use crate::git::repo::{CommitOutcome, GitError, Worktree};
+use crate::sandbox::{BindMount, SANDBOX_USER, WORKSPACE};
+
+pub(super) async fn run(
+    def: &KindDef,
+    host: &SandboxHost,
+    git: &GitHost,
+    payload: &AgentPayload,
+    ctx: JobContext,
+) -> Result<Value, JobError> {
+    let job = &ctx.job;
+    let repo = payload.repo.as_deref().unwrap_or_default();
+    let url = git
+        .policy
+        .check(repo)
+        .map_err(|e| JobError::Fatal(format!("payload.repo: {e}")))?;
+    let branch = match &payload.branch {
+        Some(b) => BranchName::parse(b),
+        None => BranchName::parse(&format!("orchestrator/{}", job.id)),
+    }
+    .map_err(JobError::Fatal)?;
+    let mut stages = Map::new();
+
+    let started = stage_start(&ctx, "spawn").await;
+    let stage = git.stage.clone();
+    let (name, prep_url, base) = (job.id.to_string(), url.clone(), payload.base.clone());
+    let prep_branch = branch.clone();
+    let wt = blocking(move || stage.prepare(&name, &prep_url, base.as_deref(), &prep_branch))
+        .await
+        .map_err(|e| match e {
+            GitError::NoSuchBase(_) => JobError::Fatal(e.to_string()),
+            e => JobError::Failed(format!("preparing the worktree failed: {e}")),
+        })?;
+
+    let result =
+        stages_after_prepare(def, host, git, payload, &ctx, &wt, &mut stages, started).await;
+
+    let pushed = result.as_ref().is_ok_and(|v| v["pushed"] == json!(true));
+    let stage = git.stage.clone();
+    let cleanup_wt = wt.clone();
+    if let Err(err) = blocking(move || stage.cleanup(&cleanup_wt, pushed)).await {
+        tracing::warn!(job.id = %job.id, error = %err, "worktree cleanup failed; the reaper will retry");
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stages_after_prepare(
+    def: &KindDef,
+    host: &SandboxHost,
+    git: &GitHost,
+    payload: &AgentPayload,
+    ctx: &JobContext,
+    wt: &Worktree,
+    stages: &mut Map<String, Value>,
+    spawn_started: Instant,
+) -> Result<Value, JobError> {
+    // spawn: the agent on the worktree.
+    let runtime = host.runtime().await.map_err(JobError::Failed)?;
+    let docker = runtime.name() == "docker";
+    if docker {
+        let (uid, gid) = sandbox_ids();
+        chown_tree(&wt.path, uid, gid)
+            .map_err(|e| JobError::Failed(format!("preparing the worktree: {e}")))?;
+    }
+    let workspace = BindMount {
+        host: wt.path.clone(),
+        target: WORKSPACE.to_owned(),
+        read_only: false,
+    };
+    let ran = run_sandbox(def, host, ctx, payload.text(), Some(workspace)).await;
+    if docker {
+        // Back to the worker's user: git refuses repositories owned by
+        // someone else, and what the agent wrote is now the worker's to judge.
+        use std::os::unix::fs::MetadataExt;
+        let mirror = std::fs::metadata(&wt.mirror)
+            .map_err(|e| JobError::Failed(format!("the mirror: {e}")))?;
+        chown_tree(&wt.path, mirror.uid(), mirror.gid())
+            .map_err(|e| JobError::Failed(format!("taking the worktree back: {e}")))?;
+    }
+    let (finished, log, runtime_name) = ran?;
+    let sandbox = outcome_result(def, finished, log, runtime_name);
+    stage_end(ctx, "spawn", spawn_started, sandbox.is_ok(), stages).await;
+    let sandbox = sandbox?;
+
+    // git: commit after the secret scan, then the conflict check.
+    let started = stage_start(ctx, "git").await;
+    let stage = git.stage.clone();
+    let commit_wt = wt.clone();
+    let message = payload
+        .message
+        .clone()
+        .unwrap_or_else(|| format!("orchestrator: job {}\n\nAgent: {}", ctx.job.id, def.kind));
+    let committed = blocking(move || stage.commit(&commit_wt, &message))
+        .await
+        .map_err(|e| JobError::Failed(format!("commit failed: {e}")))?;
+    let (sha, files) = match committed {
+        CommitOutcome::Committed { sha, files } => (sha, files),
+        CommitOutcome::NoChanges => {
+            stage_end(
+                ctx,
+                "git",
+                started,
+                git.no_changes == NoChanges::Succeed,
+                stages,
+            )
+            .await;
+            return match git.no_changes {
+                NoChanges::Fail => Err(JobError::Fatal(
+                    "no_changes: the agent changed nothing".into(),
+                )),
+                NoChanges::Succeed => Ok(json!({
+                    "outcome": "no_changes", "branch": wt.branch.as_str(), "pushed": false,
+                    "stages": stages.clone(), "sandbox": sandbox,
+                })),
+            };
+        }
+        CommitOutcome::SecretDetected { findings } => {
+            record(ctx, "secret_detected", json!({ "findings": findings })).await;
+            stage_end(ctx, "git", started, false, stages).await;
+            let list: Vec<String> = findings
+                .iter()
+                .map(|f| format!("{} in {}:{}", f.rule_id, f.file, f.line))
+                .collect();
+            return Err(JobError::Fatal(format!(
+                "secret_detected: {}",
+                list.join(", ")
+            )));
+        }
+    };
+    let merges = check_conflicts(git, ctx, wt, payload).await;
+    stage_end(ctx, "git", started, merges.is_ok(), stages).await;
+    merges?;
+
+    // complete: push when asked (after another conflict check).
+    let started = stage_start(ctx, "complete").await;
+    let mut pushed = false;
+    if payload.push {
+        check_conflicts(git, ctx, wt, payload).await?;
+        let stage = git.stage.clone();
+        let push_wt = wt.clone();
+        blocking(move || stage.push(&push_wt))
+            .await
+            .map_err(|e| match e {
+                GitError::PushRejected { .. } => JobError::Fatal(format!("push_rejected: {e}")),
+                e => JobError::Failed(format!("push failed: {e}")),
+            })?;
+        pushed = true;
+    }
+    stage_end(ctx, "complete", started, true, stages).await;
+    Ok(json!({
+        "outcome": "committed",
+        "commit": sha,
+        "files": files,
+        "branch": wt.branch.as_str(),
+        "pushed": pushed,
+        "stages": stages.clone(),
+        "sandbox": sandbox,
+    }))
+}
+
+async fn check_conflicts(
+    git: &GitHost,
+    ctx: &JobContext,
+    wt: &Worktree,
+    payload: &AgentPayload,
+) -> Result<(), JobError> {
+    let stage = git.stage.clone();
+    let (check_wt, url) = (
+        wt.clone(),
+        git.policy
+            .check(payload.repo.as_deref().unwrap_or_default())
+            .map_err(JobError::Fatal)?,
+    );
+    let target = payload.base.clone();
+    let paths = blocking(move || stage.conflicts(&check_wt, &url, target.as_deref()))
+        .await
+        .map_err(|e| JobError::Failed(format!("conflict check failed: {e}")))?;
+    if paths.is_empty() {
+        return Ok(());
+    }
+    record(
+        ctx,
+        "conflict",
+        json!({ "target": payload.base.as_deref().unwrap_or("HEAD"), "paths": paths }),
+    )
+    .await;
+    Err(JobError::Fatal(format!(
+        "conflict: {} no longer merges ({})",
+        wt.branch.as_str(),
+        paths.join(", ")
+    )))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, GitError> + Send + 'static,
+) -> Result<T, GitError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(GitError::Command(format!("git task failed: {e}"))))
+}
+
+async fn record(ctx: &JobContext, kind: &'static str, data: Value) {
+    if let Err(err) = ctx
+        .store
+        .append_events(
+            ctx.job.id,
+            ctx.job.lease_id,
+            &[(kind, data)],
+            &ctx.worker_id,
+        )
+        .await
+    {
+        tracing::warn!(job.id = %ctx.job.id, error = %err, event = kind, "could not record an event");
+    }
+}
+
+async fn stage_start(ctx: &JobContext, stage: &'static str) -> Instant {
+    if let Err(err) = ctx
+        .store
+        .set_stage(ctx.job.id, ctx.job.lease_id, stage)
+        .await
+    {
+        tracing::warn!(job.id = %ctx.job.id, error = %err, stage, "could not record the stage");
+    }
+    record(ctx, "stage_started", json!({ "stage": stage })).await;
+    Instant::now()
+}
+
+async fn stage_end(
+    ctx: &JobContext,
+    stage: &'static str,
+    started: Instant,
+    ok: bool,
+    stages: &mut Map<String, Value>,
+) {
+    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    stages.insert(format!("{stage}_ms"), json!(ms));
+    record(
+        ctx,
+        "stage_finished",
+        json!({ "stage": stage, "duration_ms": ms, "ok": ok }),
+    )
+    .await;
+}
+
+/// The uid and gid sandboxes run as.
+fn sandbox_ids() -> (u32, u32) {
+    let (uid, gid) = SANDBOX_USER.split_once(':').unwrap_or(("1000", "1000"));
+    (uid.parse().unwrap_or(1000), gid.parse().unwrap_or(1000))
+}
+
+/// `chown -R` without following symlinks (an agent may plant them).
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let mut stack = vec![path.to_owned()];
+    while let Some(p) = stack.pop() {
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&p)? {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! Agent jobs on a repository, end to end: worktree, agent in its sandbox,
+//! commit with secret scan, conflict check, push; real Docker, git,
+//! Postgres and Valkey.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use orchestrator::job::{JobId, Status};
+use serde_json::json;
+
+use crate::helpers::{request, unique_queue, TestEnv};
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn origin(dir: &Path) -> PathBuf {
+    let bare = dir.join("origin.git");
+    git(
+        dir,
+        &["init", "--bare", "-q", bare.to_str().expect("utf-8")],
+    );
+    let seed = dir.join("seed");
+    git(
+        dir,
+        &[
+            "clone",
+            "-q",
+            bare.to_str().expect("utf-8"),
+            seed.to_str().expect("utf-8"),
+        ],
+    );
+    std::fs::write(seed.join("README.md"), "# app\nline two\n").expect("write");
+    git(&seed, &["add", "."]);
+    git(&seed, &["commit", "-q", "-m", "init"]);
+    git(&seed, &["push", "-q", "origin", "HEAD:main"]);
+    bare
+}
+
+struct Fixture {
+    env: TestEnv,
+    bare: PathBuf,
+    tmp: tempfile::TempDir,
+    queue: String,
+}
+
+async fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let data = tmp.path().join("git-data");
+    let env = TestEnv::with_settings(move |s| {
+        s.git.allow_local = true;
+        s.git.data_dir = data;
+    })
+    .await;
+    Fixture {
+        env,
+        bare,
+        tmp,
+        queue: unique_queue(),
+    }
+}
+
+impl Fixture {
+    async fn run(&self, payload: serde_json::Value) -> orchestrator::job::Job {
+        let mut r = request("script-agent", &self.queue, payload);
+        r.max_attempts = Some(1);
+        let job = self.env.enqueue(vec![r]).await.remove(0);
+        let pool = self.env.start_pool(self.env.pool_config(&self.queue, 2));
+        let done = self
+            .env
+            .wait_terminal(&[job.id], Duration::from_secs(90))
+            .await
+            .remove(0);
+        pool.shutdown().await;
+        done
+    }
+
+    fn remote_branches(&self) -> String {
+        git(
+            &self.bare,
+            &["for-each-ref", "--format=%(refname:short)", "refs/heads"],
+        )
+    }
+
+    async fn event_types(&self, id: JobId) -> Vec<String> {
+        self.env
+            .app
+            .store
+            .job_events(id, None)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    fn worktrees_left(&self) -> usize {
+        std::fs::read_dir(self.tmp.path().join("git-data").join("worktrees"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+#[tokio::test]
+async fn an_agent_change_is_committed_scanned_and_pushed() {
+    let f = fixture().await;
+    let done = f
+        .run(json!({
+            "script": "echo 'hello from the agent' > hello.txt && id -u > uid.txt",
+            "repo": f.bare.to_str().expect("utf-8"),
+            "push": true,
+        }))
+        .await;
+    assert_eq!(done.status, Status::Succeeded, "{:?}", done.last_error);
+    let result = done.result.clone().expect("result");
+    assert_eq!(result["pushed"], true);
+    let branch = format!("orchestrator/{}", done.id);
+    assert_eq!(result["branch"], branch);
+    assert!(
+        f.remote_branches().contains(&branch),
+        "{}",
+        f.remote_branches()
+    );
+    assert_eq!(
+        git(&f.bare, &["show", &format!("{branch}:hello.txt")]),
+        "hello from the agent"
+    );
+    assert_eq!(
+        git(&f.bare, &["show", &format!("{branch}:uid.txt")]),
+        "1000",
+        "the agent ran as 1000"
+    );
+    assert_eq!(
+        git(&f.bare, &["rev-parse", &branch]),
+        result["commit"].as_str().expect("sha")
+    );
+    for key in ["spawn_ms", "git_ms", "complete_ms"] {
+        assert!(result["stages"][key].is_u64(), "{key} missing: {result}");
+    }
+    let types = f.event_types(done.id).await;
+    let stages: Vec<&String> = types.iter().filter(|t| t.starts_with("stage_")).collect();
+    assert_eq!(stages.len(), 6, "{types:?}");
+    assert_eq!(f.worktrees_left(), 0, "the worktree is cleaned up");
+}
+
+#[tokio::test]
+async fn a_secret_written_by_the_agent_fails_the_job_and_nothing_is_pushed() {
+    let f = fixture().await;
+    let secret = "ghp_aB3dE5fG7hJ9kL2mN4pQ6rS8tU0vW1xY3zAB";
+    let done = f
+        .run(json!({
+            // Assembled by the agent, so the payload itself does not hold it.
+            "script": "a=aB3dE5fG7hJ9kL2mN4pQ6rS8; b=tU0vW1xY3zAB; printf 'TOKEN=ghp_%s%s\\n' $a $b > .env.local",
+            "repo": f.bare.to_str().expect("utf-8"),
+            "push": true,
+        }))
+        .await;
+    assert_eq!(done.status, Status::Dead);
+    let error = done.last_error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("secret_detected: github-pat in .env.local:1"),
+        "{error}"
+    );
+    assert!(
+        !f.remote_branches().contains(&done.id.to_string()),
+        "nothing pushed"
+    );
+    let events = f
+        .env
+        .app
+        .store
+        .job_events(done.id, None)
+        .await
+        .expect("events");
+    let found = events
+        .iter()
+        .find(|e| e.kind == "secret_detected")
+        .expect("a secret_detected event");
+    assert_eq!(found.data["findings"][0]["file"], ".env.local");
+    let all = serde_json::to_string(&(events, done)).expect("json");
+    assert!(!all.contains(secret), "the secret leaked into the trail");
+    assert_eq!(f.worktrees_left(), 0);
+}
+
+#[tokio::test]
+async fn a_conflicting_change_on_the_target_is_reported_and_nothing_is_pushed() {
+    let f = fixture().await;
+    let mut r = request(
+        "script-agent",
+        &f.queue,
+        json!({
+            "script": "printf '# app\\nline two, by the agent\\n' > README.md; echo edited; sleep 3",
+            "repo": f.bare.to_str().expect("utf-8"),
+            "base": "main",
+            "push": true,
+        }),
+    );
+    r.max_attempts = Some(1);
+    let job = f.env.enqueue(vec![r]).await.remove(0);
+    let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
+    // While the agent works, a human changes the same line on main.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = f
+            .env
+            .app
+            .store
+            .job_events(job.id, None)
+            .await
+            .expect("events");
+        if events.iter().any(|e| e.data["line"] == "edited") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let human = f.tmp.path().join("human");
+    git(
+        f.tmp.path(),
+        &[
+            "clone",
+            "-q",
+            f.bare.to_str().expect("utf-8"),
+            human.to_str().expect("utf-8"),
+        ],
+    );
+    std::fs::write(human.join("README.md"), "# app\nline two, by a human\n").expect("write");
+    git(&human, &["commit", "-qam", "human"]);
+    git(&human, &["push", "-q", "origin", "HEAD:main"]);
+
+    let done = f
+        .env
+        .wait_terminal(&[job.id], Duration::from_secs(60))
+        .await
+        .remove(0);
+    pool.shutdown().await;
+    assert_eq!(done.status, Status::Dead);
+    assert!(
+        done.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("conflict:"),
+        "{:?}",
+        done.last_error
+    );
+    let events = f
+        .env
+        .app
+        .store
+        .job_events(done.id, None)
+        .await
+        .expect("events");
+    let conflict = events
+        .iter()
+        .find(|e| e.kind == "conflict")
+        .expect("a conflict event");
+    assert_eq!(conflict.data["paths"], json!(["README.md"]));
+    assert!(
+        !f.remote_branches().contains(&done.id.to_string()),
+        "nothing pushed"
+    );
+    assert_eq!(f.worktrees_left(), 0);
+}
+
+#[tokio::test]
+async fn hostile_agent_payloads_are_refused_at_enqueue() {
+    let f = fixture().await;
+    let cases = [
+        json!({ "script": "true", "repo": "https://127.0.0.1/x.git" }),
+        json!({ "script": "true", "repo": f.bare.to_str().expect("utf-8"), "branch": "../../etc" }),
+        json!({ "script": "true", "repo": f.bare.to_str().expect("utf-8"), "branch": "-rf" }),
+        json!({ "script": "true", "repo": f.bare.to_str().expect("utf-8"), "base": "a..b" }),
+        json!({ "script": "true", "push": true }),
+        json!({ "script": "true", "task": "both" }),
+        json!({ "script": "true", "repo": f.bare.to_str().expect("utf-8"), "gates": "strict" }),
+    ];
+    for payload in cases {
+        let r = request("script-agent", &f.queue, payload.clone());
+        let err = f
+            .env
+            .app
+            .validate(vec![r], "test")
+            .expect_err(&payload.to_string());
+        assert!(err.to_string().contains("payload"), "{payload}: {err}");
+    }
+}
