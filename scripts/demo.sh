@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
 # shellcheck source=lib/images.sh
 source scripts/lib/images.sh
-orch_services_up --no-docker
+orch_services_up
+if [[ "${ORCH_DOCKER_AVAILABLE:-0}" == 1 ]]; then
+  orch_images_up
+else
+  echo "note: no Docker daemon; the agent runs as a local process (weaker isolation)" >&2
+fi
 
 echo "== building" >&2
 cargo build --locked --quiet
@@ -26,6 +31,18 @@ if orch_wait_tcp "$host" "$port" 0 2>/dev/null; then
 fi
 
 "$bin" migrate
+# The sample repository: a bare "remote" on this machine, so allow local repos.
+export ORCH_GIT_ALLOW_LOCAL=true
+demo_repo="$PWD/.data/demo/origin.git"
+if [[ ! -d "$demo_repo" ]]; then
+  rm -rf .data/demo && mkdir -p .data/demo
+  git init -q --bare -b main "$demo_repo"
+  git clone -q "$demo_repo" .data/demo/seed 2>/dev/null
+  printf '# sample\n\nA repository for the orchestrator demo.\n' > .data/demo/seed/README.md
+  git -C .data/demo/seed -c user.name=demo -c user.email=demo@localhost add README.md
+  git -C .data/demo/seed -c user.name=demo -c user.email=demo@localhost commit -q -m "initial commit"
+  git -C .data/demo/seed push -q origin HEAD:main
+fi
 # A token for this demo's API calls (every scope); never logged.
 export ORCH_ADMIN_TOKEN="${ORCH_ADMIN_TOKEN:-demo-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}"
 echo "== starting orchestrator run (log: .data/demo.log)" >&2
@@ -67,6 +84,33 @@ curl -sS -o /dev/null -w "  a bad request answers %{http_code} with application/
 curl -sS -X POST "http://$ORCH_HTTP_ADDR/v1/jobs" -H "$auth" -H 'Content-Type: application/json' -d '{"kind": "noop", "priority": 11}'
 echo
 
+echo "== an agent job: script-agent on the sample repository, through spawn, git and complete" >&2
+agent=$(curl -fsS -X POST "http://$ORCH_HTTP_ADDR/v1/jobs" -H "$auth" -H 'Content-Type: application/json' -d "$(python3 -c '
+import json, sys
+print(json.dumps({"kind": "script-agent", "payload": {
+    "repo": sys.argv[1], "base": "main", "push": True,
+    "script": "echo \"Written by the agent of job $ORCH_JOB_ID\" > AGENT.md && ls -la"}}))' "$demo_repo")")
+agent_id=$(echo "$agent" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+curl -fsSN "http://$ORCH_HTTP_ADDR/v1/jobs/$agent_id/events" -H "$auth" -H 'Accept: text/event-stream' |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    if line.startswith("data: "):
+        e = json.loads(line[6:])
+        d = e["data"]
+        detail = d.get("line") or d.get("stage") or ""
+        if e["type"] == "stage_finished":
+            detail = "%s %sms ok=%s" % (d["stage"], d["duration_ms"], d["ok"])
+        print("  %-15s %s" % (e["type"], detail))'
+curl -fsS "http://$ORCH_HTTP_ADDR/v1/jobs/$agent_id" -H "$auth" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+r = j.get("result") or {}
+print("  status=%s commit=%s branch=%s pushed=%s" % (j["status"], r.get("commit"), r.get("branch"), r.get("pushed")))
+if j["status"] != "succeeded": print("  last_error:", j.get("last_error"))'
+echo "  the remote now has:"
+git --git-dir="$demo_repo" log --oneline --all | sed 's/^/    /'
+
 echo "== queues" >&2
 "$bin" queues
 echo "== metrics (excerpt of http://$ORCH_HTTP_ADDR/metrics)" >&2
@@ -79,5 +123,6 @@ Done. Where to look:
   target/debug/orchestrator jobs show <id>     one job and its audit trail
   .data/demo.log                               the server's log
   http://$ORCH_HTTP_ADDR/v1/openapi.json        the API, described
+  git --git-dir=$demo_repo log --all --stat   the agent's pushed branch
 Start it yourself with: ORCH_ADMIN_TOKEN=<16+ chars> target/debug/orchestrator run   (API on $ORCH_HTTP_ADDR)
 TXT
