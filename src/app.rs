@@ -40,6 +40,7 @@ pub struct App {
     pub queue: ValkeyQueue,
     pub registry: Registry,
     pub sandboxes: SandboxHost,
+    pub git: GitHost,
 }
 
 impl App {
@@ -74,6 +75,7 @@ impl App {
         };
         Ok(App {
             registry: Registry::with_kinds(kinds, &sandboxes, Some(&git)),
+            git,
             sandboxes,
             settings,
             store,
@@ -213,5 +215,6 @@ impl App {
             cfg,
         )
         .with_sandboxes(self.sandboxes.clone())
+        .with_git(self.git.stage.clone())
     }
 }

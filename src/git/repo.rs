@@ -360,6 +360,49 @@ impl GitStage {
         Ok(())
     }
 
+    /// Removes a worktree left behind (its worker died): the directory, the
+    /// mirror's record of it, and its branch in the mirror (a pushed branch
+    /// lives on in the remote). The mirror is found through the worktree's
+    /// `.git` file.
+    pub fn remove_orphan(&self, name: &str) -> Result<(), GitError> {
+        let path = self.worktrees_dir().join(name);
+        let gitdir = std::fs::read_to_string(path.join(".git"))
+            .ok()
+            .and_then(|s| s.strip_prefix("gitdir:").map(|g| PathBuf::from(g.trim())));
+        let head = gitdir
+            .as_ref()
+            .and_then(|g| std::fs::read_to_string(g.join("HEAD")).ok())
+            .and_then(|h| {
+                h.strip_prefix("ref: refs/heads/")
+                    .map(|b| b.trim().to_owned())
+            });
+        // <mirror>/worktrees/<name>
+        let mirror = gitdir
+            .as_ref()
+            .and_then(|g| g.parent())
+            .and_then(|w| w.parent())
+            .map(Path::to_path_buf);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        let Some(mirror) = mirror.filter(|m| m.starts_with(self.root.join("mirrors"))) else {
+            return Ok(());
+        };
+        let _lock = self.lock(&mirror)?;
+        let repo = Repository::open_bare(&mirror)?;
+        if let Ok(w) = repo.find_worktree(name) {
+            w.prune(Some(
+                WorktreePruneOptions::new().valid(true).working_tree(true),
+            ))?;
+        }
+        if let Some(branch) = head {
+            if let Ok(mut b) = repo.find_branch(&branch, BranchType::Local) {
+                b.delete()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Worktree names (job ids) present on disk, for the orphan reaper.
     pub fn worktree_names(&self) -> Result<Vec<String>, GitError> {
         let dir = self.worktrees_dir();

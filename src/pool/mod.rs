@@ -148,8 +148,9 @@ struct Shared {
     wake: Notify,
     observer: Option<mpsc::UnboundedSender<PoolEvent>>,
     worker_id: Arc<str>,
-    /// For the orphan-sandbox reaper.
+    /// For the orphan reapers.
     sandboxes: Option<crate::pipeline::SandboxHost>,
+    git: Option<crate::git::repo::GitStage>,
 }
 
 impl Shared {
@@ -190,6 +191,7 @@ impl Pool {
                 observer: None,
                 worker_id: Arc::from(cfg.worker_id.as_str()),
                 sandboxes: None,
+                git: None,
                 cfg,
             },
         }
@@ -204,6 +206,12 @@ impl Pool {
     /// Reaps orphaned sandboxes of this host's runtime.
     pub fn with_sandboxes(mut self, host: crate::pipeline::SandboxHost) -> Self {
         self.shared.sandboxes = Some(host);
+        self
+    }
+
+    /// Reaps orphaned worktrees of this git stage.
+    pub fn with_git(mut self, stage: crate::git::repo::GitStage) -> Self {
+        self.shared.git = Some(stage);
         self
     }
 

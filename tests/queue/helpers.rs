@@ -473,7 +473,6 @@ impl WorkerProcess {
     ) -> WorkerProcess {
         let s = &env.app.settings;
         let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
-            .envs(vars.iter().copied())
             .args([
                 "worker",
                 "--queues",
@@ -494,6 +493,7 @@ impl WorkerProcess {
             .env("ORCH_RETRY__BACKOFF_BASE_MS", "100")
             .env("ORCH_RETRY__BACKOFF_CAP_MS", "1000")
             .env("ORCH_LOG", "warn")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

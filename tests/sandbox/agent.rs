@@ -304,3 +304,86 @@ async fn hostile_agent_payloads_are_refused_at_enqueue() {
         assert!(err.to_string().contains("payload"), "{payload}: {err}");
     }
 }
+
+#[tokio::test]
+async fn a_sigkilled_workers_worktree_and_container_are_reaped() {
+    let f = fixture().await;
+    let mut r = request(
+        "script-agent",
+        &f.queue,
+        json!({ "script": "echo working; sleep 30", "repo": f.bare.to_str().expect("utf-8") }),
+    );
+    r.max_attempts = Some(1);
+    let job = f.env.enqueue(vec![r]).await.remove(0);
+    let data = f.tmp.path().join("git-data");
+    let vars = [
+        ("ORCH_GIT_ALLOW_LOCAL", "true"),
+        ("ORCH_GIT__DATA_DIR", data.to_str().expect("utf-8")),
+        ("ORCH_SANDBOX__ORPHAN_REAP_INTERVAL_SECS", "1"),
+    ];
+    let mut victim = crate::helpers::WorkerProcess::spawn_with(&f.env, &f.queue, 1, &vars);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = f
+            .env
+            .app
+            .store
+            .job_events(job.id, None)
+            .await
+            .expect("events");
+        if events.iter().any(|e| e.data["line"] == "working") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    victim.kill9();
+    assert_eq!(
+        f.worktrees_left(),
+        1,
+        "the dead worker's worktree is still there"
+    );
+
+    // Another worker on this machine: its reapers end the lease (the job
+    // had one attempt: dead), remove the container and the worktree.
+    let rescuer = crate::helpers::WorkerProcess::spawn_with(&f.env, &f.queue, 1, &vars);
+    let done = f
+        .env
+        .wait_terminal(&[job.id], Duration::from_secs(60))
+        .await
+        .remove(0);
+    assert_eq!(done.status, Status::Dead);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while f.worktrees_left() > 0
+        || !f
+            .event_types(job.id)
+            .await
+            .contains(&"sandbox_removed".to_owned())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphans left: {:?}",
+            f.event_types(job.id).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(rescuer);
+    let types = f.event_types(job.id).await;
+    assert!(types.contains(&"worktree_removed".to_owned()), "{types:?}");
+    let mirror_branches = std::fs::read_dir(data.join("mirrors"))
+        .expect("mirrors")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "git"))
+        .map(|e| {
+            git(
+                &e.path(),
+                &["for-each-ref", "--format=%(refname:short)", "refs/heads"],
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        !mirror_branches.contains(&job.id.to_string()),
+        "the job's branch is gone from the mirror: {mirror_branches}"
+    );
+}

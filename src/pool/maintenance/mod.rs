@@ -82,6 +82,7 @@ pub struct Maintenance {
     cfg: MaintenanceConfig,
     observer: Option<mpsc::UnboundedSender<PoolEvent>>,
     sandboxes: Option<crate::pipeline::SandboxHost>,
+    git: Option<crate::git::repo::GitStage>,
 }
 
 impl Maintenance {
@@ -100,7 +101,14 @@ impl Maintenance {
             cfg,
             observer: None,
             sandboxes: None,
+            git: None,
         }
+    }
+
+    /// Also reaps orphaned worktrees of `stage`.
+    pub fn with_git(mut self, stage: Option<crate::git::repo::GitStage>) -> Self {
+        self.git = stage;
+        self
     }
 
     /// Also reaps orphaned sandboxes of `host`'s runtime.
@@ -183,7 +191,7 @@ impl Maintenance {
                 async move { m.sample_once().await }
             },
         ));
-        if me.sandboxes.is_some() {
+        if me.sandboxes.is_some() || me.git.is_some() {
             let m = me.clone();
             tasks.spawn(periodic(
                 "orphan-reaper",
@@ -191,7 +199,10 @@ impl Maintenance {
                 stop.clone(),
                 move || {
                     let m = m.clone();
-                    async move { m.reap_sandboxes_once().await.map(drop) }
+                    async move {
+                        m.reap_sandboxes_once().await?;
+                        m.reap_worktrees_once().await.map(drop)
+                    }
                 },
             ));
         }
@@ -241,6 +252,7 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         shared.cfg.maintenance.clone(),
     )
     .with_observer(shared.observer.clone())
-    .with_sandboxes(shared.sandboxes.clone());
+    .with_sandboxes(shared.sandboxes.clone())
+    .with_git(shared.git.clone());
     maintenance.run(stop).await;
 }

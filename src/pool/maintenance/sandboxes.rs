@@ -1,4 +1,6 @@
-//! The orphan-sandbox reaper: removes containers (with our labels, and only
+//! The orphan reapers. Worktrees of jobs that are finished or whose lease
+//! nobody holds are removed (with their branch in the mirror). And the
+//! orphan-sandbox reaper removes containers (with our labels, and only
 //! those) whose job is finished, or whose attempt no worker holds a live
 //! lease on any longer, or that outlived their expiry; records each removal
 //! in the job's events. Runs at worker start and then periodically.
@@ -25,6 +27,60 @@ pub struct OrphanReport {
 }
 
 impl Maintenance {
+    /// Worktrees of jobs that are finished, or whose lease nobody holds.
+    pub async fn reap_worktrees_once(&self) -> Result<Vec<String>, PoolError> {
+        let Some(git) = self.git.clone() else {
+            tracing::debug!("no git stage: no worktrees to reap");
+            return Ok(Vec::new());
+        };
+        let lister = git.clone();
+        let names = tokio::task::spawn_blocking(move || lister.worktree_names())
+            .await
+            .map_err(|e| PoolError::Sandbox(e.to_string()))?
+            .map_err(|e| PoolError::Sandbox(e.to_string()))?;
+        tracing::debug!(worktrees = names.len(), "looking for orphaned worktrees");
+        let ids: Vec<crate::job::JobId> = names.iter().filter_map(|n| n.parse().ok()).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let holders: HashMap<_, _> = self
+            .store
+            .lease_holders(&ids)
+            .await?
+            .into_iter()
+            .map(|h| (h.id, h))
+            .collect();
+        let mut removed = Vec::new();
+        for id in ids {
+            let orphan = match holders.get(&id) {
+                None => true,
+                Some(h) => h.status.is_terminal() || !h.lease_live,
+            };
+            if !orphan {
+                continue;
+            }
+            let (stage, name) = (git.clone(), id.to_string());
+            let result = tokio::task::spawn_blocking(move || stage.remove_orphan(&name))
+                .await
+                .map_err(|e| PoolError::Sandbox(e.to_string()))?;
+            if let Err(err) = result {
+                tracing::warn!(job.id = %id, error = %err, "could not remove an orphaned worktree");
+                continue;
+            }
+            tracing::warn!(job.id = %id, "orphaned worktree removed");
+            self.store
+                .record_event(
+                    id,
+                    "worktree_removed",
+                    &self.actor,
+                    json!({ "reason": "no live lease" }),
+                )
+                .await?;
+            removed.push(id.to_string());
+        }
+        Ok(removed)
+    }
+
     pub async fn reap_sandboxes_once(&self) -> Result<OrphanReport, PoolError> {
         let Some(host) = &self.sandboxes else {
             return Ok(OrphanReport::default());
