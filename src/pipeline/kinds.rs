@@ -209,6 +209,25 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_kinds_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("workers");
+        let kinds = KindDef::load_dir(&dir).expect("every workers/*/worker.toml is valid");
+        let names: Vec<&str> = kinds.iter().map(|k| k.kind.as_str()).collect();
+        assert_eq!(names, vec!["claude-code", "script-agent"]);
+        let claude = &kinds[0];
+        assert_eq!(claude.secrets, vec!["ANTHROPIC_API_KEY".to_owned()]);
+        assert_eq!(claude.network, Network::Bridge);
+        assert!(claude.command.iter().any(|a| a == TASK_PLACEHOLDER));
+        for kind in &kinds {
+            assert!(
+                dir.join(kind.kind.as_str()).join("Dockerfile").is_file(),
+                "{} has a Dockerfile",
+                kind.kind
+            );
+        }
+    }
+
+    #[test]
     fn a_minimal_kind_gets_defaults() {
         let d =
             parse("image = \"img\"\ncommand = [\"sh\", \"-c\", \"{script}\"]\n").expect("valid");
