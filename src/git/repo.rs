@@ -138,18 +138,20 @@ impl GitStage {
             .find_reference(&base_ref)
             .and_then(|r| r.peel_to_commit())
             .map_err(|_| GitError::NoSuchBase(base.unwrap_or("HEAD").to_owned()))?;
-        // A branch of the same name left by an earlier attempt is replaced.
-        let local = repo.branch(branch.as_str(), &base_commit, true)?;
+        // What an earlier attempt left (its worktree, its branch) is
+        // replaced; the worktree first, since a branch checked out in one
+        // cannot be moved.
         let path = self.worktrees_dir().join(job);
         if path.exists() {
             std::fs::remove_dir_all(&path)?;
         }
         std::fs::create_dir_all(self.worktrees_dir())?;
         if let Ok(old) = repo.find_worktree(job) {
-            let _ = old.prune(Some(
+            old.prune(Some(
                 WorktreePruneOptions::new().valid(true).working_tree(true),
-            ));
+            ))?;
         }
+        let local = repo.branch(branch.as_str(), &base_commit, true)?;
         let mut opts = WorktreeAddOptions::new();
         opts.reference(Some(local.get()));
         repo.worktree(job, &path, Some(&opts))?;
@@ -182,6 +184,8 @@ impl GitStage {
         }
         let files = diff.deltas().len();
         let sig = Signature::now(&self.author_name, &self.author_email)?;
+        // The branch ref lives in the mirror, which other jobs write to.
+        let _lock = self.lock(&wt.mirror)?;
         let sha = repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &[&head])?;
         Ok(CommitOutcome::Committed {
             sha: sha.to_string(),
@@ -307,6 +311,8 @@ impl GitStage {
     /// Pushes the job's branch. A ref the server refuses is an error, read
     /// from the per-ref status (git2's push itself returns Ok for those).
     pub fn push(&self, wt: &Worktree) -> Result<(), GitError> {
+        // A push updates the mirror's remote-tracking refs: under its lock.
+        let _lock = self.lock(&wt.mirror)?;
         let repo = Repository::open(&wt.path)?;
         let mut remote = repo.find_remote("origin")?;
         let mut rejected: Vec<(String, String)> = Vec::new();

@@ -380,3 +380,29 @@ fn push_rejections_are_reported_not_swallowed() {
     assert!(text.contains("feature/n1"), "{text}");
     stage.cleanup(&wt, true).expect("cleanup");
 }
+
+#[test]
+fn a_retry_replaces_what_an_earlier_attempt_left() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let stage = stage(tmp.path());
+    let url = local(&bare);
+    let first = stage
+        .prepare("r1", &url, None, &branch("orchestrator/r1"))
+        .expect("first attempt");
+    std::fs::write(first.path.join("half-done.txt"), "x\n").expect("write");
+    stage.commit(&first, "half").expect("commit");
+    // The worker died here: no cleanup. The retry starts over from the base.
+    let second = stage
+        .prepare("r1", &url, None, &branch("orchestrator/r1"))
+        .expect("second attempt");
+    assert!(
+        !second.path.join("half-done.txt").exists(),
+        "a fresh worktree"
+    );
+    assert_eq!(
+        stage.commit(&second, "none").expect("commit"),
+        CommitOutcome::NoChanges
+    );
+    stage.cleanup(&second, false).expect("cleanup");
+}
