@@ -242,7 +242,13 @@ async fn a_sigkilled_workers_container_is_reaped_and_its_job_recovered() {
     );
     let done = env.wait_terminal(&[job.id], Duration::from_secs(60)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while container_exists(&env, &name).await {
+    // Gone, and the removal recorded (the event follows the removal).
+    while container_exists(&env, &name).await
+        || !events(&env, job.id)
+            .await
+            .iter()
+            .any(|e| e.kind == "sandbox_removed")
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "the orphan was never removed"
