@@ -74,7 +74,7 @@ impl App {
             no_changes: settings.git.no_changes,
         };
         Ok(App {
-            registry: Registry::with_kinds(kinds, &sandboxes, Some(&git)),
+            registry: Registry::with_kinds(kinds, &sandboxes, Some(&git), &settings.admission),
             git,
             sandboxes,
             settings,

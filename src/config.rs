@@ -15,7 +15,7 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 13] = [
+const SETTINGS_KEYS: [&str; 14] = [
     "admin_token",
     "api",
     "database_url",
@@ -29,6 +29,7 @@ const SETTINGS_KEYS: [&str; 13] = [
     "maintenance",
     "sandbox",
     "git",
+    "admission",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,17 @@ pub struct Settings {
     /// (`ORCH_GIT_ALLOW_LOCAL=true` allows local ones), where mirrors and
     /// worktrees live, the commit author.
     pub git: GitSettings,
+    pub admission: AdmissionSettings,
+}
+
+/// The admission policy for agent jobs (the "50% rule").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionSettings {
+    /// A task may use at most this fraction of its model's context window.
+    pub max_context_fraction: f64,
+    /// Context window per model, in tokens.
+    pub context_windows: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -262,6 +274,14 @@ impl Settings {
             return Err(invalid(
                 "key_prefix",
                 "must be non-empty, without braces or spaces",
+            ));
+        }
+        if !(self.admission.max_context_fraction > 0.0
+            && self.admission.max_context_fraction <= 1.0)
+        {
+            return Err(invalid(
+                "admission.max_context_fraction",
+                "must be above 0 and at most 1",
             ));
         }
         let api = &self.api;

@@ -78,11 +78,16 @@ impl Registry {
         defs: Vec<kinds::KindDef>,
         host: &SandboxHost,
         git: Option<&GitHost>,
+        admission: &crate::config::AdmissionSettings,
     ) -> Self {
         let mut r = Registry::builtin();
+        let admission = Arc::new(admission.clone());
         for def in defs {
             let kind = def.kind.to_string();
-            r.register(&kind, SandboxKind::new(def, host.clone(), git.cloned()));
+            r.register(
+                &kind,
+                SandboxKind::new(def, host.clone(), git.cloned(), admission.clone()),
+            );
         }
         r
     }

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, OnceCell};
 
 use super::kinds::{KindDef, SCRIPT_PLACEHOLDER, TASK_PLACEHOLDER};
 use super::{Handler, HandlerFuture, JobContext, JobError};
-use crate::config::{NoChanges, RuntimeChoice, SandboxSettings, Secret};
+use crate::config::{AdmissionSettings, NoChanges, RuntimeChoice, SandboxSettings, Secret};
 use crate::git::names::{BranchName, RepoPolicy};
 use crate::git::repo::GitStage;
 use crate::sandbox::{
@@ -76,14 +76,21 @@ pub struct SandboxKind {
     def: Arc<KindDef>,
     host: SandboxHost,
     git: Option<GitHost>,
+    admission: Arc<AdmissionSettings>,
 }
 
 impl SandboxKind {
-    pub fn new(def: KindDef, host: SandboxHost, git: Option<GitHost>) -> Self {
+    pub fn new(
+        def: KindDef,
+        host: SandboxHost,
+        git: Option<GitHost>,
+        admission: Arc<AdmissionSettings>,
+    ) -> Self {
         SandboxKind {
             def: Arc::new(def),
             host,
             git,
+            admission,
         }
     }
 }
@@ -105,6 +112,10 @@ pub(super) struct AgentPayload {
     /// Quality gates and YOLO mode come with the gate stage (not yet).
     pub gates: Option<Value>,
     pub yolo: Option<bool>,
+    /// For the admission policy: the tokens the task is expected to need,
+    /// and the model it is for.
+    pub estimated_tokens: Option<u64>,
+    pub model: Option<String>,
 }
 
 impl AgentPayload {
@@ -119,6 +130,7 @@ impl AgentPayload {
 pub(super) fn parse_payload(
     payload: &Value,
     git: Option<&GitHost>,
+    admission: &AdmissionSettings,
 ) -> Result<AgentPayload, String> {
     let p: AgentPayload = serde_json::from_value(payload.clone()).map_err(|e| {
         format!("payload must look like {{\"script\": \"echo hello\"}} (optionally with repo, base, branch, push, message): {e}")
@@ -139,6 +151,7 @@ pub(super) fn parse_payload(
     if text.contains('\0') {
         return Err("payload.script must not contain NUL characters".into());
     }
+    admit(&p, admission)?;
     if p.gates.is_some() || p.yolo.is_some() {
         return Err(
             "payload.gates and payload.yolo are not available yet: this version has no gate stage"
@@ -173,6 +186,37 @@ pub(super) fn parse_payload(
     Ok(p)
 }
 
+/// The admission policy (the "50% rule"): a task whose estimated tokens
+/// exceed the configured fraction of its model's context window is refused.
+fn admit(p: &AgentPayload, admission: &AdmissionSettings) -> Result<(), String> {
+    let Some(tokens) = p.estimated_tokens else {
+        return Ok(());
+    };
+    let model = p
+        .model
+        .as_deref()
+        .ok_or("payload.model is required with payload.estimated_tokens")?;
+    let Some(window) = admission.context_windows.get(model) else {
+        let known: Vec<&str> = admission
+            .context_windows
+            .keys()
+            .map(String::as_str)
+            .collect();
+        return Err(format!(
+            "payload.model {model:?} is unknown; known models: {}",
+            known.join(", ")
+        ));
+    };
+    let limit = (*window as f64 * admission.max_context_fraction).floor() as u64;
+    if tokens > limit {
+        return Err(format!(
+            "payload.estimated_tokens: {tokens} tokens exceed {}% of {model}'s {window}-token context window (at most {limit}); split the task",
+            (admission.max_context_fraction * 100.0).round()
+        ));
+    }
+    Ok(())
+}
+
 /// What the git stage needs: the stage itself and the repository policy.
 #[derive(Clone)]
 pub struct GitHost {
@@ -183,15 +227,17 @@ pub struct GitHost {
 
 impl Handler for SandboxKind {
     fn validate(&self, payload: &Value) -> Result<(), String> {
-        parse_payload(payload, self.git.as_ref()).map(drop)
+        parse_payload(payload, self.git.as_ref(), &self.admission).map(drop)
     }
 
     fn run(&self, ctx: JobContext) -> HandlerFuture {
         let def = self.def.clone();
         let host = self.host.clone();
         let git = self.git.clone();
+        let admission = self.admission.clone();
         Box::pin(async move {
-            let payload = parse_payload(&ctx.job.payload, git.as_ref()).map_err(JobError::Fatal)?;
+            let payload = parse_payload(&ctx.job.payload, git.as_ref(), &admission)
+                .map_err(JobError::Fatal)?;
             match (&payload.repo, &git) {
                 (Some(_), Some(git)) => {
                     super::lifecycle::run(&def, &host, git, &payload, ctx).await

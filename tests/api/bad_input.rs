@@ -230,3 +230,45 @@ async fn bad_ids_cursors_and_filters() {
         .expect("request");
     problem(r, 405).await;
 }
+
+#[tokio::test]
+async fn the_admission_policy_refuses_tasks_too_large_for_their_model() {
+    let api = TestApi::spawn().await;
+    let before = api.footprint().await;
+    let job = |tokens: u64, model: &str| json!({ "kind": "claude-code", "payload": { "task": "refactor the parser", "estimated_tokens": tokens, "model": model } });
+    // 50% of claude-sonnet-4's 200,000-token window is 100,000.
+    let p = problem(
+        api.post_json("/v1/jobs", ENQUEUE, job(150_000, "claude-sonnet-4"))
+            .await,
+        422,
+    )
+    .await;
+    let detail = p["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("50%") && detail.contains("100000"),
+        "{detail}"
+    );
+    assert_eq!(p["field"], "payload");
+    let p = problem(
+        api.post_json("/v1/jobs", ENQUEUE, job(10, "no-such-model"))
+            .await,
+        422,
+    )
+    .await;
+    assert!(
+        p["detail"].as_str().unwrap_or_default().contains("unknown"),
+        "{p}"
+    );
+    let no_model =
+        json!({ "kind": "claude-code", "payload": { "task": "x", "estimated_tokens": 10 } });
+    problem(api.post_json("/v1/jobs", ENQUEUE, no_model).await, 422).await;
+    assert_eq!(
+        api.footprint().await,
+        before,
+        "refused jobs changed nothing"
+    );
+    let r = api
+        .post_json("/v1/jobs", ENQUEUE, job(100_000, "claude-sonnet-4"))
+        .await;
+    assert_eq!(r.status().as_u16(), 201, "exactly at the limit is admitted");
+}

@@ -68,7 +68,7 @@ async fn claim_pops_highest_priority_first_and_fifo_within_a_priority() {
 async fn delayed_ids_are_not_claimed_before_they_are_due() {
     let (vq, q) = queue().await;
     let soon = JobId::new();
-    let due_ms = chrono::Utc::now().timestamp_millis() + 700;
+    let due_ms = chrono::Utc::now().timestamp_millis() + 1_500;
     vq.enqueue(
         &q,
         &[IndexEntry {
@@ -85,7 +85,7 @@ async fn delayed_ids_are_not_claimed_before_they_are_due() {
         .expect("claim"))
     .is_empty());
     assert_eq!(vq.depth(&q).await.expect("depth").delayed, 1);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
     assert_eq!(
         ids(vq
             .claim(&q, 10, Duration::from_secs(30))
