@@ -251,6 +251,24 @@ impl GitStage {
         Ok(findings)
     }
 
+    /// The change the job made (its base to its branch's head) as a patch,
+    /// for a reviewer.
+    pub fn diff_patch(&self, wt: &Worktree) -> Result<String, GitError> {
+        let repo = Repository::open(&wt.path)?;
+        let head = repo.head()?.peel_to_commit()?.tree()?;
+        let base = repo.find_commit(wt.base_commit)?.tree()?;
+        let diff = repo.diff_tree_to_tree(Some(&base), Some(&head), None)?;
+        let mut patch = String::new();
+        diff.print(git2::DiffFormat::Patch, |_, _, line| {
+            if matches!(line.origin(), '+' | '-' | ' ') {
+                patch.push(line.origin());
+            }
+            patch.push_str(&String::from_utf8_lossy(line.content()));
+            true
+        })?;
+        Ok(patch)
+    }
+
     /// Fetches `target` (default: the remote's HEAD) and merges it with the
     /// job's branch in memory; the conflicted paths, empty when the branch
     /// merges cleanly.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::gates::GatesFile;
 use crate::job::JobKind;
 use crate::sandbox::{Limits, Network};
 
@@ -38,6 +39,9 @@ pub struct KindFile {
     pub timeout_secs: u64,
     #[serde(default = "default_grace")]
     pub stop_grace_secs: u64,
+    /// Quality gates run after the git stage (`[gates]`, `[[gates.gate]]`).
+    #[serde(default)]
+    pub gates: GatesFile,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -81,6 +85,7 @@ pub struct KindDef {
     pub env: BTreeMap<String, String>,
     pub timeout_secs: u64,
     pub stop_grace_secs: u64,
+    pub gates: GatesFile,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +162,9 @@ impl KindDef {
         if raw.stop_grace_secs == 0 || raw.stop_grace_secs > 600 {
             return Err(err(file, "stop_grace_secs", "must be between 1 and 600"));
         }
+        raw.gates
+            .validate(&raw.image)
+            .map_err(|(field, message)| err(file, &field, message))?;
         Ok(KindDef {
             kind,
             file: file.to_owned(),
@@ -173,6 +181,7 @@ impl KindDef {
             env: raw.env,
             timeout_secs: raw.timeout_secs,
             stop_grace_secs: raw.stop_grace_secs,
+            gates: raw.gates,
         })
     }
 

@@ -3,21 +3,25 @@
 //! **git** (commit after a secret scan, conflict check), **complete** (a
 //! second conflict check and the push when asked, the result). The stage is
 //! recorded on the job, each start and end is an event with its duration,
-//! and the worktree is cleaned up on every path. (Quality gates, between git
-//! and complete, are not built yet.)
+//! and the worktree is cleaned up on every path. Between git and complete,
+//! the **gates** of the job's profile run, each in a fresh sandbox.
 
 use std::path::Path;
 use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
+use super::gates::{self, GateDef, GateResult, GateType};
 use super::kinds::KindDef;
-use super::sandboxed::{outcome_result, run_sandbox, AgentPayload, GitHost, SandboxHost};
+use super::sandboxed::{outcome_result, run_gate, run_sandbox, AgentPayload, GitHost, SandboxHost};
 use super::{JobContext, JobError};
 use crate::config::NoChanges;
 use crate::git::names::BranchName;
 use crate::git::repo::{CommitOutcome, GitError, Worktree};
-use crate::sandbox::{BindMount, SANDBOX_USER, WORKSPACE};
+use crate::sandbox::{BindMount, Outcome, SANDBOX_USER, WORKSPACE};
+
+/// Output lines of a gate kept in its result.
+const GATE_TAIL_LINES: usize = 40;
 
 pub(super) async fn run(
     def: &KindDef,
@@ -150,6 +154,30 @@ async fn stages_after_prepare(
     stage_end(ctx, "git", started, merges.is_ok(), stages).await;
     merges?;
 
+    // gates: each in a fresh sandbox on the committed tree.
+    let gates = def
+        .gates
+        .select(payload.gates.as_ref())
+        .map_err(JobError::Fatal)?;
+    let gate_results = if gates.is_empty() {
+        Vec::new()
+    } else {
+        let started = stage_start(ctx, "gates").await;
+        let results = run_gates(def, host, git, ctx, wt, &gates).await;
+        let passed = results
+            .as_ref()
+            .is_ok_and(|r| r.iter().all(|g| g.passed || !g.required));
+        stage_end(ctx, "gates", started, passed, stages).await;
+        let results = results?;
+        if let Some(failed) = results.iter().find(|g| g.required && !g.passed) {
+            return Err(JobError::Failed(format!(
+                "gate_failed: {}: {}",
+                failed.name, failed.detail
+            )));
+        }
+        results
+    };
+
     // complete: push when asked (after another conflict check).
     let started = stage_start(ctx, "complete").await;
     let mut pushed = false;
@@ -173,8 +201,90 @@ async fn stages_after_prepare(
         "branch": wt.branch.as_str(),
         "pushed": pushed,
         "stages": stages.clone(),
+        "gates": gates::summary(&gate_results),
         "sandbox": sandbox,
     }))
+}
+
+/// Runs `gates` in order; stops at the first required one that fails.
+async fn run_gates(
+    def: &KindDef,
+    host: &SandboxHost,
+    git: &GitHost,
+    ctx: &JobContext,
+    wt: &Worktree,
+    gates: &[GateDef],
+) -> Result<Vec<GateResult>, JobError> {
+    // A reviewer reads the diff, mounted read-only beside the tree.
+    let review_dir = wt.path.with_extension("review");
+    if gates.iter().any(|g| g.kind == GateType::AiReview) {
+        let stage = git.stage.clone();
+        let diff_wt = wt.clone();
+        let patch = blocking(move || stage.diff_patch(&diff_wt))
+            .await
+            .map_err(|e| JobError::Failed(format!("diff for the review: {e}")))?;
+        std::fs::create_dir_all(&review_dir).map_err(|e| JobError::Failed(e.to_string()))?;
+        std::fs::write(review_dir.join("diff.patch"), patch)
+            .map_err(|e| JobError::Failed(e.to_string()))?;
+    }
+    let mut results = Vec::with_capacity(gates.len());
+    for (index, gate) in gates.iter().enumerate() {
+        let started = Instant::now();
+        let workspace = BindMount {
+            host: wt.path.clone(),
+            target: WORKSPACE.to_owned(),
+            read_only: true,
+        };
+        let mounts = if gate.kind == GateType::AiReview {
+            vec![BindMount {
+                host: review_dir.clone(),
+                target: "/review".to_owned(),
+                read_only: true,
+            }]
+        } else {
+            Vec::new()
+        };
+        let ran = run_gate(def, host, ctx, gate, index, workspace, mounts).await;
+        let (passed, detail, tail) = match ran {
+            Ok((finished, output)) => {
+                let (passed, detail) = match finished.outcome {
+                    Outcome::Exited { code } => gate.judge(code, &output, &wt.path),
+                    Outcome::TimedOut => (false, format!("timed out after {}s", gate.timeout_secs)),
+                    Outcome::OomKilled => (false, "ran out of memory".to_owned()),
+                    Outcome::Stopped { .. } => {
+                        let _ = std::fs::remove_dir_all(&review_dir);
+                        return Err(JobError::Interrupted);
+                    }
+                };
+                let tail = output[output.len().saturating_sub(GATE_TAIL_LINES)..].to_vec();
+                (passed, detail, tail)
+            }
+            Err(e) => (false, e.to_string(), Vec::new()),
+        };
+        let result = GateResult {
+            name: gate.name.clone(),
+            kind: gate.kind,
+            image: gate.image.clone().unwrap_or_else(|| def.image.clone()),
+            required: gate.required,
+            passed,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            detail,
+            output_tail: tail,
+        };
+        record(
+            ctx,
+            "gate_finished",
+            serde_json::to_value(&result).unwrap_or_default(),
+        )
+        .await;
+        let stop = result.required && !result.passed;
+        results.push(result);
+        if stop {
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&review_dir);
+    Ok(results)
 }
 
 async fn check_conflicts(

@@ -6,6 +6,7 @@
 //! benchmarks.
 
 mod builtin;
+pub mod gates;
 pub mod kinds;
 mod lifecycle;
 mod sandboxed;

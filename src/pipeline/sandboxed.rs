@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, OnceCell};
 
+use super::gates::{GateDef, GateType};
 use super::kinds::{KindDef, SCRIPT_PLACEHOLDER, TASK_PLACEHOLDER};
 use super::{Handler, HandlerFuture, JobContext, JobError};
 use crate::config::{AdmissionSettings, NoChanges, RuntimeChoice, SandboxSettings, Secret};
@@ -109,8 +110,10 @@ pub(super) struct AgentPayload {
     #[serde(default)]
     pub push: bool,
     pub message: Option<String>,
-    /// Quality gates and YOLO mode come with the gate stage (not yet).
+    /// A gate profile (`strict`, `standard`, `minimal`) or a list of the
+    /// kind's gate names; the kind's default profile when absent.
     pub gates: Option<Value>,
+    /// YOLO mode (skip the gates) is not built yet.
     pub yolo: Option<bool>,
     /// For the admission policy: the tokens the task is expected to need,
     /// and the model it is for.
@@ -152,9 +155,9 @@ pub(super) fn parse_payload(
         return Err("payload.script must not contain NUL characters".into());
     }
     admit(&p, admission)?;
-    if p.gates.is_some() || p.yolo.is_some() {
+    if p.yolo.is_some() {
         return Err(
-            "payload.gates and payload.yolo are not available yet: this version has no gate stage"
+            "payload.yolo is not available yet: skipping gates (admin-only YOLO mode) is not built"
                 .into(),
         );
     }
@@ -227,7 +230,13 @@ pub struct GitHost {
 
 impl Handler for SandboxKind {
     fn validate(&self, payload: &Value) -> Result<(), String> {
-        parse_payload(payload, self.git.as_ref(), &self.admission).map(drop)
+        let p = parse_payload(payload, self.git.as_ref(), &self.admission)?;
+        if p.gates.is_some() && p.repo.is_none() {
+            return Err(
+                "payload.gates needs payload.repo: gates check the committed change".into(),
+            );
+        }
+        self.def.gates.select(p.gates.as_ref()).map(drop)
     }
 
     fn run(&self, ctx: JobContext) -> HandlerFuture {
@@ -331,6 +340,89 @@ pub(super) async fn run_sandbox(
     let log = writer.await.unwrap_or_default();
     let finished = finished.map_err(|e| JobError::Failed(format!("sandbox failed: {e}")))?;
     Ok((finished, log, runtime.name()))
+}
+
+/// Most output lines kept from a gate for judging it.
+const GATE_OUTPUT_LINES: usize = 5_000;
+
+/// Runs a gate's command in a fresh sandbox with `mounts` (the committed
+/// tree read-only at /workspace, and for a reviewer the diff); returns how
+/// it ended and its output (the last [`GATE_OUTPUT_LINES`] lines).
+pub(super) async fn run_gate(
+    def: &KindDef,
+    host: &SandboxHost,
+    ctx: &JobContext,
+    gate: &GateDef,
+    index: usize,
+    workspace: BindMount,
+    mounts: Vec<BindMount>,
+) -> Result<(Finished, Vec<String>), JobError> {
+    let job = &ctx.job;
+    // Only a reviewer may need the kind's secrets (an LLM API key).
+    let mut secrets = BTreeMap::new();
+    if gate.kind == GateType::AiReview {
+        for name in &def.secrets {
+            if let Ok(value) = std::env::var(name) {
+                secrets.insert(name.clone(), Secret::new(value));
+            }
+        }
+    }
+    let now = chrono::Utc::now();
+    let grace = Duration::from_secs(def.stop_grace_secs);
+    let spec = SandboxSpec {
+        name: format!("orch-{}-{}-gate{index}", job.id, job.attempt),
+        image: gate.image.clone().unwrap_or_else(|| def.image.clone()),
+        command: gate.command.clone(),
+        env: BTreeMap::from([
+            ("ORCH_JOB_ID".to_owned(), job.id.to_string()),
+            ("ORCH_GATE".to_owned(), gate.name.clone()),
+        ]),
+        secrets,
+        workspace: Some(workspace),
+        mounts,
+        limits: def.limits,
+        network: if gate.kind == GateType::AiReview {
+            def.network
+        } else {
+            crate::sandbox::Network::None
+        },
+        owner: Owner {
+            deployment: host.deployment.clone(),
+            job_id: job.id,
+            attempt: job.attempt,
+            worker_id: ctx.worker_id.to_string(),
+            created_at: now,
+            expires_at: now
+                + chrono::Duration::from_std(gate.timeout() + grace * 2 + Duration::from_secs(60))
+                    .unwrap_or(chrono::Duration::hours(24)),
+        },
+    };
+    let runtime = host.runtime().await.map_err(JobError::Failed)?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<LogLine>();
+    let collect = tokio::spawn(async move {
+        let mut lines = std::collections::VecDeque::new();
+        while let Some(line) = rx.recv().await {
+            if lines.len() == GATE_OUTPUT_LINES {
+                lines.pop_front();
+            }
+            lines.push_back(line.text);
+        }
+        lines.into_iter().collect::<Vec<_>>()
+    });
+    let finished = runtime
+        .run(
+            &spec,
+            RunOptions {
+                timeout: gate.timeout(),
+                stop_grace: grace,
+            },
+            tx,
+            ctx.cancel.clone(),
+        )
+        .await
+        .map_err(|e| JobError::Failed(format!("gate {} could not run: {e}", gate.name)))?;
+    let output = collect.await.unwrap_or_default();
+    Ok((finished, output))
 }
 
 /// The job's result for a sandbox run, or why the attempt failed.

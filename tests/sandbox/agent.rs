@@ -292,7 +292,7 @@ async fn hostile_agent_payloads_are_refused_at_enqueue() {
         json!({ "script": "true", "repo": f.bare.to_str().expect("utf-8"), "base": "a..b" }),
         json!({ "script": "true", "push": true }),
         json!({ "script": "true", "task": "both" }),
-        json!({ "script": "true", "repo": f.bare.to_str().expect("utf-8"), "gates": "strict" }),
+        json!({ "script": "true", "repo": f.bare.to_str().expect("utf-8"), "gates": "everything" }),
     ];
     for payload in cases {
         let r = request("script-agent", &f.queue, payload.clone());

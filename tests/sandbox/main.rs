@@ -3,6 +3,7 @@
 //! Docker and builds the `orchestrator/script-agent` image.
 
 mod agent;
+mod gates;
 #[allow(dead_code)]
 #[path = "../queue/helpers.rs"]
 mod helpers;
