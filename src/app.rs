@@ -72,7 +72,13 @@ impl App {
             ),
             policy: settings.git.policy(),
             no_changes: settings.git.no_changes,
+            yolo: settings.git.yolo,
         };
+        if settings.git.yolo {
+            tracing::warn!(
+                "YOLO MODE for the whole deployment (git.yolo): no job's quality gates run"
+            );
+        }
         Ok(App {
             registry: Registry::with_kinds(kinds, &sandboxes, Some(&git), &settings.admission),
             git,

@@ -120,6 +120,9 @@ pub struct GitSettings {
     /// A gitleaks-format rules file replacing the built-in secret rules.
     #[serde(default)]
     pub secret_rules: Option<std::path::PathBuf>,
+    /// YOLO mode for every job: quality gates skipped (loudly).
+    #[serde(default)]
+    pub yolo: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

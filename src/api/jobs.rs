@@ -98,6 +98,25 @@ fn idempotency_key(headers: &HeaderMap, request: &mut JobRequest) -> Result<(), 
     }
 }
 
+/// YOLO mode (skipping the quality gates) needs the admin scope.
+fn require_admin_for_yolo(caller: &Caller, requests: &[JobRequest]) -> Result<(), ApiError> {
+    let yolo = requests.iter().any(|r| {
+        r.payload
+            .as_ref()
+            .is_some_and(|p| p.get("yolo") == Some(&serde_json::Value::Bool(true)))
+    });
+    if yolo {
+        caller.require(Scope::Admin).map_err(|_| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("payload.yolo skips the quality gates and needs the admin scope; token {:?} lacks it", caller.name),
+            )
+            .field("payload.yolo")
+        })?;
+    }
+    Ok(())
+}
+
 /// A replayed key must describe the same job.
 fn check_replay(requested: &NewJob, existing: &Job) -> Result<(), ApiError> {
     if existing.kind != requested.kind.as_str()
@@ -136,6 +155,7 @@ pub async fn create(
     JsonBody(mut request): JsonBody<JobRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Enqueue)?;
+    require_admin_for_yolo(&caller, std::slice::from_ref(&request))?;
     idempotency_key(&headers, &mut request)?;
     let jobs = state
         .app
@@ -205,6 +225,7 @@ pub async fn create_batch(
             }
         }
     }
+    require_admin_for_yolo(&caller, &batch.jobs)?;
     let jobs = state.app.validate(batch.jobs, &caller.name)?;
     // Replays are checked before anything is written, so a mismatch
     // rejects the whole batch.

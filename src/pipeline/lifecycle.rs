@@ -155,10 +155,27 @@ async fn stages_after_prepare(
     merges?;
 
     // gates: each in a fresh sandbox on the committed tree.
+    let yolo = payload.yolo == Some(true) || git.yolo;
     let gates = def
         .gates
         .select(payload.gates.as_ref())
         .map_err(JobError::Fatal)?;
+    if yolo && !gates.is_empty() {
+        let skipped: Vec<&str> = gates.iter().map(|g| g.name.as_str()).collect();
+        tracing::warn!(job.id = %ctx.job.id, gates = ?skipped, "YOLO MODE: quality gates skipped");
+        let by = if payload.yolo == Some(true) {
+            "job"
+        } else {
+            "deployment (git.yolo)"
+        };
+        record(
+            ctx,
+            "gates_skipped",
+            json!({ "yolo": true, "set_by": by, "gates": skipped }),
+        )
+        .await;
+    }
+    let gates = if yolo { Vec::new() } else { gates };
     let gate_results = if gates.is_empty() {
         Vec::new()
     } else {
@@ -202,6 +219,7 @@ async fn stages_after_prepare(
         "pushed": pushed,
         "stages": stages.clone(),
         "gates": gates::summary(&gate_results),
+        "yolo": yolo,
         "sandbox": sandbox,
     }))
 }

@@ -113,7 +113,8 @@ pub(super) struct AgentPayload {
     /// A gate profile (`strict`, `standard`, `minimal`) or a list of the
     /// kind's gate names; the kind's default profile when absent.
     pub gates: Option<Value>,
-    /// YOLO mode (skip the gates) is not built yet.
+    /// YOLO mode: skip the quality gates (the API requires the admin
+    /// scope; the job and its trail say so).
     pub yolo: Option<bool>,
     /// For the admission policy: the tokens the task is expected to need,
     /// and the model it is for.
@@ -155,11 +156,8 @@ pub(super) fn parse_payload(
         return Err("payload.script must not contain NUL characters".into());
     }
     admit(&p, admission)?;
-    if p.yolo.is_some() {
-        return Err(
-            "payload.yolo is not available yet: skipping gates (admin-only YOLO mode) is not built"
-                .into(),
-        );
+    if p.yolo == Some(true) && p.gates.is_some() {
+        return Err("give payload.gates or payload.yolo, not both".into());
     }
     match (&p.repo, git) {
         (None, _) => {
@@ -226,6 +224,8 @@ pub struct GitHost {
     pub stage: GitStage,
     pub policy: RepoPolicy,
     pub no_changes: NoChanges,
+    /// Skip every job's quality gates (`git.yolo`): loudly, in each trail.
+    pub yolo: bool,
 }
 
 impl Handler for SandboxKind {

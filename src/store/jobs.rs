@@ -137,6 +137,9 @@ impl Store {
                 SELECT ins.id, 'enqueued', input.actor,
                     jsonb_build_object('status', ins.status, 'queue', ins.queue, 'kind', ins.kind,
                                        'priority', ins.priority)
+                    -- YOLO (gates skipped) is marked in the trail from the start.
+                    || CASE WHEN ins.payload->'yolo' = 'true'::jsonb
+                            THEN jsonb_build_object('yolo', true) ELSE jsonb_build_object() END
                 FROM ins JOIN input USING (id)
             )
             SELECT {JOB_COLUMNS} FROM ins"

@@ -127,3 +127,32 @@ async fn malformed_authorization_headers_are_401() {
         assert_eq!(r.status().as_u16(), 401, "{header:?}");
     }
 }
+
+#[tokio::test]
+async fn yolo_needs_the_admin_scope_and_is_marked_in_the_trail() {
+    let api = TestApi::spawn().await;
+    let before = api.footprint().await;
+    let job = json!({ "kind": "script-agent", "payload": { "script": "true", "repo": "https://github.com/acme/app.git", "yolo": true } });
+    let r = api.post_json("/v1/jobs", ENQUEUE, job.clone()).await;
+    assert_eq!(r.status().as_u16(), 403);
+    let body: serde_json::Value = r.json().await.expect("problem");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("admin"),
+        "{body}"
+    );
+    let r = api
+        .post_json("/v1/jobs/batch", ENQUEUE, json!({ "jobs": [job.clone()] }))
+        .await;
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(api.footprint().await, before, "refused, nothing written");
+
+    let (status, created) = json(api.post_json("/v1/jobs", ADMIN, job).await).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().expect("id");
+    let (_, events) = json(api.get(&format!("/v1/jobs/{id}/events"), READ).await).await;
+    assert_eq!(events["events"][0]["data"]["yolo"], true, "{events}");
+    assert_eq!(events["events"][0]["actor"], "admin");
+}

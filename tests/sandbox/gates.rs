@@ -277,3 +277,36 @@ async fn gate_choices_are_checked_at_enqueue() {
         assert!(err.to_string().contains("payload.gates"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn yolo_skips_the_gates_loudly() {
+    let f = fixture().await;
+    let payload = json!({ "script": "echo no hello here > other.txt", "repo": f.bare.to_str().expect("utf-8"), "yolo": true });
+    let mut r = request("gated-agent", &f.queue, payload);
+    r.max_attempts = Some(1);
+    let job = f.env.enqueue(vec![r]).await.remove(0);
+    let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
+    let done = f
+        .env
+        .wait_terminal(&[job.id], Duration::from_secs(90))
+        .await
+        .remove(0);
+    pool.shutdown().await;
+    // The required "tests" gate would fail; YOLO skipped it.
+    assert_eq!(done.status, Status::Succeeded, "{:?}", done.last_error);
+    assert_eq!(done.result.as_ref().expect("result")["yolo"], true);
+    let events = f
+        .env
+        .app
+        .store
+        .job_events(done.id, None)
+        .await
+        .expect("events");
+    assert_eq!(events[0].data["yolo"], true, "marked when enqueued");
+    let skipped = events
+        .iter()
+        .find(|e| e.kind == "gates_skipped")
+        .expect("a gates_skipped event");
+    assert_eq!(skipped.data["gates"], json!(["tests", "style"]));
+    assert!(!events.iter().any(|e| e.kind == "gate_finished"));
+}
