@@ -386,3 +386,61 @@ async fn a_sigkilled_workers_worktree_and_container_are_reaped() {
         "the job's branch is gone from the mirror: {mirror_branches}"
     );
 }
+
+#[tokio::test]
+async fn ten_agent_jobs_across_two_worker_processes_do_not_cross_talk() {
+    let f = fixture().await;
+    let mut requests = Vec::new();
+    for i in 0..10 {
+        let mut r = request(
+            "script-agent",
+            &f.queue,
+            json!({
+                "script": format!("echo \"job {i} $ORCH_JOB_ID\" > mine-{i}.txt; ls | grep -c mine- > count.txt"),
+                "repo": f.bare.to_str().expect("utf-8"),
+                "push": true,
+            }),
+        );
+        r.max_attempts = Some(2);
+        requests.push(r);
+    }
+    let jobs = f.env.enqueue(requests).await;
+    let data = f.tmp.path().join("git-data");
+    let vars = [
+        ("ORCH_GIT_ALLOW_LOCAL", "true"),
+        ("ORCH_GIT__DATA_DIR", data.to_str().expect("utf-8")),
+    ];
+    let a = crate::helpers::WorkerProcess::spawn_with(&f.env, &f.queue, 5, &vars);
+    let b = crate::helpers::WorkerProcess::spawn_with(&f.env, &f.queue, 5, &vars);
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let done = f.env.wait_terminal(&ids, Duration::from_secs(120)).await;
+    drop((a, b));
+    let workers: std::collections::HashSet<String> = {
+        let mut set = std::collections::HashSet::new();
+        for id in &ids {
+            for e in f.env.app.store.job_events(*id, None).await.expect("events") {
+                if e.kind == "started" {
+                    set.insert(e.actor);
+                }
+            }
+        }
+        set
+    };
+    assert_eq!(workers.len(), 2, "both workers took jobs: {workers:?}");
+    for (i, job) in done.iter().enumerate() {
+        assert_eq!(
+            job.status,
+            Status::Succeeded,
+            "job {i}: {:?}",
+            job.last_error
+        );
+        let branch = format!("orchestrator/{}", job.id);
+        assert_eq!(
+            git(&f.bare, &["show", &format!("{branch}:mine-{i}.txt")]),
+            format!("job {i} {}", job.id)
+        );
+        // Each worktree held only its own file: no cross-talk.
+        assert_eq!(git(&f.bare, &["show", &format!("{branch}:count.txt")]), "1");
+    }
+    assert_eq!(f.worktrees_left(), 0);
+}
