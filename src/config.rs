@@ -102,6 +102,10 @@ pub struct AdmissionSettings {
     pub max_context_fraction: f64,
     /// Context window per model, in tokens.
     pub context_windows: std::collections::BTreeMap<String, u64>,
+    /// Most jobs of a queue running at once, across every worker (e.g. to
+    /// bound concurrent agents); queues not listed have no limit.
+    #[serde(default)]
+    pub queue_limits: std::collections::BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

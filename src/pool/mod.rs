@@ -45,6 +45,8 @@ pub struct PoolConfig {
     pub shutdown_grace: Duration,
     pub complete_batch: usize,
     pub maintenance: MaintenanceConfig,
+    /// Most jobs running at once per queue, across every worker.
+    pub queue_limits: std::collections::BTreeMap<String, u32>,
 }
 
 impl PoolConfig {
@@ -61,6 +63,7 @@ impl PoolConfig {
             shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
             complete_batch: w.complete_batch,
             maintenance: MaintenanceConfig::from_settings(settings),
+            queue_limits: settings.admission.queue_limits.clone(),
         }
     }
 }
@@ -233,6 +236,12 @@ impl Pool {
             .await
         {
             tracing::warn!(error = %err, "cannot register queues in Valkey yet");
+        }
+        for queue in &cfg.queues {
+            let limit = cfg.queue_limits.get(queue.as_str()).copied();
+            if let Err(err) = shared.queue.set_limit(queue, limit).await {
+                tracing::warn!(queue = %queue, error = %err, "cannot set the queue's limit yet");
+            }
         }
 
         // Tasks that live as long as the pool itself.

@@ -26,6 +26,8 @@ pub struct QueueKeys {
     pub seq: String,
     /// flag: present while the queue is paused.
     pub paused: String,
+    /// number: most jobs of the queue under a lease at once (optional).
+    pub limit: String,
     /// pub/sub channel: published to when ids become pending.
     pub wake: String,
 }
@@ -50,6 +52,7 @@ impl Keys {
             prio: format!("{base}:prio"),
             seq: format!("{base}:seq"),
             paused: format!("{base}:paused"),
+            limit: format!("{base}:limit"),
             wake: format!("{}:wake:{}", self.prefix, queue),
         }
     }

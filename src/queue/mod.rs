@@ -190,7 +190,7 @@ impl ValkeyQueue {
             .call(
                 &mut conn,
                 &[
-                    &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused,
+                    &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused, &k.limit,
                 ],
                 &args,
             )
@@ -316,6 +316,22 @@ impl ValkeyQueue {
             .call(&mut conn, &[&k.active], &args)
             .await?;
         ids.iter().map(|s| parse_id_str(s)).collect()
+    }
+
+    /// Sets (or with `None` lifts) the most jobs of `queue` under a lease at
+    /// once, across every worker.
+    pub async fn set_limit(&self, queue: &QueueName, limit: Option<u32>) -> Result<(), QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        match limit {
+            Some(n) => {
+                let _: () = conn.set(&k.limit, n).await?;
+            }
+            None => {
+                let _: () = conn.del(&k.limit).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Pauses or resumes a queue; returns whether the state changed.

@@ -103,7 +103,7 @@ impl Scripts {
     pub fn new() -> Self {
         Scripts {
             enqueue: LuaScript::new("enqueue-5.lua", lua!("enqueue-5.lua")),
-            claim: LuaScript::new("claim-6.lua", lua!("claim-6.lua")),
+            claim: LuaScript::new("claim-7.lua", lua!("claim-7.lua")),
             heartbeat: LuaScript::new("heartbeat-1.lua", lua!("heartbeat-1.lua")),
             ack: LuaScript::new("ack-1.lua", lua!("ack-1.lua")),
             forget: LuaScript::new("forget-4.lua", lua!("forget-4.lua")),
@@ -169,7 +169,7 @@ mod tests {
                 s.num_keys
             );
         }
-        assert_eq!(parse_file_name("claim-6.lua"), ("claim", 6));
+        assert_eq!(parse_file_name("claim-7.lua"), ("claim", 7));
         assert_eq!(parse_file_name("setPaused-1.lua"), ("setPaused", 1));
     }
 }

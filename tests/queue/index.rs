@@ -248,3 +248,42 @@ async fn reconciler_rebuilds_a_flushed_index_from_postgres() {
     );
     assert_eq!(now_jobs.len(), 30);
 }
+
+#[tokio::test]
+async fn a_queue_limit_caps_leases_across_workers() {
+    let (vq, q) = queue().await;
+    let entries: Vec<IndexEntry> = (0..10).map(|_| entry(JobId::new(), 5)).collect();
+    vq.enqueue(&q, &entries).await.expect("enqueue");
+    vq.set_limit(&q, Some(3)).await.expect("limit");
+    let first = ids(vq
+        .claim(&q, 10, Duration::from_secs(30))
+        .await
+        .expect("claim"));
+    assert_eq!(first.len(), 3, "at most 3 under a lease");
+    assert!(
+        ids(vq
+            .claim(&q, 10, Duration::from_secs(30))
+            .await
+            .expect("claim"))
+        .is_empty(),
+        "full"
+    );
+    vq.ack(&q, &first[..2]).await.expect("ack");
+    assert_eq!(
+        ids(vq
+            .claim(&q, 10, Duration::from_secs(30))
+            .await
+            .expect("claim"))
+        .len(),
+        2
+    );
+    vq.set_limit(&q, None).await.expect("lift");
+    assert_eq!(
+        ids(vq
+            .claim(&q, 10, Duration::from_secs(30))
+            .await
+            .expect("claim"))
+        .len(),
+        5
+    );
+}

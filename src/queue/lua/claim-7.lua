@@ -8,6 +8,8 @@
 --
 -- KEYS[1] pending  KEYS[2] delayed  KEYS[3] active  KEYS[4] prio
 -- KEYS[5] seq      KEYS[6] paused flag
+-- KEYS[7] limit: most ids under a lease at once, across every worker
+--         (absent: no limit)
 -- ARGV[1] lease length (ms)
 -- ARGV[2] maximum ids to claim
 -- ARGV[3] maximum delayed ids to promote first
@@ -18,7 +20,15 @@ if redis.call('EXISTS', KEYS[6]) == 1 then
 end
 local now = now_ms()
 promote_due(KEYS[2], KEYS[1], KEYS[4], KEYS[5], now, tonumber(ARGV[3]))
-local popped = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[2]))
+local want = tonumber(ARGV[2])
+local limit = tonumber(redis.call('GET', KEYS[7]) or '')
+if limit then
+  want = math.min(want, limit - redis.call('ZCARD', KEYS[3]))
+  if want <= 0 then
+    return {}
+  end
+end
+local popped = redis.call('ZPOPMIN', KEYS[1], want)
 if #popped == 0 then
   return {}
 end
