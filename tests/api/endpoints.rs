@@ -315,6 +315,8 @@ async fn cancel_and_retry() {
     api.env
         .wait_terminal(&[job_id], Duration::from_secs(20))
         .await;
+    // Stopped, so the retried job stays queued while we look at it.
+    pool.shutdown().await;
     let p = problem(
         api.post_json(
             &format!("/v1/jobs/{done_id}/cancel"),
@@ -348,7 +350,6 @@ async fn cancel_and_retry() {
         ),
         (200, Some("queued"), Some(0))
     );
-    pool.shutdown().await;
 }
 
 #[tokio::test]
