@@ -144,10 +144,13 @@ async fn stages_after_prepare(
                 .iter()
                 .map(|f| format!("{} in {}:{}", f.rule_id, f.file, f.line))
                 .collect();
-            return Err(JobError::Fatal(format!(
-                "secret_detected: {}",
-                list.join(", ")
-            )));
+            return Err(JobError::Rejected {
+                message: format!("secret_detected: {}", list.join(", ")),
+                result: json!({
+                    "outcome": "secret_detected", "findings": findings, "branch": wt.branch.as_str(),
+                    "pushed": false, "stages": stages.clone(), "sandbox": sandbox,
+                }),
+            });
         }
     };
     let merges = check_conflicts(git, ctx, wt, payload).await;
@@ -325,17 +328,16 @@ async fn check_conflicts(
     if paths.is_empty() {
         return Ok(());
     }
-    record(
-        ctx,
-        "conflict",
-        json!({ "target": payload.base.as_deref().unwrap_or("HEAD"), "paths": paths }),
-    )
-    .await;
-    Err(JobError::Fatal(format!(
-        "conflict: {} no longer merges ({})",
-        wt.branch.as_str(),
-        paths.join(", ")
-    )))
+    let target = payload.base.as_deref().unwrap_or("HEAD");
+    record(ctx, "conflict", json!({ "target": target, "paths": paths })).await;
+    Err(JobError::Rejected {
+        message: format!(
+            "conflict: {} no longer merges ({})",
+            wt.branch.as_str(),
+            paths.join(", ")
+        ),
+        result: json!({ "outcome": "conflict", "target": target, "paths": paths, "branch": wt.branch.as_str(), "pushed": false }),
+    })
 }
 
 async fn blocking<T: Send + 'static>(

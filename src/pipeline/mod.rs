@@ -43,6 +43,13 @@ pub enum JobError {
     /// Retrying cannot help: the job goes straight to the dead-letter state.
     #[error("{0}")]
     Fatal(String),
+    /// Like `Fatal`, with a result worth keeping on the job (the secret
+    /// findings, the conflicted paths, the stages run so far).
+    #[error("{message}")]
+    Rejected {
+        message: String,
+        result: serde_json::Value,
+    },
     /// The handler stopped because its cancellation token fired.
     #[error("interrupted")]
     Interrupted,

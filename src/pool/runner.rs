@@ -46,6 +46,11 @@ pub(super) async fn run(
             error,
         )),
         Err(JobError::Fatal(error)) => Some(Finish::dead(job.id, job.lease_id, error)),
+        Err(JobError::Rejected { message, result }) => {
+            let mut finish = Finish::dead(job.id, job.lease_id, message);
+            finish.result = Some(result);
+            Some(finish)
+        }
         Err(JobError::Interrupted) => match stop_reason {
             Some(StopReason::Shutdown) => Some(Finish::released(job.id, job.lease_id)),
             // Another worker may own the job now; whatever we write is stale.

@@ -197,6 +197,12 @@ async fn a_secret_written_by_the_agent_fails_the_job_and_nothing_is_pushed() {
         .find(|e| e.kind == "secret_detected")
         .expect("a secret_detected event");
     assert_eq!(found.data["findings"][0]["file"], ".env.local");
+    let result = done
+        .result
+        .clone()
+        .expect("a failed job keeps its findings");
+    assert_eq!(result["outcome"], "secret_detected");
+    assert_eq!(result["findings"][0]["rule_id"], "github-pat");
     let all = serde_json::to_string(&(events, done)).expect("json");
     assert!(!all.contains(secret), "the secret leaked into the trail");
     assert_eq!(f.worktrees_left(), 0);
@@ -275,6 +281,14 @@ async fn a_conflicting_change_on_the_target_is_reported_and_nothing_is_pushed() 
         .find(|e| e.kind == "conflict")
         .expect("a conflict event");
     assert_eq!(conflict.data["paths"], json!(["README.md"]));
+    let result = done
+        .result
+        .clone()
+        .expect("a failed job keeps its conflict");
+    assert_eq!(
+        (result["outcome"].as_str(), &result["paths"]),
+        (Some("conflict"), &json!(["README.md"]))
+    );
     assert!(
         !f.remote_branches().contains(&done.id.to_string()),
         "nothing pushed"

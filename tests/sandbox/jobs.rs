@@ -75,9 +75,10 @@ async fn output_becomes_capped_log_events_and_secrets_stay_secret() {
     );
 
     let events = events(&env, jobs[0].id).await;
+    // Order holds within a stream; stdout and stderr are separate pipes.
     let lines: Vec<&str> = events
         .iter()
-        .filter(|e| e.kind == "log")
+        .filter(|e| e.kind == "log" && e.data["stream"] == "stdout")
         .filter_map(|e| e.data["line"].as_str())
         .collect();
     assert_eq!(lines[0], "out 1");
