@@ -53,6 +53,12 @@ enum Command {
     },
     /// Measure throughput and latency through the real path.
     Bench(BenchArgs),
+    /// A do-nothing agent job through every stage against the same steps by
+    /// hand with the git and docker CLIs.
+    BenchLifecycle {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// Worktree creation through the git stage against `git worktree add`.
     BenchGit {
         #[arg(long, default_value_t = 10_000)]
@@ -190,6 +196,12 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Enqueue(args) => enqueue(settings, args).await?,
         Command::Jobs { command } => jobs(settings, command).await?,
         Command::Queues { command } => queues(settings, command).await?,
+        Command::BenchLifecycle { runs } => {
+            let report = orchestrator::pipeline::bench::run(settings, runs.max(1))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            out(&serde_json::to_string(&report)?)?;
+        }
         Command::BenchGit { files, runs } => {
             let report = tokio::task::spawn_blocking(move || {
                 orchestrator::git::bench::run(files, runs.max(1))

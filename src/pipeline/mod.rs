@@ -5,6 +5,7 @@
 //! handler; the built-in kinds `noop`, `sleep` and `flaky` serve tests and
 //! benchmarks.
 
+pub mod bench;
 mod builtin;
 pub mod gates;
 pub mod kinds;
