@@ -190,10 +190,13 @@ async fn stages_after_prepare(
         stage_end(ctx, "gates", started, passed, stages).await;
         let results = results?;
         if let Some(failed) = results.iter().find(|g| g.required && !g.passed) {
-            return Err(JobError::Failed(format!(
-                "gate_failed: {}: {}",
-                failed.name, failed.detail
-            )));
+            return Err(JobError::FailedWith {
+                message: format!("gate_failed: {}: {}", failed.name, failed.detail),
+                result: json!({
+                    "outcome": "gate_failed", "commit": sha, "branch": wt.branch.as_str(), "pushed": false,
+                    "stages": stages.clone(), "gates": gates::summary(&results),
+                }),
+            });
         }
         results
     };
@@ -340,12 +343,22 @@ async fn check_conflicts(
     })
 }
 
+/// Most a git operation (a fetch, a push: network) may take.
+const GIT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A git step on the blocking pool, bounded by [`GIT_STEP_TIMEOUT`].
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, GitError> + Send + 'static,
 ) -> Result<T, GitError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(GitError::Command(format!("git task failed: {e}"))))
+    match tokio::time::timeout(GIT_STEP_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        Ok(joined) => {
+            joined.unwrap_or_else(|e| Err(GitError::Command(format!("git task failed: {e}"))))
+        }
+        Err(_) => Err(GitError::Command(format!(
+            "a git step took longer than {}s",
+            GIT_STEP_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 async fn record(ctx: &JobContext, kind: &'static str, data: Value) {

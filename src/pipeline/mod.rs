@@ -44,6 +44,13 @@ pub enum JobError {
     /// Retrying cannot help: the job goes straight to the dead-letter state.
     #[error("{0}")]
     Fatal(String),
+    /// Like `Failed`, with a result worth keeping on the job (the gate
+    /// results); the retry policy decides what follows.
+    #[error("{message}")]
+    FailedWith {
+        message: String,
+        result: serde_json::Value,
+    },
     /// Like `Fatal`, with a result worth keeping on the job (the secret
     /// findings, the conflicted paths, the stages run so far).
     #[error("{message}")]

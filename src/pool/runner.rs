@@ -46,6 +46,11 @@ pub(super) async fn run(
             error,
         )),
         Err(JobError::Fatal(error)) => Some(Finish::dead(job.id, job.lease_id, error)),
+        Err(JobError::FailedWith { message, result }) => {
+            let mut finish = Finish::failed(job.id, job.lease_id, job.attempt, &job.retry, message);
+            finish.result = Some(result);
+            Some(finish)
+        }
         Err(JobError::Rejected { message, result }) => {
             let mut finish = Finish::dead(job.id, job.lease_id, message);
             finish.result = Some(result);

@@ -458,3 +458,43 @@ async fn ten_agent_jobs_across_two_worker_processes_do_not_cross_talk() {
     }
     assert_eq!(f.worktrees_left(), 0);
 }
+
+#[tokio::test]
+async fn an_agent_past_its_timeout_fails_and_leaves_no_container_or_worktree() {
+    let f = fixture().await;
+    let mut r = request(
+        "script-agent",
+        &f.queue,
+        json!({ "script": "echo started; sleep 60", "repo": f.bare.to_str().expect("utf-8") }),
+    );
+    r.max_attempts = Some(1);
+    r.timeout_secs = Some(3);
+    let job = f.env.enqueue(vec![r]).await.remove(0);
+    let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
+    let done = f
+        .env
+        .wait_terminal(&[job.id], Duration::from_secs(60))
+        .await
+        .remove(0);
+    pool.shutdown().await;
+    assert_eq!(done.status, Status::Dead, "one attempt, by policy");
+    assert!(
+        done.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("timed out after 3s"),
+        "{:?}",
+        done.last_error
+    );
+    assert_eq!(f.worktrees_left(), 0, "the worktree is gone");
+    let rt = orchestrator::sandbox::Runtime::Docker(
+        orchestrator::sandbox::DockerRuntime::connect()
+            .await
+            .expect("docker"),
+    );
+    let left = rt
+        .list_ours(&f.env.app.settings.key_prefix)
+        .await
+        .expect("list");
+    assert!(left.is_empty(), "containers left: {left:?}");
+}

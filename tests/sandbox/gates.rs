@@ -194,6 +194,12 @@ async fn a_failing_required_gate_fails_the_job_with_its_output_and_nothing_is_pu
         done.last_error.as_deref(),
         Some("gate_failed: tests: exit code 1")
     );
+    let result = done
+        .result
+        .clone()
+        .expect("a failed job keeps its gate results");
+    assert_eq!(result["outcome"], "gate_failed");
+    assert_eq!(result["gates"]["tests"]["passed"], false);
     let events = f
         .env
         .app
