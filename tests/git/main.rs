@@ -10,48 +10,18 @@ use orchestrator::git::names::{BranchName, RepoUrl};
 use orchestrator::git::repo::{CommitOutcome, GitError, GitStage, Worktree};
 use orchestrator::git::secrets::Scanner;
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+#[path = "../common/git.rs"]
+mod fixture;
+use fixture::git;
 
-/// A bare `origin.git` with one commit on main: README.md and app.txt.
+/// A bare `origin.git` with one commit on main: README.md, app.txt, .gitignore.
 fn origin(dir: &Path) -> PathBuf {
-    let bare = dir.join("origin.git");
-    git(dir, &["init", "--bare", bare.to_str().expect("utf-8")]);
-    let seed = dir.join("seed");
-    git(
-        dir,
-        &[
-            "clone",
-            bare.to_str().expect("utf-8"),
-            seed.to_str().expect("utf-8"),
-        ],
-    );
-    std::fs::write(seed.join("README.md"), "# app\nline two\n").expect("write");
-    std::fs::write(seed.join("app.txt"), "v1\n").expect("write");
-    std::fs::write(seed.join(".gitignore"), "*.log\n").expect("write");
-    git(&seed, &["add", "."]);
-    git(&seed, &["commit", "-m", "init"]);
-    git(&seed, &["push", "origin", "HEAD:main"]);
-    bare
+    let files = [
+        ("README.md", "# app\nline two\n"),
+        ("app.txt", "v1\n"),
+        (".gitignore", "*.log\n"),
+    ];
+    fixture::bare_origin(dir, &files)
 }
 
 fn stage(root: &Path) -> GitStage {

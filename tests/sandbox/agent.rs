@@ -3,57 +3,16 @@
 //! Postgres and Valkey.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use orchestrator::job::{JobId, Status};
 use serde_json::json;
 
+use crate::fixture::git;
 use crate::helpers::{request, unique_queue, TestEnv};
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn origin(dir: &Path) -> PathBuf {
-    let bare = dir.join("origin.git");
-    git(
-        dir,
-        &["init", "--bare", "-q", bare.to_str().expect("utf-8")],
-    );
-    let seed = dir.join("seed");
-    git(
-        dir,
-        &[
-            "clone",
-            "-q",
-            bare.to_str().expect("utf-8"),
-            seed.to_str().expect("utf-8"),
-        ],
-    );
-    std::fs::write(seed.join("README.md"), "# app\nline two\n").expect("write");
-    git(&seed, &["add", "."]);
-    git(&seed, &["commit", "-q", "-m", "init"]);
-    git(&seed, &["push", "-q", "origin", "HEAD:main"]);
-    bare
+    crate::fixture::bare_origin(dir, &[("README.md", "# app\nline two\n")])
 }
 
 struct Fixture {

@@ -2,7 +2,7 @@
 //! committed tree, required and advisory gates, coverage, and an AI review
 //! gate run by a reviewer image (a MOCK standing in for a hosted LLM).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -48,27 +48,6 @@ command = ["sh", "-c", "if grep -q '^+hello' /review/diff.patch; then echo '{\"a
 profiles = ["strict"]
 "#;
 
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 struct Fixture {
     env: TestEnv,
     bare: PathBuf,
@@ -78,25 +57,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let bare = tmp.path().join("origin.git");
-    git(
-        tmp.path(),
-        &["init", "-q", "--bare", bare.to_str().expect("utf-8")],
-    );
-    let seed = tmp.path().join("seed");
-    git(
-        tmp.path(),
-        &[
-            "clone",
-            "-q",
-            bare.to_str().expect("utf-8"),
-            seed.to_str().expect("utf-8"),
-        ],
-    );
-    std::fs::write(seed.join("README.md"), "# app\n").expect("write");
-    git(&seed, &["add", "."]);
-    git(&seed, &["commit", "-q", "-m", "init"]);
-    git(&seed, &["push", "-q", "origin", "HEAD:main"]);
+    let bare = crate::fixture::bare_origin(tmp.path(), &[("README.md", "# app\n")]);
     let workers = tmp.path().join("workers");
     std::fs::create_dir_all(workers.join("gated-agent")).expect("mkdir");
     std::fs::write(workers.join("gated-agent").join("worker.toml"), KIND).expect("kind");

@@ -3,6 +3,9 @@
 //! Docker and builds the `orchestrator/script-agent` image.
 
 mod agent;
+#[allow(dead_code)]
+#[path = "../common/git.rs"]
+mod fixture;
 mod gates;
 #[allow(dead_code)]
 #[path = "../queue/helpers.rs"]
