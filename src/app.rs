@@ -33,6 +33,15 @@ pub enum AppError {
     Git(String),
 }
 
+/// What a cancel request achieved.
+#[derive(Debug)]
+pub enum Cancel {
+    /// The job was waiting and is now cancelled (or already was).
+    Done(Job),
+    /// The job is running; its worker has been told to stop it.
+    Requested(Job),
+}
+
 #[derive(Clone)]
 pub struct App {
     pub settings: Settings,
@@ -210,6 +219,31 @@ impl App {
             metrics::counter!(m::JOBS_FINISHED, "queue" => job.queue.clone(), "kind" => job.kind.clone(), "outcome" => "cancelled").increment(1);
         }
         Ok(job)
+    }
+
+    /// Cancels a job wherever it is. A waiting job is cancelled at once; a
+    /// running one is flagged, and the worker holding it stops the sandbox,
+    /// removes the worktree and records the cancellation itself.
+    pub async fn cancel(&self, id: JobId, actor: &str, reason: &str) -> Result<Cancel, AppError> {
+        match self.cancel_waiting(id, actor, reason).await {
+            Ok(job) => Ok(Cancel::Done(job)),
+            Err(AppError::Store(StoreError::InvalidTransition {
+                from: Status::Running,
+                ..
+            })) => {
+                self.store
+                    .record_event(
+                        id,
+                        "cancel_requested",
+                        actor,
+                        serde_json::json!({ "reason": reason }),
+                    )
+                    .await?;
+                self.queue.request_cancel(id, actor, reason).await?;
+                Ok(Cancel::Requested(self.store.get_job(id).await?))
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// A worker pool over this app's connections.

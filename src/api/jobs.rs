@@ -331,17 +331,19 @@ pub async fn list(
     Ok(Json(JobPage { jobs, next_cursor }))
 }
 
-/// Cancel a queued or scheduled job.
+/// Cancel a job. A queued or scheduled job is cancelled at once (200); a
+/// running one is stopped by its worker shortly after (202).
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", request_body = CancelRequest,
     params(("id" = String, Path, format = Uuid, description = "job id (UUID)")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "cancelled (or already cancelled)", body = Job),
+        (status = 202, description = "running: its worker has been told to stop it", body = Job),
         (status = 400, description = "malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "the token lacks the cancel scope", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such job", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "the job is running or finished", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the job has already finished", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "reason missing or too long", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -350,7 +352,7 @@ pub async fn cancel(
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<CancelRequest>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     caller.require(Scope::Cancel)?;
     let id = parse_job_id(path)?;
     let reason = body.reason.trim();
@@ -361,9 +363,10 @@ pub async fn cancel(
         )
         .field("reason"));
     }
-    Ok(Json(
-        state.app.cancel_waiting(id, &caller.name, reason).await?,
-    ))
+    Ok(match state.app.cancel(id, &caller.name, reason).await? {
+        crate::app::Cancel::Done(job) => (StatusCode::OK, Json(job)),
+        crate::app::Cancel::Requested(job) => (StatusCode::ACCEPTED, Json(job)),
+    })
 }
 
 /// Put a dead job back in its queue with a fresh set of attempts (admin).

@@ -148,14 +148,20 @@ async fn claim(
         repair::resolve(&shared.store, &shared.queue, queue, &refused).await?;
     }
     if !jobs.is_empty() {
-        let mut inflight = shared.inflight();
-        for job in &jobs {
-            inflight.insert(
-                job.id,
-                InFlight::new(queue.clone(), job.priority, job.lease_id),
-            );
+        {
+            let mut inflight = shared.inflight();
+            for job in &jobs {
+                inflight.insert(
+                    job.id,
+                    InFlight::new(queue.clone(), job.priority, job.lease_id),
+                );
+            }
         }
-        drop(inflight);
+        // Cancelled while it waited in the queue's index: stop it at once.
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        if let Ok(requests) = shared.queue.cancel_requests(&ids).await {
+            super::apply_cancels(shared, &requests);
+        }
         shared.observe(|| PoolEvent::Started(jobs.iter().map(|j| j.id).collect()));
     }
     Ok(jobs)

@@ -157,6 +157,15 @@ async fn apply_to_valkey(shared: &Shared, batch: &[Completion], outcome: &Finish
             });
         }
     }
+    let cancelled: Vec<JobId> = outcome
+        .applied
+        .iter()
+        .filter(|(_, s)| *s == Status::Cancelled)
+        .map(|(id, _)| *id)
+        .collect();
+    if let Err(err) = shared.queue.clear_cancel(&cancelled).await {
+        tracing::debug!(error = %err, "cancel flags left to expire");
+    }
     for (queue, ids) in acks {
         if let Err(err) = shared.queue.ack(queue, &ids).await {
             tracing::warn!(error = %err, jobs = ids.len(), "ack failed; the reaper will clean up");

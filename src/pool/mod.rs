@@ -104,12 +104,14 @@ pub enum PoolError {
 }
 
 /// Why a running job's cancellation token fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum StopReason {
     /// Shutdown grace period over: release without using up the attempt.
     Shutdown,
     /// Heartbeat found the lease gone: another worker may own the job now.
     LeaseLost,
+    /// Someone cancelled the job: it ends `cancelled`.
+    Cancelled { actor: String, reason: String },
 }
 
 /// A job this worker holds a lease on: claimed, waiting for a slot or running.
@@ -251,6 +253,7 @@ impl Pool {
         tasks.spawn(heartbeat::run(shared.clone(), background.clone()));
         tasks.spawn(maintenance::run(shared.clone(), background.clone()));
         tasks.spawn(claimer::forward_wakeups(shared.clone(), background.clone()));
+        tasks.spawn(listen_for_cancels(shared.clone(), background.clone()));
 
         let (buffer, buffered) = mpsc::unbounded_channel();
         let dispatcher = tokio::spawn(claimer::dispatch(
@@ -306,15 +309,61 @@ impl Pool {
     }
 }
 
+/// Cancel requests published for running jobs: those this worker holds stop
+/// at once (the heartbeat also polls the durable flags, for missed messages).
+async fn listen_for_cancels(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut ids = shared.queue.cancel_listener();
+    loop {
+        let id = tokio::select! {
+            () = stop.cancelled() => return,
+            id = ids.recv() => match id { Some(id) => id, None => return },
+        };
+        if !shared.inflight().contains_key(&id) {
+            continue;
+        }
+        match shared.queue.cancel_requests(&[id]).await {
+            Ok(requests) => {
+                apply_cancels(&shared, &requests);
+            }
+            Err(err) => {
+                tracing::warn!(job.id = %id, error = %err, "cannot read a cancel request; the heartbeat will")
+            }
+        }
+    }
+}
+
 /// Fires the cancellation token of every running job; returns how many.
 fn interrupt_all(shared: &Shared, reason: StopReason) -> usize {
     let inflight = shared.inflight();
     for job in inflight.values() {
         let mut r = job.reason.lock().unwrap_or_else(|e| e.into_inner());
-        r.get_or_insert(reason);
+        r.get_or_insert(reason.clone());
         job.cancel.cancel();
     }
     inflight.len()
+}
+
+/// Stops the jobs of `requests` (id, actor, reason) that this worker holds;
+/// returns how many it held.
+fn apply_cancels(shared: &Shared, requests: &[(JobId, String, String)]) -> usize {
+    let inflight = shared.inflight();
+    let mut held = 0;
+    for (id, actor, reason) in requests {
+        let Some(job) = inflight.get(id) else {
+            continue;
+        };
+        held += 1;
+        let mut r = job.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            tracing::warn!(job.id = %id, actor = %actor, "cancel requested; stopping the job");
+            *r = Some(StopReason::Cancelled {
+                actor: actor.clone(),
+                reason: reason.clone(),
+            });
+        }
+        job.cancel.cancel();
+    }
+    held
 }
 
 /// Sleep after a failed round trip: doubles up to 5 s, so an unreachable

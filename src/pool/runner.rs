@@ -35,7 +35,7 @@ pub(super) async fn run(
     metrics::histogram!(m::JOB_RUN_SECONDS, "queue" => job.queue.clone(), "kind" => job.kind.clone())
         .record(started.elapsed().as_secs_f64());
 
-    let stop_reason = *reason.lock().unwrap_or_else(|e| e.into_inner());
+    let stop_reason = reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let finish = match outcome {
         Ok(result) => Some(Finish::succeeded(job.id, job.lease_id, result)),
         Err(JobError::Failed(error)) => Some(Finish::failed(
@@ -60,6 +60,9 @@ pub(super) async fn run(
             Some(StopReason::Shutdown) => Some(Finish::released(job.id, job.lease_id)),
             // Another worker may own the job now; whatever we write is stale.
             Some(StopReason::LeaseLost) => None,
+            Some(StopReason::Cancelled { actor, reason }) => {
+                Some(Finish::cancelled(job.id, job.lease_id, &actor, &reason))
+            }
             None => Some(Finish::failed(
                 job.id,
                 job.lease_id,

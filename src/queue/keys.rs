@@ -72,6 +72,16 @@ impl Keys {
         format!("{}:worker:{}", self.prefix, worker_id)
     }
 
+    /// flag: a cancel request for a running job (`actor<TAB>reason`).
+    pub fn cancel_flag(&self, id: &crate::job::JobId) -> String {
+        format!("{}:cancel:{id}", self.prefix)
+    }
+
+    /// pub/sub channel: ids of running jobs to cancel.
+    pub fn cancel_channel(&self) -> String {
+        format!("{}:cancel", self.prefix)
+    }
+
     /// Sentinel written after a full index rebuild; its absence means Valkey
     /// lost its data (flush, restart without persistence) and the reconciler
     /// must rebuild now rather than at its next period.

@@ -25,6 +25,9 @@ mod codes {
     pub const PAUSED: i64 = -1;
 }
 
+/// How long a cancel request waits for a worker to see it.
+const CANCEL_FLAG_TTL_SECS: u64 = 86_400;
+
 /// Ids per script call: keeps each script short so Valkey never blocks long.
 const CHUNK: usize = 1000;
 
@@ -472,6 +475,94 @@ impl ValkeyQueue {
         Ok(conn
             .zrangebyscore(self.keys.workers(), since, "+inf")
             .await?)
+    }
+
+    /// Asks the worker running `id` to stop it (flag + message).
+    pub async fn request_cancel(
+        &self,
+        id: JobId,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let value = format!("{actor}\t{reason}");
+        let args = [
+            self.keys.cancel_channel(),
+            id.to_string(),
+            value,
+            CANCEL_FLAG_TTL_SECS.to_string(),
+        ];
+        let _: u64 = self
+            .scripts
+            .request_cancel
+            .call(&mut conn, &[&self.keys.cancel_flag(&id)], &args)
+            .await?;
+        Ok(())
+    }
+
+    /// The cancel requests (actor, reason) pending for any of `ids`.
+    pub async fn cancel_requests(
+        &self,
+        ids: &[JobId],
+    ) -> Result<Vec<(JobId, String, String)>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.cancel_flag(id)).collect();
+        let values: Vec<Option<String>> = conn.mget(keys).await?;
+        Ok(ids
+            .iter()
+            .zip(values)
+            .filter_map(|(id, v)| {
+                let v = v?;
+                let (actor, reason) = v.split_once('\t').unwrap_or(("?", v.as_str()));
+                Some((*id, actor.to_owned(), reason.to_owned()))
+            })
+            .collect())
+    }
+
+    pub async fn clear_cancel(&self, ids: &[JobId]) -> Result<(), QueueError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.cancel_flag(id)).collect();
+        let _: () = conn.del(keys).await?;
+        Ok(())
+    }
+
+    /// Job ids published on the cancel channel, forwarded until the receiver
+    /// drops; resubscribes after a lost connection.
+    pub fn cancel_listener(&self) -> mpsc::Receiver<JobId> {
+        let (tx, rx) = mpsc::channel(256);
+        let client = self.client.clone();
+        let channel = self.keys.cancel_channel();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(mut pubsub) = client.get_async_pubsub().await {
+                    if pubsub.subscribe(&channel).await.is_ok() {
+                        let mut messages = pubsub.on_message();
+                        while let Some(msg) = messages.next().await {
+                            let Ok(text) = msg.get_payload::<String>() else {
+                                continue;
+                            };
+                            let Ok(id) = text.parse::<JobId>() else {
+                                continue;
+                            };
+                            if tx.send(id).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        rx
     }
 
     /// Subscribes to the wake channels of `queues`; every message (ids became

@@ -92,6 +92,7 @@ pub struct Scripts {
     pub ack: LuaScript,
     pub forget: LuaScript,
     pub missing: LuaScript,
+    pub request_cancel: LuaScript,
     pub schedule: LuaScript,
     pub promote: LuaScript,
     pub reap: LuaScript,
@@ -108,6 +109,7 @@ impl Scripts {
             ack: LuaScript::new("ack-1.lua", lua!("ack-1.lua")),
             forget: LuaScript::new("forget-4.lua", lua!("forget-4.lua")),
             missing: LuaScript::new("missing-3.lua", lua!("missing-3.lua")),
+            request_cancel: LuaScript::new("requestCancel-1.lua", lua!("requestCancel-1.lua")),
             schedule: LuaScript::new("schedule-5.lua", lua!("schedule-5.lua")),
             promote: LuaScript::new("promote-4.lua", lua!("promote-4.lua")),
             reap: LuaScript::new("reap-1.lua", lua!("reap-1.lua")),
@@ -116,7 +118,7 @@ impl Scripts {
         }
     }
 
-    pub fn all(&self) -> [&LuaScript; 11] {
+    pub fn all(&self) -> [&LuaScript; 12] {
         [
             &self.enqueue,
             &self.claim,
@@ -124,6 +126,7 @@ impl Scripts {
             &self.ack,
             &self.forget,
             &self.missing,
+            &self.request_cancel,
             &self.schedule,
             &self.promote,
             &self.reap,

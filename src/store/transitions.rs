@@ -107,6 +107,21 @@ impl Finish {
         }
     }
 
+    /// Cancelled while running, on `actor`'s request.
+    pub fn cancelled(id: JobId, lease_id: i64, actor: &str, reason: &str) -> Self {
+        Finish {
+            id,
+            lease_id,
+            to: Status::Cancelled,
+            run_at: None,
+            error: Some(format!("cancelled: {reason}")),
+            result: None,
+            refund_attempt: false,
+            event: "cancelled",
+            event_data: serde_json::json!({ "reason": reason, "requested_by": actor, "from": "running" }),
+        }
+    }
+
     /// Back to the queue without using up the attempt (shutdown).
     pub fn released(id: JobId, lease_id: i64) -> Self {
         Finish {

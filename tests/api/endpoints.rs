@@ -465,3 +465,61 @@ async fn metrics_can_require_a_token() {
     let r = api.get("/metrics", READ).await;
     assert_eq!(r.status().as_u16(), 200);
 }
+
+#[tokio::test]
+async fn cancelling_a_running_job_stops_it_and_records_who_asked() {
+    let api = TestApi::spawn().await;
+    let q = crate::helpers::unique_queue();
+    let job = api
+        .env
+        .enqueue(vec![crate::helpers::request(
+            "sleep",
+            &q,
+            json!({ "ms": 600_000 }),
+        )])
+        .await
+        .remove(0);
+    let pool = api.env.start_pool(api.env.pool_config(&q, 1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while api.env.job(job.id).await.status != orchestrator::job::Status::Running {
+        assert!(std::time::Instant::now() < deadline, "never started");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let path = format!("/v1/jobs/{}/cancel", job.id);
+    let (status, body) = json(
+        api.post_json(&path, CANCEL, json!({ "reason": "wrong branch" }))
+            .await,
+    )
+    .await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("running")));
+
+    let done = api
+        .env
+        .wait_terminal(&[job.id], std::time::Duration::from_secs(30))
+        .await;
+    pool.shutdown().await;
+    assert_eq!(done[0].status, orchestrator::job::Status::Cancelled);
+    assert_eq!(api.env.terminal_events(job.id).await, 1);
+
+    let (_, events) = json(api.get(&format!("/v1/jobs/{}/events", job.id), READ).await).await;
+    let events = events["events"].as_array().cloned().unwrap_or_default();
+    let requested = events
+        .iter()
+        .find(|e| e["type"] == "cancel_requested")
+        .expect("a cancel_requested event");
+    assert_eq!(requested["actor"], "canceller");
+    let cancelled = events.last().expect("events");
+    assert_eq!(cancelled["type"], "cancelled");
+    assert_eq!(cancelled["data"]["requested_by"], "canceller");
+    assert_eq!(cancelled["data"]["reason"], "wrong branch");
+    assert_eq!(cancelled["data"]["from"], "running");
+
+    // Once cancelled, asking again is a no-op.
+    let (status, body) = json(
+        api.post_json(&path, CANCEL, json!({ "reason": "again" }))
+            .await,
+    )
+    .await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("cancelled")));
+}

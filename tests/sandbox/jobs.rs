@@ -317,3 +317,52 @@ async fn the_reaper_never_touches_containers_that_are_not_ours() {
         "someone else's container was touched"
     );
 }
+
+#[tokio::test]
+async fn cancelling_a_running_agent_stops_and_removes_its_sandbox() {
+    let dir = workers_dir();
+    let env = env_with_kinds(&dir).await;
+    let q = unique_queue();
+    let job = env
+        .enqueue(vec![request(
+            "script-agent",
+            &q,
+            json!({ "script": "echo working; sleep 600" }),
+        )])
+        .await
+        .remove(0);
+    let name = format!("orch-{}-1", job.id);
+    let pool = env.start_pool(env.pool_config(&q, 1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !container_exists(&env, &name).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let outcome = env
+        .app
+        .cancel(job.id, "operator", "not needed")
+        .await
+        .expect("cancel");
+    assert!(matches!(outcome, orchestrator::app::Cancel::Requested(_)));
+    let done = env.wait_terminal(&[job.id], Duration::from_secs(30)).await;
+    pool.shutdown().await;
+    assert_eq!(
+        done[0].status,
+        Status::Cancelled,
+        "{:?}",
+        done[0].last_error
+    );
+    assert!(
+        !container_exists(&env, &name).await,
+        "the sandbox is removed"
+    );
+    assert_eq!(env.terminal_events(job.id).await, 1);
+    let events = events(&env, job.id).await;
+    let last = events.last().expect("events");
+    assert_eq!(last.kind, "cancelled");
+    assert_eq!(last.data["requested_by"], "operator");
+}
