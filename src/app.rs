@@ -33,6 +33,9 @@ pub enum AppError {
     Git(String),
 }
 
+/// The longest reason a cancel request may give.
+pub const MAX_CANCEL_REASON_CHARS: usize = 1000;
+
 /// What a cancel request achieved.
 #[derive(Debug)]
 pub enum Cancel {

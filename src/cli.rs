@@ -41,6 +41,12 @@ enum Command {
     Run(WorkerArgs),
     /// Enqueue one job and print it.
     Enqueue(EnqueueArgs),
+    /// Cancel a job wherever it is; a running one is stopped by its worker.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
     /// Inspect and retry jobs.
     Jobs {
         #[command(subcommand)]
@@ -195,6 +201,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Enqueue(args) => enqueue(settings, args).await?,
         Command::Jobs { command } => jobs(settings, command).await?,
+        Command::Cancel { id, reason } => cancel(settings, &id, &reason).await?,
         Command::Queues { command } => queues(settings, command).await?,
         Command::BenchLifecycle { runs } => {
             let report = orchestrator::pipeline::bench::run(settings, runs.max(1))
@@ -415,6 +422,23 @@ async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
             out(&serde_json::to_string_pretty(&job)?)?;
         }
     }
+    Ok(())
+}
+
+async fn cancel(settings: Settings, id: &str, reason: &str) -> anyhow::Result<()> {
+    let reason = reason.trim();
+    anyhow::ensure!(
+        !reason.is_empty() && reason.chars().count() <= orchestrator::app::MAX_CANCEL_REASON_CHARS,
+        "--reason must be 1 to {} characters",
+        orchestrator::app::MAX_CANCEL_REASON_CHARS
+    );
+    let app = connect_migrated(settings).await?;
+    let (job, note) = match app.cancel(parse_id(id)?, "cli", reason).await? {
+        orchestrator::app::Cancel::Done(job) => (job, "cancelled"),
+        orchestrator::app::Cancel::Requested(job) => (job, "running; its worker will stop it"),
+    };
+    eprintln!("{}: {note}", job.id);
+    out(&serde_json::to_string_pretty(&job)?)?;
     Ok(())
 }
 

@@ -20,7 +20,7 @@ pub const MAX_BATCH: usize = 1000;
 /// Most jobs in one page of a listing.
 pub const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 50;
-const MAX_REASON_LEN: usize = 1000;
+const MAX_REASON_LEN: usize = crate::app::MAX_CANCEL_REASON_CHARS;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

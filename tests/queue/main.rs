@@ -1,6 +1,7 @@
 //! Integration tests of the durable queue core against a real Valkey, a real
 //! PostgreSQL and the real binary. Run them with `scripts/test.sh`.
 
+mod cancel;
 #[allow(dead_code)]
 mod helpers;
 mod index;

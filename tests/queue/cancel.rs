@@ -1,0 +1,61 @@
+//! Cancelling a running job from another process: the worker holding it
+//! hears of it through Valkey and records the cancellation.
+
+use std::time::Duration;
+
+use orchestrator::job::Status;
+
+use crate::helpers::{request, unique_queue, TestEnv, WorkerProcess};
+
+#[tokio::test]
+async fn the_cli_cancels_a_job_running_in_another_worker_process() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let job = env
+        .enqueue(vec![request(
+            "sleep",
+            &q,
+            serde_json::json!({ "ms": 600_000 }),
+        )])
+        .await
+        .remove(0);
+    let _worker = WorkerProcess::spawn(&env, &q, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while env.job(job.id).await.status != Status::Running {
+        assert!(std::time::Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let cli = |reason: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args(["cancel", &job.id.to_string(), "--reason", reason])
+            .env("ORCH_DATABASE_URL", &env.database_url)
+            .env("ORCH_VALKEY_URL", &env.valkey_url)
+            .env("ORCH_KEY_PREFIX", &env.app.settings.key_prefix)
+            .env("ORCH_LOG", "warn")
+            .output()
+            .expect("run the cli")
+    };
+    let empty = cli("  ");
+    assert!(!empty.status.success(), "an empty reason is refused");
+    assert_eq!(env.job(job.id).await.status, Status::Running);
+
+    let ok = cli("stop it");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let done = env.wait_terminal(&[job.id], Duration::from_secs(30)).await;
+    assert_eq!(done[0].status, Status::Cancelled);
+    assert_eq!(env.terminal_events(job.id).await, 1);
+    let events = env
+        .app
+        .store
+        .job_events(job.id, None)
+        .await
+        .expect("events");
+    let last = events.last().expect("events");
+    assert_eq!(last.data["requested_by"], "cli");
+    assert_eq!(last.data["reason"], "stop it");
+}
