@@ -36,41 +36,43 @@ pub(super) async fn run(
         .record(started.elapsed().as_secs_f64());
 
     let stop_reason = reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let finish = match outcome {
-        Ok(result) => Some(Finish::succeeded(job.id, job.lease_id, result)),
-        Err(JobError::Failed(error)) => Some(Finish::failed(
+    let finish = match (outcome, stop_reason) {
+        (Ok(result), _) => Some(Finish::succeeded(job.id, job.lease_id, result)),
+        // However the stopped work reports its end (a killed process often
+        // looks like a failure), a cancelled job is never retried.
+        (Err(_), Some(StopReason::Cancelled { actor, reason })) => {
+            Some(Finish::cancelled(job.id, job.lease_id, &actor, &reason))
+        }
+        (Err(JobError::Failed(error)), _) => Some(Finish::failed(
             job.id,
             job.lease_id,
             job.attempt,
             &job.retry,
             error,
         )),
-        Err(JobError::Fatal(error)) => Some(Finish::dead(job.id, job.lease_id, error)),
-        Err(JobError::FailedWith { message, result }) => {
+        (Err(JobError::Fatal(error)), _) => Some(Finish::dead(job.id, job.lease_id, error)),
+        (Err(JobError::FailedWith { message, result }), _) => {
             let mut finish = Finish::failed(job.id, job.lease_id, job.attempt, &job.retry, message);
             finish.result = Some(result);
             Some(finish)
         }
-        Err(JobError::Rejected { message, result }) => {
+        (Err(JobError::Rejected { message, result }), _) => {
             let mut finish = Finish::dead(job.id, job.lease_id, message);
             finish.result = Some(result);
             Some(finish)
         }
-        Err(JobError::Interrupted) => match stop_reason {
-            Some(StopReason::Shutdown) => Some(Finish::released(job.id, job.lease_id)),
-            // Another worker may own the job now; whatever we write is stale.
-            Some(StopReason::LeaseLost) => None,
-            Some(StopReason::Cancelled { actor, reason }) => {
-                Some(Finish::cancelled(job.id, job.lease_id, &actor, &reason))
-            }
-            None => Some(Finish::failed(
-                job.id,
-                job.lease_id,
-                job.attempt,
-                &job.retry,
-                "interrupted".to_owned(),
-            )),
-        },
+        (Err(JobError::Interrupted), Some(StopReason::Shutdown)) => {
+            Some(Finish::released(job.id, job.lease_id))
+        }
+        // Another worker may own the job now; whatever we write is stale.
+        (Err(JobError::Interrupted), Some(StopReason::LeaseLost)) => None,
+        (Err(JobError::Interrupted), None) => Some(Finish::failed(
+            job.id,
+            job.lease_id,
+            job.attempt,
+            &job.retry,
+            "interrupted".to_owned(),
+        )),
     };
     span.in_scope(|| match &finish {
         Some(f) => tracing::debug!(to = %f.to, "attempt ended"),

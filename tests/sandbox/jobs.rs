@@ -323,14 +323,15 @@ async fn cancelling_a_running_agent_stops_and_removes_its_sandbox() {
     let dir = workers_dir();
     let env = env_with_kinds(&dir).await;
     let q = unique_queue();
-    let job = env
-        .enqueue(vec![request(
-            "script-agent",
-            &q,
-            json!({ "script": "echo working; sleep 600" }),
-        )])
-        .await
-        .remove(0);
+    // An agent that answers SIGTERM with a failure exit code: the job is
+    // still cancelled, not retried.
+    let mut r = request(
+        "script-agent",
+        &q,
+        json!({ "script": "trap 'exit 1' TERM; echo working; while true; do sleep 1; done" }),
+    );
+    r.max_attempts = Some(3);
+    let job = env.enqueue(vec![r]).await.remove(0);
     let name = format!("orch-{}-1", job.id);
     let pool = env.start_pool(env.pool_config(&q, 1));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -356,6 +357,7 @@ async fn cancelling_a_running_agent_stops_and_removes_its_sandbox() {
         "{:?}",
         done[0].last_error
     );
+    assert_eq!(done[0].attempt, 1, "a cancelled job is never retried");
     assert!(
         !container_exists(&env, &name).await,
         "the sandbox is removed"
