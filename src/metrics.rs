@@ -36,6 +36,10 @@ pub const HTTP_REQUEST_SECONDS: &str = "orchestrator_http_request_duration_secon
 /// Counter {task}: maintenance or worker loop errors (a service unreachable).
 pub const LOOP_ERRORS: &str = "orchestrator_loop_errors_total";
 
+/// Histogram {queue}: from a running job's cancel request to its sandbox
+/// and worktree being gone.
+pub const CANCEL_SECONDS: &str = "orchestrator_cancel_duration_seconds";
+
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     300.0, 1800.0,
@@ -65,6 +69,11 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 fn describe() {
     describe_counter!(JOBS_ENQUEUED, "Jobs enqueued.");
     describe_counter!(JOBS_FINISHED, "Job attempts that ended, by outcome.");
+    describe_histogram!(
+        CANCEL_SECONDS,
+        Unit::Seconds,
+        "From a running job's cancel request to its sandbox being gone."
+    );
     describe_counter!(JOB_RETRIES, "Failed attempts scheduled for a retry.");
     describe_counter!(JOBS_DEAD, "Jobs dead-lettered after their last attempt.");
     describe_histogram!(JOB_WAIT_SECONDS, Unit::Seconds, "Time from due to start.");

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::job::{JobId, QueueName, Status};
 use crate::pipeline::Registry;
-use crate::queue::ValkeyQueue;
+use crate::queue::{CancelRequest, ValkeyQueue};
 use crate::store::Store;
 
 pub use maintenance::{Maintenance, MaintenanceConfig};
@@ -111,7 +111,11 @@ enum StopReason {
     /// Heartbeat found the lease gone: another worker may own the job now.
     LeaseLost,
     /// Someone cancelled the job: it ends `cancelled`.
-    Cancelled { actor: String, reason: String },
+    Cancelled {
+        actor: String,
+        reason: String,
+        requested_ms: Option<i64>,
+    },
 }
 
 /// A job this worker holds a lease on: claimed, waiting for a slot or running.
@@ -345,10 +349,16 @@ fn interrupt_all(shared: &Shared, reason: StopReason) -> usize {
 
 /// Stops the jobs of `requests` (id, actor, reason) that this worker holds;
 /// returns how many it held.
-fn apply_cancels(shared: &Shared, requests: &[(JobId, String, String)]) -> usize {
+fn apply_cancels(shared: &Shared, requests: &[CancelRequest]) -> usize {
     let inflight = shared.inflight();
     let mut held = 0;
-    for (id, actor, reason) in requests {
+    for CancelRequest {
+        id,
+        actor,
+        reason,
+        requested_ms,
+    } in requests
+    {
         let Some(job) = inflight.get(id) else {
             continue;
         };
@@ -359,6 +369,7 @@ fn apply_cancels(shared: &Shared, requests: &[(JobId, String, String)]) -> usize
             *r = Some(StopReason::Cancelled {
                 actor: actor.clone(),
                 reason: reason.clone(),
+                requested_ms: *requested_ms,
             });
         }
         job.cancel.cancel();

@@ -40,7 +40,20 @@ pub(super) async fn run(
         (Ok(result), _) => Some(Finish::succeeded(job.id, job.lease_id, result)),
         // However the stopped work reports its end (a killed process often
         // looks like a failure), a cancelled job is never retried.
-        (Err(_), Some(StopReason::Cancelled { actor, reason })) => {
+        (
+            Err(_),
+            Some(StopReason::Cancelled {
+                actor,
+                reason,
+                requested_ms,
+            }),
+        ) => {
+            // The sandbox and worktree are gone by now: cleanup runs before
+            // the pipeline returns.
+            if let Some(ms) = requested_ms {
+                let waited = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
+                metrics::histogram!(m::CANCEL_SECONDS, "queue" => job.queue.clone()).record(waited);
+            }
             Some(Finish::cancelled(job.id, job.lease_id, &actor, &reason))
         }
         (Err(JobError::Failed(error)), _) => Some(Finish::failed(

@@ -28,6 +28,16 @@ mod codes {
 /// How long a cancel request waits for a worker to see it.
 const CANCEL_FLAG_TTL_SECS: u64 = 86_400;
 
+/// A request to stop a job, as read from its flag.
+#[derive(Debug, Clone)]
+pub struct CancelRequest {
+    pub id: JobId,
+    pub actor: String,
+    pub reason: String,
+    /// When it was asked for (Unix ms), to measure how long stopping took.
+    pub requested_ms: Option<i64>,
+}
+
 /// Ids per script call: keeps each script short so Valkey never blocks long.
 const CHUNK: usize = 1000;
 
@@ -477,7 +487,8 @@ impl ValkeyQueue {
             .await?)
     }
 
-    /// Asks the worker running `id` to stop it (flag + message).
+    /// Asks the worker running `id` to stop it (flag + message). The flag
+    /// holds `requested_ms\tactor\treason`.
     pub async fn request_cancel(
         &self,
         id: JobId,
@@ -485,7 +496,10 @@ impl ValkeyQueue {
         reason: &str,
     ) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        let value = format!("{actor}\t{reason}");
+        let value = format!(
+            "{}\t{actor}\t{reason}",
+            chrono::Utc::now().timestamp_millis()
+        );
         let args = [
             self.keys.cancel_channel(),
             id.to_string(),
@@ -501,10 +515,7 @@ impl ValkeyQueue {
     }
 
     /// The cancel requests (actor, reason) pending for any of `ids`.
-    pub async fn cancel_requests(
-        &self,
-        ids: &[JobId],
-    ) -> Result<Vec<(JobId, String, String)>, QueueError> {
+    pub async fn cancel_requests(&self, ids: &[JobId]) -> Result<Vec<CancelRequest>, QueueError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -516,8 +527,16 @@ impl ValkeyQueue {
             .zip(values)
             .filter_map(|(id, v)| {
                 let v = v?;
-                let (actor, reason) = v.split_once('\t').unwrap_or(("?", v.as_str()));
-                Some((*id, actor.to_owned(), reason.to_owned()))
+                let mut parts = v.splitn(3, '\t');
+                let requested_ms = parts.next().and_then(|ms| ms.parse().ok());
+                let actor = parts.next().unwrap_or("?").to_owned();
+                let reason = parts.next().unwrap_or_default().to_owned();
+                Some(CancelRequest {
+                    id: *id,
+                    actor,
+                    reason,
+                    requested_ms,
+                })
             })
             .collect())
     }

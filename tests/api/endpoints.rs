@@ -515,6 +515,19 @@ async fn cancelling_a_running_job_stops_it_and_records_who_asked() {
     assert_eq!(cancelled["data"]["reason"], "wrong branch");
     assert_eq!(cancelled["data"]["from"], "running");
 
+    // How long stopping took is measured, per queue.
+    let text = api
+        .get("/metrics", READ)
+        .await
+        .text()
+        .await
+        .expect("metrics");
+    let count = format!("orchestrator_cancel_duration_seconds_count{{queue=\"{q}\"}} 1");
+    assert!(
+        text.lines().any(|l| l == count),
+        "no {count} in the metrics"
+    );
+
     // Once cancelled, asking again is a no-op.
     let (status, body) = json(
         api.post_json(&path, CANCEL, json!({ "reason": "again" }))
