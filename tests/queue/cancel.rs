@@ -59,3 +59,38 @@ async fn the_cli_cancels_a_job_running_in_another_worker_process() {
     assert_eq!(last.data["requested_by"], "cli");
     assert_eq!(last.data["reason"], "stop it");
 }
+
+/// A request that lands while the job is between attempts (it left
+/// `running` for a retry before its worker saw the message) still stops it:
+/// the flag is read when the job is claimed again (and on every heartbeat).
+#[tokio::test]
+async fn a_cancel_request_waiting_in_valkey_stops_the_job_when_it_is_claimed() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let mut r = request("sleep", &q, serde_json::json!({ "ms": 600_000 }));
+    r.delay_secs = Some(1);
+    let job = env.enqueue(vec![r]).await.remove(0);
+    assert_eq!(job.status, Status::Scheduled);
+    // What `App::cancel` does for a running job; here the job is not running,
+    // which is exactly the race being simulated.
+    env.app
+        .queue
+        .request_cancel(job.id, "operator", "late")
+        .await
+        .expect("request cancel");
+
+    let pool = env.start_pool(env.pool_config(&q, 1));
+    let done = env.wait_terminal(&[job.id], Duration::from_secs(30)).await;
+    pool.shutdown().await;
+    assert_eq!(done[0].status, Status::Cancelled);
+    assert_eq!(done[0].attempt, 1);
+    let events = env
+        .app
+        .store
+        .job_events(job.id, None)
+        .await
+        .expect("events");
+    let last = events.last().expect("events");
+    assert_eq!(last.data["requested_by"], "operator");
+    assert_eq!(last.data["reason"], "late");
+}
