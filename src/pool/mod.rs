@@ -347,7 +347,7 @@ fn interrupt_all(shared: &Shared, reason: StopReason) -> usize {
     inflight.len()
 }
 
-/// Stops the jobs of `requests` (id, actor, reason) that this worker holds;
+/// Stops the jobs of `requests` that this worker holds;
 /// returns how many it held.
 fn apply_cancels(shared: &Shared, requests: &[CancelRequest]) -> usize {
     let inflight = shared.inflight();

@@ -72,7 +72,8 @@ impl Keys {
         format!("{}:worker:{}", self.prefix, worker_id)
     }
 
-    /// flag: a cancel request for a running job (`actor<TAB>reason`).
+    /// flag: a cancel request for a running job
+    /// (`requested_ms<TAB>actor<TAB>reason`).
     pub fn cancel_flag(&self, id: &crate::job::JobId) -> String {
         format!("{}:cancel:{id}", self.prefix)
     }

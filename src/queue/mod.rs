@@ -514,7 +514,7 @@ impl ValkeyQueue {
         Ok(())
     }
 
-    /// The cancel requests (actor, reason) pending for any of `ids`.
+    /// The cancel requests pending for any of `ids`.
     pub async fn cancel_requests(&self, ids: &[JobId]) -> Result<Vec<CancelRequest>, QueueError> {
         if ids.is_empty() {
             return Ok(Vec::new());

@@ -7,7 +7,7 @@
 -- KEYS[1] the job's cancel flag
 -- ARGV[1] cancel channel
 -- ARGV[2] job id
--- ARGV[3] "actor<TAB>reason"
+-- ARGV[3] "requested_ms<TAB>actor<TAB>reason"
 -- ARGV[4] flag lifetime (seconds)
 --
 -- Returns 1.
