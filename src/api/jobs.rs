@@ -12,7 +12,9 @@ use super::auth::{Caller, Scope};
 use super::body::JsonBody;
 use super::error::{ApiError, Problem};
 use super::ApiState;
-use crate::job::{validate_idempotency_key, Job, JobEvent, JobId, JobRequest, NewJob, Status};
+use crate::job::{
+    validate_idempotency_key, Job, JobEvent, JobId, JobKind, JobRequest, NewJob, QueueName, Status,
+};
 use crate::store::JobFilter;
 
 /// Most jobs in one batch request.
@@ -310,12 +312,15 @@ pub async fn list(
                 .field("cursor")
         })?),
     };
-    for (field, value) in [("queue", &p.queue), ("kind", &p.kind)] {
-        if value.as_ref().is_some_and(|v| v.len() > 64) {
-            return Err(
-                ApiError::bad_request(format!("{field} is at most 64 characters")).field(field),
-            );
-        }
+    // A filter that no valid name could match is a mistake worth naming (and
+    // bytes such as NUL would be refused by Postgres).
+    if let Some(q) = &p.queue {
+        QueueName::parse(q.as_str())
+            .map_err(|e| ApiError::bad_request(e.to_string()).field("queue"))?;
+    }
+    if let Some(k) = &p.kind {
+        JobKind::parse(k.as_str())
+            .map_err(|e| ApiError::bad_request(e.to_string()).field("kind"))?;
     }
     let filter = JobFilter {
         status,
