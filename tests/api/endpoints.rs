@@ -479,12 +479,9 @@ async fn cancelling_a_running_job_stops_it_and_records_who_asked() {
         )])
         .await
         .remove(0);
-    let pool = api.env.start_pool(api.env.pool_config(&q, 1));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while api.env.job(job.id).await.status != orchestrator::job::Status::Running {
-        assert!(std::time::Instant::now() < deadline, "never started");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let mut pool = api.env.start_pool(api.env.pool_config(&q, 1));
+    pool.wait_started(1, std::time::Duration::from_secs(30))
+        .await;
 
     let path = format!("/v1/jobs/{}/cancel", job.id);
     let (status, body) = json(

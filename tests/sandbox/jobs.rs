@@ -190,6 +190,18 @@ async fn container_exists(env: &TestEnv, name: &str) -> bool {
         .any(|c| c.name == name)
 }
 
+/// Polls Docker until the container `name` exists, or panics after 30 s.
+async fn wait_for_container(env: &TestEnv, name: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !container_exists(env, name).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_sigkilled_workers_container_is_reaped_and_its_job_recovered() {
     let dir = workers_dir();
@@ -213,14 +225,7 @@ async fn a_sigkilled_workers_container_is_reaped_and_its_job_recovered() {
             dir.path().to_str().expect("utf-8"),
         )],
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !container_exists(&env, &name).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sandbox never started"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_container(&env, &name).await;
     victim.kill9();
     assert!(
         container_exists(&env, &name).await,
@@ -334,14 +339,7 @@ async fn cancelling_a_running_agent_stops_and_removes_its_sandbox() {
     let job = env.enqueue(vec![r]).await.remove(0);
     let name = format!("orch-{}-1", job.id);
     let pool = env.start_pool(env.pool_config(&q, 1));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !container_exists(&env, &name).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sandbox never started"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_container(&env, &name).await;
 
     let outcome = env
         .app
