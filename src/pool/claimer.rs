@@ -159,8 +159,8 @@ async fn claim(
         }
         // Cancelled while it waited in the queue's index: stop it at once.
         let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
-        if let Ok(requests) = shared.queue.cancel_requests(&ids).await {
-            super::apply_cancels(shared, &requests);
+        if let Err(err) = super::stop_cancelled(shared, &ids).await {
+            tracing::debug!(error = %err, "cannot read cancel flags; the heartbeat will");
         }
         shared.observe(|| PoolEvent::Started(jobs.iter().map(|j| j.id).collect()));
     }

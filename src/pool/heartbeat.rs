@@ -59,12 +59,8 @@ async fn beat(shared: &Shared, started_at: &str) {
         return;
     }
     let ids: Vec<JobId> = leases.iter().map(|(id, _, _)| *id).collect();
-    match shared.queue.cancel_requests(&ids).await {
-        Ok(requests) if !requests.is_empty() => {
-            super::apply_cancels(shared, &requests);
-        }
-        Ok(_) => {}
-        Err(err) => tracing::debug!(error = %err, "cannot read cancel flags"),
+    if let Err(err) = super::stop_cancelled(shared, &ids).await {
+        tracing::debug!(error = %err, "cannot read cancel flags");
     }
     let pairs: Vec<(JobId, i64)> = leases.iter().map(|(id, lease, _)| (*id, *lease)).collect();
     let held: HashSet<JobId> = match shared.store.heartbeat(&pairs, cfg.lease).await {

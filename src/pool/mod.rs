@@ -325,13 +325,8 @@ async fn listen_for_cancels(shared: Arc<Shared>, stop: CancellationToken) {
         if !shared.inflight().contains_key(&id) {
             continue;
         }
-        match shared.queue.cancel_requests(&[id]).await {
-            Ok(requests) => {
-                apply_cancels(&shared, &requests);
-            }
-            Err(err) => {
-                tracing::warn!(job.id = %id, error = %err, "cannot read a cancel request; the heartbeat will")
-            }
+        if let Err(err) = stop_cancelled(&shared, &[id]).await {
+            tracing::warn!(job.id = %id, error = %err, "cannot read a cancel request; the heartbeat will");
         }
     }
 }
@@ -347,11 +342,16 @@ fn interrupt_all(shared: &Shared, reason: StopReason) -> usize {
     inflight.len()
 }
 
-/// Stops the jobs of `requests` that this worker holds;
-/// returns how many it held.
-fn apply_cancels(shared: &Shared, requests: &[CancelRequest]) -> usize {
+/// Reads the cancel flags of `ids` and stops those jobs this worker holds.
+async fn stop_cancelled(shared: &Shared, ids: &[JobId]) -> Result<(), crate::queue::QueueError> {
+    let requests = shared.queue.cancel_requests(ids).await?;
+    apply_cancels(shared, &requests);
+    Ok(())
+}
+
+/// Stops the jobs of `requests` that this worker holds.
+fn apply_cancels(shared: &Shared, requests: &[CancelRequest]) {
     let inflight = shared.inflight();
-    let mut held = 0;
     for CancelRequest {
         id,
         actor,
@@ -362,7 +362,6 @@ fn apply_cancels(shared: &Shared, requests: &[CancelRequest]) -> usize {
         let Some(job) = inflight.get(id) else {
             continue;
         };
-        held += 1;
         let mut r = job.reason.lock().unwrap_or_else(|e| e.into_inner());
         if r.is_none() {
             tracing::warn!(job.id = %id, actor = %actor, "cancel requested; stopping the job");
@@ -374,7 +373,6 @@ fn apply_cancels(shared: &Shared, requests: &[CancelRequest]) -> usize {
         }
         job.cancel.cancel();
     }
-    held
 }
 
 /// Sleep after a failed round trip: doubles up to 5 s, so an unreachable
