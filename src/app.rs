@@ -36,6 +36,28 @@ pub enum AppError {
 /// The longest reason a cancel request may give.
 pub const MAX_CANCEL_REASON_CHARS: usize = 1000;
 
+/// A cancel, kill-all or resume reason: 1 to [`MAX_CANCEL_REASON_CHARS`]
+/// characters once trimmed, no control characters but newline and tab
+/// (Postgres refuses NUL in text and JSON).
+pub fn valid_reason(raw: &str) -> Result<&str, String> {
+    let reason = raw.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_CANCEL_REASON_CHARS {
+        return Err(format!(
+            "reason must be 1 to {MAX_CANCEL_REASON_CHARS} characters"
+        ));
+    }
+    if let Some(c) = reason
+        .chars()
+        .find(|c| c.is_control() && *c != '\n' && *c != '\t')
+    {
+        return Err(format!(
+            "reason must not hold control characters (found U+{:04X})",
+            u32::from(c)
+        ));
+    }
+    Ok(reason)
+}
+
 /// What a cancel request achieved.
 #[derive(Debug)]
 pub enum Cancel {
@@ -64,6 +86,17 @@ impl App {
             settings.database.max_connections,
         )
         .await?;
+        Self::with_store(settings, store).await
+    }
+
+    /// Like [`App::connect`], but Postgres is only asked when needed, so
+    /// that the kill switch works while it is down.
+    pub async fn connect_without_postgres(settings: Settings) -> Result<Self, AppError> {
+        let store = Store::connect_lazy(settings.database_url.expose(), 2)?;
+        Self::with_store(settings, store).await
+    }
+
+    async fn with_store(settings: Settings, store: Store) -> Result<Self, AppError> {
         let queue =
             ValkeyQueue::connect(settings.valkey_url.expose(), &settings.key_prefix).await?;
         let kinds = KindDef::load_dir(&settings.sandbox.workers_dir)?;
@@ -210,8 +243,9 @@ impl App {
         actor: &str,
         reason: &str,
     ) -> Result<Job, AppError> {
-        let (job, changed) = self.store.cancel_waiting(id, actor, reason).await?;
-        if changed {
+        let (job, from) = self.store.cancel_waiting(id, actor, reason).await?;
+        if let Some(from) = from {
+            m::count_cancel(&job.queue, from.as_str());
             if let Ok(queue) = QueueName::parse(job.queue.as_str()) {
                 // Should this fail, a claim of the id is refused by Postgres
                 // and the id forgotten then.
@@ -234,16 +268,17 @@ impl App {
                 from: Status::Running,
                 ..
             })) => {
+                let job = self.store.get_job(id).await?;
                 self.store
                     .record_event(
                         id,
                         "cancel_requested",
                         actor,
-                        serde_json::json!({ "reason": reason }),
+                        serde_json::json!({ "reason": reason, "status": job.status, "stage": job.stage }),
                     )
                     .await?;
                 self.queue.request_cancel(id, actor, reason).await?;
-                Ok(Cancel::Requested(self.store.get_job(id).await?))
+                Ok(Cancel::Requested(job))
             }
             Err(err) => Err(err),
         }

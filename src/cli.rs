@@ -47,6 +47,20 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Engage the kill switch: pause every queue and cancel every running
+    /// job on every worker (queued jobs stay queued). Exits 1 if any running
+    /// job was not confirmed stopped.
+    KillAll {
+        #[arg(long)]
+        reason: String,
+    },
+    /// Lift the kill switch: every queue it paused runs again.
+    Resume {
+        #[arg(long, default_value = RESUME_REASON)]
+        reason: String,
+    },
+    /// Whether the kill switch is engaged, by whom, why and since when.
+    KillSwitch,
     /// Inspect and retry jobs.
     Jobs {
         #[command(subcommand)]
@@ -202,6 +216,15 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Enqueue(args) => enqueue(settings, args).await?,
         Command::Jobs { command } => jobs(settings, command).await?,
         Command::Cancel { id, reason } => cancel(settings, &id, &reason).await?,
+        Command::KillAll { reason } => kill_all(settings, &reason).await?,
+        Command::Resume { reason } => resume(settings, &reason).await?,
+        Command::KillSwitch => {
+            let app = App::connect_without_postgres(settings).await?;
+            let state = app.kill_switch().await?;
+            out(&serde_json::to_string_pretty(
+                &orchestrator::killswitch::KillSwitchStatus::from_state(state.as_ref()),
+            )?)?;
+        }
         Command::Queues { command } => queues(settings, command).await?,
         Command::BenchLifecycle { runs } => {
             let report = orchestrator::pipeline::bench::run(settings, runs.max(1))
@@ -425,13 +448,40 @@ async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cancel(settings: Settings, id: &str, reason: &str) -> anyhow::Result<()> {
-    let reason = reason.trim();
-    anyhow::ensure!(
-        !reason.is_empty() && reason.chars().count() <= orchestrator::app::MAX_CANCEL_REASON_CHARS,
-        "--reason must be 1 to {} characters",
-        orchestrator::app::MAX_CANCEL_REASON_CHARS
+/// What a resume records when no reason is given.
+const RESUME_REASON: &str = "no reason given";
+
+fn reason_arg(raw: &str) -> anyhow::Result<&str> {
+    orchestrator::app::valid_reason(raw).map_err(|e| anyhow::anyhow!("--{e}"))
+}
+
+async fn kill_all(settings: Settings, reason: &str) -> anyhow::Result<()> {
+    let reason = reason_arg(reason)?;
+    let app = App::connect_without_postgres(settings).await?;
+    let report = app.kill_all("cli", reason).await?;
+    out(&serde_json::to_string_pretty(&report)?)?;
+    eprintln!(
+        "kill switch engaged: {} cancelled, {} finished first, {} failed",
+        report.cancelled, report.finished, report.failed
     );
+    anyhow::ensure!(
+        report.failed == 0,
+        "{} running jobs were not confirmed stopped (see \"jobs\")",
+        report.failed
+    );
+    Ok(())
+}
+
+async fn resume(settings: Settings, reason: &str) -> anyhow::Result<()> {
+    let reason = reason_arg(reason)?;
+    let app = App::connect_without_postgres(settings).await?;
+    let report = app.resume("cli", reason).await?;
+    out(&serde_json::to_string_pretty(&report)?)?;
+    Ok(())
+}
+
+async fn cancel(settings: Settings, id: &str, reason: &str) -> anyhow::Result<()> {
+    let reason = reason_arg(reason)?;
     let app = connect_migrated(settings).await?;
     let (job, note) = match app.cancel(parse_id(id)?, "cli", reason).await? {
         orchestrator::app::Cancel::Done(job) => (job, "cancelled"),

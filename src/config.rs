@@ -92,6 +92,14 @@ pub struct Settings {
     /// worktrees live, the commit author.
     pub git: GitSettings,
     pub admission: AdmissionSettings,
+    pub kill_switch: KillSwitchSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillSwitchSettings {
+    /// How long kill-all waits for every running job to be confirmed stopped.
+    pub confirm_timeout_secs: u64,
 }
 
 /// The admission policy for agent jobs (the "50% rule").

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod git;
 pub mod job;
+pub mod killswitch;
 pub mod metrics;
 pub mod pipeline;
 pub mod pool;

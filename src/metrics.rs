@@ -39,6 +39,11 @@ pub const LOOP_ERRORS: &str = "orchestrator_loop_errors_total";
 /// Histogram {queue}: from a running job's cancel request to its sandbox
 /// and worktree being gone.
 pub const CANCEL_SECONDS: &str = "orchestrator_cancel_duration_seconds";
+/// Counter {queue, stage}: jobs cancelled, by where they were (queued,
+/// scheduled, claimed, spawn, git, gates, complete).
+pub const CANCELLATIONS: &str = "orchestrator_cancellations_total";
+/// Gauge: 1 while the kill switch is engaged (as this process last saw it).
+pub const KILL_SWITCH_ENGAGED: &str = "orchestrator_kill_switch_engaged";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -74,6 +79,8 @@ fn describe() {
         Unit::Seconds,
         "From a running job's cancel request to its sandbox being gone."
     );
+    describe_counter!(CANCELLATIONS, "Jobs cancelled, by stage.");
+    describe_gauge!(KILL_SWITCH_ENGAGED, "1 while the kill switch is engaged.");
     describe_counter!(JOB_RETRIES, "Failed attempts scheduled for a retry.");
     describe_counter!(JOBS_DEAD, "Jobs dead-lettered after their last attempt.");
     describe_histogram!(JOB_WAIT_SECONDS, Unit::Seconds, "Time from due to start.");
@@ -94,6 +101,17 @@ fn describe() {
         Unit::Seconds,
         "HTTP request duration."
     );
+}
+
+/// Records whether the kill switch is engaged.
+pub fn set_kill_switch(engaged: bool) {
+    metrics::gauge!(KILL_SWITCH_ENGAGED).set(if engaged { 1.0 } else { 0.0 });
+}
+
+/// Counts a cancelled job by the stage it was in.
+pub fn count_cancel(queue: &str, stage: &str) {
+    metrics::counter!(CANCELLATIONS, "queue" => queue.to_owned(), "stage" => stage.to_owned())
+        .increment(1);
 }
 
 /// Records how many worker slots are busy.

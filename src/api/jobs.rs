@@ -22,8 +22,6 @@ pub const MAX_BATCH: usize = 1000;
 /// Most jobs in one page of a listing.
 pub const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 50;
-const MAX_REASON_LEN: usize = crate::app::MAX_CANCEL_REASON_CHARS;
-
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
@@ -360,18 +358,18 @@ pub async fn cancel(
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     caller.require(Scope::Cancel)?;
     let id = parse_job_id(path)?;
-    let reason = body.reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON_LEN {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("reason must be 1 to {MAX_REASON_LEN} characters"),
-        )
-        .field("reason"));
-    }
+    let reason = valid_reason(&body.reason)?;
     Ok(match state.app.cancel(id, &caller.name, reason).await? {
         crate::app::Cancel::Done(job) => (StatusCode::OK, Json(job)),
         crate::app::Cancel::Requested(job) => (StatusCode::ACCEPTED, Json(job)),
     })
+}
+
+/// A cancel, kill-all or resume reason, as [`crate::app::valid_reason`]
+/// wants it; 422 otherwise.
+pub(super) fn valid_reason(raw: &str) -> Result<&str, ApiError> {
+    crate::app::valid_reason(raw)
+        .map_err(|detail| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, detail).field("reason"))
 }
 
 /// Put a dead job back in its queue with a fresh set of attempts (admin).

@@ -9,6 +9,7 @@ mod error;
 mod events;
 mod health;
 mod jobs;
+mod killswitch;
 pub mod openapi;
 mod queues;
 
@@ -64,6 +65,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}/events", get(events::events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route(
+            "/v1/killswitch",
+            get(killswitch::get)
+                .post(killswitch::engage)
+                .delete(killswitch::lift),
+        )
+        .route("/v1/killswitch/events", get(killswitch::events))
         .route("/v1/queues", get(queues::list))
         .route("/v1/queues/{name}/pause", post(queues::pause))
         .route("/v1/queues/{name}/resume", post(queues::resume))

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, events, health, jobs, queues};
+use super::{error, events, health, jobs, killswitch, queues};
 use crate::job::{Job, JobEvent, JobRequest, Status};
 
 #[derive(OpenApi)]
@@ -13,12 +13,16 @@ use crate::job::{Job, JobEvent, JobRequest, Status};
         jobs::create, jobs::create_batch, jobs::get, jobs::list, jobs::cancel, jobs::retry,
         events::events,
         queues::list, queues::pause, queues::resume,
+        killswitch::get, killswitch::engage, killswitch::lift, killswitch::events,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
         Job, JobEvent, JobRequest, Status, error::Problem,
         jobs::BatchRequest, jobs::JobList, jobs::JobPage, jobs::EventList, jobs::CancelRequest,
         queues::QueueInfo, queues::QueueList,
+        killswitch::KillRequest, killswitch::ControlEventList, killswitch::ControlEventView,
+        crate::killswitch::KillSwitchStatus, crate::killswitch::KillReport,
+        crate::killswitch::ResumeReport, crate::killswitch::KilledJob, crate::killswitch::KillOutcome,
     )),
     modifiers(&BearerAuth),
 )]

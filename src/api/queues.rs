@@ -17,6 +17,8 @@ use crate::job::QueueName;
 pub struct QueueInfo {
     pub name: String,
     pub paused: bool,
+    /// Held by the kill switch (until `DELETE /v1/killswitch`).
+    pub halted: bool,
     /// Waiting to run now (Valkey).
     pub pending: u64,
     /// Pending per priority, "1" (lowest) to "10" (highest).
@@ -43,6 +45,7 @@ async fn info(
     Ok(QueueInfo {
         name: queue.to_string(),
         paused: depth.paused,
+        halted: depth.halted,
         pending: depth.pending(),
         pending_by_priority: depth
             .pending_by_priority

@@ -266,6 +266,16 @@ pub struct JobEvent {
     pub data: serde_json::Value,
 }
 
+/// A request to stop a job, as read from its flag.
+#[derive(Debug, Clone)]
+pub struct CancelRequest {
+    pub id: JobId,
+    pub actor: String,
+    pub reason: String,
+    /// When it was asked for (Unix ms), to measure how long stopping took.
+    pub requested_ms: Option<i64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -377,6 +377,7 @@ async fn record(ctx: &JobContext, kind: &'static str, data: Value) {
 }
 
 async fn stage_start(ctx: &JobContext, stage: &'static str) -> Instant {
+    ctx.stage.set(stage);
     if let Err(err) = ctx
         .store
         .set_stage(ctx.job.id, ctx.job.lease_id, stage)

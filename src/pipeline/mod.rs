@@ -34,6 +34,29 @@ pub struct JobContext {
     pub store: Store,
     /// The worker running the job: the actor of those events.
     pub worker_id: Arc<str>,
+    /// The stage the job is in, as the handler last set it.
+    pub stage: StageCell,
+}
+
+/// Where a running job is, kept in memory: it must be known when the job is
+/// cancelled even if Postgres cannot be asked.
+#[derive(Debug, Clone)]
+pub struct StageCell(Arc<std::sync::Mutex<&'static str>>);
+
+impl Default for StageCell {
+    fn default() -> Self {
+        StageCell(Arc::new(std::sync::Mutex::new("running")))
+    }
+}
+
+impl StageCell {
+    pub fn set(&self, stage: &'static str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = stage;
+    }
+
+    pub fn get(&self) -> &'static str {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

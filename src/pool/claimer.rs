@@ -61,6 +61,15 @@ pub(super) async fn run(
         tokio::pin!(woken);
         woken.as_mut().enable();
 
+        if shared.halted.load(std::sync::atomic::Ordering::SeqCst) {
+            drop(credits);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = woken => {}
+                () = tokio::time::sleep(shared.cfg.poll_interval) => {}
+            }
+            continue;
+        }
         match claim(&shared, &queue, credits.num_permits()).await {
             Ok(jobs) if !jobs.is_empty() => {
                 failures = 0;
@@ -205,6 +214,7 @@ async fn release(shared: &Shared, item: Buffered, completions: &mpsc::Sender<Com
         queue: item.queue,
         kind: item.job.kind.clone(),
         priority: item.job.priority,
+        stage: "claimed",
     };
     let _ = completions.send(completion).await;
     drop(item.credit);

@@ -21,6 +21,8 @@ pub(super) struct Completion {
     pub kind: String,
     /// For retries: the priority to index with.
     pub priority: u8,
+    /// Where the job was when it ended (counted for cancellations).
+    pub stage: &'static str,
 }
 
 pub(super) fn start(shared: Arc<Shared>) -> (mpsc::Sender<Completion>, JoinHandle<()>) {
@@ -104,6 +106,9 @@ fn record_metrics(batch: &[Completion], outcome: &FinishOutcome) {
     let mut counts: HashMap<(&str, &str, &'static str), u64> = HashMap::new();
     for (id, status) in &outcome.applied {
         if let Some(c) = by_id.get(id) {
+            if *status == Status::Cancelled {
+                m::count_cancel(c.queue.as_str(), c.stage);
+            }
             let label = match status {
                 Status::Succeeded => "succeeded",
                 Status::Scheduled => "retried",

@@ -15,6 +15,7 @@ mod repair;
 mod runner;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::job::{JobId, QueueName, Status};
 use crate::pipeline::Registry;
-use crate::queue::{CancelRequest, ValkeyQueue};
+use crate::queue::{CancelRequest, Control, KillSwitchState, ValkeyQueue};
 use crate::store::Store;
 
 pub use maintenance::{Maintenance, MaintenanceConfig};
@@ -155,6 +156,9 @@ struct Shared {
     inflight: Mutex<HashMap<JobId, InFlight>>,
     /// Woken by Valkey pub/sub when ids became pending.
     wake: Notify,
+    /// The kill switch is engaged (as far as this worker knows): claim
+    /// nothing, stop everything.
+    halted: AtomicBool,
     observer: Option<mpsc::UnboundedSender<PoolEvent>>,
     worker_id: Arc<str>,
     /// For the orphan reapers.
@@ -197,6 +201,7 @@ impl Pool {
                 credits,
                 inflight: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
+                halted: AtomicBool::new(false),
                 observer: None,
                 worker_id: Arc::from(cfg.worker_id.as_str()),
                 sandboxes: None,
@@ -257,7 +262,7 @@ impl Pool {
         tasks.spawn(heartbeat::run(shared.clone(), background.clone()));
         tasks.spawn(maintenance::run(shared.clone(), background.clone()));
         tasks.spawn(claimer::forward_wakeups(shared.clone(), background.clone()));
-        tasks.spawn(listen_for_cancels(shared.clone(), background.clone()));
+        tasks.spawn(listen_for_controls(shared.clone(), background.clone()));
 
         let (buffer, buffered) = mpsc::unbounded_channel();
         let dispatcher = tokio::spawn(claimer::dispatch(
@@ -313,21 +318,60 @@ impl Pool {
     }
 }
 
-/// Cancel requests published for running jobs: those this worker holds stop
-/// at once (the heartbeat also polls the durable flags, for missed messages).
-async fn listen_for_cancels(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut ids = shared.queue.cancel_listener();
+/// Cancel requests and kill switch changes: jobs this worker holds stop at
+/// once (the heartbeat also polls the durable flags, for missed messages).
+async fn listen_for_controls(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut messages = shared.queue.control_listener();
     loop {
-        let id = tokio::select! {
+        let message = tokio::select! {
             () = stop.cancelled() => return,
-            id = ids.recv() => match id { Some(id) => id, None => return },
+            m = messages.recv() => match m { Some(m) => m, None => return },
         };
-        if !shared.inflight().contains_key(&id) {
-            continue;
+        match message {
+            Control::Cancel(id) => {
+                if !shared.inflight().contains_key(&id) {
+                    continue;
+                }
+                if let Err(err) = stop_cancelled(&shared, &[id]).await {
+                    tracing::warn!(job.id = %id, error = %err, "cannot read a cancel request; the heartbeat will");
+                }
+            }
+            Control::KillSwitch => sync_kill_switch(&shared).await,
         }
-        if let Err(err) = stop_cancelled(&shared, &[id]).await {
-            tracing::warn!(job.id = %id, error = %err, "cannot read a cancel request; the heartbeat will");
+    }
+}
+
+/// Reads the kill switch and acts on it: while it is engaged this worker
+/// claims nothing and stops every job it holds; once lifted, it claims again.
+async fn sync_kill_switch(shared: &Shared) {
+    match shared.queue.kill_switch().await {
+        Ok(state) => apply_kill_switch(shared, state.as_ref()),
+        Err(err) => tracing::debug!(error = %err, "cannot read the kill switch"),
+    }
+}
+
+fn apply_kill_switch(shared: &Shared, state: Option<&KillSwitchState>) {
+    crate::metrics::set_kill_switch(state.is_some());
+    let Some(state) = state else {
+        if shared.halted.swap(false, Ordering::SeqCst) {
+            tracing::warn!("kill switch lifted; claiming again");
+            shared.wake.notify_waiters();
         }
+        return;
+    };
+    if !shared.halted.swap(true, Ordering::SeqCst) {
+        tracing::warn!(actor = %state.actor, reason = %state.reason, "KILL SWITCH ENGAGED: stopping every job and claiming nothing");
+    }
+    let stop = StopReason::Cancelled {
+        actor: state.actor.clone(),
+        reason: state.reason.clone(),
+        requested_ms: Some(state.since.timestamp_millis()),
+    };
+    let inflight = shared.inflight();
+    for job in inflight.values().filter(|j| !j.reported) {
+        let mut r = job.reason.lock().unwrap_or_else(|e| e.into_inner());
+        r.get_or_insert_with(|| stop.clone());
+        job.cancel.cancel();
     }
 }
 

@@ -12,7 +12,7 @@ use super::claimer::Buffered;
 use super::completer::Completion;
 use super::{Shared, StopReason};
 use crate::metrics as m;
-use crate::pipeline::{JobContext, JobError};
+use crate::pipeline::{JobContext, JobError, StageCell};
 use crate::store::{ClaimedJob, Finish};
 
 pub(super) async fn run(
@@ -29,7 +29,8 @@ pub(super) async fn run(
     };
     let span = tracing::info_span!("job", job.id = %job.id, job.kind = %job.kind, queue = %queue, attempt = job.attempt);
     let started = Instant::now();
-    let outcome = execute(&shared, &job, cancel)
+    let stage = StageCell::default();
+    let outcome = execute(&shared, &job, cancel, stage.clone())
         .instrument(span.clone())
         .await;
     metrics::histogram!(m::JOB_RUN_SECONDS, "queue" => job.queue.clone(), "kind" => job.kind.clone())
@@ -49,7 +50,11 @@ pub(super) async fn run(
             }),
         ) => {
             // The sandbox and worktree are gone by now: cleanup runs before
-            // the pipeline returns.
+            // the pipeline returns. Said in Valkey first, so that the kill
+            // switch can count it while Postgres is down.
+            if let Err(err) = shared.queue.confirm_stopped(job.id).await {
+                tracing::warn!(job.id = %job.id, error = %err, "cannot confirm the stop in Valkey");
+            }
             if let Some(ms) = requested_ms {
                 let waited = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
                 metrics::histogram!(m::CANCEL_SECONDS, "queue" => job.queue.clone()).record(waited);
@@ -101,6 +106,7 @@ pub(super) async fn run(
                 queue,
                 kind: job.kind.clone(),
                 priority: job.priority,
+                stage: stage.get(),
             };
             if completions.send(completion).await.is_err() {
                 // Only during a hard stop: the lease expires and the reaper
@@ -123,6 +129,7 @@ async fn execute(
     shared: &Shared,
     job: &Arc<ClaimedJob>,
     cancel: CancellationToken,
+    stage: StageCell,
 ) -> Result<serde_json::Value, JobError> {
     let Some(handler) = shared.registry.get(&job.kind) else {
         return Err(JobError::Fatal(format!(
@@ -135,6 +142,7 @@ async fn execute(
         cancel: cancel.clone(),
         store: shared.store.clone(),
         worker_id: shared.worker_id.clone(),
+        stage,
     };
     let mut task = tokio::spawn(handler.run(ctx).in_current_span());
     let limit = Duration::from_secs(u64::from(job.timeout_secs));
@@ -175,6 +183,7 @@ pub(super) async fn release_remaining(shared: &Shared, completions: &mpsc::Sende
                 queue: f.queue.clone(),
                 kind: String::new(),
                 priority: f.priority,
+                stage: "running",
             }
         })
         .collect();

@@ -26,6 +26,9 @@ pub struct QueueKeys {
     pub seq: String,
     /// flag: present while the queue is paused.
     pub paused: String,
+    /// flag: present while the kill switch holds the queue (apart from
+    /// `paused`, so lifting the switch leaves an admin's pause alone).
+    pub halted: String,
     /// number: most jobs of the queue under a lease at once (optional).
     pub limit: String,
     /// pub/sub channel: published to when ids become pending.
@@ -52,6 +55,7 @@ impl Keys {
             prio: format!("{base}:prio"),
             seq: format!("{base}:seq"),
             paused: format!("{base}:paused"),
+            halted: format!("{base}:halted"),
             limit: format!("{base}:limit"),
             wake: format!("{}:wake:{}", self.prefix, queue),
         }
@@ -83,6 +87,29 @@ impl Keys {
         format!("{}:cancel", self.prefix)
     }
 
+    /// flag: stopped after a cancel (Unix ms): the sandbox and worktree of
+    /// the job are gone. The kill switch waits on these.
+    pub fn stopped(&self, id: &crate::job::JobId) -> String {
+        format!("{}:stopped:{id}", self.prefix)
+    }
+
+    /// hash: the kill switch, present while engaged
+    /// (`id`, `since_ms`, `actor`, `reason`).
+    pub fn kill_switch(&self) -> String {
+        format!("{}:killswitch", self.prefix)
+    }
+
+    /// pub/sub channel: `engaged` or `lifted`, when the kill switch changes.
+    pub fn control_channel(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    /// list: audit records (JSON) Postgres could not take yet; maintenance
+    /// writes them once it can.
+    pub fn outbox(&self) -> String {
+        format!("{}:outbox", self.prefix)
+    }
+
     /// Sentinel written after a full index rebuild; its absence means Valkey
     /// lost its data (flush, restart without persistence) and the reconciler
     /// must rebuild now rather than at its next period.
@@ -100,7 +127,7 @@ mod tests {
         let q = QueueName::parse("agents.high").expect("valid");
         let k = Keys::new("orch").queue(&q);
         for key in [
-            &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused,
+            &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused, &k.halted,
         ] {
             assert!(key.starts_with("orch:{q:agents.high}:"), "{key}");
         }

@@ -4,6 +4,7 @@
 //! follows a committed Postgres write, and everything here can be rebuilt
 //! from Postgres by the reconciler.
 
+mod control;
 mod keys;
 mod scripts;
 
@@ -15,7 +16,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
+pub use crate::job::CancelRequest;
 use crate::job::{JobId, QueueName};
+pub use control::{Control, KillSwitchState};
 pub use keys::{Keys, QueueKeys};
 pub use scripts::Scripts;
 
@@ -26,17 +29,7 @@ mod codes {
 }
 
 /// How long a cancel request waits for a worker to see it.
-const CANCEL_FLAG_TTL_SECS: u64 = 86_400;
-
-/// A request to stop a job, as read from its flag.
-#[derive(Debug, Clone)]
-pub struct CancelRequest {
-    pub id: JobId,
-    pub actor: String,
-    pub reason: String,
-    /// When it was asked for (Unix ms), to measure how long stopping took.
-    pub requested_ms: Option<i64>,
-}
+pub(crate) const CANCEL_FLAG_TTL_SECS: u64 = 86_400;
 
 /// Ids per script call: keeps each script short so Valkey never blocks long.
 const CHUNK: usize = 1000;
@@ -86,6 +79,8 @@ pub struct Depth {
     pub delayed: u64,
     pub active: u64,
     pub paused: bool,
+    /// Held by the kill switch.
+    pub halted: bool,
 }
 
 impl Depth {
@@ -204,6 +199,7 @@ impl ValkeyQueue {
                 &mut conn,
                 &[
                     &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused, &k.limit,
+                    &k.halted,
                 ],
                 &args,
             )
@@ -371,11 +367,11 @@ impl ValkeyQueue {
             .depth
             .call(
                 &mut conn,
-                &[&k.pending, &k.delayed, &k.active, &k.paused],
+                &[&k.pending, &k.delayed, &k.active, &k.paused, &k.halted],
                 &[] as &[u8],
             )
             .await?;
-        if raw.len() != 13 {
+        if raw.len() != 14 {
             return Err(QueueError::Protocol(format!(
                 "depth returned {} values",
                 raw.len()
@@ -385,9 +381,10 @@ impl ValkeyQueue {
             delayed: raw[0],
             active: raw[1],
             paused: raw[2] == 1,
+            halted: raw[3] == 1,
             ..Depth::default()
         };
-        depth.pending_by_priority.copy_from_slice(&raw[3..13]);
+        depth.pending_by_priority.copy_from_slice(&raw[4..14]);
         Ok(depth)
     }
 
@@ -495,11 +492,19 @@ impl ValkeyQueue {
         actor: &str,
         reason: &str,
     ) -> Result<(), QueueError> {
+        self.request_cancel_at(id, actor, reason, chrono::Utc::now())
+            .await
+    }
+
+    async fn request_cancel_at(
+        &self,
+        id: JobId,
+        actor: &str,
+        reason: &str,
+        requested: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        let value = format!(
-            "{}\t{actor}\t{reason}",
-            chrono::Utc::now().timestamp_millis()
-        );
+        let value = format!("{}\t{actor}\t{reason}", requested.timestamp_millis());
         let args = [
             self.keys.cancel_channel(),
             id.to_string(),
@@ -549,39 +554,6 @@ impl ValkeyQueue {
         let keys: Vec<String> = ids.iter().map(|id| self.keys.cancel_flag(id)).collect();
         let _: () = conn.del(keys).await?;
         Ok(())
-    }
-
-    /// Job ids published on the cancel channel, forwarded until the receiver
-    /// drops; resubscribes after a lost connection.
-    pub fn cancel_listener(&self) -> mpsc::Receiver<JobId> {
-        let (tx, rx) = mpsc::channel(256);
-        let client = self.client.clone();
-        let channel = self.keys.cancel_channel();
-        tokio::spawn(async move {
-            loop {
-                if let Ok(mut pubsub) = client.get_async_pubsub().await {
-                    if pubsub.subscribe(&channel).await.is_ok() {
-                        let mut messages = pubsub.on_message();
-                        while let Some(msg) = messages.next().await {
-                            let Ok(text) = msg.get_payload::<String>() else {
-                                continue;
-                            };
-                            let Ok(id) = text.parse::<JobId>() else {
-                                continue;
-                            };
-                            if tx.send(id).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                if tx.is_closed() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
-        rx
     }
 
     /// Subscribes to the wake channels of `queues`; every message (ids became

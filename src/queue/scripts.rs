@@ -98,13 +98,15 @@ pub struct Scripts {
     pub reap: LuaScript,
     pub set_paused: LuaScript,
     pub depth: LuaScript,
+    pub engage_kill_switch: LuaScript,
+    pub lift_kill_switch: LuaScript,
 }
 
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
             enqueue: LuaScript::new("enqueue-5.lua", lua!("enqueue-5.lua")),
-            claim: LuaScript::new("claim-7.lua", lua!("claim-7.lua")),
+            claim: LuaScript::new("claim-8.lua", lua!("claim-8.lua")),
             heartbeat: LuaScript::new("heartbeat-1.lua", lua!("heartbeat-1.lua")),
             ack: LuaScript::new("ack-1.lua", lua!("ack-1.lua")),
             forget: LuaScript::new("forget-4.lua", lua!("forget-4.lua")),
@@ -114,11 +116,16 @@ impl Scripts {
             promote: LuaScript::new("promote-4.lua", lua!("promote-4.lua")),
             reap: LuaScript::new("reap-1.lua", lua!("reap-1.lua")),
             set_paused: LuaScript::new("setPaused-1.lua", lua!("setPaused-1.lua")),
-            depth: LuaScript::new("depth-4.lua", lua!("depth-4.lua")),
+            depth: LuaScript::new("depth-5.lua", lua!("depth-5.lua")),
+            engage_kill_switch: LuaScript::new(
+                "engageKillSwitch-1.lua",
+                lua!("engageKillSwitch-1.lua"),
+            ),
+            lift_kill_switch: LuaScript::new("liftKillSwitch-1.lua", lua!("liftKillSwitch-1.lua")),
         }
     }
 
-    pub fn all(&self) -> [&LuaScript; 12] {
+    pub fn all(&self) -> [&LuaScript; 14] {
         [
             &self.enqueue,
             &self.claim,
@@ -132,6 +139,8 @@ impl Scripts {
             &self.reap,
             &self.set_paused,
             &self.depth,
+            &self.engage_kill_switch,
+            &self.lift_kill_switch,
         ]
     }
 
@@ -172,7 +181,7 @@ mod tests {
                 s.num_keys
             );
         }
-        assert_eq!(parse_file_name("claim-7.lua"), ("claim", 7));
+        assert_eq!(parse_file_name("claim-8.lua"), ("claim", 8));
         assert_eq!(parse_file_name("setPaused-1.lua"), ("setPaused", 1));
     }
 }

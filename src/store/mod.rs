@@ -6,6 +6,7 @@
 //! running jobs, the fencing token (`lease_id`) and lease deadline, writes the
 //! new state and appends a `job_events` row, all in one statement.
 
+mod control;
 mod jobs;
 mod rows;
 mod transitions;
@@ -16,6 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 use crate::job::{JobId, Status};
+pub use control::{ControlEvent, ControlKind, ControlRow};
 pub use jobs::{IndexState, JobFilter, LeaseHolder, QueueCounts};
 pub use transitions::{ClaimedJob, Finish, FinishOutcome, Reaped};
 
@@ -119,6 +121,20 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(connect_err)?;
+        Ok(Store { pool })
+    }
+
+    /// A pool that connects on first use: for the kill switch, which must
+    /// work while Postgres is down.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse().map_err(|source| StoreError::Connect {
+            url: redact_url(url),
+            source,
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(options);
         Ok(Store { pool })
     }
 

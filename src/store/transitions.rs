@@ -1,6 +1,6 @@
 //! Status transitions, one statement (and so one transaction) per batch.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::rows::parse_status;
 use super::{Store, StoreError};
-use crate::job::{Job, JobId, RetryDecision, RetryPolicy, Status};
+use crate::job::{CancelRequest, Job, JobId, RetryDecision, RetryPolicy, Status};
 
 /// What a worker needs to run a job it claimed.
 #[derive(Debug, Clone)]
@@ -154,6 +154,8 @@ pub struct Reaped {
     pub priority: u8,
     pub to: Status,
     pub run_at: Option<DateTime<Utc>>,
+    /// The stage the job was in when its worker stopped renewing the lease.
+    pub stage: Option<String>,
 }
 
 /// Which leases a finish statement accepts: live ones (a worker finishing
@@ -216,6 +218,7 @@ struct ExpiredRow {
     backoff_cap_ms: i64,
     lease_id: i64,
     worker_id: Option<String>,
+    stage: Option<String>,
 }
 
 fn statuses(list: &[Status]) -> Vec<&'static str> {
@@ -332,16 +335,31 @@ impl Store {
         Ok(held.into_iter().map(JobId).collect())
     }
 
+    /// Running jobs whose lease has expired, in id order.
+    pub async fn expired_leases(&self, limit: u32) -> Result<Vec<JobId>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM jobs
+             WHERE finished_at IS NULL AND status = 'running' AND lease_expires_at <= now()
+             ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(JobId).collect())
+    }
+
     /// Ends expired leases: each attempt counts as failed ("lease expired"),
-    /// so the job is scheduled for a retry after backoff or dead-lettered.
-    /// `only` limits the search to ids Valkey reported (primary-key
-    /// lookups); `None` scans every unfinished job, for leases the index
-    /// lost. Safe to run in every replica at once (`SKIP LOCKED`).
+    /// so the job is scheduled for a retry after backoff or dead-lettered,
+    /// except a job in `cancels`, which ends `cancelled` (its worker died
+    /// while stopping it). `only` limits the search to ids Valkey reported
+    /// (primary-key lookups); `None` scans every unfinished job, for leases
+    /// the index lost. Safe to run in every replica at once (`SKIP LOCKED`).
     pub async fn reap_expired(
         &self,
         only: Option<&[JobId]>,
         limit: u32,
         actor: &str,
+        cancels: &HashMap<JobId, CancelRequest>,
     ) -> Result<Vec<Reaped>, StoreError> {
         let only: Option<Vec<Uuid>> = only.map(|ids| ids.iter().map(|id| id.0).collect());
         let mut tx = self.pool.begin().await?;
@@ -354,7 +372,7 @@ impl Store {
         };
         let sql = format!(
             "SELECT id, queue, priority, attempt, max_attempts, backoff_base_ms, backoff_cap_ms,
-                    lease_id, worker_id
+                    lease_id, worker_id, stage
              FROM jobs
              WHERE {which} AND status = 'running' AND lease_expires_at <= now()
              ORDER BY id
@@ -377,23 +395,37 @@ impl Store {
                 backoff_base_ms: r.backoff_base_ms.max(1) as u64,
                 backoff_cap_ms: r.backoff_cap_ms.max(1) as u64,
             };
-            let error = format!(
-                "lease expired: worker {} stopped renewing it",
-                r.worker_id.as_deref().unwrap_or("?")
-            );
-            let mut finish = Finish::failed(
-                JobId(r.id),
-                r.lease_id,
-                r.attempt.max(0) as u32,
-                &retry,
-                error,
-            );
-            finish.event = "lease_expired";
+            let worker = r.worker_id.as_deref().unwrap_or("?");
+            let finish = match cancels.get(&JobId(r.id)) {
+                // Its worker died while stopping it: the cancel ends here.
+                Some(c) => {
+                    let mut finish =
+                        Finish::cancelled(JobId(r.id), r.lease_id, &c.actor, &c.reason);
+                    if let Some(data) = finish.event_data.as_object_mut() {
+                        data.insert("completed_by".into(), serde_json::json!(actor));
+                        data.insert("lease_expired_from".into(), serde_json::json!(worker));
+                    }
+                    finish
+                }
+                None => {
+                    let error = format!("lease expired: worker {worker} stopped renewing it");
+                    let mut finish = Finish::failed(
+                        JobId(r.id),
+                        r.lease_id,
+                        r.attempt.max(0) as u32,
+                        &retry,
+                        error,
+                    );
+                    finish.event = "lease_expired";
+                    finish
+                }
+            };
             meta.push((
                 JobId(r.id),
                 r.queue,
                 r.priority.clamp(1, 10) as u8,
                 finish.run_at,
+                r.stage,
             ));
             batch.push(finish);
         }
@@ -401,7 +433,7 @@ impl Store {
         tx.commit().await?;
         Ok(meta
             .into_iter()
-            .filter_map(|(id, queue, priority, run_at)| {
+            .filter_map(|(id, queue, priority, run_at, stage)| {
                 outcome
                     .applied
                     .iter()
@@ -412,6 +444,7 @@ impl Store {
                         priority,
                         to: *to,
                         run_at,
+                        stage,
                     })
             })
             .collect())
@@ -426,7 +459,7 @@ impl Store {
         id: JobId,
         actor: &str,
         reason: &str,
-    ) -> Result<(Job, bool), StoreError> {
+    ) -> Result<(Job, Option<Status>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
@@ -435,7 +468,7 @@ impl Store {
                 .await?;
         let from = parse_status(&status.ok_or(StoreError::NotFound(id))?)?;
         let changed = match from {
-            Status::Cancelled => false,
+            Status::Cancelled => None,
             Status::Queued | Status::Scheduled if from.can_transition_to(Status::Cancelled) => {
                 sqlx::query(
                     "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
@@ -456,7 +489,7 @@ impl Store {
                 .bind(from.as_str())
                 .execute(&mut *tx)
                 .await?;
-                true
+                Some(from)
             }
             _ => {
                 return Err(StoreError::InvalidTransition {
@@ -569,13 +602,15 @@ async fn finish_on(
                         $7::bool[], $8::text[], $9::jsonb[])
                 AS i(id, status, run_at, error, result, refund, event, data)
             WHERE j.id = i.id AND j.id = ANY(ARRAY(SELECT id FROM locked))
-            RETURNING j.id, j.status, j.attempt, i.event, i.data
+            RETURNING j.id, j.status, j.attempt, j.stage, i.event, i.data
         ),
         ev AS (
             INSERT INTO job_events (job_id, type, actor, data)
             SELECT id, event, $10,
                 CASE WHEN jsonb_typeof(data) = 'object' THEN data ELSE '{}'::jsonb END
                     || jsonb_build_object('attempt', attempt)
+                    || CASE WHEN stage IS NULL THEN '{}'::jsonb
+                            ELSE jsonb_build_object('stage', stage) END
             FROM upd
         )
         SELECT id, status FROM upd",

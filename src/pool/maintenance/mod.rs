@@ -1,7 +1,8 @@
 //! Maintenance services, each a small unit with a `*_once` step that tests
 //! call directly: the promoter, the reaper (and its slower scan for lost
-//! leases), the reconciler and the depth sampler. Every one is idempotent and safe to run in every replica at once.
+//! leases), the reconciler, the audit outbox and the depth sampler. Every one is idempotent and safe to run in every replica at once.
 
+mod outbox;
 mod promoter;
 mod reaper;
 mod reconciler;
@@ -179,6 +180,16 @@ impl Maintenance {
                 let full = tick % full_every == 0;
                 tick += 1;
                 async move { m.reconcile_once(full).await.map(drop) }
+            },
+        ));
+        let m = me.clone();
+        tasks.spawn(periodic(
+            "outbox",
+            cfg.flush_check_interval,
+            stop.clone(),
+            move || {
+                let m = m.clone();
+                async move { m.drain_outbox_once().await.map(drop) }
             },
         ));
         let m = me.clone();

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::{Maintenance, REAP_LIMIT};
-use crate::job::{JobId, QueueName, Status};
+use crate::job::{CancelRequest, JobId, QueueName, Status};
 use crate::metrics as m;
 use crate::pool::{repair, PoolError};
 use crate::queue::IndexEntry;
@@ -32,10 +32,7 @@ impl Maintenance {
             if ids.is_empty() {
                 continue;
             }
-            let reaped = self
-                .store
-                .reap_expired(Some(&ids), REAP_LIMIT, &self.actor)
-                .await?;
+            let reaped = self.reap_ids(&ids).await?;
             let rest: Vec<JobId> = ids
                 .iter()
                 .copied()
@@ -57,22 +54,40 @@ impl Maintenance {
     pub async fn reap_lost_once(&self) -> Result<usize, PoolError> {
         let mut total = 0;
         loop {
-            let reaped = self
-                .store
-                .reap_expired(None, REAP_LIMIT, &self.actor)
-                .await?;
-            let n = reaped.len();
-            total += n;
+            let ids = self.store.expired_leases(REAP_LIMIT).await?;
+            let reaped = self.reap_ids(&ids).await?;
+            total += reaped.len();
             self.apply(reaped).await?;
-            if n < REAP_LIMIT as usize {
+            if ids.len() < REAP_LIMIT as usize {
                 return Ok(total);
             }
         }
     }
 
+    /// Ends the expired leases among `ids` in Postgres. A job with a cancel
+    /// request ends `cancelled` (its worker died while stopping it); the
+    /// others are retried or dead-lettered.
+    async fn reap_ids(&self, ids: &[JobId]) -> Result<Vec<Reaped>, PoolError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cancels: HashMap<JobId, CancelRequest> = self
+            .valkey
+            .cancel_requests(ids)
+            .await?
+            .into_iter()
+            .map(|c| (c.id, c))
+            .collect();
+        Ok(self
+            .store
+            .reap_expired(Some(ids), REAP_LIMIT, &self.actor, &cancels)
+            .await?)
+    }
+
     async fn apply(&self, reaped: Vec<Reaped>) -> Result<(), PoolError> {
         let mut acks: HashMap<QueueName, Vec<JobId>> = HashMap::new();
         let mut back: HashMap<QueueName, Vec<IndexEntry>> = HashMap::new();
+        let mut cancelled = Vec::new();
         for r in reaped {
             let Ok(queue) = QueueName::parse(r.queue.as_str()) else {
                 continue;
@@ -82,6 +97,11 @@ impl Maintenance {
             match r.to {
                 Status::Dead => {
                     metrics::counter!(m::JOBS_DEAD, "queue" => queue.to_string()).increment(1);
+                    acks.entry(queue).or_default().push(r.id);
+                }
+                Status::Cancelled => {
+                    m::count_cancel(queue.as_str(), r.stage.as_deref().unwrap_or("running"));
+                    cancelled.push(r.id);
                     acks.entry(queue).or_default().push(r.id);
                 }
                 _ => {
@@ -100,6 +120,32 @@ impl Maintenance {
         for (queue, entries) in back {
             self.valkey.schedule(&queue, &entries).await?;
         }
+        if !cancelled.is_empty() {
+            self.finish_cancels(&cancelled).await?;
+        }
+        Ok(())
+    }
+
+    /// The cleanup a dead worker did not do: the jobs are finished now, so
+    /// the orphan reapers remove their sandboxes and worktrees; then the
+    /// stops are confirmed and the cancel flags dropped.
+    async fn finish_cancels(&self, ids: &[JobId]) -> Result<(), PoolError> {
+        let sandboxes = self.reap_sandboxes_once().await;
+        let worktrees = self.reap_worktrees_once().await;
+        for (what, result) in [
+            ("sandboxes", sandboxes.map(drop)),
+            ("worktrees", worktrees.map(drop)),
+        ] {
+            if let Err(err) = result {
+                tracing::warn!(error = %err, what, "cleanup after reaped cancels failed; the orphan reapers will retry");
+                return Ok(());
+            }
+        }
+        for id in ids {
+            self.valkey.confirm_stopped(*id).await?;
+            tracing::warn!(job.id = %id, "cancel completed by the reaper");
+        }
+        self.valkey.clear_cancel(ids).await?;
         Ok(())
     }
 }

@@ -10,12 +10,14 @@
 -- KEYS[5] seq      KEYS[6] paused flag
 -- KEYS[7] limit: most ids under a lease at once, across every worker
 --         (absent: no limit)
+-- KEYS[8] halted flag: present while the kill switch is engaged
 -- ARGV[1] lease length (ms)
 -- ARGV[2] maximum ids to claim
 -- ARGV[3] maximum delayed ids to promote first
 --
--- Returns pairs {id, priority, …}, or -1 (PAUSED) when the queue is paused.
-if redis.call('EXISTS', KEYS[6]) == 1 then
+-- Returns pairs {id, priority, …}, or -1 (PAUSED) when the queue is paused
+-- or halted.
+if redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[8]) == 1 then
   return -1
 end
 local now = now_ms()

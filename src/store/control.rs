@@ -1,0 +1,125 @@
+//! Control events: the kill switch's part of the audit trail.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::job::JobId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlKind {
+    KillAll,
+    Resume,
+}
+
+impl ControlKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlKind::KillAll => "kill_all",
+            ControlKind::Resume => "resume",
+        }
+    }
+}
+
+/// A kill-all or a resume, with the running jobs a kill-all asked to stop.
+/// Serialized into the Valkey outbox while Postgres cannot take it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlEvent {
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    pub kind: ControlKind,
+    pub actor: String,
+    pub reason: String,
+    /// Running jobs asked to stop (kill-all).
+    #[serde(default)]
+    pub jobs: Vec<JobId>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// A control event as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ControlRow {
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub actor: String,
+    pub reason: String,
+    pub data: serde_json::Value,
+    pub written_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Writes a control event and, for a kill-all, a `cancel_requested`
+    /// event on each job it asked to stop, in one transaction. Written once
+    /// per id: returns false if it was already there.
+    pub async fn record_control(&self, event: &ControlEvent) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted: Option<Uuid> = sqlx::query_scalar(
+            "INSERT INTO control_events (id, at, type, actor, reason, data)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(event.id)
+        .bind(event.at)
+        .bind(event.kind.as_str())
+        .bind(&event.actor)
+        .bind(&event.reason)
+        .bind(&event.data)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if inserted.is_none() {
+            return Ok(false);
+        }
+        if !event.jobs.is_empty() {
+            let ids: Vec<Uuid> = event.jobs.iter().map(|id| id.0).collect();
+            // The state each job was in: running when asked (it held a
+            // lease); its stage if it still runs as this is written.
+            sqlx::query(
+                "INSERT INTO job_events (job_id, at, type, actor, data)
+                 SELECT i.id, $2, 'cancel_requested', $3,
+                        jsonb_build_object('reason', $4::text, 'control_id', $5::uuid,
+                                           'kill_all', true, 'status', 'running',
+                                           'stage', CASE WHEN j.status = 'running' THEN j.stage END)
+                 FROM UNNEST($1::uuid[]) AS i(id)
+                 LEFT JOIN jobs j ON j.id = i.id
+                 ORDER BY i.id",
+            )
+            .bind(&ids)
+            .bind(event.at)
+            .bind(&event.actor)
+            .bind(&event.reason)
+            .bind(event.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The latest control events, newest first.
+    pub async fn control_events(&self, limit: u32) -> Result<Vec<ControlRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, at, type, actor, reason, data, written_at
+             FROM control_events ORDER BY at DESC, id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Every running job, in id order.
+    pub async fn running_jobs(&self) -> Result<Vec<(JobId, String)>, StoreError> {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT id, queue FROM jobs
+             WHERE finished_at IS NULL AND status = 'running' ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id, q)| (JobId(id), q)).collect())
+    }
+}
