@@ -135,22 +135,31 @@ impl App {
             }
         }
 
-        // Running jobs: the index's leases (Valkey), and Postgres' if it
-        // answers in time (it also knows leases the index lost).
-        let mut running: BTreeMap<JobId, String> = BTreeMap::new();
+        // Running jobs: the index's leases (Valkey) are flagged first; then
+        // Postgres, if it answers in time, names leases the index lost.
+        let mut running: BTreeSet<JobId> = BTreeSet::new();
         for queue in &queues {
             let Ok(name) = QueueName::parse(queue.as_str()) else {
                 continue;
             };
             match self.queue.active_ids(&name).await {
-                Ok(ids) => running.extend(ids.into_iter().map(|id| (id, queue.clone()))),
+                Ok(ids) => running.extend(ids),
                 Err(err) => errors.push(format!(
                     "queue {queue}: cannot list its running jobs: {err}"
                 )),
             }
         }
+        let mut failed = self.flag(&running, actor, reason, now).await;
         match tokio::time::timeout(POSTGRES_PATIENCE, self.store.running_jobs()).await {
-            Ok(Ok(jobs)) => running.extend(jobs),
+            Ok(Ok(jobs)) => {
+                let lost: BTreeSet<JobId> = jobs
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .filter(|id| !running.contains(id))
+                    .collect();
+                failed.extend(self.flag(&lost, actor, reason, now).await);
+                running.extend(lost);
+            }
             Ok(Err(err)) => errors.push(format!(
                 "Postgres: {err}; running jobs were found in Valkey alone"
             )),
@@ -159,14 +168,7 @@ impl App {
                 POSTGRES_PATIENCE.as_secs()
             )),
         }
-        let ids: Vec<JobId> = running.keys().copied().collect();
-        let mut failed: BTreeMap<JobId, String> = self
-            .queue
-            .request_cancels(&ids, actor, reason, now)
-            .await
-            .into_iter()
-            .map(|(id, err)| (id, format!("cannot flag it for cancellation: {err}")))
-            .collect();
+        let ids: Vec<JobId> = running.into_iter().collect();
 
         let event = ControlEvent {
             // A repeated kill-all is its own event; the first keeps the
@@ -280,6 +282,23 @@ impl App {
             errors,
             audit,
         })
+    }
+
+    /// Flags `ids` for cancellation; returns those that could not be.
+    async fn flag(
+        &self,
+        ids: &BTreeSet<JobId>,
+        actor: &str,
+        reason: &str,
+        at: chrono::DateTime<Utc>,
+    ) -> BTreeMap<JobId, String> {
+        let ids: Vec<JobId> = ids.iter().copied().collect();
+        self.queue
+            .request_cancels(&ids, actor, reason, at)
+            .await
+            .into_iter()
+            .map(|(id, err)| (id, format!("cannot flag it for cancellation: {err}")))
+            .collect()
     }
 
     /// Writes a control event to Postgres, or keeps it in the outbox.

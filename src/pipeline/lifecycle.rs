@@ -106,6 +106,7 @@ async fn stages_after_prepare(
     let sandbox = sandbox?;
 
     // git: commit after the secret scan, then the conflict check.
+    stop_requested(ctx)?;
     let started = stage_start(ctx, "git").await;
     let stage = git.stage.clone();
     let commit_wt = wt.clone();
@@ -116,6 +117,7 @@ async fn stages_after_prepare(
     let committed = blocking(move || stage.commit(&commit_wt, &message))
         .await
         .map_err(|e| JobError::Failed(format!("commit failed: {e}")))?;
+    stop_requested(ctx)?;
     let (sha, files) = match committed {
         CommitOutcome::Committed { sha, files } => (sha, files),
         CommitOutcome::NoChanges => {
@@ -156,6 +158,7 @@ async fn stages_after_prepare(
     let merges = check_conflicts(git, ctx, wt, payload).await;
     stage_end(ctx, "git", started, merges.is_ok(), stages).await;
     merges?;
+    stop_requested(ctx)?;
 
     // gates: each in a fresh sandbox on the committed tree.
     let yolo = payload.yolo == Some(true) || git.yolo;
@@ -202,10 +205,12 @@ async fn stages_after_prepare(
     };
 
     // complete: push when asked (after another conflict check).
+    stop_requested(ctx)?;
     let started = stage_start(ctx, "complete").await;
     let mut pushed = false;
     if payload.push {
         check_conflicts(git, ctx, wt, payload).await?;
+        stop_requested(ctx)?;
         let stage = git.stage.clone();
         let push_wt = wt.clone();
         blocking(move || stage.push(&push_wt))
@@ -253,6 +258,10 @@ async fn run_gates(
     }
     let mut results = Vec::with_capacity(gates.len());
     for (index, gate) in gates.iter().enumerate() {
+        if ctx.cancel.is_cancelled() {
+            let _ = std::fs::remove_dir_all(&review_dir);
+            return Err(JobError::Interrupted);
+        }
         let started = Instant::now();
         let workspace = BindMount {
             host: wt.path.clone(),
@@ -358,6 +367,17 @@ async fn blocking<T: Send + 'static>(
             "a git step took longer than {}s",
             GIT_STEP_TIMEOUT.as_secs()
         ))),
+    }
+}
+
+/// A stop (cancel, lost lease, shutdown) takes effect between git steps: a
+/// step under way is not interrupted, so a worktree or ref is never left
+/// half-written, but nothing after it runs (above all, no push).
+fn stop_requested(ctx: &JobContext) -> Result<(), JobError> {
+    if ctx.cancel.is_cancelled() {
+        Err(JobError::Interrupted)
+    } else {
+        Ok(())
     }
 }
 

@@ -23,7 +23,9 @@ impl ControlKind {
     }
 }
 
-/// A kill-all or a resume, with the running jobs a kill-all asked to stop.
+/// A kill-all or a resume, with the running jobs a kill-all asked to stop
+/// (each job's own trail records its end: `cancelled`, with who asked, why,
+/// and the stage it was in).
 /// Serialized into the Valkey outbox while Postgres cannot take it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlEvent {
@@ -32,7 +34,7 @@ pub struct ControlEvent {
     pub kind: ControlKind,
     pub actor: String,
     pub reason: String,
-    /// Running jobs asked to stop (kill-all).
+    /// Running jobs asked to stop (kill-all); stored in `data.jobs`.
     #[serde(default)]
     pub jobs: Vec<JobId>,
     #[serde(default)]
@@ -53,11 +55,16 @@ pub struct ControlRow {
 }
 
 impl Store {
-    /// Writes a control event and, for a kill-all, a `cancel_requested`
-    /// event on each job it asked to stop, in one transaction. Written once
-    /// per id: returns false if it was already there.
+    /// Writes a control event, once per id: returns false if it was
+    /// already there (an outbox record retried).
     pub async fn record_control(&self, event: &ControlEvent) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut data = match &event.data {
+            serde_json::Value::Object(map) => map.clone(),
+            _ => serde_json::Map::new(),
+        };
+        if !event.jobs.is_empty() {
+            data.insert("jobs".into(), serde_json::json!(event.jobs));
+        }
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO control_events (id, at, type, actor, reason, data)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -69,36 +76,10 @@ impl Store {
         .bind(event.kind.as_str())
         .bind(&event.actor)
         .bind(&event.reason)
-        .bind(&event.data)
-        .fetch_optional(&mut *tx)
+        .bind(serde_json::Value::Object(data))
+        .fetch_optional(&self.pool)
         .await?;
-        if inserted.is_none() {
-            return Ok(false);
-        }
-        if !event.jobs.is_empty() {
-            let ids: Vec<Uuid> = event.jobs.iter().map(|id| id.0).collect();
-            // The state each job was in: running when asked (it held a
-            // lease); its stage if it still runs as this is written.
-            sqlx::query(
-                "INSERT INTO job_events (job_id, at, type, actor, data)
-                 SELECT i.id, $2, 'cancel_requested', $3,
-                        jsonb_build_object('reason', $4::text, 'control_id', $5::uuid,
-                                           'kill_all', true, 'status', 'running',
-                                           'stage', CASE WHEN j.status = 'running' THEN j.stage END)
-                 FROM UNNEST($1::uuid[]) AS i(id)
-                 LEFT JOIN jobs j ON j.id = i.id
-                 ORDER BY i.id",
-            )
-            .bind(&ids)
-            .bind(event.at)
-            .bind(&event.actor)
-            .bind(&event.reason)
-            .bind(event.id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(true)
+        Ok(inserted.is_some())
     }
 
     /// The latest control events, newest first.

@@ -354,13 +354,21 @@ impl Store {
     /// while stopping it). `only` limits the search to ids Valkey reported
     /// (primary-key lookups); `None` scans every unfinished job, for leases
     /// the index lost. Safe to run in every replica at once (`SKIP LOCKED`).
-    pub async fn reap_expired(
+    ///
+    /// `cancels` is asked which of the locked jobs have a cancel request,
+    /// while their rows are locked: a request made while the reaper waited
+    /// for Postgres is still seen. `None` from it reaps nothing this time.
+    pub async fn reap_expired<F, Fut>(
         &self,
         only: Option<&[JobId]>,
         limit: u32,
         actor: &str,
-        cancels: &HashMap<JobId, CancelRequest>,
-    ) -> Result<Vec<Reaped>, StoreError> {
+        cancels: F,
+    ) -> Result<Vec<Reaped>, StoreError>
+    where
+        F: FnOnce(Vec<JobId>) -> Fut,
+        Fut: std::future::Future<Output = Option<HashMap<JobId, CancelRequest>>>,
+    {
         let only: Option<Vec<Uuid>> = only.map(|ids| ids.iter().map(|id| id.0).collect());
         let mut tx = self.pool.begin().await?;
         // Two statements, so each can use its index: the primary key for
@@ -387,6 +395,9 @@ impl Store {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let Some(cancels) = cancels(rows.iter().map(|r| JobId(r.id)).collect()).await else {
+            return Ok(Vec::new());
+        };
         let mut batch = Vec::with_capacity(rows.len());
         let mut meta = Vec::with_capacity(rows.len());
         for r in rows {

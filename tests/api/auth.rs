@@ -60,6 +60,15 @@ async fn each_scope_against_each_endpoint() {
             Some(json!({})),
             "admin",
         ),
+        (Method::GET, "/v1/killswitch".into(), None, "admin"),
+        (
+            Method::POST,
+            "/v1/killswitch".into(),
+            Some(json!({ "reason": "matrix" })),
+            "admin",
+        ),
+        (Method::DELETE, "/v1/killswitch".into(), None, "admin"),
+        (Method::GET, "/v1/killswitch/events".into(), None, "admin"),
     ];
     let tokens = [
         ("enqueue", ENQUEUE),

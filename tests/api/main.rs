@@ -9,5 +9,6 @@ mod auth;
 mod bad_input;
 mod endpoints;
 mod fuzz;
+mod killswitch;
 mod logs;
 mod server;

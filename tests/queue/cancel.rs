@@ -94,3 +94,61 @@ async fn a_cancel_request_waiting_in_valkey_stops_the_job_when_it_is_claimed() {
     assert_eq!(last.data["requested_by"], "operator");
     assert_eq!(last.data["reason"], "late");
 }
+
+/// A worker died while it stopped a cancelled job: its lease expires with
+/// the cancel request still standing, and the reaper ends the job
+/// `cancelled` (not retried), saying who asked and that it finished it.
+#[tokio::test]
+async fn the_reaper_cancels_an_expired_job_whose_cancel_was_requested() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let queue: orchestrator::job::QueueName = q.parse().expect("queue");
+    let job = env
+        .enqueue(vec![request("noop", &q, serde_json::json!({}))])
+        .await
+        .remove(0);
+    let lease = Duration::from_millis(200);
+    let claimed = env.app.queue.claim(&queue, 1, lease).await.expect("claim");
+    assert!(matches!(claimed, orchestrator::queue::Claimed::Ids(ref ids) if ids.len() == 1));
+    let (started, _) = env
+        .app
+        .store
+        .claim(&[job.id], "doomed-worker", lease)
+        .await
+        .expect("claim");
+    assert_eq!(started.len(), 1);
+    env.app
+        .queue
+        .request_cancel(job.id, "operator", "runaway")
+        .await
+        .expect("request cancel");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let counts = env.maintenance(&q).reap_once().await.expect("reap");
+    assert_eq!(counts.reaped, 1);
+    let done = env.job(job.id).await;
+    assert_eq!(done.status, Status::Cancelled, "{:?}", done.last_error);
+    assert_eq!(env.terminal_events(job.id).await, 1);
+    let events = env
+        .app
+        .store
+        .job_events(job.id, None)
+        .await
+        .expect("events");
+    let last = events.last().expect("events");
+    assert_eq!(last.kind, "cancelled");
+    assert_eq!(last.data["requested_by"], "operator");
+    assert_eq!(last.data["completed_by"], "test-maintenance");
+    assert_eq!(last.data["lease_expired_from"], "doomed-worker");
+    assert!(
+        env.app
+            .queue
+            .cancel_requests(&[job.id])
+            .await
+            .expect("flags")
+            .is_empty(),
+        "the request is done with"
+    );
+    let stopped = env.app.queue.stopped_at(&[job.id]).await.expect("stopped");
+    assert!(stopped[0].is_some(), "the stop is confirmed");
+}

@@ -74,7 +74,9 @@ async fn an_expired_lease_is_stale_after_the_job_was_reclaimed() {
     let reaped = env
         .app
         .store
-        .reap_expired(Some(&[job.id]), 10, "reaper", &Default::default())
+        .reap_expired(Some(&[job.id]), 10, "reaper", |_| async {
+            Some(Default::default())
+        })
         .await
         .expect("reap");
     assert_eq!(reaped.len(), 1);

@@ -11,6 +11,7 @@ mod gates;
 #[path = "../queue/helpers.rs"]
 mod helpers;
 mod jobs;
+mod kill;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::{Maintenance, REAP_LIMIT};
-use crate::job::{CancelRequest, JobId, QueueName, Status};
+use crate::job::{JobId, QueueName, Status};
 use crate::metrics as m;
 use crate::pool::{repair, PoolError};
 use crate::queue::IndexEntry;
@@ -71,16 +71,19 @@ impl Maintenance {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let cancels: HashMap<JobId, CancelRequest> = self
-            .valkey
-            .cancel_requests(ids)
-            .await?
-            .into_iter()
-            .map(|c| (c.id, c))
-            .collect();
+        let cancels = |locked: Vec<JobId>| async move {
+            match self.valkey.cancel_requests(&locked).await {
+                Ok(found) => Some(found.into_iter().map(|c| (c.id, c)).collect()),
+                Err(err) => {
+                    // Without them a cancelled job could be retried: wait.
+                    tracing::warn!(error = %err, "cannot read cancel requests; reaping later");
+                    None
+                }
+            }
+        };
         Ok(self
             .store
-            .reap_expired(Some(ids), REAP_LIMIT, &self.actor, &cancels)
+            .reap_expired(Some(ids), REAP_LIMIT, &self.actor, cancels)
             .await?)
     }
 
