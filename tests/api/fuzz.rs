@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::server::{json, TestApi, ADMIN, ENQUEUE};
 
 /// The public contract: every route the server answers.
-const ROUTES: [(&str, &str); 13] = [
+const ROUTES: [(&str, &str); 17] = [
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs"),
     ("post", "/v1/jobs/batch"),
@@ -21,6 +21,10 @@ const ROUTES: [(&str, &str); 13] = [
     ("get", "/v1/queues"),
     ("post", "/v1/queues/{name}/pause"),
     ("post", "/v1/queues/{name}/resume"),
+    ("get", "/v1/killswitch"),
+    ("post", "/v1/killswitch"),
+    ("delete", "/v1/killswitch"),
+    ("get", "/v1/killswitch/events"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
