@@ -93,6 +93,14 @@ enum Command {
         #[arg(long, default_value = "orchestrator/script-agent:latest")]
         image: String,
     },
+    /// Cancel latency (request to sandbox gone) and kill-all wall time with
+    /// running `sleep` agents, against `docker rm -f` of as many containers.
+    BenchCancel {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 20)]
+        agents: usize,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -237,6 +245,13 @@ pub async fn run() -> anyhow::Result<()> {
                 orchestrator::git::bench::run(files, runs.max(1))
             })
             .await??;
+            out(&serde_json::to_string(&report)?)?;
+        }
+        Command::BenchCancel { runs, agents } => {
+            let report =
+                orchestrator::killswitch::bench::run(settings, runs.max(1), agents.clamp(1, 200))
+                    .await
+                    .map_err(anyhow::Error::msg)?;
             out(&serde_json::to_string(&report)?)?;
         }
         Command::BenchSandbox { runs, image } => {

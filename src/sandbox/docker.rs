@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -24,6 +24,10 @@ use super::{
     LABEL_CREATED, LABEL_DEPLOYMENT, LABEL_EXPIRES, LABEL_JOB, LABEL_WORKER, SANDBOX_USER,
     WORKSPACE,
 };
+
+/// How long after its start a container counts as young: a stop signal
+/// then may arrive before its init listens (see `drive`).
+const YOUNG_CONTAINER: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct DockerRuntime {
@@ -163,6 +167,7 @@ impl DockerRuntime {
         started: Instant,
     ) -> Result<Finished, SandboxError> {
         self.docker.start_container(id, None).await?;
+        let running_since = Instant::now();
         let log_task = tokio::spawn(stream_logs(self.docker.clone(), id.to_owned(), logs));
         let wait = self.wait_exit(id);
         tokio::pin!(wait);
@@ -177,8 +182,23 @@ impl DockerRuntime {
             () = tokio::time::sleep(opts.timeout) => StopReason::Timeout,
             () = cancel.cancelled() => StopReason::Requested,
         };
-        self.stop(id, opts.stop_grace).await?;
-        let code = wait.await?;
+        // A signal that reaches the container's init before it has set up
+        // its handlers is lost (PID 1 ignores signals it does not handle),
+        // so a young container is asked once more before the grace period.
+        let mut code = None;
+        if running_since.elapsed() < YOUNG_CONTAINER {
+            self.signal(id, "SIGTERM").await?;
+            if let Ok(exited) = tokio::time::timeout(YOUNG_CONTAINER, &mut wait).await {
+                code = Some(exited?);
+            }
+        }
+        let code = match code {
+            Some(code) => code,
+            None => {
+                self.stop(id, opts.stop_grace).await?;
+                wait.await?
+            }
+        };
         let _ = log_task.await;
         let outcome = match stopped_because {
             StopReason::Timeout => Outcome::TimedOut,
@@ -215,6 +235,21 @@ impl DockerRuntime {
             .inspect_container(id, None::<InspectContainerOptions>)
             .await?;
         Ok(info.state.and_then(|s| s.oom_killed).unwrap_or(false))
+    }
+
+    async fn signal(&self, id: &str, signal: &str) -> Result<(), SandboxError> {
+        let opts = KillContainerOptions {
+            signal: signal.to_owned(),
+        };
+        match self.docker.kill_container(id, Some(opts)).await {
+            Ok(()) => Ok(()),
+            // Gone, or no longer running.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// SIGTERM, `grace`, then SIGKILL (Docker's stop does exactly this).

@@ -7,6 +7,8 @@
 //! answers. Workers stop their jobs on the signal (or their next heartbeat)
 //! and confirm each stop in Valkey; kill-all waits for those confirmations.
 
+pub mod bench;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
