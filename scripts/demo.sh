@@ -111,6 +111,32 @@ if j["status"] != "succeeded": print("  last_error:", j.get("last_error"))'
 echo "  the remote now has:"
 git --git-dir="$demo_repo" log --oneline --all | sed 's/^/    /'
 
+echo "== the kill switch: an agent that would run for ten minutes, stopped with everything else" >&2
+stuck=$(curl -fsS -X POST "http://$ORCH_HTTP_ADDR/v1/jobs" -H "$auth" -H 'Content-Type: application/json' \
+  -d '{"kind": "script-agent", "payload": {"script": "echo working; sleep 600"}}')
+stuck_id=$(echo "$stuck" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+for _ in $(seq 1 300); do
+  status=$(curl -fsS "http://$ORCH_HTTP_ADDR/v1/jobs/$stuck_id" -H "$auth" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')
+  [[ "$status" == running ]] && break
+  sleep 0.1
+done
+curl -fsS -X POST "http://$ORCH_HTTP_ADDR/v1/killswitch" -H "$auth" -H 'Content-Type: application/json' \
+  -d '{"reason": "demo: stop everything"}' | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print("  POST /v1/killswitch: engaged=%s by %s; cancelled=%s failed=%s; queues paused: %s" % (
+    r["engaged"], r["actor"], r["cancelled"], r["failed"], ", ".join(r["queues_paused"])))'
+curl -fsS "http://$ORCH_HTTP_ADDR/v1/killswitch" -H "$auth" | sed 's/^/  GET \/v1\/killswitch: /'
+echo
+curl -fsS -X DELETE "http://$ORCH_HTTP_ADDR/v1/killswitch?reason=demo%20over" -H "$auth" >/dev/null
+echo "  DELETE /v1/killswitch: lifted"
+sleep 0.5
+curl -fsS "http://$ORCH_HTTP_ADDR/v1/jobs/$stuck_id/events" -H "$auth" | python3 -c '
+import json, sys
+e = json.load(sys.stdin)["events"][-1]
+print("  the agent job: %s, requested_by=%s, reason=%r, in stage %s" % (
+    e["type"], e["data"].get("requested_by"), e["data"].get("reason"), e["data"].get("stage")))'
+
 echo "== queues" >&2
 "$bin" queues
 echo "== metrics (excerpt of http://$ORCH_HTTP_ADDR/metrics)" >&2

@@ -53,6 +53,11 @@ pub async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Respo
             return unauthorized.into_response();
         }
     }
+    // The engaged gauge must be right in a server that runs no workers
+    // (whose heartbeats refresh it) even if the CLI engaged the switch.
+    if let Err(err) = state.app.kill_switch().await {
+        tracing::debug!(error = %err, "cannot read the kill switch for the gauge");
+    }
     (
         [(
             header::CONTENT_TYPE,

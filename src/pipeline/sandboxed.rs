@@ -252,6 +252,15 @@ impl Handler for SandboxKind {
                     super::lifecycle::run(&def, &host, git, &payload, ctx).await
                 }
                 _ => {
+                    // No repository: the agent's sandbox is the one stage.
+                    ctx.stage.set("spawn");
+                    if let Err(err) = ctx
+                        .store
+                        .set_stage(ctx.job.id, ctx.job.lease_id, "spawn")
+                        .await
+                    {
+                        tracing::warn!(job.id = %ctx.job.id, error = %err, "could not record the stage");
+                    }
                     let (finished, log, runtime) =
                         run_sandbox(&def, &host, &ctx, payload.text(), None).await?;
                     outcome_result(&def, finished, log, runtime)

@@ -413,7 +413,11 @@ async fn kill_all_stops_twenty_agents_on_two_workers_and_resume_runs_the_queued_
                 workers.insert(e.actor);
             }
         }
-        assert_eq!(cancelled_event(env, *id).await["requested_by"], "cli");
+        let data = cancelled_event(env, *id).await;
+        assert_eq!(
+            (&data["requested_by"], &data["stage"]),
+            (&json!("cli"), &json!("spawn"))
+        );
     }
     assert_eq!(workers.len(), 2, "both workers ran agents");
 
