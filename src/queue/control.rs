@@ -122,18 +122,7 @@ impl ValkeyQueue {
     /// state changed. Releasing wakes the queue's workers.
     pub async fn set_halted(&self, queue: &QueueName, halted: bool) -> Result<bool, QueueError> {
         let k = self.keys.queue(queue);
-        let mut conn = self.conn.clone();
-        // The same flag operation as pausing, on the queue's other flag.
-        let changed: u64 = self
-            .scripts
-            .set_paused
-            .call(
-                &mut conn,
-                &[&k.halted],
-                &[if halted { "1" } else { "0" }, k.wake.as_str()],
-            )
-            .await?;
-        Ok(changed == 1)
+        self.set_queue_flag(&k.halted, &k.wake, halted).await
     }
 
     /// Every id of `queue` under a lease now.

@@ -346,15 +346,17 @@ impl ValkeyQueue {
     /// Pauses or resumes a queue; returns whether the state changed.
     pub async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<bool, QueueError> {
         let k = self.keys.queue(queue);
+        self.set_queue_flag(&k.paused, &k.wake, paused).await
+    }
+
+    /// Sets or clears one of a queue's hold flags (`setPaused`); clearing
+    /// wakes its workers. Returns whether the state changed.
+    async fn set_queue_flag(&self, flag: &str, wake: &str, on: bool) -> Result<bool, QueueError> {
         let mut conn = self.conn.clone();
         let changed: u64 = self
             .scripts
             .set_paused
-            .call(
-                &mut conn,
-                &[&k.paused],
-                &[if paused { "1" } else { "0" }, k.wake.as_str()],
-            )
+            .call(&mut conn, &[flag], &[if on { "1" } else { "0" }, wake])
             .await?;
         Ok(changed == 1)
     }

@@ -26,16 +26,8 @@ async fn the_cli_cancels_a_job_running_in_another_worker_process() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let cli = |reason: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
-            .args(["cancel", &job.id.to_string(), "--reason", reason])
-            .env("ORCH_DATABASE_URL", &env.database_url)
-            .env("ORCH_VALKEY_URL", &env.valkey_url)
-            .env("ORCH_KEY_PREFIX", &env.app.settings.key_prefix)
-            .env("ORCH_LOG", "warn")
-            .output()
-            .expect("run the cli")
-    };
+    let id = job.id.to_string();
+    let cli = |reason: &str| crate::helpers::cli(&env, &["cancel", &id, "--reason", reason]);
     let empty = cli("  ");
     assert!(!empty.status.success(), "an empty reason is refused");
     assert_eq!(env.job(job.id).await.status, Status::Running);

@@ -454,6 +454,18 @@ impl Drop for PgServer {
     }
 }
 
+/// Runs the real binary's command line against `env`'s services.
+pub fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(args)
+        .env("ORCH_DATABASE_URL", &env.database_url)
+        .env("ORCH_VALKEY_URL", &env.valkey_url)
+        .env("ORCH_KEY_PREFIX", &env.app.settings.key_prefix)
+        .env("ORCH_LOG", "warn")
+        .output()
+        .expect("run the cli")
+}
+
 /// A worker process of the real binary, killed on drop.
 pub struct WorkerProcess {
     pub child: Child,

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use orchestrator::app::Cancel;
@@ -106,17 +105,18 @@ impl Fixture {
         .is_empty()
     }
 
-    /// The worker settings a separate process needs to see our kinds, data
-    /// dir and local origin.
-    fn worker_vars(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("ORCH_GIT_ALLOW_LOCAL", "true".into()),
-            ("ORCH_GIT__DATA_DIR", path_str(&self.data())),
-            (
-                "ORCH_SANDBOX__WORKERS_DIR",
-                path_str(&self.tmp.path().join("workers")),
-            ),
-        ]
+    /// A worker process that sees our kinds, data dir and local origin.
+    fn worker(&self, concurrency: usize) -> WorkerProcess {
+        let (data, workers) = (
+            path_str(&self.data()),
+            path_str(&self.tmp.path().join("workers")),
+        );
+        let vars = [
+            ("ORCH_GIT_ALLOW_LOCAL", "true"),
+            ("ORCH_GIT__DATA_DIR", data.as_str()),
+            ("ORCH_SANDBOX__WORKERS_DIR", workers.as_str()),
+        ];
+        WorkerProcess::spawn_with(&self.env, &self.queue, concurrency, &vars)
     }
 }
 
@@ -162,19 +162,8 @@ async fn cancelled_event(env: &TestEnv, id: JobId) -> Value {
     last.data.clone()
 }
 
-fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_orchestrator"))
-        .args(args)
-        .env("ORCH_DATABASE_URL", &env.database_url)
-        .env("ORCH_VALKEY_URL", &env.valkey_url)
-        .env("ORCH_KEY_PREFIX", &env.app.settings.key_prefix)
-        .env("ORCH_LOG", "warn")
-        .output()
-        .expect("run the cli")
-}
-
 fn cli_json(env: &TestEnv, args: &[&str]) -> Value {
-    let out = cli(env, args);
+    let out = crate::helpers::cli(env, args);
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -319,9 +308,7 @@ async fn the_reaper_completes_a_cancel_whose_worker_died_midway() {
         .enqueue(vec![f.job("stubborn", script)])
         .await
         .remove(0);
-    let vars = f.worker_vars();
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut worker = WorkerProcess::spawn_with(&f.env, &f.queue, 1, &vars);
+    let mut worker = f.worker(1);
     wait_until("the agent", Duration::from_secs(60), || async {
         containers(&f.env).await == 1 && f.env.job(job.id).await.status == Status::Running
     })
@@ -383,10 +370,8 @@ async fn kill_all_stops_twenty_agents_on_two_workers_and_resume_runs_the_queued_
     }
     let jobs = env.enqueue(requests).await;
     let (agents, queued) = jobs.split_at(20);
-    let vars = f.worker_vars();
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let _a = WorkerProcess::spawn_with(env, &f.queue, 10, &vars);
-    let _b = WorkerProcess::spawn_with(env, &f.queue, 10, &vars);
+    let _a = f.worker(10);
+    let _b = f.worker(10);
     wait_until("20 running agents", Duration::from_secs(120), || async {
         containers(env).await == 20
     })
