@@ -198,6 +198,44 @@ async fn a_job_waiting_in_its_queue_or_for_its_time_is_cancelled_at_once() {
     assert_eq!(depth.pending() + depth.delayed, 0, "both left the index");
 }
 
+#[tokio::test]
+async fn a_cancel_while_the_agent_runs_removes_its_sandbox_and_worktree() {
+    let f = fixture().await;
+    let job = f
+        .env
+        .enqueue(vec![f.job("agent", "echo working; sleep 600")])
+        .await
+        .remove(0);
+    let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
+    wait_until("the agent", Duration::from_secs(60), || async {
+        containers(&f.env).await == 1
+    })
+    .await;
+    assert!(f.worktree(job.id).exists());
+
+    let outcome = f.env.app.cancel(job.id, "operator", "wrong task").await;
+    assert!(matches!(outcome, Ok(Cancel::Requested(_))), "{outcome:?}");
+    let done = f
+        .env
+        .wait_terminal(&[job.id], Duration::from_secs(60))
+        .await;
+    pool.shutdown().await;
+    assert_eq!(
+        done[0].status,
+        Status::Cancelled,
+        "{:?}",
+        done[0].last_error
+    );
+    let data = cancelled_event(&f.env, job.id).await;
+    assert_eq!(
+        (&data["stage"], &data["requested_by"], &data["reason"]),
+        (&json!("spawn"), &json!("operator"), &json!("wrong task"))
+    );
+    assert_eq!(containers(&f.env).await, 0, "the sandbox is gone");
+    assert!(!f.worktree(job.id).exists(), "the worktree is gone");
+    assert!(!f.pushed(job.id));
+}
+
 /// The git stage is held on the mirror's lock (taken here, as another
 /// job's push would); the cancel lands while the commit waits, and takes
 /// effect when that step ends: nothing after it runs, nothing is pushed.
