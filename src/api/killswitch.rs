@@ -88,8 +88,21 @@ pub async fn engage(
     JsonBody(body): JsonBody<KillRequest>,
 ) -> Result<Json<KillReport>, ApiError> {
     caller.require(Scope::Admin)?;
-    let reason = valid_reason(&body.reason)?;
-    Ok(Json(state.app.kill_all(&caller.name, reason).await?))
+    let reason = valid_reason(&body.reason)?.to_owned();
+    let app = state.app.clone();
+    // Its own task: a client that hangs up must not cut a kill-all short.
+    let report = tokio::spawn(async move { app.kill_all(&caller.name, &reason).await })
+        .await
+        .map_err(task_failed)??;
+    Ok(Json(report))
+}
+
+fn task_failed(err: tokio::task::JoinError) -> ApiError {
+    tracing::error!(error = %err, "kill switch task failed");
+    ApiError::new(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        "the kill switch task failed; see the server log",
+    )
 }
 
 /// Lift the kill switch (admin): the queues it paused run again.
@@ -113,8 +126,13 @@ pub async fn lift(
     let reason = match p.reason.as_deref() {
         Some(raw) => valid_reason(raw)?,
         None => "no reason given",
-    };
-    Ok(Json(state.app.resume(&caller.name, reason).await?))
+    }
+    .to_owned();
+    let app = state.app.clone();
+    let report = tokio::spawn(async move { app.resume(&caller.name, &reason).await })
+        .await
+        .map_err(task_failed)??;
+    Ok(Json(report))
 }
 
 /// The kill switch's audit trail, newest first (admin).

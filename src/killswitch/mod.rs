@@ -127,9 +127,12 @@ impl App {
         tracing::warn!(actor, reason, "KILL SWITCH ENGAGED");
         let mut errors = Vec::new();
 
+        // From here on the switch is engaged: whatever fails is reported
+        // (and the engagement audited), not returned early.
+        let known = self.known_queues(&mut errors).await;
         let mut queues: BTreeSet<String> = BTreeSet::new();
-        for queue in self.queue.known_queues().await? {
-            match self.queue.set_halted(&queue, true).await {
+        for queue in &known {
+            match self.queue.set_halted(queue, true).await {
                 Ok(_) => {
                     queues.insert(queue.to_string());
                 }
@@ -140,11 +143,8 @@ impl App {
         // Running jobs: the index's leases (Valkey) are flagged first; then
         // Postgres, if it answers in time, names leases the index lost.
         let mut running: BTreeSet<JobId> = BTreeSet::new();
-        for queue in &queues {
-            let Ok(name) = QueueName::parse(queue.as_str()) else {
-                continue;
-            };
-            match self.queue.active_ids(&name).await {
+        for queue in &known {
+            match self.queue.active_ids(queue).await {
                 Ok(ids) => running.extend(ids),
                 Err(err) => errors.push(format!(
                     "queue {queue}: cannot list its running jobs: {err}"
@@ -152,7 +152,8 @@ impl App {
             }
         }
         let mut failed = self.flag(&running, actor, reason, now).await;
-        match tokio::time::timeout(POSTGRES_PATIENCE, self.store.running_jobs()).await {
+        let names: Vec<String> = known.iter().map(|q| q.to_string()).collect();
+        match tokio::time::timeout(POSTGRES_PATIENCE, self.store.running_jobs(&names)).await {
             Ok(Ok(jobs)) => {
                 let lost: BTreeSet<JobId> = jobs
                     .into_iter()
@@ -250,7 +251,7 @@ impl App {
         crate::metrics::set_kill_switch(false);
         let mut errors = Vec::new();
         let mut resumed = Vec::new();
-        for queue in self.queue.known_queues().await? {
+        for queue in self.known_queues(&mut errors).await {
             match self.queue.set_halted(&queue, false).await {
                 Ok(_) => resumed.push(queue.to_string()),
                 Err(err) => errors.push(format!("queue {queue}: cannot resume it: {err}")),
@@ -283,6 +284,14 @@ impl App {
             queues_resumed: resumed,
             errors,
             audit,
+        })
+    }
+
+    /// Every queue Valkey knows; a failure is reported in `errors`.
+    async fn known_queues(&self, errors: &mut Vec<String>) -> Vec<QueueName> {
+        self.queue.known_queues().await.unwrap_or_else(|err| {
+            errors.push(format!("cannot list the queues: {err}"));
+            Vec::new()
         })
     }
 

@@ -382,27 +382,13 @@ fn stop_requested(ctx: &JobContext) -> Result<(), JobError> {
 }
 
 async fn record(ctx: &JobContext, kind: &'static str, data: Value) {
-    if let Err(err) = ctx
-        .store
-        .append_events(
-            ctx.job.id,
-            ctx.job.lease_id,
-            &[(kind, data)],
-            &ctx.worker_id,
-        )
-        .await
-    {
+    if let Err(err) = ctx.append_events(&[(kind, data)]).await {
         tracing::warn!(job.id = %ctx.job.id, error = %err, event = kind, "could not record an event");
     }
 }
 
 async fn stage_start(ctx: &JobContext, stage: &'static str) -> Instant {
-    ctx.stage.set(stage);
-    if let Err(err) = ctx
-        .store
-        .set_stage(ctx.job.id, ctx.job.lease_id, stage)
-        .await
-    {
+    if let Err(err) = ctx.set_stage(stage).await {
         tracing::warn!(job.id = %ctx.job.id, error = %err, stage, "could not record the stage");
     }
     record(ctx, "stage_started", json!({ "stage": stage })).await;

@@ -38,6 +38,40 @@ pub struct JobContext {
     pub stage: StageCell,
 }
 
+/// How long a job told to stop gives Postgres for each of its records: a
+/// stop must not wait on a hung Postgres (the outcome is retried anyway).
+const STOPPING_WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl JobContext {
+    /// Appends events to the job's trail, fenced by its lease.
+    pub async fn append_events(&self, events: &[(&str, serde_json::Value)]) -> Result<(), String> {
+        let write =
+            self.store
+                .append_events(self.job.id, self.job.lease_id, events, &self.worker_id);
+        self.bounded(write).await.map(drop)
+    }
+
+    /// Records the stage the job is in (in memory, then in Postgres).
+    pub async fn set_stage(&self, stage: &'static str) -> Result<(), String> {
+        self.stage.set(stage);
+        let write = self.store.set_stage(self.job.id, self.job.lease_id, stage);
+        self.bounded(write).await.map(drop)
+    }
+
+    async fn bounded<T>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    ) -> Result<T, String> {
+        if !self.cancel.is_cancelled() {
+            return write.await.map_err(|e| e.to_string());
+        }
+        match tokio::time::timeout(STOPPING_WRITE_LIMIT, write).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("Postgres did not answer while the job was stopping".into()),
+        }
+    }
+}
+
 /// Where a running job is, kept in memory: it must be known when the job is
 /// cancelled even if Postgres cannot be asked.
 #[derive(Debug, Clone)]

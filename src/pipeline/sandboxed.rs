@@ -253,12 +253,7 @@ impl Handler for SandboxKind {
                 }
                 _ => {
                     // No repository: the agent's sandbox is the one stage.
-                    ctx.stage.set("spawn");
-                    if let Err(err) = ctx
-                        .store
-                        .set_stage(ctx.job.id, ctx.job.lease_id, "spawn")
-                        .await
-                    {
+                    if let Err(err) = ctx.set_stage("spawn").await {
                         tracing::warn!(job.id = %ctx.job.id, error = %err, "could not record the stage");
                     }
                     let (finished, log, runtime) =
@@ -507,11 +502,7 @@ async fn flush(ctx: &JobContext, batch: &mut Vec<(&'static str, Value)>) {
     if batch.is_empty() {
         return;
     }
-    if let Err(err) = ctx
-        .store
-        .append_events(ctx.job.id, ctx.job.lease_id, batch, &ctx.worker_id)
-        .await
-    {
+    if let Err(err) = ctx.append_events(batch).await {
         tracing::warn!(job.id = %ctx.job.id, error = %err, lines = batch.len(), "could not record log lines");
     }
     batch.clear();

@@ -162,13 +162,15 @@ async fn apply_to_valkey(shared: &Shared, batch: &[Completion], outcome: &Finish
             });
         }
     }
-    let cancelled: Vec<JobId> = outcome
+    // A request left for a job that ended otherwise (it finished first)
+    // must not cancel a later attempt (an admin's retry of a dead job).
+    let finished: Vec<JobId> = outcome
         .applied
         .iter()
-        .filter(|(_, s)| *s == Status::Cancelled)
+        .filter(|(_, s)| s.is_terminal())
         .map(|(id, _)| *id)
         .collect();
-    if let Err(err) = shared.queue.clear_cancel(&cancelled).await {
+    if let Err(err) = shared.queue.clear_cancel(&finished).await {
         tracing::debug!(error = %err, "cancel flags left to expire");
     }
     for (queue, ids) in acks {

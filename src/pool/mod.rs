@@ -159,6 +159,9 @@ struct Shared {
     /// The kill switch is engaged (as far as this worker knows): claim
     /// nothing, stop everything.
     halted: AtomicBool,
+    /// One read-and-apply of the kill switch at a time (listener and
+    /// heartbeat), so an older answer never overrides a newer one.
+    kill_switch_sync: tokio::sync::Mutex<()>,
     observer: Option<mpsc::UnboundedSender<PoolEvent>>,
     worker_id: Arc<str>,
     /// For the orphan reapers.
@@ -202,6 +205,7 @@ impl Pool {
                 inflight: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 halted: AtomicBool::new(false),
+                kill_switch_sync: tokio::sync::Mutex::new(()),
                 observer: None,
                 worker_id: Arc::from(cfg.worker_id.as_str()),
                 sandboxes: None,
@@ -344,6 +348,7 @@ async fn listen_for_controls(shared: Arc<Shared>, stop: CancellationToken) {
 /// Reads the kill switch and acts on it: while it is engaged this worker
 /// claims nothing and stops every job it holds; once lifted, it claims again.
 async fn sync_kill_switch(shared: &Shared) {
+    let _one_at_a_time = shared.kill_switch_sync.lock().await;
     match shared.queue.kill_switch().await {
         Ok(state) => apply_kill_switch(shared, state.as_ref()),
         Err(err) => tracing::debug!(error = %err, "cannot read the kill switch"),

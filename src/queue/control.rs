@@ -186,6 +186,20 @@ impl ValkeyQueue {
         Ok(conn.lrange(self.keys.outbox(), 0, last).await?)
     }
 
+    /// Moves a record Postgres refuses to the outbox's dead list, where an
+    /// operator can read it (`LRANGE <prefix>:outbox:dead 0 -1`).
+    pub async fn outbox_bury(&self, record: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe()
+            .rpush(self.keys.outbox_dead(), record)
+            .ignore()
+            .lrem(self.keys.outbox(), 1, record)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// Drops a record once Postgres holds it.
     pub async fn outbox_remove(&self, record: &str) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();

@@ -110,6 +110,11 @@ impl Keys {
         format!("{}:outbox", self.prefix)
     }
 
+    /// list: audit records Postgres refused for good, kept for an operator.
+    pub fn outbox_dead(&self) -> String {
+        format!("{}:outbox:dead", self.prefix)
+    }
+
     /// Sentinel written after a full index rebuild; its absence means Valkey
     /// lost its data (flush, restart without persistence) and the reconciler
     /// must rebuild now rather than at its next period.

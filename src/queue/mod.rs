@@ -408,7 +408,7 @@ impl ValkeyQueue {
         let mut conn = self.conn.clone();
         let _: () = redis::pipe()
             .del(&[
-                &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused,
+                &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused, &k.halted, &k.limit,
             ])
             .ignore()
             .srem(self.keys.queues(), queue.as_str())

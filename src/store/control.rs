@@ -93,12 +93,17 @@ impl Store {
         .await?)
     }
 
-    /// Every running job, in id order.
-    pub async fn running_jobs(&self) -> Result<Vec<(JobId, String)>, StoreError> {
+    /// Every running job of `queues` (this deployment's), in id order.
+    pub async fn running_jobs(
+        &self,
+        queues: &[String],
+    ) -> Result<Vec<(JobId, String)>, StoreError> {
         let rows: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT id, queue FROM jobs
-             WHERE finished_at IS NULL AND status = 'running' ORDER BY id",
+             WHERE finished_at IS NULL AND status = 'running' AND queue = ANY($1)
+             ORDER BY id",
         )
+        .bind(queues)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(|(id, q)| (JobId(id), q)).collect())

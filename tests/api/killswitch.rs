@@ -109,8 +109,11 @@ async fn kill_all_stops_running_jobs_keeps_queued_ones_and_resume_runs_them() {
             .is_some_and(|a| a.contains(&json!(q))),
         "{report}"
     );
+    // Confirmed stopped (in Valkey) comes first; Postgres follows.
+    let ids: Vec<_> = jobs[..2].iter().map(|j| j.id).collect();
+    let done = env.wait_terminal(&ids, Duration::from_secs(30)).await;
+    crate::helpers::assert_status(&done, Status::Cancelled);
     for j in &jobs[..2] {
-        assert_eq!(env.job(j.id).await.status, Status::Cancelled);
         let events = env.app.store.job_events(j.id, None).await.expect("events");
         let last = events.last().expect("events");
         assert_eq!(last.kind, "cancelled");

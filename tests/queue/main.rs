@@ -5,6 +5,7 @@ mod cancel;
 #[allow(dead_code)]
 mod helpers;
 mod index;
+mod killswitch;
 mod ordering;
 mod race;
 mod recovery;

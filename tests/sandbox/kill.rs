@@ -333,14 +333,17 @@ async fn a_cancel_in_the_gates_stage_stops_the_gate_sandbox() {
     assert!(!f.pushed(job.id), "nothing pushed");
 }
 
-/// The worker is SIGKILLed while it waits out the agent's grace period:
+/// The worker is SIGKILLed while it waits out the agent's grace period
+/// (after its SIGTERM reached the agent):
 /// the sandbox and worktree outlive it. The reaper of another worker
 /// finds the expired lease with the cancel request still standing and
 /// finishes the cancel.
 #[tokio::test]
 async fn the_reaper_completes_a_cancel_whose_worker_died_midway() {
     let f = fixture().await;
-    let script = "trap '' TERM; echo started; while true; do sleep 1; done";
+    // Notes the SIGTERM in the worktree, and carries on.
+    let script =
+        "trap 'touch /workspace/got-term' TERM; echo started; while true; do sleep 1; done";
     let job = f
         .env
         .enqueue(vec![f.job("stubborn", script)])
@@ -353,8 +356,13 @@ async fn the_reaper_completes_a_cancel_whose_worker_died_midway() {
     .await;
     let outcome = f.env.app.cancel(job.id, "operator", "stuck").await;
     assert!(matches!(outcome, Ok(Cancel::Requested(_))), "{outcome:?}");
-    // The worker has sent SIGTERM (ignored) and waits out the grace period.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The worker has sent SIGTERM (noted, not obeyed) and waits out the
+    // grace period: kill it there.
+    let mark = f.worktree(job.id).join("got-term");
+    wait_until("the SIGTERM", Duration::from_secs(30), || async {
+        mark.exists()
+    })
+    .await;
     worker.kill9();
     assert_eq!(
         containers(&f.env).await,

@@ -1,7 +1,10 @@
 //! Maintenance services, each a small unit with a `*_once` step that tests
 //! call directly: the promoter, the reaper (and its slower scan for lost
-//! leases), the reconciler, the audit outbox and the depth sampler. Every one is idempotent and safe to run in every replica at once.
+//! leases), the reconciler, the kill switch's holds, the audit outbox and
+//! the depth sampler. Every one is idempotent and safe to run in every
+//! replica at once.
 
+mod holds;
 mod outbox;
 mod promoter;
 mod reaper;
@@ -180,6 +183,16 @@ impl Maintenance {
                 let full = tick % full_every == 0;
                 tick += 1;
                 async move { m.reconcile_once(full).await.map(drop) }
+            },
+        ));
+        let m = me.clone();
+        tasks.spawn(periodic(
+            "kill-switch-holds",
+            cfg.flush_check_interval,
+            stop.clone(),
+            move || {
+                let m = m.clone();
+                async move { m.sync_holds_once().await.map(drop) }
             },
         ));
         let m = me.clone();

@@ -17,15 +17,26 @@ impl Maintenance {
         let mut moved = 0;
         for record in records {
             match serde_json::from_str::<ControlEvent>(&record) {
-                Ok(event) => {
-                    self.store.record_control(&event).await?;
-                    tracing::info!(control.id = %event.id, kind = event.kind.as_str(), "audit record written from the outbox");
-                    moved += 1;
-                }
-                // Only a newer or older release could write one; dropping it
-                // would lose audit, so it is logged whole before it goes.
+                Ok(event) => match self.store.record_control(&event).await {
+                    Ok(_) => {
+                        tracing::info!(control.id = %event.id, kind = event.kind.as_str(), "audit record written from the outbox");
+                        moved += 1;
+                    }
+                    // Postgres is still away: keep it, and the rest, for later.
+                    Err(err) if err.is_transient() => return Err(err.into()),
+                    // Postgres refuses this one for good: set aside (never
+                    // lost), so it does not hold back the records behind it.
+                    Err(err) => {
+                        tracing::error!(error = %err, record, "audit record refused by Postgres; moved to the outbox's dead list");
+                        self.valkey.outbox_bury(&record).await?;
+                        continue;
+                    }
+                },
+                // Only a newer or older release could write one.
                 Err(err) => {
-                    tracing::error!(error = %err, record, "unreadable outbox record dropped")
+                    tracing::error!(error = %err, record, "unreadable outbox record moved to the dead list");
+                    self.valkey.outbox_bury(&record).await?;
+                    continue;
                 }
             }
             self.valkey.outbox_remove(&record).await?;

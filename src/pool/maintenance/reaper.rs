@@ -4,7 +4,7 @@
 //! key lookups) and a scan of Postgres (every `lease_scan_interval` and in
 //! every full reconcile: leases the index lost).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{Maintenance, REAP_LIMIT};
 use crate::job::{JobId, QueueName, Status};
@@ -56,9 +56,12 @@ impl Maintenance {
         loop {
             let ids = self.store.expired_leases(REAP_LIMIT).await?;
             let reaped = self.reap_ids(&ids).await?;
-            total += reaped.len();
+            let n = reaped.len();
+            total += n;
             self.apply(reaped).await?;
-            if ids.len() < REAP_LIMIT as usize {
+            // Done, or nothing could be reaped now (rows locked by another
+            // replica, cancel requests unreadable): try again next period.
+            if ids.len() < REAP_LIMIT as usize || n == 0 {
                 return Ok(total);
             }
         }
@@ -130,8 +133,9 @@ impl Maintenance {
     }
 
     /// The cleanup a dead worker did not do: the jobs are finished now, so
-    /// the orphan reapers remove their sandboxes and worktrees; then the
-    /// stops are confirmed and the cancel flags dropped.
+    /// the orphan reapers remove their sandboxes and worktrees (on this
+    /// host: those on the dead worker's host go when that host's reapers
+    /// run). A stop is confirmed only when nothing of the job is left here.
     async fn finish_cancels(&self, ids: &[JobId]) -> Result<(), PoolError> {
         let sandboxes = self.reap_sandboxes_once().await;
         let worktrees = self.reap_worktrees_once().await;
@@ -141,10 +145,30 @@ impl Maintenance {
         ] {
             if let Err(err) = result {
                 tracing::warn!(error = %err, what, "cleanup after reaped cancels failed; the orphan reapers will retry");
-                return Ok(());
             }
         }
+        let containers: HashSet<JobId> = match &self.sandboxes {
+            Some(host) => match host.runtime().await {
+                Ok(rt) => rt
+                    .list_ours(&host.deployment)
+                    .await
+                    .map_err(|e| PoolError::Sandbox(e.to_string()))?
+                    .into_iter()
+                    .filter_map(|c| c.job_id)
+                    .collect(),
+                Err(_) => HashSet::new(),
+            },
+            None => HashSet::new(),
+        };
         for id in ids {
+            let worktree = self
+                .git
+                .as_ref()
+                .is_some_and(|g| g.worktrees_dir().join(id.to_string()).exists());
+            if containers.contains(id) || worktree {
+                tracing::warn!(job.id = %id, "cancel completed by the reaper; its sandbox or worktree is still here");
+                continue;
+            }
             self.valkey.confirm_stopped(*id).await?;
             tracing::warn!(job.id = %id, "cancel completed by the reaper");
         }

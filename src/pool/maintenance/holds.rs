@@ -1,0 +1,23 @@
+//! The kill switch's holds follow the switch: while it is engaged every
+//! queue this worker serves is held (a queue created after the kill-all
+//! too), and once it is lifted no hold is left behind (a kill-all racing a
+//! resume, or a resume that could not reach every queue).
+
+use super::Maintenance;
+use crate::pool::PoolError;
+
+impl Maintenance {
+    /// Sets or clears the `halted` flag of each served queue to match the
+    /// switch; returns how many changed.
+    pub async fn sync_holds_once(&self) -> Result<usize, PoolError> {
+        let engaged = self.valkey.kill_switch().await?.is_some();
+        let mut changed = 0;
+        for queue in &self.queues {
+            if self.valkey.set_halted(queue, engaged).await? {
+                tracing::warn!(queue = %queue, held = engaged, "kill switch hold brought in line with the switch");
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+}

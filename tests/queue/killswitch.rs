@@ -1,0 +1,87 @@
+//! The kill switch's bookkeeping in Valkey and the outbox, on real servers.
+
+use orchestrator::job::QueueName;
+use orchestrator::store::{ControlEvent, ControlKind};
+
+use crate::helpers::{unique_queue, TestEnv};
+
+#[tokio::test]
+async fn holds_follow_the_switch_whatever_was_missed() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let queue: QueueName = q.parse().expect("queue");
+    let maintenance = env.maintenance(&q);
+    let depth = || async { env.app.queue.depth(&queue).await.expect("depth").halted };
+
+    // A hold left behind (a kill-all that raced a resume): cleared.
+    env.app.queue.set_halted(&queue, true).await.expect("hold");
+    assert_eq!(maintenance.sync_holds_once().await.expect("sync"), 1);
+    assert!(!depth().await);
+
+    // Engaged before this queue existed: it is held once its worker looks.
+    let report = env.app.kill_all("operator", "drill").await.expect("kill");
+    assert!(!report.queues_paused.contains(&q), "not known yet");
+    assert!(!depth().await);
+    // Its first worker registers it and its maintenance holds it.
+    env.app.queue.register_queues(&[&queue]).await.expect("register");
+    assert_eq!(maintenance.sync_holds_once().await.expect("sync"), 1);
+    assert!(depth().await);
+    assert_eq!(maintenance.sync_holds_once().await.expect("sync"), 0);
+
+    let resumed = env
+        .app
+        .resume("operator", "drill over")
+        .await
+        .expect("resume");
+    assert!(resumed.queues_resumed.contains(&q));
+    assert!(!depth().await);
+    assert_eq!(maintenance.sync_holds_once().await.expect("sync"), 0);
+}
+
+#[tokio::test]
+async fn the_outbox_writes_each_record_once_and_sets_aside_what_postgres_refuses() {
+    let env = TestEnv::new().await;
+    let event = |reason: &str| ControlEvent {
+        id: uuid::Uuid::now_v7(),
+        at: chrono::Utc::now(),
+        kind: ControlKind::KillAll,
+        actor: "operator".into(),
+        reason: reason.into(),
+        jobs: Vec::new(),
+        data: serde_json::json!({}),
+    };
+    let good = event("kept while Postgres was down");
+    let record = serde_json::to_string(&good).expect("json");
+    // Postgres refuses NUL in text: this one can never be written.
+    let refused = serde_json::to_string(&event("nul \u{0} byte")).expect("json");
+    for r in [&refused, &record, &record] {
+        env.app.queue.outbox_push(r).await.expect("push");
+    }
+    let moved = env
+        .maintenance("default")
+        .drain_outbox_once()
+        .await
+        .expect("drain");
+    assert_eq!(moved, 2, "the good record, twice");
+    let trail = env.app.store.control_events(10).await.expect("trail");
+    assert_eq!(trail.len(), 1, "written once");
+    assert_eq!(trail[0].id, good.id);
+    assert_eq!(trail[0].reason, good.reason);
+    assert!(env
+        .app
+        .queue
+        .outbox_peek(10)
+        .await
+        .expect("peek")
+        .is_empty());
+    let keys = env.app.queue.keys();
+    let mut conn = redis::Client::open(env.valkey_url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let dead: Vec<String> = redis::AsyncCommands::lrange(&mut conn, keys.outbox_dead(), 0, -1)
+        .await
+        .expect("dead list");
+    assert_eq!(dead, [refused], "set aside, not lost");
+}
