@@ -23,7 +23,11 @@ async fn holds_follow_the_switch_whatever_was_missed() {
     assert!(!report.queues_paused.contains(&q), "not known yet");
     assert!(!depth().await);
     // Its first worker registers it and its maintenance holds it.
-    env.app.queue.register_queues(&[&queue]).await.expect("register");
+    env.app
+        .queue
+        .register_queues(&[&queue])
+        .await
+        .expect("register");
     assert_eq!(maintenance.sync_holds_once().await.expect("sync"), 1);
     assert!(depth().await);
     assert_eq!(maintenance.sync_holds_once().await.expect("sync"), 0);
