@@ -162,12 +162,12 @@ async fn apply_to_valkey(shared: &Shared, batch: &[Completion], outcome: &Finish
             });
         }
     }
-    // A request left for a job that ended otherwise (it finished first)
-    // must not cancel a later attempt (an admin's retry of a dead job).
+    // Done with; and a request left for a job that went dead first must not
+    // cancel an admin's retry of it. (A succeeded job never runs again.)
     let finished: Vec<JobId> = outcome
         .applied
         .iter()
-        .filter(|(_, s)| s.is_terminal())
+        .filter(|(_, s)| matches!(s, Status::Cancelled | Status::Dead))
         .map(|(id, _)| *id)
         .collect();
     if let Err(err) = shared.queue.clear_cancel(&finished).await {

@@ -93,6 +93,16 @@ impl Store {
         .await?)
     }
 
+    /// The latest control event, if any.
+    pub async fn latest_control_event(&self) -> Result<Option<ControlRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, at, type, actor, reason, data, written_at
+             FROM control_events ORDER BY at DESC, id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// Every running job of `queues` (this deployment's), in id order.
     pub async fn running_jobs(
         &self,

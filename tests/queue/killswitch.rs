@@ -89,3 +89,58 @@ async fn the_outbox_writes_each_record_once_and_sets_aside_what_postgres_refuses
         .expect("dead list");
     assert_eq!(dead, [refused], "set aside, not lost");
 }
+
+/// What a flush does to this test's prefix: the kill switch and the
+/// rebuild sentinel are gone.
+async fn lose_valkey_state(env: &TestEnv) {
+    let keys = env.app.queue.keys();
+    let mut conn = redis::Client::open(env.valkey_url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::AsyncCommands::del(&mut conn, &[keys.kill_switch(), keys.epoch()])
+        .await
+        .expect("del");
+}
+
+/// Valkey loses its data (a flush, a restart without persistence): the
+/// reconciler engages the switch again from Postgres' trail, as it was;
+/// after a resume, it stays lifted.
+#[tokio::test]
+async fn the_kill_switch_survives_valkey_losing_its_data() {
+    let env = TestEnv::new().await;
+    let maintenance = env.maintenance(&unique_queue());
+
+    let report = env
+        .app
+        .kill_all("operator", "incident 7")
+        .await
+        .expect("kill");
+    assert_eq!(report.audit, "recorded");
+    lose_valkey_state(&env).await;
+    assert!(env.app.kill_switch().await.expect("read").is_none());
+    let counts = maintenance.reconcile_once(false).await.expect("reconcile");
+    assert!(counts.rebuilt);
+    let state = env
+        .app
+        .kill_switch()
+        .await
+        .expect("read")
+        .expect("engaged again");
+    assert_eq!(
+        (state.actor.as_str(), state.reason.as_str()),
+        ("operator", "incident 7")
+    );
+    let since = report.status.since.expect("since");
+    let since = chrono::DateTime::parse_from_rfc3339(&since).expect("rfc3339");
+    assert_eq!(state.since.timestamp_millis(), since.timestamp_millis());
+
+    env.app.resume("operator", "over").await.expect("resume");
+    lose_valkey_state(&env).await;
+    maintenance.reconcile_once(false).await.expect("reconcile");
+    assert!(
+        env.app.kill_switch().await.expect("read").is_none(),
+        "stays lifted"
+    );
+}

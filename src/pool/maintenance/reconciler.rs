@@ -10,7 +10,8 @@ use super::{Maintenance, RECONCILE_PAGE};
 use crate::job::{JobId, QueueName, Status};
 use crate::metrics as m;
 use crate::pool::PoolError;
-use crate::queue::IndexEntry;
+use crate::queue::{IndexEntry, KillSwitchState};
+use crate::store::ControlKind;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReconcileCounts {
@@ -34,6 +35,7 @@ impl Maintenance {
         }
         if lost {
             tracing::warn!("Valkey index sentinel missing (flushed or restarted empty); rebuilding from Postgres");
+            self.restore_kill_switch().await?;
         }
         // Set first: a flush during the pass removes it again and triggers
         // another pass, rather than being hidden by this one.
@@ -87,6 +89,32 @@ impl Maintenance {
             metrics::counter!(m::RECONCILER_REINDEXED).increment(counts.reindexed);
         }
         Ok(counts)
+    }
+
+    /// Valkey lost its data, the kill switch with it: if Postgres' trail
+    /// ends with a kill-all, the switch is engaged again as it was. (Only
+    /// then: while Valkey has its data, its switch is newer than Postgres',
+    /// whose record of a resume may still wait in the outbox.)
+    async fn restore_kill_switch(&self) -> Result<(), PoolError> {
+        let Some(last) = self.store.latest_control_event().await? else {
+            return Ok(());
+        };
+        if last.kind != ControlKind::KillAll.as_str() {
+            return Ok(());
+        }
+        let id = last.data["engagement"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(last.id);
+        let state = KillSwitchState {
+            id,
+            actor: last.actor,
+            reason: last.reason,
+            since: last.at,
+        };
+        self.valkey.engage_kill_switch(&state).await?;
+        tracing::warn!(actor = %state.actor, reason = %state.reason, "kill switch engaged again from Postgres' trail after Valkey lost it");
+        Ok(())
     }
 
     /// Indexes those of `ids` that Valkey lacks, after reading them again
