@@ -208,11 +208,13 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
 
 /// A stop asked for as containers start (a kill-all just after many
 /// claims) must not wait out the grace period. With a 60 s grace period, a
-/// lost SIGTERM shows as SIGKILL (137). (`bench-cancel` without its settle
-/// time lost one in about seven on this machine; the runtime now signals a
-/// young container twice. This test did not catch that loss here.)
+/// lost SIGTERM shows as SIGKILL (137); what else the shell answers with,
+/// interrupted that early, varies (143 mostly, 2 once under load).
+/// (`bench-cancel` without its settle time lost one SIGTERM in about seven
+/// on this machine; the runtime now signals a young container twice. This
+/// test did not catch that loss here.)
 #[tokio::test]
-async fn a_stop_right_at_start_ends_with_sigterm_not_the_grace_period() {
+async fn a_stop_right_at_start_does_not_wait_out_the_grace_period() {
     let rt = docker().await;
     let cancel = CancellationToken::new();
     let mut runs = tokio::task::JoinSet::new();
@@ -238,7 +240,11 @@ async fn a_stop_right_at_start_ends_with_sigterm_not_the_grace_period() {
     cancel.cancel();
     while let Some(done) = runs.join_next().await {
         let (f, lines) = done.expect("run");
-        assert_eq!(f.outcome, Outcome::Stopped { code: 143 }, "{lines:?}");
+        assert!(
+            matches!(f.outcome, Outcome::Stopped { code } if code != 137),
+            "{:?} {lines:?}",
+            f.outcome
+        );
     }
     for name in &names {
         assert!(gone(&rt, name).await);
