@@ -108,6 +108,12 @@ pub fn set_kill_switch(engaged: bool) {
     metrics::gauge!(KILL_SWITCH_ENGAGED).set(if engaged { 1.0 } else { 0.0 });
 }
 
+/// Records how long a cancel took, from its request (Unix ms) to now.
+pub fn record_cancel_duration(queue: &str, requested_ms: i64) {
+    let waited = (chrono::Utc::now().timestamp_millis() - requested_ms).max(0) as f64 / 1000.0;
+    metrics::histogram!(CANCEL_SECONDS, "queue" => queue.to_owned()).record(waited);
+}
+
 /// Counts a cancelled job by the stage it was in.
 pub fn count_cancel(queue: &str, stage: &str) {
     metrics::counter!(CANCELLATIONS, "queue" => queue.to_owned(), "stage" => stage.to_owned())

@@ -56,8 +56,7 @@ pub(super) async fn run(
                 tracing::warn!(job.id = %job.id, error = %err, "cannot confirm the stop in Valkey");
             }
             if let Some(ms) = requested_ms {
-                let waited = (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0;
-                metrics::histogram!(m::CANCEL_SECONDS, "queue" => job.queue.clone()).record(waited);
+                m::record_cancel_duration(&job.queue, ms);
             }
             Some(Finish::cancelled(job.id, job.lease_id, &actor, &reason))
         }

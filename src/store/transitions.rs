@@ -156,6 +156,8 @@ pub struct Reaped {
     pub run_at: Option<DateTime<Utc>>,
     /// The stage the job was in when its worker stopped renewing the lease.
     pub stage: Option<String>,
+    /// For a cancelled job: when the cancel was asked for (Unix ms).
+    pub cancel_requested_ms: Option<i64>,
 }
 
 /// Which leases a finish statement accepts: live ones (a worker finishing
@@ -437,6 +439,7 @@ impl Store {
                 r.priority.clamp(1, 10) as u8,
                 finish.run_at,
                 r.stage,
+                cancels.get(&JobId(r.id)).and_then(|c| c.requested_ms),
             ));
             batch.push(finish);
         }
@@ -444,20 +447,23 @@ impl Store {
         tx.commit().await?;
         Ok(meta
             .into_iter()
-            .filter_map(|(id, queue, priority, run_at, stage)| {
-                outcome
-                    .applied
-                    .iter()
-                    .find(|(a, _)| *a == id)
-                    .map(|(_, to)| Reaped {
-                        id,
-                        queue,
-                        priority,
-                        to: *to,
-                        run_at,
-                        stage,
-                    })
-            })
+            .filter_map(
+                |(id, queue, priority, run_at, stage, cancel_requested_ms)| {
+                    outcome
+                        .applied
+                        .iter()
+                        .find(|(a, _)| *a == id)
+                        .map(|(_, to)| Reaped {
+                            id,
+                            queue,
+                            priority,
+                            to: *to,
+                            run_at,
+                            stage,
+                            cancel_requested_ms,
+                        })
+                },
+            )
             .collect())
     }
 

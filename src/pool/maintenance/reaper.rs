@@ -107,7 +107,7 @@ impl Maintenance {
                 }
                 Status::Cancelled => {
                     m::count_cancel(queue.as_str(), r.stage.as_deref().unwrap_or("running"));
-                    cancelled.push(r.id);
+                    cancelled.push((r.id, queue.clone(), r.cancel_requested_ms));
                     acks.entry(queue).or_default().push(r.id);
                 }
                 _ => {
@@ -136,7 +136,11 @@ impl Maintenance {
     /// the orphan reapers remove their sandboxes and worktrees (on this
     /// host: those on the dead worker's host go when that host's reapers
     /// run). A stop is confirmed only when nothing of the job is left here.
-    async fn finish_cancels(&self, ids: &[JobId]) -> Result<(), PoolError> {
+    async fn finish_cancels(
+        &self,
+        cancelled: &[(JobId, QueueName, Option<i64>)],
+    ) -> Result<(), PoolError> {
+        let ids: Vec<JobId> = cancelled.iter().map(|(id, _, _)| *id).collect();
         let sandboxes = self.reap_sandboxes_once().await;
         let worktrees = self.reap_worktrees_once().await;
         for (what, result) in [
@@ -160,7 +164,7 @@ impl Maintenance {
             },
             None => HashSet::new(),
         };
-        for id in ids {
+        for (id, queue, requested_ms) in cancelled {
             let worktree = self
                 .git
                 .as_ref()
@@ -170,9 +174,12 @@ impl Maintenance {
                 continue;
             }
             self.valkey.confirm_stopped(*id).await?;
+            if let Some(ms) = requested_ms {
+                m::record_cancel_duration(queue.as_str(), *ms);
+            }
             tracing::warn!(job.id = %id, "cancel completed by the reaper");
         }
-        self.valkey.clear_cancel(ids).await?;
+        self.valkey.clear_cancel(&ids).await?;
         Ok(())
     }
 }
