@@ -444,6 +444,52 @@ impl PgServer {
     }
 }
 
+impl PgServer {
+    /// The postmaster and every backend, as pids.
+    fn processes(&self) -> Vec<String> {
+        let pidfile = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid"))
+            .expect("postmaster.pid");
+        let main = pidfile.lines().next().expect("pid").trim().to_owned();
+        let children = Command::new("pgrep")
+            .args(["-P", &main])
+            .output()
+            .expect("pgrep");
+        let mut pids = vec![main];
+        pids.extend(
+            String::from_utf8_lossy(&children.stdout)
+                .lines()
+                .map(str::to_owned),
+        );
+        pids
+    }
+
+    fn signal_all(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .args(self.processes())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// Hangs every Postgres process (SIGSTOP) until the guard drops:
+    /// statements and new connections wait, nothing is refused; a slow
+    /// Postgres at its worst.
+    pub fn freeze(&self) -> Frozen<'_> {
+        self.signal_all("-STOP");
+        Frozen(self)
+    }
+}
+
+/// A frozen Postgres; thawed (SIGCONT) on drop, also when a test fails.
+pub struct Frozen<'a>(&'a PgServer);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.signal_all("-CONT");
+    }
+}
+
 impl Drop for PgServer {
     fn drop(&mut self) {
         let _ = as_postgres(

@@ -550,3 +550,59 @@ async fn kill_all_while_postgres_is_down_stops_sandboxes_and_records_catch_up() 
     let outbox: Vec<String> = env.app.queue.outbox_peek(10).await.expect("outbox");
     assert!(outbox.is_empty(), "the outbox is drained");
 }
+
+/// Postgres hangs rather than refuses (every process stopped with SIGSTOP):
+/// kill-all still stops every sandbox and answers within its bounds; the
+/// records follow once Postgres wakes.
+#[tokio::test]
+async fn kill_all_while_postgres_hangs_answers_and_records_catch_up() {
+    let pg = PgServer::start();
+    let database_url = crate::helpers::fresh_database(&pg.url()).await;
+    let env = TestEnv::with_services(&database_url, &env_var("ORCH_VALKEY_URL")).await;
+    let queue = unique_queue();
+    let mut requests = Vec::new();
+    for _ in 0..3 {
+        requests.push(request(
+            "script-agent",
+            &queue,
+            json!({ "script": "echo working; sleep 600" }),
+        ));
+    }
+    let ids: Vec<JobId> = env.enqueue(requests).await.iter().map(|j| j.id).collect();
+    let _worker = WorkerProcess::spawn(&env, &queue, 3);
+    wait_until("3 running agents", Duration::from_secs(60), || async {
+        containers(&env).await == 3
+    })
+    .await;
+
+    let frozen = pg.freeze();
+    let report = cli_json(&env, &["kill-all", "--reason", "database hangs"]);
+    assert_eq!(
+        (&report["cancelled"], &report["failed"]),
+        (&json!(3), &json!(0)),
+        "{report}"
+    );
+    assert_eq!(report["audit"], "pending", "{report}");
+    assert!(
+        report["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.starts_with("Postgres")),
+        "{report}"
+    );
+    assert_eq!(containers(&env).await, 0, "every sandbox is gone");
+    drop(frozen);
+
+    let done = env.wait_terminal(&ids, Duration::from_secs(60)).await;
+    crate::helpers::assert_status(&done, Status::Cancelled);
+    for id in &ids {
+        assert_eq!(env.terminal_events(*id).await, 1);
+    }
+    wait_until("the audit record", Duration::from_secs(30), || async {
+        env.app
+            .store
+            .control_events(10)
+            .await
+            .is_ok_and(|t| t.len() == 1)
+    })
+    .await;
+}
