@@ -152,8 +152,10 @@ impl App {
             }
         }
         let mut failed = self.flag(&running, actor, reason, now).await;
+        // This deployment's queues; all of them if Valkey could name none.
         let names: Vec<String> = known.iter().map(|q| q.to_string()).collect();
-        match tokio::time::timeout(POSTGRES_PATIENCE, self.store.running_jobs(&names)).await {
+        let scope = (!names.is_empty()).then_some(names.as_slice());
+        match tokio::time::timeout(POSTGRES_PATIENCE, self.store.running_jobs(scope)).await {
             Ok(Ok(jobs)) => {
                 let lost: BTreeSet<JobId> = jobs
                     .into_iter()
@@ -355,23 +357,17 @@ impl App {
                 }
             }
             // Every second, ask Postgres about the rest: a job that ended on
-            // its own (or whose cancel a reaper completed) waits no longer.
+            // its own waits no longer. (One cancelled by a reaper counts once
+            // that reaper confirms its sandbox gone, above.)
             if rounds % 10 == 9 && !pending.is_empty() {
                 let asked: Vec<JobId> = pending.iter().copied().collect();
                 if let Ok(Ok(states)) =
                     tokio::time::timeout(CONFIRM_POLL, self.store.index_states(&asked)).await
                 {
                     for s in states {
-                        match s.status {
-                            Status::Cancelled => {
-                                pending.remove(&s.id);
-                                confirmed.insert(s.id);
-                            }
-                            st if st.is_terminal() => {
-                                pending.remove(&s.id);
-                                finished.insert(s.id);
-                            }
-                            _ => {}
+                        if s.status.is_terminal() && s.status != Status::Cancelled {
+                            pending.remove(&s.id);
+                            finished.insert(s.id);
                         }
                     }
                 }

@@ -62,8 +62,12 @@ impl JobContext {
         &self,
         write: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
     ) -> Result<T, String> {
-        if !self.cancel.is_cancelled() {
-            return write.await.map_err(|e| e.to_string());
+        // A write under way when the stop comes gets the same limit.
+        tokio::pin!(write);
+        tokio::select! {
+            biased;
+            r = &mut write => return r.map_err(|e| e.to_string()),
+            () = self.cancel.cancelled() => {}
         }
         match tokio::time::timeout(STOPPING_WRITE_LIMIT, write).await {
             Ok(r) => r.map_err(|e| e.to_string()),

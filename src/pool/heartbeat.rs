@@ -50,7 +50,7 @@ async fn beat(shared: &Shared, started_at: &str) {
         tracing::debug!(error = %err, "worker registry heartbeat failed");
     }
 
-    super::sync_kill_switch(shared).await;
+    super::poll_kill_switch(shared).await;
 
     let leases: Vec<(JobId, i64, QueueName)> = shared
         .inflight()

@@ -349,6 +349,18 @@ async fn listen_for_controls(shared: Arc<Shared>, stop: CancellationToken) {
 /// claims nothing and stops every job it holds; once lifted, it claims again.
 async fn sync_kill_switch(shared: &Shared) {
     let _one_at_a_time = shared.kill_switch_sync.lock().await;
+    read_kill_switch(shared).await;
+}
+
+/// The heartbeat's look at the kill switch: skipped while the listener
+/// reads it, so a slow Valkey never holds up lease renewals twice.
+async fn poll_kill_switch(shared: &Shared) {
+    if let Ok(_one_at_a_time) = shared.kill_switch_sync.try_lock() {
+        read_kill_switch(shared).await;
+    }
+}
+
+async fn read_kill_switch(shared: &Shared) {
     match shared.queue.kill_switch().await {
         Ok(state) => apply_kill_switch(shared, state.as_ref()),
         Err(err) => tracing::debug!(error = %err, "cannot read the kill switch"),

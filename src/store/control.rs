@@ -93,6 +93,17 @@ impl Store {
         .await?)
     }
 
+    /// One control event.
+    pub async fn control_event(&self, id: Uuid) -> Result<Option<ControlRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, at, type, actor, reason, data, written_at
+             FROM control_events WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// The latest control event, if any.
     pub async fn latest_control_event(&self) -> Result<Option<ControlRow>, StoreError> {
         Ok(sqlx::query_as(
@@ -103,14 +114,16 @@ impl Store {
         .await?)
     }
 
-    /// Every running job of `queues` (this deployment's), in id order.
+    /// Every running job of `queues` (this deployment's; `None`: of any
+    /// queue), in id order.
     pub async fn running_jobs(
         &self,
-        queues: &[String],
+        queues: Option<&[String]>,
     ) -> Result<Vec<(JobId, String)>, StoreError> {
         let rows: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT id, queue FROM jobs
-             WHERE finished_at IS NULL AND status = 'running' AND queue = ANY($1)
+             WHERE finished_at IS NULL AND status = 'running'
+               AND ($1::text[] IS NULL OR queue = ANY($1))
              ORDER BY id",
         )
         .bind(queues)

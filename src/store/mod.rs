@@ -56,6 +56,18 @@ pub enum StoreError {
 impl StoreError {
     /// Whether retrying later may succeed (the database is unreachable or
     /// restarting), as opposed to a definite answer.
+    /// Postgres refused the data itself (data exception, constraint
+    /// violation): sending it again cannot help.
+    pub fn is_bad_data(&self) -> bool {
+        match self {
+            StoreError::Db(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Connect { .. } => true,

@@ -445,38 +445,42 @@ impl PgServer {
 }
 
 impl PgServer {
-    /// The postmaster and every backend, as pids.
-    fn processes(&self) -> Vec<String> {
+    fn postmaster(&self) -> String {
         let pidfile = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid"))
             .expect("postmaster.pid");
-        let main = pidfile.lines().next().expect("pid").trim().to_owned();
+        pidfile.lines().next().expect("pid").trim().to_owned()
+    }
+
+    /// Sends `signal` to the postmaster, then to every backend (listed
+    /// after, so none forked in between is missed); `false` if one failed.
+    fn signal_all(&self, signal: &str) -> bool {
+        let main = self.postmaster();
+        let send = |pids: &[String]| {
+            Command::new("kill")
+                .arg(signal)
+                .args(pids)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let first = send(std::slice::from_ref(&main));
         let children = Command::new("pgrep")
             .args(["-P", &main])
             .output()
-            .expect("pgrep");
-        let mut pids = vec![main];
-        pids.extend(
-            String::from_utf8_lossy(&children.stdout)
-                .lines()
-                .map(str::to_owned),
-        );
-        pids
-    }
-
-    fn signal_all(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(signal)
-            .args(self.processes())
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill {signal}");
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        first && (children.is_empty() || send(&children))
     }
 
     /// Hangs every Postgres process (SIGSTOP) until the guard drops:
     /// statements and new connections wait, nothing is refused; a slow
     /// Postgres at its worst.
     pub fn freeze(&self) -> Frozen<'_> {
-        self.signal_all("-STOP");
+        assert!(self.signal_all("-STOP"), "SIGSTOP Postgres");
         Frozen(self)
     }
 }
@@ -486,7 +490,10 @@ pub struct Frozen<'a>(&'a PgServer);
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
-        self.0.signal_all("-CONT");
+        // No panic here: this may run while a failed test unwinds.
+        if !self.0.signal_all("-CONT") {
+            eprintln!("could not SIGCONT every Postgres process");
+        }
     }
 }
 

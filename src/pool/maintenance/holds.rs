@@ -10,13 +10,30 @@ impl Maintenance {
     /// Sets or clears the `halted` flag of each served queue to match the
     /// switch; returns how many changed.
     pub async fn sync_holds_once(&self) -> Result<usize, PoolError> {
-        let engaged = self.valkey.kill_switch().await?.is_some();
         let mut changed = 0;
-        for queue in &self.queues {
-            if self.valkey.set_halted(queue, engaged).await? {
-                tracing::warn!(queue = %queue, held = engaged, "kill switch hold brought in line with the switch");
-                changed += 1;
+        let mut engaged = self.valkey.kill_switch().await?.is_some();
+        // Read again after writing: a kill-all or resume that landed in
+        // between is followed at once, not a period later.
+        for _ in 0..3 {
+            let mut failed = None;
+            for queue in &self.queues {
+                match self.valkey.set_halted(queue, engaged).await {
+                    Ok(true) => {
+                        tracing::warn!(queue = %queue, held = engaged, "kill switch hold brought in line with the switch");
+                        changed += 1;
+                    }
+                    Ok(false) => {}
+                    Err(err) => failed = Some(err),
+                }
             }
+            if let Some(err) = failed {
+                return Err(err.into());
+            }
+            let now = self.valkey.kill_switch().await?.is_some();
+            if now == engaged {
+                break;
+            }
+            engaged = now;
         }
         Ok(changed)
     }

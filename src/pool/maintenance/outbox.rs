@@ -22,15 +22,16 @@ impl Maintenance {
                         tracing::info!(control.id = %event.id, kind = event.kind.as_str(), "audit record written from the outbox");
                         moved += 1;
                     }
-                    // Postgres is still away: keep it, and the rest, for later.
-                    Err(err) if err.is_transient() => return Err(err.into()),
-                    // Postgres refuses this one for good: set aside (never
-                    // lost), so it does not hold back the records behind it.
-                    Err(err) => {
+                    // Postgres refuses this record's data for good: set
+                    // aside (never lost), so it does not hold back the rest.
+                    Err(err) if err.is_bad_data() => {
                         tracing::error!(error = %err, record, "audit record refused by Postgres; moved to the outbox's dead list");
                         self.valkey.outbox_bury(&record).await?;
                         continue;
                     }
+                    // Anything else (Postgres away, full, read-only, a
+                    // missing table): keep it, and the rest, for later.
+                    Err(err) => return Err(err.into()),
                 },
                 // Only a newer or older release could write one.
                 Err(err) => {

@@ -135,7 +135,8 @@ impl Maintenance {
     /// The cleanup a dead worker did not do: the jobs are finished now, so
     /// the orphan reapers remove their sandboxes and worktrees (on this
     /// host: those on the dead worker's host go when that host's reapers
-    /// run). A stop is confirmed only when nothing of the job is left here.
+    /// run). A stop is confirmed only when nothing of the job is left on
+    /// this host, and only if this host can look.
     async fn finish_cancels(
         &self,
         cancelled: &[(JobId, QueueName, Option<i64>)],
@@ -160,7 +161,13 @@ impl Maintenance {
                     .into_iter()
                     .filter_map(|c| c.job_id)
                     .collect(),
-                Err(_) => HashSet::new(),
+                // Cannot look: confirm nothing (the jobs are cancelled all
+                // the same; kill-all reports them unconfirmed).
+                Err(err) => {
+                    tracing::warn!(error = %err, "no sandbox runtime to check; reaped cancels stay unconfirmed");
+                    self.valkey.clear_cancel(&ids).await?;
+                    return Ok(());
+                }
             },
             None => HashSet::new(),
         };

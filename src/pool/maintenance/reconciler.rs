@@ -61,8 +61,11 @@ impl Maintenance {
             counts.scanned += page.len();
             let mut by_queue: HashMap<&str, Vec<JobId>> = HashMap::new();
             for job in &page {
+                // A queue whose jobs all run is known too (kill-all asks
+                // for the running jobs of the known queues).
+                let ids = by_queue.entry(job.queue.as_str()).or_default();
                 if matches!(job.status, Status::Queued | Status::Scheduled) {
-                    by_queue.entry(job.queue.as_str()).or_default().push(job.id);
+                    ids.push(job.id);
                 }
             }
             for (name, ids) in by_queue {
@@ -71,7 +74,9 @@ impl Maintenance {
                     continue;
                 };
                 self.valkey.register_queues(&[&queue]).await?;
-                counts.reindexed += self.reindex_missing(&queue, &ids).await?;
+                if !ids.is_empty() {
+                    counts.reindexed += self.reindex_missing(&queue, &ids).await?;
+                }
             }
             if page.len() < RECONCILE_PAGE as usize {
                 break;
@@ -102,15 +107,20 @@ impl Maintenance {
         if last.kind != ControlKind::KillAll.as_str() {
             return Ok(());
         }
-        let id = last.data["engagement"]
+        // A repeated kill-all names the engagement it repeated: restore that.
+        let first = match last.data["engagement"]
             .as_str()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(last.id);
+        {
+            Some(id) if id != last.id => self.store.control_event(id).await?,
+            _ => None,
+        };
+        let row = first.unwrap_or(last);
         let state = KillSwitchState {
-            id,
-            actor: last.actor,
-            reason: last.reason,
-            since: last.at,
+            id: row.id,
+            actor: row.actor,
+            reason: row.reason,
+            since: row.at,
         };
         self.valkey.engage_kill_switch(&state).await?;
         tracing::warn!(actor = %state.actor, reason = %state.reason, "kill switch engaged again from Postgres' trail after Valkey lost it");
