@@ -118,6 +118,13 @@ async fn the_kill_switch_survives_valkey_losing_its_data() {
         .await
         .expect("kill");
     assert_eq!(report.audit, "recorded");
+    // Repeated: the engagement stays the first one, and so it comes back.
+    let again = env
+        .app
+        .kill_all("someone-else", "still on")
+        .await
+        .expect("kill");
+    assert_eq!(again.status.reason.as_deref(), Some("incident 7"));
     lose_valkey_state(&env).await;
     assert!(env.app.kill_switch().await.expect("read").is_none());
     let counts = maintenance.reconcile_once(false).await.expect("reconcile");
