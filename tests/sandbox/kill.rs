@@ -473,33 +473,49 @@ async fn kill_all_stops_twenty_agents_on_two_workers_and_resume_runs_the_queued_
     assert_eq!(trail[1].actor, "cli");
 }
 
-/// Postgres is down: the kill switch still stops every sandbox (Valkey
-/// flags and signals); once Postgres is back, the records are complete.
-#[tokio::test]
-async fn kill_all_while_postgres_is_down_stops_sandboxes_and_records_catch_up() {
+/// Three running agents under a worker process, on a private Postgres the
+/// test may stop or hang.
+struct AgentsOnOwnPostgres {
+    pg: PgServer,
+    env: TestEnv,
+    ids: Vec<JobId>,
+    _worker: WorkerProcess,
+}
+
+async fn three_agents_on_own_postgres() -> AgentsOnOwnPostgres {
     let pg = PgServer::start();
     let database_url = crate::helpers::fresh_database(&pg.url()).await;
     let env = TestEnv::with_services(&database_url, &env_var("ORCH_VALKEY_URL")).await;
     let queue = unique_queue();
-    let mut requests = Vec::new();
-    for _ in 0..3 {
-        requests.push(request(
-            "script-agent",
-            &queue,
-            json!({ "script": "sleep 600" }),
-        ));
-    }
+    let requests = (0..3)
+        .map(|_| {
+            request(
+                "script-agent",
+                &queue,
+                json!({ "script": "echo working; sleep 600" }),
+            )
+        })
+        .collect();
     let ids: Vec<JobId> = env.enqueue(requests).await.iter().map(|j| j.id).collect();
-    let _worker = WorkerProcess::spawn(&env, &queue, 3);
+    let worker = WorkerProcess::spawn(&env, &queue, 3);
     wait_until("3 running agents", Duration::from_secs(60), || async {
         containers(&env).await == 3
     })
     .await;
+    AgentsOnOwnPostgres {
+        pg,
+        env,
+        ids,
+        _worker: worker,
+    }
+}
 
-    pg.halt();
+/// What kill-all answers with Postgres unreachable: every agent stopped,
+/// the audit kept for later, Postgres named in the errors.
+async fn assert_killed_without_postgres(env: &TestEnv, reason: &str) {
     let t0 = Instant::now();
-    let report = cli_json(&env, &["kill-all", "--reason", "database incident"]);
-    eprintln!("kill-all with Postgres down: {:?}", t0.elapsed());
+    let report = cli_json(env, &["kill-all", "--reason", reason]);
+    eprintln!("kill-all without Postgres ({reason}): {:?}", t0.elapsed());
     assert_eq!(
         (&report["cancelled"], &report["failed"]),
         (&json!(3), &json!(0)),
@@ -509,20 +525,23 @@ async fn kill_all_while_postgres_is_down_stops_sandboxes_and_records_catch_up() 
     assert!(
         report["errors"][0]
             .as_str()
-            .is_some_and(|e| e.contains("Postgres")),
+            .is_some_and(|e| e.starts_with("Postgres")),
         "{report}"
     );
-    assert_eq!(containers(&env).await, 0, "every sandbox is gone");
-    assert_eq!(cli_json(&env, &["kill-switch"])["engaged"], true);
+    assert_eq!(containers(env).await, 0, "every sandbox is gone");
+    assert_eq!(cli_json(env, &["kill-switch"])["engaged"], true);
+}
 
-    pg.resume();
-    let done = env.wait_terminal(&ids, Duration::from_secs(60)).await;
+/// Once Postgres is back: every job cancelled once, by whom and why, and
+/// the kill-all's record written from the outbox, naming every job.
+async fn assert_records_caught_up(env: &TestEnv, ids: &[JobId], reason: &str) {
+    let done = env.wait_terminal(ids, Duration::from_secs(60)).await;
     crate::helpers::assert_status(&done, Status::Cancelled);
-    for id in &ids {
+    for id in ids {
         assert_eq!(env.terminal_events(*id).await, 1);
-        let data = cancelled_event(&env, *id).await;
+        let data = cancelled_event(env, *id).await;
         assert_eq!(data["requested_by"], "cli");
-        assert_eq!(data["reason"], "database incident");
+        assert_eq!(data["reason"], reason);
     }
     wait_until("the audit record", Duration::from_secs(30), || async {
         env.app
@@ -534,7 +553,7 @@ async fn kill_all_while_postgres_is_down_stops_sandboxes_and_records_catch_up() 
     .await;
     let trail = env.app.store.control_events(10).await.expect("trail");
     assert_eq!(trail[0].kind, "kill_all");
-    assert_eq!(trail[0].reason, "database incident");
+    assert_eq!(trail[0].reason, reason);
     let mut listed: Vec<String> = trail[0].data["jobs"]
         .as_array()
         .map(|a| {
@@ -551,58 +570,26 @@ async fn kill_all_while_postgres_is_down_stops_sandboxes_and_records_catch_up() 
     assert!(outbox.is_empty(), "the outbox is drained");
 }
 
+/// Postgres is down (connections refused): the kill switch still stops
+/// every sandbox (Valkey flags and signals); once Postgres is back, the
+/// records are complete.
+#[tokio::test]
+async fn kill_all_while_postgres_is_down_stops_sandboxes_and_records_catch_up() {
+    let t = three_agents_on_own_postgres().await;
+    t.pg.halt();
+    assert_killed_without_postgres(&t.env, "database incident").await;
+    t.pg.resume();
+    assert_records_caught_up(&t.env, &t.ids, "database incident").await;
+}
+
 /// Postgres hangs rather than refuses (every process stopped with SIGSTOP):
 /// kill-all still stops every sandbox and answers within its bounds; the
 /// records follow once Postgres wakes.
 #[tokio::test]
 async fn kill_all_while_postgres_hangs_answers_and_records_catch_up() {
-    let pg = PgServer::start();
-    let database_url = crate::helpers::fresh_database(&pg.url()).await;
-    let env = TestEnv::with_services(&database_url, &env_var("ORCH_VALKEY_URL")).await;
-    let queue = unique_queue();
-    let mut requests = Vec::new();
-    for _ in 0..3 {
-        requests.push(request(
-            "script-agent",
-            &queue,
-            json!({ "script": "echo working; sleep 600" }),
-        ));
-    }
-    let ids: Vec<JobId> = env.enqueue(requests).await.iter().map(|j| j.id).collect();
-    let _worker = WorkerProcess::spawn(&env, &queue, 3);
-    wait_until("3 running agents", Duration::from_secs(60), || async {
-        containers(&env).await == 3
-    })
-    .await;
-
-    let frozen = pg.freeze();
-    let report = cli_json(&env, &["kill-all", "--reason", "database hangs"]);
-    assert_eq!(
-        (&report["cancelled"], &report["failed"]),
-        (&json!(3), &json!(0)),
-        "{report}"
-    );
-    assert_eq!(report["audit"], "pending", "{report}");
-    assert!(
-        report["errors"][0]
-            .as_str()
-            .is_some_and(|e| e.starts_with("Postgres")),
-        "{report}"
-    );
-    assert_eq!(containers(&env).await, 0, "every sandbox is gone");
+    let t = three_agents_on_own_postgres().await;
+    let frozen = t.pg.freeze();
+    assert_killed_without_postgres(&t.env, "database hangs").await;
     drop(frozen);
-
-    let done = env.wait_terminal(&ids, Duration::from_secs(60)).await;
-    crate::helpers::assert_status(&done, Status::Cancelled);
-    for id in &ids {
-        assert_eq!(env.terminal_events(*id).await, 1);
-    }
-    wait_until("the audit record", Duration::from_secs(30), || async {
-        env.app
-            .store
-            .control_events(10)
-            .await
-            .is_ok_and(|t| t.len() == 1)
-    })
-    .await;
+    assert_records_caught_up(&t.env, &t.ids, "database hangs").await;
 }
