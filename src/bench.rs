@@ -255,3 +255,17 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
 pub fn round(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
+
+/// The `p`th percentile of sorted samples, rounded for reports.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    round(percentile(sorted, p))
+}
+
+/// `a / b` rounded for reports; 0 when `b` is not positive.
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        round(a / b)
+    } else {
+        0.0
+    }
+}

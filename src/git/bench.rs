@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::names::{BranchName, RepoUrl};
 use super::repo::{GitError, GitStage};
 use super::secrets::Scanner;
+use crate::bench::{pct, ratio};
 
 #[derive(Debug, Serialize)]
 pub struct GitBench {
@@ -47,10 +48,6 @@ fn git(dir: &Path, args: &[&str]) -> Result<(), GitError> {
             String::from_utf8_lossy(&out.stderr)
         )))
     }
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    crate::bench::round(crate::bench::percentile(sorted, p))
 }
 
 pub fn run(files: usize, runs: usize) -> Result<GitBench, GitError> {
@@ -128,10 +125,6 @@ pub fn run(files: usize, runs: usize) -> Result<GitBench, GitError> {
         stage_p99_ms: pct(&ours, 99.0),
         cli_p50_ms: c50,
         cli_p99_ms: pct(&cli, 99.0),
-        speedup_p50: if o50 > 0.0 {
-            (c50 / o50 * 100.0).round() / 100.0
-        } else {
-            0.0
-        },
+        speedup_p50: ratio(c50, o50),
     })
 }

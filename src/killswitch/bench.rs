@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, Cancel};
+use crate::bench::{pct, ratio};
 use crate::config::Settings;
 use crate::job::{JobId, JobRequest, QueueName};
 use crate::pool::PoolConfig;
@@ -47,18 +48,6 @@ pub struct CancelBench {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    crate::bench::round(crate::bench::percentile(sorted, p))
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        (a / b * 100.0).round() / 100.0
-    } else {
-        0.0
-    }
 }
 
 /// Runs the bench under its own key prefix and queue; `settings` name the

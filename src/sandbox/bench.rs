@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     DockerRuntime, Limits, Network, Owner, RunOptions, Runtime, SandboxError, SandboxSpec,
 };
+use crate::bench::{pct, ratio};
 use crate::job::JobId;
 
 #[derive(Debug, Serialize)]
@@ -24,10 +25,6 @@ pub struct SandboxBench {
     pub docker_cli_p99_ms: f64,
     /// docker CLI p50 / sandbox p50: above 1 means the sandbox is faster.
     pub speedup_p50: f64,
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    crate::bench::round(crate::bench::percentile(sorted, p))
 }
 
 pub async fn run(image: &str, runs: usize) -> Result<SandboxBench, SandboxError> {
@@ -109,10 +106,6 @@ pub async fn run(image: &str, runs: usize) -> Result<SandboxBench, SandboxError>
         sandbox_p99_ms: pct(&ours, 99.0),
         docker_cli_p50_ms: c50,
         docker_cli_p99_ms: pct(&cli, 99.0),
-        speedup_p50: if o50 > 0.0 {
-            (c50 / o50 * 100.0).round() / 100.0
-        } else {
-            0.0
-        },
+        speedup_p50: ratio(c50, o50),
     })
 }

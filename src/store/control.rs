@@ -41,6 +41,9 @@ pub struct ControlEvent {
     pub data: serde_json::Value,
 }
 
+/// The columns a [`ControlRow`] is read from.
+const CONTROL_COLUMNS: &str = "id, at, type, actor, reason, data, written_at";
+
 /// A control event as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ControlRow {
@@ -84,34 +87,29 @@ impl Store {
 
     /// The latest control events, newest first.
     pub async fn control_events(&self, limit: u32) -> Result<Vec<ControlRow>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, at, type, actor, reason, data, written_at
-             FROM control_events ORDER BY at DESC, id LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?)
+        let sql =
+            format!("SELECT {CONTROL_COLUMNS} FROM control_events ORDER BY at DESC, id LIMIT $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// One control event.
     pub async fn control_event(&self, id: Uuid) -> Result<Option<ControlRow>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, at, type, actor, reason, data, written_at
-             FROM control_events WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
+        let sql = format!("SELECT {CONTROL_COLUMNS} FROM control_events WHERE id = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     /// The latest control event, if any.
     pub async fn latest_control_event(&self) -> Result<Option<ControlRow>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, at, type, actor, reason, data, written_at
-             FROM control_events ORDER BY at DESC, id DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?)
+        let sql = format!(
+            "SELECT {CONTROL_COLUMNS} FROM control_events ORDER BY at DESC, id DESC LIMIT 1"
+        );
+        Ok(sqlx::query_as(&sql).fetch_optional(&self.pool).await?)
     }
 
     /// Every running job of `queues` (this deployment's; `None`: of any
