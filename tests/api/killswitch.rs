@@ -114,12 +114,10 @@ async fn kill_all_stops_running_jobs_keeps_queued_ones_and_resume_runs_them() {
     let done = env.wait_terminal(&ids, Duration::from_secs(30)).await;
     crate::helpers::assert_status(&done, Status::Cancelled);
     for j in &jobs[..2] {
-        let events = env.app.store.job_events(j.id, None).await.expect("events");
-        let last = events.last().expect("events");
-        assert_eq!(last.kind, "cancelled");
-        assert_eq!(last.data["requested_by"], "admin");
-        assert_eq!(last.data["reason"], "runaway agents");
-        assert_eq!(last.data["from"], "running");
+        let last = env.cancelled_event(j.id).await;
+        assert_eq!(last["requested_by"], "admin");
+        assert_eq!(last["reason"], "runaway agents");
+        assert_eq!(last["from"], "running");
     }
 
     let (_, state) = json(api.get("/v1/killswitch", ADMIN).await).await;

@@ -41,15 +41,9 @@ async fn the_cli_cancels_a_job_running_in_another_worker_process() {
     let done = env.wait_terminal(&[job.id], Duration::from_secs(30)).await;
     assert_eq!(done[0].status, Status::Cancelled);
     assert_eq!(env.terminal_events(job.id).await, 1);
-    let events = env
-        .app
-        .store
-        .job_events(job.id, None)
-        .await
-        .expect("events");
-    let last = events.last().expect("events");
-    assert_eq!(last.data["requested_by"], "cli");
-    assert_eq!(last.data["reason"], "stop it");
+    let last = env.cancelled_event(job.id).await;
+    assert_eq!(last["requested_by"], "cli");
+    assert_eq!(last["reason"], "stop it");
 }
 
 /// A request that lands while the job is between attempts (it left
@@ -76,15 +70,9 @@ async fn a_cancel_request_waiting_in_valkey_stops_the_job_when_it_is_claimed() {
     pool.shutdown().await;
     assert_eq!(done[0].status, Status::Cancelled);
     assert_eq!(done[0].attempt, 1);
-    let events = env
-        .app
-        .store
-        .job_events(job.id, None)
-        .await
-        .expect("events");
-    let last = events.last().expect("events");
-    assert_eq!(last.data["requested_by"], "operator");
-    assert_eq!(last.data["reason"], "late");
+    let last = env.cancelled_event(job.id).await;
+    assert_eq!(last["requested_by"], "operator");
+    assert_eq!(last["reason"], "late");
 }
 
 /// A worker died while it stopped a cancelled job: its lease expires with
@@ -121,17 +109,10 @@ async fn the_reaper_cancels_an_expired_job_whose_cancel_was_requested() {
     let done = env.job(job.id).await;
     assert_eq!(done.status, Status::Cancelled, "{:?}", done.last_error);
     assert_eq!(env.terminal_events(job.id).await, 1);
-    let events = env
-        .app
-        .store
-        .job_events(job.id, None)
-        .await
-        .expect("events");
-    let last = events.last().expect("events");
-    assert_eq!(last.kind, "cancelled");
-    assert_eq!(last.data["requested_by"], "operator");
-    assert_eq!(last.data["completed_by"], "test-maintenance");
-    assert_eq!(last.data["lease_expired_from"], "doomed-worker");
+    let last = env.cancelled_event(job.id).await;
+    assert_eq!(last["requested_by"], "operator");
+    assert_eq!(last["completed_by"], "test-maintenance");
+    assert_eq!(last["lease_expired_from"], "doomed-worker");
     assert!(
         env.app
             .queue

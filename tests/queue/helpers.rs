@@ -207,6 +207,15 @@ impl TestEnv {
             .expect("count events")
     }
 
+    /// The data of a job's last event, which must be its `cancelled` event
+    /// (who asked, why, from where).
+    pub async fn cancelled_event(&self, id: JobId) -> serde_json::Value {
+        let events = self.app.store.job_events(id, None).await.expect("events");
+        let last = events.last().expect("events");
+        assert_eq!(last.kind, "cancelled", "{events:?}");
+        last.data.clone()
+    }
+
     /// Terminal events (succeeded, dead, cancelled) of a job.
     pub async fn terminal_events(&self, id: JobId) -> i64 {
         sqlx::query_scalar(

@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use orchestrator::app::Cancel;
-use orchestrator::job::{JobId, JobRequest, Status};
+use orchestrator::job::{Job, JobId, JobRequest, Status};
 use orchestrator::sandbox::{DockerRuntime, Runtime};
 use serde_json::{json, Value};
 
 use crate::fixture::git;
-use crate::helpers::{env_var, request, unique_queue, PgServer, TestEnv, WorkerProcess};
+use crate::helpers::{
+    env_var, request, unique_queue, PgServer, RunningPool, TestEnv, WorkerProcess,
+};
 
 const AGENT: &str = r#"
 image = "orchestrator/script-agent:latest"
@@ -105,6 +107,25 @@ impl Fixture {
         .is_empty()
     }
 
+    /// Cancels a running job (its worker is told; the job ends later).
+    async fn cancel_running(&self, id: JobId, reason: &str) {
+        let outcome = self.env.app.cancel(id, "operator", reason).await;
+        assert!(matches!(outcome, Ok(Cancel::Requested(_))), "{outcome:?}");
+    }
+
+    /// Waits for a cancelled job to end, stops `pool`, and returns the job
+    /// (checked `cancelled`) with its `cancelled` event's data.
+    async fn cancelled(&self, id: JobId, pool: RunningPool) -> (Job, Value) {
+        let done = self
+            .env
+            .wait_terminal(&[id], Duration::from_secs(60))
+            .await
+            .remove(0);
+        pool.shutdown().await;
+        assert_eq!(done.status, Status::Cancelled, "{:?}", done.last_error);
+        (done, self.env.cancelled_event(id).await)
+    }
+
     /// A worker process that sees our kinds, data dir and local origin.
     fn worker(&self, concurrency: usize) -> WorkerProcess {
         let (data, workers) = (
@@ -154,14 +175,6 @@ async fn wait_stage(env: &TestEnv, id: JobId, stage: &str) {
     .await;
 }
 
-/// The last event of a job: its `cancelled` event, with who asked and why.
-async fn cancelled_event(env: &TestEnv, id: JobId) -> Value {
-    let events = env.app.store.job_events(id, None).await.expect("events");
-    let last = events.last().expect("events");
-    assert_eq!(last.kind, "cancelled", "{events:?}");
-    last.data.clone()
-}
-
 fn cli_json(env: &TestEnv, args: &[&str]) -> Value {
     let out = crate::helpers::cli(env, args);
     assert!(
@@ -184,7 +197,7 @@ async fn a_job_waiting_in_its_queue_or_for_its_time_is_cancelled_at_once() {
         assert!(matches!(outcome, Ok(Cancel::Done(_))), "{outcome:?}");
         let done = f.env.job(job.id).await;
         assert_eq!(done.status, Status::Cancelled);
-        let data = cancelled_event(&f.env, job.id).await;
+        let data = f.env.cancelled_event(job.id).await;
         assert_eq!(data["from"], from);
         assert_eq!(data["reason"], "not today");
     }
@@ -213,20 +226,8 @@ async fn a_cancel_while_the_agent_runs_removes_its_sandbox_and_worktree() {
     .await;
     assert!(f.worktree(job.id).exists());
 
-    let outcome = f.env.app.cancel(job.id, "operator", "wrong task").await;
-    assert!(matches!(outcome, Ok(Cancel::Requested(_))), "{outcome:?}");
-    let done = f
-        .env
-        .wait_terminal(&[job.id], Duration::from_secs(60))
-        .await;
-    pool.shutdown().await;
-    assert_eq!(
-        done[0].status,
-        Status::Cancelled,
-        "{:?}",
-        done[0].last_error
-    );
-    let data = cancelled_event(&f.env, job.id).await;
+    f.cancel_running(job.id, "wrong task").await;
+    let (_, data) = f.cancelled(job.id, pool).await;
     assert_eq!(
         (&data["stage"], &data["requested_by"], &data["reason"]),
         (&json!("spawn"), &json!("operator"), &json!("wrong task"))
@@ -262,8 +263,7 @@ async fn a_cancel_in_the_git_stage_stops_it_before_anything_is_pushed() {
     std::fs::write(f.worktree(job.id).join("go"), "").expect("signal the agent");
     wait_stage(&f.env, job.id, "git").await;
 
-    let outcome = f.env.app.cancel(job.id, "operator", "wrong repo").await;
-    assert!(matches!(outcome, Ok(Cancel::Requested(_))), "{outcome:?}");
+    f.cancel_running(job.id, "wrong repo").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         f.env.job(job.id).await.status,
@@ -272,19 +272,8 @@ async fn a_cancel_in_the_git_stage_stops_it_before_anything_is_pushed() {
     );
     drop(lock);
 
-    let done = f
-        .env
-        .wait_terminal(&[job.id], Duration::from_secs(60))
-        .await;
-    pool.shutdown().await;
-    assert_eq!(
-        done[0].status,
-        Status::Cancelled,
-        "{:?}",
-        done[0].last_error
-    );
-    assert_eq!(done[0].attempt, 1);
-    let data = cancelled_event(&f.env, job.id).await;
+    let (done, data) = f.cancelled(job.id, pool).await;
+    assert_eq!(done.attempt, 1);
     assert_eq!(
         (&data["stage"], &data["requested_by"], &data["reason"]),
         (&json!("git"), &json!("operator"), &json!("wrong repo"))
@@ -310,20 +299,8 @@ async fn a_cancel_in_the_gates_stage_stops_the_gate_sandbox() {
     })
     .await;
 
-    let outcome = f.env.app.cancel(job.id, "operator", "gate hangs").await;
-    assert!(matches!(outcome, Ok(Cancel::Requested(_))), "{outcome:?}");
-    let done = f
-        .env
-        .wait_terminal(&[job.id], Duration::from_secs(60))
-        .await;
-    pool.shutdown().await;
-    assert_eq!(
-        done[0].status,
-        Status::Cancelled,
-        "{:?}",
-        done[0].last_error
-    );
-    let data = cancelled_event(&f.env, job.id).await;
+    f.cancel_running(job.id, "gate hangs").await;
+    let (_, data) = f.cancelled(job.id, pool).await;
     assert_eq!(
         (&data["stage"], &data["requested_by"]),
         (&json!("gates"), &json!("operator"))
@@ -354,8 +331,7 @@ async fn the_reaper_completes_a_cancel_whose_worker_died_midway() {
         containers(&f.env).await == 1 && f.env.job(job.id).await.status == Status::Running
     })
     .await;
-    let outcome = f.env.app.cancel(job.id, "operator", "stuck").await;
-    assert!(matches!(outcome, Ok(Cancel::Requested(_))), "{outcome:?}");
+    f.cancel_running(job.id, "stuck").await;
     // The worker has sent SIGTERM (noted, not obeyed) and waits out the
     // grace period: kill it there.
     let mark = f.worktree(job.id).join("got-term");
@@ -384,7 +360,7 @@ async fn the_reaper_completes_a_cancel_whose_worker_died_midway() {
         done[0].last_error
     );
     assert_eq!(done[0].attempt, 1, "not retried");
-    let data = cancelled_event(&f.env, job.id).await;
+    let data = f.env.cancelled_event(job.id).await;
     assert_eq!(data["requested_by"], "operator");
     assert_eq!(data["reason"], "stuck");
     assert!(data["completed_by"].is_string(), "{data}");
@@ -444,7 +420,7 @@ async fn kill_all_stops_twenty_agents_on_two_workers_and_resume_runs_the_queued_
                 workers.insert(e.actor);
             }
         }
-        let data = cancelled_event(env, *id).await;
+        let data = env.cancelled_event(*id).await;
         assert_eq!(
             (&data["requested_by"], &data["stage"]),
             (&json!("cli"), &json!("spawn"))
@@ -539,7 +515,7 @@ async fn assert_records_caught_up(env: &TestEnv, ids: &[JobId], reason: &str) {
     crate::helpers::assert_status(&done, Status::Cancelled);
     for id in ids {
         assert_eq!(env.terminal_events(*id).await, 1);
-        let data = cancelled_event(env, *id).await;
+        let data = env.cancelled_event(*id).await;
         assert_eq!(data["requested_by"], "cli");
         assert_eq!(data["reason"], reason);
     }
