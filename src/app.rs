@@ -168,12 +168,21 @@ impl App {
             .into_iter()
             .enumerate()
             .map(|(index, r)| {
-                r.validate(&defaults, now, actor, |kind, payload| {
-                    self.registry.validate(kind, payload)
-                })
-                .map_err(|error| AppError::Invalid { index, error })
+                let mut job = r
+                    .validate(&defaults, now, actor, |kind, payload| {
+                        self.registry.validate(kind, payload)
+                    })
+                    .map_err(|error| AppError::Invalid { index, error })?;
+                job.yolo = self.privileges(&job).yolo;
+                Ok(job)
             })
             .collect()
+    }
+
+    /// What of a valid job needs the admin scope (YOLO, pushing to an
+    /// existing branch); front ends without scopes (the CLI) have it.
+    pub fn privileges(&self, job: &NewJob) -> crate::pipeline::Privileges {
+        self.registry.privileges(job.kind.as_str(), &job.payload)
     }
 
     /// Writes jobs to Postgres (committed), then indexes them in Valkey.

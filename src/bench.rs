@@ -79,6 +79,7 @@ fn noop_jobs(queue: &QueueName, n: usize) -> Vec<NewJob> {
             run_at: None,
             idempotency_key: None,
             actor: "bench".to_owned(),
+            yolo: false,
         })
         .collect()
 }

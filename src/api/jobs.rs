@@ -98,21 +98,31 @@ fn idempotency_key(headers: &HeaderMap, request: &mut JobRequest) -> Result<(), 
     }
 }
 
-/// YOLO mode (skipping the quality gates) needs the admin scope.
-fn require_admin_for_yolo(caller: &Caller, requests: &[JobRequest]) -> Result<(), ApiError> {
-    let yolo = requests.iter().any(|r| {
-        r.payload
-            .as_ref()
-            .is_some_and(|p| p.get("yolo") == Some(&serde_json::Value::Bool(true)))
-    });
-    if yolo {
-        caller.require(Scope::Admin).map_err(|_| {
-            ApiError::new(
+/// What only the admin scope may ask for (YOLO: gates skipped or required
+/// ones left out; pushing to an existing branch): 403 for other tokens,
+/// naming the field and, in a batch, the job.
+fn require_admin_where_needed(
+    state: &ApiState,
+    caller: &Caller,
+    jobs: &[NewJob],
+    batch: bool,
+) -> Result<(), ApiError> {
+    if caller.require(Scope::Admin).is_ok() {
+        return Ok(());
+    }
+    for (index, job) in jobs.iter().enumerate() {
+        if let Some((field, why)) = state.app.privileges(job).needs_admin.into_iter().next() {
+            let mut err = ApiError::new(
                 StatusCode::FORBIDDEN,
-                format!("payload.yolo skips the quality gates and needs the admin scope; token {:?} lacks it", caller.name),
+                format!(
+                    "{why} and needs the admin scope; token {:?} lacks it",
+                    caller.name
+                ),
             )
-            .field("payload.yolo")
-        })?;
+            .field(&field);
+            err.index = batch.then_some(index);
+            return Err(err);
+        }
     }
     Ok(())
 }
@@ -155,7 +165,6 @@ pub async fn create(
     JsonBody(mut request): JsonBody<JobRequest>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Enqueue)?;
-    require_admin_for_yolo(&caller, std::slice::from_ref(&request))?;
     idempotency_key(&headers, &mut request)?;
     let jobs = state
         .app
@@ -166,6 +175,7 @@ pub async fn create(
             e.index = None;
             e
         })?;
+    require_admin_where_needed(&state, &caller, &jobs, false)?;
     let stored = state.app.enqueue(&jobs).await?;
     let (job, created) = stored
         .into_iter()
@@ -225,8 +235,8 @@ pub async fn create_batch(
             }
         }
     }
-    require_admin_for_yolo(&caller, &batch.jobs)?;
     let jobs = state.app.validate(batch.jobs, &caller.name)?;
+    require_admin_where_needed(&state, &caller, &jobs, true)?;
     // Replays are checked before anything is written, so a mismatch
     // rejects the whole batch.
     let keyed: Vec<String> = jobs

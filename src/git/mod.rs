@@ -1,8 +1,9 @@
-//! The git stage's building blocks. So far: secret scanning of a change and
-//! the validation of repository URLs and branch names; mirrors, worktrees,
-//! commits, conflict checks and push come next (issue #5).
+//! The git stage: mirrors, a workspace per job, commits built from the
+//! workspace's files, secret scanning, conflict checks and push, and the
+//! validation of repository URLs and branch names.
 
 pub mod bench;
 pub mod names;
 pub mod repo;
 pub mod secrets;
+pub mod workspace;

@@ -21,9 +21,12 @@ pub struct RepoPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoUrl {
     Remote {
+        /// The canonical serialization of the parsed URL: the one string
+        /// git, the policy and the credential check all see.
         url: String,
         scheme: String,
         host: String,
+        port: u16,
     },
     Local {
         path: PathBuf,
@@ -38,33 +41,118 @@ impl RepoUrl {
             RepoUrl::Local { path } => path.display().to_string(),
         }
     }
+
+    /// The validated host (none for a local path).
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            RepoUrl::Remote { host, .. } => Some(host),
+            RepoUrl::Local { .. } => None,
+        }
+    }
+
+    /// The host of a URL libgit2 asks credentials for, parsed the same way
+    /// (`None` when it has none, as for a local path).
+    pub fn host_of(url: &str) -> Option<String> {
+        url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+    }
+
+    /// Resolves the host now and refuses it when any address is this
+    /// machine, a private network or a metadata service (unless
+    /// `allow_local`): checked at enqueue and again before every fetch and
+    /// push, since DNS may answer differently in between.
+    pub fn check_resolves(&self, allow_local: bool) -> Result<(), String> {
+        let RepoUrl::Remote { host, port, .. } = self else {
+            return Ok(());
+        };
+        if allow_local {
+            return Ok(());
+        }
+        let addrs = resolve(host, *port)?;
+        if addrs.is_empty() {
+            return Err(format!("repo host {host} resolves to no address"));
+        }
+        if let Some(local) = addrs.iter().find(|a| is_local_addr(**a)) {
+            return Err(format!(
+                "repo host {host} resolves to {local}, this machine or a private address; not allowed unless git.allow_local"
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+    use std::net::ToSocketAddrs;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(vec![ip]);
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map(|a| a.map(|s| s.ip()).collect())
+        .map_err(|e| format!("repo host {host} cannot be resolved: {e}"))
 }
 
 const MAX_URL: usize = 2048;
 
-fn is_local_host(host: &str) -> bool {
-    let host = host.trim_matches(|c| c == '[' || c == ']');
-    if host.eq_ignore_ascii_case("localhost") || host.ends_with(".localhost") {
-        return true;
-    }
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => {
-            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+/// Loopback, private, link-local (the cloud metadata service lives at
+/// 169.254.169.254), CGNAT, unspecified, broadcast and the IPv6
+/// equivalents, IPv4-mapped addresses included.
+pub fn is_local_addr(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => {
+            let [a, b, ..] = ip.octets();
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && ip.octets()[2] == 0)
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240
         }
-        Ok(IpAddr::V6(ip)) => {
-            ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xfe00) == 0xfc00
+        IpAddr::V6(ip) => {
+            if let Some(v4) = ip.to_ipv4_mapped() {
+                return is_local_addr(IpAddr::V4(v4));
+            }
+            let first = ip.segments()[0];
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                // IPv4-compatible (::a.b.c.d) and NAT64 forms of an IPv4 address.
+                || (ip.segments()[..6].iter().all(|s| *s == 0))
+                || (first == 0x64 && ip.segments()[1] == 0xff9b)
         }
-        Err(_) => false,
     }
 }
 
+fn is_local_host(host: &str) -> bool {
+    let bare = host.trim_matches(|c| c == '[' || c == ']');
+    let name = bare.trim_end_matches('.');
+    if name.eq_ignore_ascii_case("localhost") || name.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    bare.parse::<IpAddr>().is_ok_and(is_local_addr)
+}
+
 impl RepoPolicy {
+    /// Validates `raw` and returns its canonical form. Strings two parsers
+    /// could read differently are refused outright: backslashes, spaces and
+    /// control characters, credentials, percent-encoding in the host, IPv6
+    /// zone ids.
     pub fn check(&self, raw: &str) -> Result<RepoUrl, String> {
         if raw.is_empty() || raw.len() > MAX_URL {
             return Err(format!("repo must be 1 to {MAX_URL} characters"));
         }
         if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err("repo must not contain spaces or control characters".into());
+        }
+        if raw.contains('\\') {
+            return Err("repo must not contain backslashes (parsers disagree on them)".into());
         }
         if raw.starts_with('-') {
             return Err("repo must not start with '-'".into());
@@ -84,30 +172,29 @@ impl RepoPolicy {
             }
             return Ok(RepoUrl::Local { path });
         }
-        // scp-like syntax: user@host:path.
-        let (scheme, host, user, has_password) = if !raw.contains("://") {
-            let (userhost, _path) = raw.split_once(':').ok_or_else(|| {
+        // scp-like syntax (user@host:path) becomes the ssh:// URL it means,
+        // so that one parser reads every form.
+        let as_url = if raw.contains("://") {
+            raw.to_owned()
+        } else {
+            let (userhost, path) = raw.split_once(':').ok_or_else(|| {
                 "repo must be a URL (https://…, ssh://…), user@host:path, or an absolute path"
                     .to_string()
             })?;
-            let (user, host) = userhost
-                .split_once('@')
-                .map_or((None, userhost), |(u, h)| (Some(u.to_owned()), h));
-            ("ssh".to_owned(), host.to_lowercase(), user, false)
-        } else {
-            let url = url::Url::parse(raw).map_err(|e| format!("repo is not a valid URL: {e}"))?;
-            let host = url
-                .host_str()
-                .ok_or_else(|| "repo URL has no host".to_string())?
-                .to_lowercase();
-            let user = (!url.username().is_empty()).then(|| url.username().to_owned());
-            (
-                url.scheme().to_owned(),
-                host,
-                user,
-                url.password().is_some(),
-            )
+            if userhost.contains(['/', '[', ']']) {
+                return Err("repo is not a valid user@host:path".into());
+            }
+            format!("ssh://{userhost}/{}", path.trim_start_matches('/'))
         };
+        let authority = as_url
+            .split_once("://")
+            .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or_default())
+            .unwrap_or_default();
+        if authority.contains('%') {
+            return Err("repo host must not be percent-encoded or carry an IPv6 zone id".into());
+        }
+        let url = url::Url::parse(&as_url).map_err(|e| format!("repo is not a valid URL: {e}"))?;
+        let scheme = url.scheme().to_owned();
         if !self
             .allowed_schemes
             .iter()
@@ -118,15 +205,22 @@ impl RepoPolicy {
                 self.allowed_schemes.join(", ")
             ));
         }
-        let ssh_user_only = scheme == "ssh" && user.as_deref().is_some_and(|u| u == "git");
-        if has_password || (user.is_some() && !ssh_user_only) {
+        let ssh_user_only = scheme == "ssh" && url.username() == "git";
+        if url.password().is_some() || (!url.username().is_empty() && !ssh_user_only) {
             return Err(
                 "repo must not carry credentials; the worker takes them from its environment"
                     .into(),
             );
         }
+        let host = url
+            .host_str()
+            .ok_or_else(|| "repo URL has no host".to_string())?
+            .to_ascii_lowercase();
         if host.is_empty() || host.starts_with('-') {
             return Err("repo has no valid host".into());
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err("repo must not have a query or a fragment".into());
         }
         if is_local_host(&host) && !self.allow_local {
             return Err(format!(
@@ -140,11 +234,34 @@ impl RepoPolicy {
         {
             return Err(format!("repo host {host} is not in git.allowed_hosts"));
         }
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if scheme == "ssh" { 22 } else { 443 });
         Ok(RepoUrl::Remote {
-            url: raw.to_owned(),
+            url: url.as_str().to_owned(),
             scheme,
             host,
+            port,
         })
+    }
+
+    /// [`check`](Self::check), then the host resolved: what enqueue runs.
+    /// A host that does not resolve here is accepted (the fetch checks it
+    /// again); one that resolves to a local address is not.
+    pub fn check_now(&self, raw: &str) -> Result<RepoUrl, String> {
+        let url = self.check(raw)?;
+        if let RepoUrl::Remote { host, port, .. } = &url {
+            if !self.allow_local {
+                if let Ok(addrs) = resolve(host, *port) {
+                    if let Some(local) = addrs.into_iter().find(|a| is_local_addr(*a)) {
+                        return Err(format!(
+                            "repo host {host} resolves to {local}, this machine or a private address; not allowed unless git.allow_local"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(url)
     }
 }
 

@@ -1,26 +1,52 @@
-//! Mirrors, a worktree per job, commit with a secret scan, conflict check and
-//! push, through git2. Every function here blocks: call them inside
+//! Mirrors, a workspace per job, commit with a secret scan, conflict check
+//! and push, through git2. Every function here blocks: call them inside
 //! `spawn_blocking` (a git2 `Repository` is Send, not Sync: each call opens
 //! its own).
+//!
+//! **The trust boundary.** The sandbox writes the workspace; the host never
+//! opens a repository there. All git metadata the host uses lives in the
+//! mirror, outside every mount: the job's base commit and branch are kept in
+//! [`Worktree`] (and in `meta.json` beside the workspace, for the reaper).
+//! The workspace is a plain checkout of the base tree, written by hand (no
+//! attributes, filters or hooks), plus a sandbox-local `.git` for the
+//! agent's own use that the host never reads as a repository. The commit is
+//! built from the workspace's *files* by [`super::workspace`], which never
+//! follows a symlink and skips every `.git` entry; fetch and push use the
+//! URL validated from the job (never one from a repository's config), no
+//! redirects, and credentials only for the validated host.
 
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs::File;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use git2::{
-    BranchType, Cred, CredentialType, FetchOptions, IndexAddOption, Oid, PushOptions,
-    RemoteCallbacks, Repository, Signature, WorktreeAddOptions, WorktreePruneOptions,
+    BranchType, Cred, CredentialType, FetchOptions, ObjectType, Oid, PushOptions, RemoteCallbacks,
+    RemoteRedirect, Repository, RepositoryInitOptions, Signature, Tree,
 };
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use ignore::Match;
 use nix::fcntl::{Flock, FlockArg};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::names::{BranchName, RepoUrl};
 use super::secrets::{Finding, ScanError, Scanner};
+use super::workspace::{display_path, Budget, EntryKind, Limits, SafeDir, WorkspaceError};
 
 /// Credential callbacks give up after this many tries (no endless loop).
 const MAX_CREDENTIAL_ATTEMPTS: usize = 3;
 /// Where fetched branches land in a mirror.
 const REMOTE_PREFIX: &str = "refs/remotes/origin/";
+/// The host-side record beside a job's workspace.
+const META_FILE: &str = "meta.json";
+/// The directory mounted at `/workspace`.
+const WORKSPACE_DIR: &str = "workspace";
+/// Most bytes of a `.gitignore` read.
+const MAX_GITIGNORE_BYTES: u64 = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -30,14 +56,30 @@ pub enum GitError {
     Io(#[from] std::io::Error),
     #[error("secret scan: {0}")]
     Scan(#[from] ScanError),
+    #[error("{0}")]
+    Workspace(#[from] WorkspaceError),
     #[error("base ref {0:?} does not exist in the repository")]
     NoSuchBase(String),
     #[error("push of {refname} was rejected: {reason}")]
     PushRejected { refname: String, reason: String },
     #[error("cannot lock the mirror: {0}")]
     Lock(String),
+    #[error("repository refused: {0}")]
+    Refused(String),
     #[error("{0}")]
     Command(String),
+}
+
+/// Who may receive which token, and whether this machine's addresses may be
+/// reached (`[git]`).
+#[derive(Debug, Clone, Default)]
+pub struct Network {
+    /// Loopback, private and link-local addresses allowed (`git.allow_local`).
+    pub allow_local: bool,
+    /// Per host, the name of the worker's environment variable holding its
+    /// HTTPS token (`[git.host_tokens]`); `ORCH_GIT_HTTPS_TOKEN` serves
+    /// every other allowed host.
+    pub host_tokens: BTreeMap<String, String>,
 }
 
 /// How the git stage is set up.
@@ -47,16 +89,34 @@ pub struct GitStage {
     author_name: String,
     author_email: String,
     scanner: Arc<Scanner>,
+    limits: Limits,
+    network: Network,
 }
 
-/// A job's worktree.
+/// A job's workspace and what the host knows about it.
 #[derive(Debug, Clone)]
 pub struct Worktree {
+    /// The job id.
     pub name: String,
+    /// `<root>/worktrees/<job>`: the host's, never mounted.
+    pub dir: PathBuf,
+    /// `<dir>/workspace`: mounted at `/workspace`, the agent's to write.
     pub path: PathBuf,
     pub mirror: PathBuf,
     pub branch: BranchName,
     pub base_commit: Oid,
+    /// The job's branch as it was on the remote before the job, if it
+    /// existed (pushing to it needs the admin scope or a kind allowing it).
+    pub branch_on_remote: Option<Oid>,
+    /// A digest of the sandbox-local `.git/config` as the host wrote it.
+    sandbox_config: Oid,
+}
+
+/// What the reaper needs of a workspace, kept outside it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    mirror: PathBuf,
+    branch: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -74,6 +134,16 @@ pub enum CommitOutcome {
     },
 }
 
+/// A commit and what the host saw of git metadata in the workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitReport {
+    pub outcome: CommitOutcome,
+    /// How the agent created or changed git metadata (ignored, never
+    /// followed): for the `git_metadata_tampered` event. Empty when the
+    /// sandbox-local `.git` only changed the way git itself changes it.
+    pub tampered: Vec<String>,
+}
+
 /// Holds an exclusive lock on one mirror while it lives.
 struct MirrorLock(#[allow(dead_code)] Flock<File>);
 
@@ -89,7 +159,25 @@ impl GitStage {
             author_name,
             author_email,
             scanner,
+            limits: Limits::default(),
+            network: Network::default(),
         }
+    }
+
+    /// Bounds on what is read from a workspace.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Address and credential policy for fetch and push.
+    pub fn with_network(mut self, network: Network) -> Self {
+        self.network = network;
+        self
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// The mirror of `url`: `<root>/mirrors/<sha1 of the url>.git`.
@@ -114,8 +202,23 @@ impl GitStage {
             .map_err(|(_, e)| GitError::Lock(e.to_string()))
     }
 
-    /// Creates (first use) and fetches the mirror, then adds a worktree for
-    /// `job` on a new `branch` from `base` (default: the remote's HEAD).
+    /// Fetches `refspecs` of `url` into `repo`: the URL as validated (its
+    /// host resolved again now, since DNS may have changed), no redirects,
+    /// credentials for that host only.
+    fn fetch(&self, repo: &Repository, url: &RepoUrl, refspecs: &[&str]) -> Result<(), GitError> {
+        url.check_resolves(self.network.allow_local)
+            .map_err(GitError::Refused)?;
+        let mut remote = repo.remote_anonymous(&url.as_git_url())?;
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(credentials(url, &self.network));
+        opts.follow_redirects(RemoteRedirect::None);
+        remote.fetch(refspecs, Some(&mut opts), None)?;
+        Ok(())
+    }
+
+    /// Creates (first use) and fetches the mirror, then writes the job's
+    /// workspace: the base tree (default: the remote's HEAD) as plain files,
+    /// and a sandbox-local `.git` on `branch` for the agent's own use.
     pub fn prepare(
         &self,
         job: &str,
@@ -125,9 +228,10 @@ impl GitStage {
     ) -> Result<Worktree, GitError> {
         let mirror = self.mirror_path(url);
         let _lock = self.lock(&mirror)?;
-        let repo = open_or_init_mirror(&mirror, url)?;
-        fetch(
+        let repo = open_or_init_mirror(&mirror)?;
+        self.fetch(
             &repo,
+            url,
             &[
                 "+refs/heads/*:refs/remotes/origin/*",
                 "+HEAD:refs/remotes/origin/HEAD",
@@ -138,55 +242,140 @@ impl GitStage {
             .find_reference(&base_ref)
             .and_then(|r| r.peel_to_commit())
             .map_err(|_| GitError::NoSuchBase(base.unwrap_or("HEAD").to_owned()))?;
-        // What an earlier attempt left (its worktree, its branch) is
-        // replaced; the worktree first, since a branch checked out in one
-        // cannot be moved.
-        let path = self.worktrees_dir().join(job);
-        if path.exists() {
-            std::fs::remove_dir_all(&path)?;
+        let branch_on_remote = repo
+            .find_reference(&format!("{REMOTE_PREFIX}{}", branch.as_str()))
+            .ok()
+            .and_then(|r| r.target());
+        // What an earlier attempt left is replaced.
+        let dir = self.worktrees_dir().join(job);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(self.worktrees_dir())?;
-        if let Ok(old) = repo.find_worktree(job) {
-            old.prune(Some(
-                WorktreePruneOptions::new().valid(true).working_tree(true),
-            ))?;
-        }
-        let local = repo.branch(branch.as_str(), &base_commit, true)?;
-        let mut opts = WorktreeAddOptions::new();
-        opts.reference(Some(local.get()));
-        repo.worktree(job, &path, Some(&opts))?;
+        std::fs::create_dir(&dir)?;
+        let meta = Meta {
+            mirror: mirror.clone(),
+            branch: branch.as_str().to_owned(),
+        };
+        std::fs::write(
+            dir.join(META_FILE),
+            serde_json::to_vec(&meta).map_err(std::io::Error::from)?,
+        )?;
+        let path = dir.join(WORKSPACE_DIR);
+        std::fs::create_dir(&path)?;
+        let mut budget = Budget::new(self.limits);
+        checkout(&repo, &base_commit.tree()?, &path, &mut budget)?;
+        let sandbox_config = self.sandbox_git(&repo, &base_commit, branch, &path)?;
+        // The host's own record of the job's branch.
+        repo.branch(branch.as_str(), &base_commit, true)?;
         Ok(Worktree {
             name: job.to_owned(),
+            dir,
             path,
             mirror,
             branch: branch.clone(),
             base_commit: base_commit.id(),
+            branch_on_remote,
+            sandbox_config,
         })
     }
 
-    /// Commits what changed in the worktree (respecting `.gitignore`) after
-    /// scanning the added lines for secrets.
-    pub fn commit(&self, wt: &Worktree, message: &str) -> Result<CommitOutcome, GitError> {
-        let repo = Repository::open(&wt.path)?;
-        let mut index = repo.index()?;
-        index.add_all(["*"], IndexAddOption::DEFAULT, None)?;
-        index.update_all(["*"], None)?;
+    /// A repository at `<workspace>/.git` for the agent: the base commit
+    /// with its tree (a shallow history of one), the job's branch checked
+    /// out, an index matching the files. The host writes it and never reads
+    /// it as a repository again.
+    fn sandbox_git(
+        &self,
+        mirror: &Repository,
+        base: &git2::Commit<'_>,
+        branch: &BranchName,
+        workspace: &Path,
+    ) -> Result<Oid, GitError> {
+        let mut opts = RepositoryInitOptions::new();
+        opts.no_reinit(true)
+            .initial_head(&branch.refname())
+            .external_template(false);
+        let local = Repository::init_opts(workspace, &opts)?;
+        let mut pack = mirror.packbuilder()?;
+        pack.insert_commit(base.id())?;
+        let mut buf = git2::Buf::new();
+        pack.write_buf(&mut buf)?;
+        let odb = local.odb()?;
+        let mut writer = odb.packwriter()?;
+        writer.write_all(&buf)?;
+        writer.commit()?;
+        local.reference(
+            &branch.refname(),
+            base.id(),
+            true,
+            "orchestrator: the job's base",
+        )?;
+        local.set_head(&branch.refname())?;
+        std::fs::write(workspace.join(".git/shallow"), format!("{}\n", base.id()))?;
+        let tree = local.find_commit(base.id())?.tree()?;
+        let mut index = local.index()?;
+        index.read_tree(&tree)?;
         index.write()?;
-        let tree = repo.find_tree(index.write_tree()?)?;
-        let head = repo.head()?.peel_to_commit()?;
-        if tree.id() == head.tree_id() {
+        let mut config = local.config()?;
+        config.set_str("user.name", &self.author_name)?;
+        config.set_str("user.email", &self.author_email)?;
+        drop(config);
+        let written = std::fs::read(workspace.join(".git/config"))?;
+        Ok(Oid::hash_object(ObjectType::Blob, &written)?)
+    }
+
+    /// Builds the commit from the workspace's files (respecting
+    /// `.gitignore`, deletions included, every `.git` skipped) after
+    /// scanning the added lines for secrets, and points the job's branch in
+    /// the mirror at it.
+    pub fn commit(&self, wt: &Worktree, message: &str) -> Result<CommitReport, GitError> {
+        let repo = Repository::open_bare(&wt.mirror)?;
+        let head = repo.find_commit(wt.base_commit)?;
+        let base_tree = head.tree()?;
+        let mut root = SafeDir::open_root(&wt.path)?;
+        let mut tampered = inspect_sandbox_git(&root, wt.sandbox_config)?;
+        let mut budget = Budget::new(self.limits);
+        let mut walk = Walk {
+            repo: &repo,
+            budget: &mut budget,
+            tampered: &mut tampered,
+        };
+        let tree_id = match walk.tree(&mut root, Some(&base_tree), &[])? {
+            Some(id) => id,
+            None => repo.treebuilder(None)?.write()?,
+        };
+        let outcome = self.finish_commit(&repo, wt, &head, tree_id, message)?;
+        Ok(CommitReport { outcome, tampered })
+    }
+
+    fn finish_commit(
+        &self,
+        repo: &Repository,
+        wt: &Worktree,
+        head: &git2::Commit<'_>,
+        tree_id: Oid,
+        message: &str,
+    ) -> Result<CommitOutcome, GitError> {
+        if tree_id == head.tree_id() {
             return Ok(CommitOutcome::NoChanges);
         }
+        let tree = repo.find_tree(tree_id)?;
         let diff = repo.diff_tree_to_tree(Some(&head.tree()?), Some(&tree), None)?;
-        let findings = self.scan_diff(&repo, &diff)?;
+        let findings = self.scan_diff(repo, &diff)?;
         if !findings.is_empty() {
             return Ok(CommitOutcome::SecretDetected { findings });
         }
         let files = diff.deltas().len();
         let sig = Signature::now(&self.author_name, &self.author_email)?;
+        let sha = repo.commit(None, &sig, &sig, message, &tree, &[head])?;
         // The branch ref lives in the mirror, which other jobs write to.
         let _lock = self.lock(&wt.mirror)?;
-        let sha = repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &[&head])?;
+        repo.reference(
+            &wt.branch.refname(),
+            sha,
+            true,
+            "orchestrator: the agent's change",
+        )?;
         Ok(CommitOutcome::Committed {
             sha: sha.to_string(),
             files,
@@ -251,11 +440,22 @@ impl GitStage {
         Ok(findings)
     }
 
+    /// The job's branch head in the mirror.
+    fn branch_head<'r>(
+        &self,
+        repo: &'r Repository,
+        wt: &Worktree,
+    ) -> Result<git2::Commit<'r>, GitError> {
+        Ok(repo
+            .find_reference(&wt.branch.refname())?
+            .peel_to_commit()?)
+    }
+
     /// The change the job made (its base to its branch's head) as a patch,
     /// for a reviewer.
     pub fn diff_patch(&self, wt: &Worktree) -> Result<String, GitError> {
-        let repo = Repository::open(&wt.path)?;
-        let head = repo.head()?.peel_to_commit()?.tree()?;
+        let repo = Repository::open_bare(&wt.mirror)?;
+        let head = self.branch_head(&repo, wt)?.tree()?;
         let base = repo.find_commit(wt.base_commit)?.tree()?;
         let diff = repo.diff_tree_to_tree(Some(&base), Some(&head), None)?;
         let mut patch = String::new();
@@ -292,13 +492,10 @@ impl GitStage {
                 format!("{REMOTE_PREFIX}HEAD"),
             ),
         };
-        {
-            let _lock = self.lock(&wt.mirror)?;
-            let mirror = open_or_init_mirror(&wt.mirror, url)?;
-            fetch(&mirror, &[spec.as_str()])?;
-        }
-        let repo = Repository::open(&wt.path)?;
-        let ours = repo.head()?.peel_to_commit()?;
+        let _lock = self.lock(&wt.mirror)?;
+        let repo = open_or_init_mirror(&wt.mirror)?;
+        self.fetch(&repo, url, &[spec.as_str()])?;
+        let ours = self.branch_head(&repo, wt)?;
         let theirs = repo
             .find_reference(&local)
             .and_then(|r| r.peel_to_commit())
@@ -320,22 +517,26 @@ impl GitStage {
                 .into_iter()
                 .flatten()
             {
-                paths.insert(String::from_utf8_lossy(&entry.path).into_owned());
+                paths.insert(display_path(&entry.path));
             }
         }
         Ok(paths.into_iter().collect())
     }
 
-    /// Pushes the job's branch. A ref the server refuses is an error, read
-    /// from the per-ref status (git2's push itself returns Ok for those).
-    pub fn push(&self, wt: &Worktree) -> Result<(), GitError> {
+    /// Pushes the job's branch from the mirror to `url` (as validated from
+    /// the job, never a URL from any repository's config). A ref the server
+    /// refuses is an error, read from the per-ref status (git2's push itself
+    /// returns Ok for those).
+    pub fn push(&self, wt: &Worktree, url: &RepoUrl) -> Result<(), GitError> {
+        url.check_resolves(self.network.allow_local)
+            .map_err(GitError::Refused)?;
         // A push updates the mirror's remote-tracking refs: under its lock.
         let _lock = self.lock(&wt.mirror)?;
-        let repo = Repository::open(&wt.path)?;
-        let mut remote = repo.find_remote("origin")?;
+        let repo = Repository::open_bare(&wt.mirror)?;
+        let mut remote = repo.remote_anonymous(&url.as_git_url())?;
         let mut rejected: Vec<(String, String)> = Vec::new();
         {
-            let mut callbacks = credentials();
+            let mut callbacks = credentials(url, &self.network);
             callbacks.push_update_reference(|refname, status| {
                 if let Some(reason) = status {
                     rejected.push((refname.to_owned(), reason.to_owned()));
@@ -344,6 +545,7 @@ impl GitStage {
             });
             let mut opts = PushOptions::new();
             opts.remote_callbacks(callbacks);
+            opts.follow_redirects(RemoteRedirect::None);
             let spec = format!("{0}:{0}", wt.branch.refname());
             match remote.push(&[spec.as_str()], Some(&mut opts)) {
                 Ok(()) => {}
@@ -363,68 +565,48 @@ impl GitStage {
         }
     }
 
-    /// Removes the worktree, prunes it, and deletes the job's branch from the
-    /// mirror unless it was pushed. Safe to call more than once.
+    /// Removes the workspace and its record, and deletes the job's branch
+    /// from the mirror unless it was pushed. Safe to call more than once.
     pub fn cleanup(&self, wt: &Worktree, keep_branch: bool) -> Result<(), GitError> {
-        if wt.path.exists() {
-            std::fs::remove_dir_all(&wt.path)?;
-        }
-        let _lock = self.lock(&wt.mirror)?;
-        let repo = Repository::open_bare(&wt.mirror)?;
-        if let Ok(w) = repo.find_worktree(&wt.name) {
-            w.prune(Some(
-                WorktreePruneOptions::new().valid(true).working_tree(true),
-            ))?;
+        // std's remove_dir_all never follows symlinks.
+        if wt.dir.exists() {
+            std::fs::remove_dir_all(&wt.dir)?;
         }
         if !keep_branch {
-            if let Ok(mut b) = repo.find_branch(wt.branch.as_str(), BranchType::Local) {
-                b.delete()?;
-            }
+            self.delete_branch(&wt.mirror, wt.branch.as_str())?;
         }
         Ok(())
     }
 
-    /// Removes a worktree left behind (its worker died): the directory, the
-    /// mirror's record of it, and its branch in the mirror (a pushed branch
-    /// lives on in the remote). The mirror is found through the worktree's
-    /// `.git` file.
-    pub fn remove_orphan(&self, name: &str) -> Result<(), GitError> {
-        let path = self.worktrees_dir().join(name);
-        let gitdir = std::fs::read_to_string(path.join(".git"))
-            .ok()
-            .and_then(|s| s.strip_prefix("gitdir:").map(|g| PathBuf::from(g.trim())));
-        let head = gitdir
-            .as_ref()
-            .and_then(|g| std::fs::read_to_string(g.join("HEAD")).ok())
-            .and_then(|h| {
-                h.strip_prefix("ref: refs/heads/")
-                    .map(|b| b.trim().to_owned())
-            });
-        // <mirror>/worktrees/<name>
-        let mirror = gitdir
-            .as_ref()
-            .and_then(|g| g.parent())
-            .and_then(|w| w.parent())
-            .map(Path::to_path_buf);
-        if path.exists() {
-            std::fs::remove_dir_all(&path)?;
-        }
-        let Some(mirror) = mirror.filter(|m| m.starts_with(self.root.join("mirrors"))) else {
-            return Ok(());
-        };
-        let _lock = self.lock(&mirror)?;
-        let repo = Repository::open_bare(&mirror)?;
-        if let Ok(w) = repo.find_worktree(name) {
-            w.prune(Some(
-                WorktreePruneOptions::new().valid(true).working_tree(true),
-            ))?;
-        }
-        if let Some(branch) = head {
-            if let Ok(mut b) = repo.find_branch(&branch, BranchType::Local) {
-                b.delete()?;
-            }
+    fn delete_branch(&self, mirror: &Path, branch: &str) -> Result<(), GitError> {
+        let _lock = self.lock(mirror)?;
+        let repo = Repository::open_bare(mirror)?;
+        if let Ok(mut b) = repo.find_branch(branch, BranchType::Local) {
+            b.delete()?;
         }
         Ok(())
+    }
+
+    /// Removes a workspace left behind (its worker died), and its branch in
+    /// the mirror (a pushed branch lives on in the remote). The mirror and
+    /// branch come from the host's record beside the workspace, never from
+    /// anything inside it.
+    pub fn remove_orphan(&self, name: &str) -> Result<(), GitError> {
+        let dir = self.worktrees_dir().join(name);
+        let meta: Option<Meta> = std::fs::read(dir.join(META_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let Some(meta) = meta else {
+            return Ok(());
+        };
+        if !meta.mirror.starts_with(self.root.join("mirrors")) || !meta.mirror.exists() {
+            return Ok(());
+        }
+        let branch = BranchName::parse(&meta.branch).map_err(GitError::Command)?;
+        self.delete_branch(&meta.mirror, branch.as_str())
     }
 
     /// Worktree names (job ids) present on disk, for the orphan reaper.
@@ -441,40 +623,35 @@ impl GitStage {
     }
 }
 
-fn open_or_init_mirror(path: &Path, url: &RepoUrl) -> Result<Repository, GitError> {
+/// The mirror: a bare repository of the host's. It has no remote in its
+/// config: every fetch and push names the validated URL itself.
+fn open_or_init_mirror(path: &Path) -> Result<Repository, GitError> {
     match Repository::open_bare(path) {
         Ok(repo) => Ok(repo),
-        Err(_) => {
-            let repo = Repository::init_bare(path)?;
-            repo.remote_with_fetch(
-                "origin",
-                &url.as_git_url(),
-                "+refs/heads/*:refs/remotes/origin/*",
-            )?;
-            Ok(repo)
-        }
+        Err(_) => Ok(Repository::init_bare(path)?),
     }
 }
 
-fn fetch(repo: &Repository, refspecs: &[&str]) -> Result<(), GitError> {
-    let mut remote = repo.find_remote("origin")?;
-    let mut opts = FetchOptions::new();
-    opts.remote_callbacks(credentials());
-    remote.fetch(refspecs, Some(&mut opts), None)?;
-    Ok(())
-}
-
-/// Credentials from the worker's environment: `ORCH_GIT_HTTPS_TOKEN` for
-/// HTTPS, the SSH agent or `ORCH_GIT_SSH_KEY` for SSH; at most
-/// [`MAX_CREDENTIAL_ATTEMPTS`] tries.
-fn credentials<'a>() -> RemoteCallbacks<'a> {
+/// Credentials from the worker's environment, given only when libgit2 asks
+/// about the validated host: the host's own token (`[git.host_tokens]`) or
+/// `ORCH_GIT_HTTPS_TOKEN` for HTTPS, the SSH agent or `ORCH_GIT_SSH_KEY`
+/// for SSH; at most [`MAX_CREDENTIAL_ATTEMPTS`] tries.
+fn credentials<'a>(url: &'a RepoUrl, network: &'a Network) -> RemoteCallbacks<'a> {
     let mut callbacks = RemoteCallbacks::new();
     let mut attempts = 0usize;
-    callbacks.credentials(move |_url, username, allowed| {
+    callbacks.credentials(move |asked, username, allowed| {
         attempts += 1;
         if attempts > MAX_CREDENTIAL_ATTEMPTS {
             return Err(git2::Error::from_str("credentials refused; giving up"));
         }
+        let Some(host) = url
+            .host()
+            .filter(|h| RepoUrl::host_of(asked).as_deref() == Some(*h))
+        else {
+            return Err(git2::Error::from_str(
+                "credentials are given only to the repository's validated host",
+            ));
+        };
         let user = username.unwrap_or("git");
         if allowed.contains(CredentialType::SSH_KEY) {
             if let Ok(key) = std::env::var("ORCH_GIT_SSH_KEY") {
@@ -483,7 +660,11 @@ fn credentials<'a>() -> RemoteCallbacks<'a> {
             return Cred::ssh_key_from_agent(user);
         }
         if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
-            if let Ok(token) = std::env::var("ORCH_GIT_HTTPS_TOKEN") {
+            let var = network
+                .host_tokens
+                .get(host)
+                .map_or("ORCH_GIT_HTTPS_TOKEN", String::as_str);
+            if let Ok(token) = std::env::var(var) {
                 return Cred::userpass_plaintext("x-access-token", &token);
             }
         }
@@ -492,4 +673,284 @@ fn credentials<'a>() -> RemoteCallbacks<'a> {
         ))
     });
     callbacks
+}
+
+/// A tree entry name from the remote, as a file name: never empty, `.`,
+/// `..`, a path, or `.git` (which only the host writes).
+fn checked_name(name: &[u8]) -> Result<&OsStr, GitError> {
+    if name.is_empty()
+        || name == b"."
+        || name == b".."
+        || name.contains(&b'/')
+        || name.contains(&0)
+        || name.eq_ignore_ascii_case(b".git")
+    {
+        return Err(GitError::Refused(format!(
+            "the repository has an entry named {:?}, which is not checked out",
+            display_path(name)
+        )));
+    }
+    Ok(OsStr::from_bytes(name))
+}
+
+/// Writes `tree` into the new, empty directory `dir` as plain files:
+/// written by hand rather than by libgit2's checkout so that no attribute,
+/// filter or config changes a byte (the commit is built from these bytes),
+/// and every path is created fresh (`create_new`, `create_dir`), so a
+/// crafted tree with a name twice cannot write through a symlink.
+fn checkout(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    dir: &Path,
+    budget: &mut Budget,
+) -> Result<(), GitError> {
+    for entry in tree.iter() {
+        let name = checked_name(entry.name_bytes())?;
+        let path = dir.join(name);
+        budget.entry()?;
+        match entry.kind() {
+            Some(ObjectType::Tree) => {
+                std::fs::create_dir(&path)?;
+                checkout(repo, &repo.find_tree(entry.id())?, &path, budget)?;
+            }
+            Some(ObjectType::Blob) => {
+                let blob = repo.find_blob(entry.id())?;
+                if entry.filemode() == 0o120000 {
+                    std::os::unix::fs::symlink(OsStr::from_bytes(blob.content()), &path)?;
+                } else {
+                    let mode = if entry.filemode() == 0o100755 {
+                        0o755
+                    } else {
+                        0o644
+                    };
+                    let mut file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(mode)
+                        .open(&path)?;
+                    file.write_all(blob.content())?;
+                }
+            }
+            // A submodule: an empty directory, as git leaves it.
+            Some(ObjectType::Commit) => std::fs::create_dir(&path)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What the agent did to git metadata. The sandbox-local `.git` may change
+/// the way git changes it (index, objects, refs, logs); replacing it,
+/// pointing it elsewhere, borrowing objects, adding hooks or changing its
+/// config is recorded. Only `lstat` and a bounded read of the config's
+/// bytes: nothing is interpreted.
+fn inspect_sandbox_git(root: &SafeDir, written_config: Oid) -> Result<Vec<String>, GitError> {
+    let mut found = Vec::new();
+    match root.kind(b".git") {
+        Err(WorkspaceError::Io { .. }) => found.push("/workspace/.git was removed".to_owned()),
+        Err(e) => return Err(e.into()),
+        Ok(EntryKind::Dir) => {}
+        Ok(EntryKind::Symlink) => {
+            found.push("/workspace/.git was replaced by a symlink".to_owned())
+        }
+        Ok(EntryKind::File { .. }) => {
+            found.push("/workspace/.git was replaced by a file (a gitdir pointer)".to_owned())
+        }
+        Ok(EntryKind::Special(what)) => {
+            found.push(format!("/workspace/.git was replaced by a {what}"))
+        }
+    }
+    if !found.is_empty() {
+        return Ok(found);
+    }
+    let git = match root.open_dir(b".git") {
+        Ok(dir) => dir,
+        Err(e) => {
+            found.push(format!(
+                "/workspace/.git cannot be opened as a directory: {e}"
+            ));
+            return Ok(found);
+        }
+    };
+    for (name, why) in [
+        (&b"commondir"[..], "a commondir pointer"),
+        (b"gitdir", "a gitdir pointer"),
+    ] {
+        if git.kind(name).is_ok() {
+            found.push(format!("/workspace/.git has {why}"));
+        }
+    }
+    if let Ok(objects) = git.open_dir(b"objects") {
+        if let Ok(info) = objects.open_dir(b"info") {
+            for name in [&b"alternates"[..], b"http-alternates"] {
+                if info.kind(name).is_ok() {
+                    found.push(format!(
+                        "/workspace/.git/objects/info/{} borrows objects from elsewhere",
+                        display_path(name)
+                    ));
+                }
+            }
+        }
+    }
+    if let Ok(mut hooks) = git.open_dir(b"hooks") {
+        let names: Vec<String> = hooks
+            .entries()?
+            .into_iter()
+            .map(|(n, _)| display_path(&n))
+            .take(20)
+            .collect();
+        if !names.is_empty() {
+            found.push(format!("/workspace/.git/hooks has {}", names.join(", ")));
+        }
+    }
+    let mut budget = Budget::new(Limits {
+        max_file_bytes: 1024 * 1024,
+        max_total_bytes: 1024 * 1024,
+        max_files: 1,
+    });
+    match git.read_file(b"config", &mut budget) {
+        Ok(bytes) if Oid::hash_object(ObjectType::Blob, bytes.as_slice())? == written_config => {}
+        Ok(_) => found.push("/workspace/.git/config was changed".to_owned()),
+        Err(e) => found.push(format!(
+            "/workspace/.git/config is not the one written: {e}"
+        )),
+    }
+    Ok(found)
+}
+
+/// `.gitignore` rules in force in a directory: its own, then its parents'.
+struct Ignores<'a> {
+    parent: Option<&'a Ignores<'a>>,
+    rules: Option<Gitignore>,
+}
+
+impl Ignores<'_> {
+    /// Whether an untracked `path` (relative to the workspace) is ignored:
+    /// the deepest rule file that has an opinion decides, as in git.
+    fn ignored(&self, path: &[u8], is_dir: bool) -> bool {
+        let path = Path::new(OsStr::from_bytes(path));
+        let mut level = Some(self);
+        while let Some(l) = level {
+            if let Some(rules) = &l.rules {
+                match rules.matched(path, is_dir) {
+                    Match::Ignore(_) => return true,
+                    Match::Whitelist(_) => return false,
+                    Match::None => {}
+                }
+            }
+            level = l.parent;
+        }
+        false
+    }
+}
+
+/// Builds git trees from a workspace into the mirror's object database.
+struct Walk<'r, 'b> {
+    repo: &'r Repository,
+    budget: &'b mut Budget,
+    tampered: &'b mut Vec<String>,
+}
+
+impl Walk<'_, '_> {
+    /// The tree of `dir`, `None` when nothing in it is committed (git
+    /// stores no empty directories). `base` is the same directory in the
+    /// job's base commit: what it tracks is never ignored, and its
+    /// submodules are kept as they were.
+    fn tree(
+        &mut self,
+        dir: &mut SafeDir,
+        base: Option<&Tree<'_>>,
+        parents: &[&Ignores<'_>],
+    ) -> Result<Option<Oid>, GitError> {
+        let entries = dir.entries()?;
+        let rules = match entries.iter().find(|(n, _)| n == b".gitignore") {
+            Some((_, EntryKind::File { .. })) => Some(self.gitignore(dir)?),
+            _ => None,
+        };
+        let ignores = Ignores {
+            parent: parents.last().copied(),
+            rules,
+        };
+        let mut builder = self.repo.treebuilder(None)?;
+        for (name, kind) in entries {
+            let rel = dir.rel(&name);
+            if name.eq_ignore_ascii_case(b".git") {
+                if !dir.path().is_empty() {
+                    self.tampered
+                        .push(format!("a nested .git at {} (ignored)", display_path(&rel)));
+                }
+                continue;
+            }
+            self.budget.entry()?;
+            let tracked = base.and_then(|t| t.get_name_bytes(&name));
+            let is_dir = kind == EntryKind::Dir;
+            if tracked.is_none() && ignores.ignored(&rel, is_dir) {
+                continue;
+            }
+            match kind {
+                EntryKind::Dir => {
+                    if let Some(sub) = tracked
+                        .as_ref()
+                        .filter(|e| e.kind() == Some(ObjectType::Commit))
+                    {
+                        builder.insert(name, sub.id(), 0o160000)?;
+                        continue;
+                    }
+                    let base_sub = match tracked
+                        .as_ref()
+                        .filter(|e| e.kind() == Some(ObjectType::Tree))
+                    {
+                        Some(e) => Some(self.repo.find_tree(e.id())?),
+                        None => None,
+                    };
+                    let mut sub = dir.open_dir(&name)?;
+                    let mut chain = parents.to_vec();
+                    chain.push(&ignores);
+                    if let Some(id) = self.tree(&mut sub, base_sub.as_ref(), &chain)? {
+                        builder.insert(name, id, 0o040000)?;
+                    }
+                }
+                EntryKind::File { executable, .. } => {
+                    let data = dir.read_file(&name, self.budget)?;
+                    let id = self.repo.blob(&data)?;
+                    builder.insert(name, id, if executable { 0o100755 } else { 0o100644 })?;
+                }
+                EntryKind::Symlink => {
+                    let target = dir.read_link(&name)?;
+                    let id = self.repo.blob(&target)?;
+                    builder.insert(name, id, 0o120000)?;
+                }
+                EntryKind::Special(what) => {
+                    return Err(WorkspaceError::SpecialFile {
+                        path: display_path(&rel),
+                        what,
+                    }
+                    .into())
+                }
+            }
+        }
+        if builder.len() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(builder.write()?))
+    }
+
+    /// The rules of `dir/.gitignore`, read as bounded data.
+    fn gitignore(&mut self, dir: &SafeDir) -> Result<Gitignore, GitError> {
+        let mut small = Budget::new(Limits {
+            max_file_bytes: MAX_GITIGNORE_BYTES,
+            max_total_bytes: MAX_GITIGNORE_BYTES,
+            max_files: 1,
+        });
+        let text = dir.read_file(b".gitignore", &mut small)?;
+        let root = Path::new(OsStr::from_bytes(dir.path()));
+        let mut builder = GitignoreBuilder::new(root);
+        for line in String::from_utf8_lossy(&text).lines() {
+            // A line the matcher cannot parse is skipped, as git does.
+            let _ = builder.add_line(None, line);
+        }
+        builder
+            .build()
+            .map_err(|e| GitError::Command(format!(".gitignore: {e}")))
+    }
 }

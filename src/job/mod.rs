@@ -209,6 +209,9 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// Who asked for it (token name, `cli`, …); recorded in the audit trail.
     pub actor: String,
+    /// Its quality gates are skipped or some required ones left out (YOLO):
+    /// marked in its `enqueued` event.
+    pub yolo: bool,
 }
 
 /// A job as stored in Postgres.

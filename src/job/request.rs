@@ -231,6 +231,7 @@ impl JobRequest {
             run_at,
             idempotency_key,
             actor: actor.to_owned(),
+            yolo: false,
         })
     }
 }

@@ -14,6 +14,8 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::git::workspace::{read_relative, Limits};
+
 /// The profiles a job may pick (or `custom`, a list of gate names).
 pub const PROFILES: [&str; 3] = ["strict", "standard", "minimal"];
 
@@ -69,6 +71,10 @@ pub struct GatesFile {
     pub default_profile: String,
     #[serde(default)]
     pub gate: Vec<GateDef>,
+    /// The gates no job may leave out without the admin scope (a job that
+    /// does is YOLO). Default: the required gates of the default profile.
+    #[serde(default)]
+    pub required: Option<Vec<String>>,
 }
 
 fn default_profile() -> String {
@@ -81,6 +87,7 @@ impl Default for GatesFile {
         GatesFile {
             default_profile: default_profile(),
             gate: Vec::new(),
+            required: None,
         }
     }
 }
@@ -110,6 +117,17 @@ impl GatesFile {
             return Err((
                 "gates.default_profile".into(),
                 format!("must be one of {}", PROFILES.join(", ")),
+            ));
+        }
+        if let Some(unknown) = self
+            .required
+            .iter()
+            .flatten()
+            .find(|r| !self.gate.iter().any(|g| &g.name == *r))
+        {
+            return Err((
+                "gates.required".into(),
+                format!("names {unknown:?}, which is not a gate of this kind"),
             ));
         }
         for (i, g) in self.gate.iter().enumerate() {
@@ -198,6 +216,28 @@ impl GatesFile {
         }
     }
 
+    /// The names of the gates a job must run (see [`GatesFile::required`]).
+    pub fn required_names(&self) -> Vec<String> {
+        match &self.required {
+            Some(names) => names.clone(),
+            None => self
+                .in_profile(&self.default_profile)
+                .into_iter()
+                .filter(|g| g.required)
+                .map(|g| g.name)
+                .collect(),
+        }
+    }
+
+    /// The required gates that `selected` leaves out: a job choosing those
+    /// gates is YOLO (admin scope, audited like `yolo: true`).
+    pub fn dropped(&self, selected: &[GateDef]) -> Vec<String> {
+        self.required_names()
+            .into_iter()
+            .filter(|name| !selected.iter().any(|g| &g.name == name))
+            .collect()
+    }
+
     fn in_profile(&self, profile: &str) -> Vec<GateDef> {
         self.gate
             .iter()
@@ -213,7 +253,15 @@ impl GateDef {
     }
 
     /// Judges a finished run: `exit_code`, its output lines, the tree.
-    pub fn judge(&self, exit_code: i64, output: &[String], tree: &Path) -> (bool, String) {
+    /// The report file is read as untrusted data: never through a symlink,
+    /// never a FIFO or device, at most `limits.max_file_bytes`.
+    pub fn judge(
+        &self,
+        exit_code: i64,
+        output: &[String],
+        tree: &Path,
+        limits: Limits,
+    ) -> (bool, String) {
         match self.kind {
             GateType::Command => {
                 if exit_code == 0 {
@@ -231,7 +279,7 @@ impl GateDef {
                 }
                 let threshold = self.threshold.unwrap_or(0.0);
                 let figure = match &self.report {
-                    Some(report) => read_report(&tree.join(report)),
+                    Some(report) => read_report(tree, Path::new(report), limits),
                     None => coverage_from_output(output)
                         .ok_or_else(|| "no coverage figure in the output".to_owned()),
                 };
@@ -308,10 +356,11 @@ fn coverage_from_output(output: &[String]) -> Option<f64> {
 }
 
 /// A coverage percentage from an lcov, Cobertura XML or JSON summary report.
-fn read_report(path: &Path) -> Result<f64, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the coverage report {}: {e}", path.display()))?;
-    let name = path.to_string_lossy();
+fn read_report(tree: &Path, report: &Path, limits: Limits) -> Result<f64, String> {
+    let bytes = read_relative(tree, report, limits)
+        .map_err(|e| format!("cannot read the coverage report {}: {e}", report.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let name = report.to_string_lossy();
     if name.ends_with(".json") {
         let v: Value =
             serde_json::from_str(&text).map_err(|e| format!("coverage report is not JSON: {e}"))?;
@@ -380,20 +429,45 @@ mod tests {
     fn coverage_is_read_from_output_and_reports() {
         let dir = tempfile::tempdir().expect("tempdir");
         let g = gate(GateType::Coverage, Some(80.0), None);
-        let (ok, detail) = g.judge(0, &["TOTAL   120   10   91.7%".into()], dir.path());
+        let (ok, detail) = g.judge(
+            0,
+            &["TOTAL   120   10   91.7%".into()],
+            dir.path(),
+            Limits::default(),
+        );
         assert!(ok && detail.contains("91.7"), "{detail}");
         let strict = gate(GateType::Coverage, Some(90.0), None);
-        let (ok, detail) = strict.judge(0, &["TOTAL 100 20 80.0%".into()], dir.path());
+        let (ok, detail) = strict.judge(
+            0,
+            &["TOTAL 100 20 80.0%".into()],
+            dir.path(),
+            Limits::default(),
+        );
         assert!(!ok && detail.contains("80.0% is below"), "{detail}");
-        assert!(!g.judge(0, &["coverage: 42.5%".into()], dir.path()).0);
-        assert!(!g.judge(0, &["no figure".into()], dir.path()).0);
+        assert!(
+            !g.judge(
+                0,
+                &["coverage: 42.5%".into()],
+                dir.path(),
+                Limits::default()
+            )
+            .0
+        );
+        assert!(
+            !g.judge(0, &["no figure".into()], dir.path(), Limits::default())
+                .0
+        );
         std::fs::write(
             dir.path().join("lcov.info"),
             "SF:a\nLF:10\nLH:9\nend_of_record\nSF:b\nLF:10\nLH:7\n",
         )
         .expect("w");
-        let (ok, detail) =
-            gate(GateType::Coverage, Some(80.0), Some("lcov.info")).judge(0, &[], dir.path());
+        let (ok, detail) = gate(GateType::Coverage, Some(80.0), Some("lcov.info")).judge(
+            0,
+            &[],
+            dir.path(),
+            Limits::default(),
+        );
         assert!(ok, "{detail}");
         std::fs::write(
             dir.path().join("cov.xml"),
@@ -402,7 +476,7 @@ mod tests {
         .expect("w");
         assert!(
             !gate(GateType::Coverage, Some(80.0), Some("cov.xml"))
-                .judge(0, &[], dir.path())
+                .judge(0, &[], dir.path(), Limits::default())
                 .0
         );
         std::fs::write(
@@ -412,7 +486,7 @@ mod tests {
         .expect("w");
         assert!(
             gate(GateType::Coverage, Some(80.0), Some("s.json"))
-                .judge(0, &[], dir.path())
+                .judge(0, &[], dir.path(), Limits::default())
                 .0
         );
     }
@@ -426,7 +500,8 @@ mod tests {
             g.judge(
                 0,
                 &say(r#"{"approved": true, "confidence": 0.95, "summary": "ok"}"#),
-                dir.path()
+                dir.path(),
+                Limits::default()
             )
             .0
         );
@@ -434,7 +509,8 @@ mod tests {
             !g.judge(
                 0,
                 &say(r#"{"approved": true, "confidence": 0.5, "summary": "meh"}"#),
-                dir.path()
+                dir.path(),
+                Limits::default()
             )
             .0
         );
@@ -442,16 +518,18 @@ mod tests {
             !g.judge(
                 0,
                 &say(r#"{"approved": false, "confidence": 0.99, "summary": "no"}"#),
-                dir.path()
+                dir.path(),
+                Limits::default()
             )
             .0
         );
-        assert!(!g.judge(0, &say("LGTM"), dir.path()).0);
+        assert!(!g.judge(0, &say("LGTM"), dir.path(), Limits::default()).0);
         assert!(
             !g.judge(
                 0,
                 &say(r#"{"approved": true, "confidence": 7}"#),
-                dir.path()
+                dir.path(),
+                Limits::default()
             )
             .0
         );
@@ -466,6 +544,7 @@ mod tests {
         b.name = "slow".into();
         b.profiles = vec!["strict".into()];
         let file = GatesFile {
+            required: None,
             default_profile: "standard".into(),
             gate: vec![a, b],
         };
@@ -495,6 +574,7 @@ mod tests {
         let mut g = gate(GateType::AiReview, None, None);
         g.image = Some("agent-image".into());
         let file = GatesFile {
+            required: None,
             default_profile: "standard".into(),
             gate: vec![g],
         };

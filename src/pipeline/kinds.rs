@@ -42,6 +42,10 @@ pub struct KindFile {
     /// Quality gates run after the git stage (`[gates]`, `[[gates.gate]]`).
     #[serde(default)]
     pub gates: GatesFile,
+    /// Jobs of this kind may push to a branch that already exists on the
+    /// remote (the base branch included) without the admin scope.
+    #[serde(default)]
+    pub allow_existing_branch: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -86,6 +90,7 @@ pub struct KindDef {
     pub timeout_secs: u64,
     pub stop_grace_secs: u64,
     pub gates: GatesFile,
+    pub allow_existing_branch: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +187,7 @@ impl KindDef {
             timeout_secs: raw.timeout_secs,
             stop_grace_secs: raw.stop_grace_secs,
             gates: raw.gates,
+            allow_existing_branch: raw.allow_existing_branch,
         })
     }
 

@@ -77,10 +77,22 @@ async fn stages_after_prepare(
     stages: &mut Map<String, Value>,
     spawn_started: Instant,
 ) -> Result<Value, JobError> {
+    // A branch that exists on the remote (the base, or someone else's) is
+    // not the job's to push to, unless an admin or the kind allows it, or
+    // an earlier attempt of this job created it.
+    if payload.push && wt.branch_on_remote.is_some() {
+        let allowed = payload.allow_existing_branch == Some(true) || def.allow_existing_branch;
+        if !allowed && !pushed_before(ctx, &wt.branch).await? {
+            return Err(JobError::Fatal(format!(
+                "branch_exists: {} already exists on the remote and was not created by this job; pushing to it needs payload.allow_existing_branch (admin scope) or a kind with allow_existing_branch = true",
+                wt.branch.as_str()
+            )));
+        }
+    }
+
     // spawn: the agent on the worktree.
     let runtime = host.runtime().await.map_err(JobError::Failed)?;
-    let docker = runtime.name() == "docker";
-    if docker {
+    if runtime.name() == "docker" {
         let (uid, gid) = sandbox_ids();
         chown_tree(&wt.path, uid, gid)
             .map_err(|e| JobError::Failed(format!("preparing the worktree: {e}")))?;
@@ -90,16 +102,9 @@ async fn stages_after_prepare(
         target: WORKSPACE.to_owned(),
         read_only: false,
     };
+    // What the agent wrote stays the sandbox user's: the host reads it as
+    // data only (never opening it as a repository), so it need not own it.
     let ran = run_sandbox(def, host, ctx, payload.text(), Some(workspace)).await;
-    if docker {
-        // Back to the worker's user: git refuses repositories owned by
-        // someone else, and what the agent wrote is now the worker's to judge.
-        use std::os::unix::fs::MetadataExt;
-        let mirror = std::fs::metadata(&wt.mirror)
-            .map_err(|e| JobError::Failed(format!("the mirror: {e}")))?;
-        chown_tree(&wt.path, mirror.uid(), mirror.gid())
-            .map_err(|e| JobError::Failed(format!("taking the worktree back: {e}")))?;
-    }
     let (finished, log, runtime_name) = ran?;
     let sandbox = outcome_result(def, finished, log, runtime_name);
     stage_end(ctx, "spawn", spawn_started, sandbox.is_ok(), stages).await;
@@ -114,11 +119,28 @@ async fn stages_after_prepare(
         .message
         .clone()
         .unwrap_or_else(|| format!("orchestrator: job {}\n\nAgent: {}", ctx.job.id, def.kind));
-    let committed = blocking(move || stage.commit(&commit_wt, &message))
-        .await
-        .map_err(|e| JobError::Failed(format!("commit failed: {e}")))?;
+    let report = blocking(move || stage.commit(&commit_wt, &message)).await;
+    let report = match report {
+        Ok(report) => report,
+        Err(e @ GitError::Workspace(_)) => {
+            stage_end(ctx, "git", started, false, stages).await;
+            // What the agent left cannot be read safely: retrying the same
+            // agent would only leave it again.
+            return Err(JobError::Fatal(e.to_string()));
+        }
+        Err(e) => return Err(JobError::Failed(format!("commit failed: {e}"))),
+    };
+    if !report.tampered.is_empty() {
+        tracing::warn!(job.id = %ctx.job.id, reasons = ?report.tampered, "the agent created or changed git metadata; ignored");
+        record(
+            ctx,
+            "git_metadata_tampered",
+            json!({ "reasons": report.tampered, "action": "ignored; the commit is built from the files" }),
+        )
+        .await;
+    }
     stop_requested(ctx)?;
-    let (sha, files) = match committed {
+    let (sha, files) = match report.outcome {
         CommitOutcome::Committed { sha, files } => (sha, files),
         CommitOutcome::NoChanges => {
             stage_end(
@@ -161,18 +183,28 @@ async fn stages_after_prepare(
     stop_requested(ctx)?;
 
     // gates: each in a fresh sandbox on the committed tree.
-    let yolo = payload.yolo == Some(true) || git.yolo;
+    let skip_all = payload.yolo == Some(true) || git.yolo;
     let gates = def
         .gates
         .select(payload.gates.as_ref())
         .map_err(JobError::Fatal)?;
-    if yolo && !gates.is_empty() {
-        let skipped: Vec<&str> = gates.iter().map(|g| g.name.as_str()).collect();
+    // A choice of gates that leaves out required ones is YOLO too (the API
+    // let it through only from an admin).
+    let dropped = def.gates.dropped(&gates);
+    let yolo = skip_all || !dropped.is_empty();
+    let skipped: Vec<String> = if skip_all {
+        gates.iter().map(|g| g.name.clone()).collect()
+    } else {
+        dropped
+    };
+    if yolo && !skipped.is_empty() {
         tracing::warn!(job.id = %ctx.job.id, gates = ?skipped, "YOLO MODE: quality gates skipped");
         let by = if payload.yolo == Some(true) {
             "job"
-        } else {
+        } else if git.yolo {
             "deployment (git.yolo)"
+        } else {
+            "job (payload.gates leaves out required gates)"
         };
         record(
             ctx,
@@ -181,7 +213,7 @@ async fn stages_after_prepare(
         )
         .await;
     }
-    let gates = if yolo { Vec::new() } else { gates };
+    let gates = if skip_all { Vec::new() } else { gates };
     let gate_results = if gates.is_empty() {
         Vec::new()
     } else {
@@ -213,13 +245,23 @@ async fn stages_after_prepare(
         stop_requested(ctx)?;
         let stage = git.stage.clone();
         let push_wt = wt.clone();
-        blocking(move || stage.push(&push_wt))
+        let url = git
+            .policy
+            .check(payload.repo.as_deref().unwrap_or_default())
+            .map_err(JobError::Fatal)?;
+        blocking(move || stage.push(&push_wt, &url))
             .await
             .map_err(|e| match e {
                 GitError::PushRejected { .. } => JobError::Fatal(format!("push_rejected: {e}")),
                 e => JobError::Failed(format!("push failed: {e}")),
             })?;
         pushed = true;
+        record(
+            ctx,
+            "pushed",
+            json!({ "branch": wt.branch.as_str(), "commit": sha }),
+        )
+        .await;
     }
     stage_end(ctx, "complete", started, true, stages).await;
     Ok(json!({
@@ -245,7 +287,8 @@ async fn run_gates(
     gates: &[GateDef],
 ) -> Result<Vec<GateResult>, JobError> {
     // A reviewer reads the diff, mounted read-only beside the tree.
-    let review_dir = wt.path.with_extension("review");
+    // Beside the workspace, outside every mount but its own.
+    let review_dir = wt.dir.join("review");
     if gates.iter().any(|g| g.kind == GateType::AiReview) {
         let stage = git.stage.clone();
         let diff_wt = wt.clone();
@@ -281,7 +324,9 @@ async fn run_gates(
         let (passed, detail, tail) = match ran {
             Ok((finished, output)) => {
                 let (passed, detail) = match finished.outcome {
-                    Outcome::Exited { code } => gate.judge(code, &output, &wt.path),
+                    Outcome::Exited { code } => {
+                        gate.judge(code, &output, &wt.path, git.stage.limits())
+                    }
                     Outcome::TimedOut => (false, format!("timed out after {}s", gate.timeout_secs)),
                     Outcome::OomKilled => (false, "ran out of memory".to_owned()),
                     Outcome::Stopped { .. } => {
@@ -368,6 +413,19 @@ async fn blocking<T: Send + 'static>(
             GIT_STEP_TIMEOUT.as_secs()
         ))),
     }
+}
+
+/// Whether an earlier attempt of this job pushed `branch` (its trail has
+/// the `pushed` event).
+async fn pushed_before(ctx: &JobContext, branch: &BranchName) -> Result<bool, JobError> {
+    let events = ctx
+        .store
+        .job_events(ctx.job.id, None)
+        .await
+        .map_err(|e| JobError::Failed(format!("reading the job's trail: {e}")))?;
+    Ok(events
+        .iter()
+        .any(|e| e.kind == "pushed" && e.data["branch"] == json!(branch.as_str())))
 }
 
 /// A stop (cancel, lost lease, shutdown) takes effect between git steps: a

@@ -124,12 +124,27 @@ pub enum JobError {
     Interrupted,
 }
 
+/// What a payload asks for that only the admin scope may ask: each a field
+/// and why. The API refuses such a job from any other token (403).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Privileges {
+    pub needs_admin: Vec<(String, String)>,
+    /// The job's quality gates are skipped, or required ones left out:
+    /// YOLO, marked in its `enqueued` event.
+    pub yolo: bool,
+}
+
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<serde_json::Value, JobError>> + Send>>;
 
 pub trait Handler: Send + Sync + 'static {
     /// Checks a payload at enqueue time, so bad input is refused before it is
     /// stored. The message says which field is wrong and what is allowed.
     fn validate(&self, payload: &serde_json::Value) -> Result<(), String>;
+
+    /// What of a valid payload needs the admin scope (nothing, by default).
+    fn privileges(&self, _payload: &serde_json::Value) -> Privileges {
+        Privileges::default()
+    }
 
     fn run(&self, ctx: JobContext) -> HandlerFuture;
 }
@@ -179,6 +194,15 @@ impl Registry {
 
     pub fn kinds(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
+    }
+
+    /// What of `payload` needs the admin scope; nothing for unknown kinds
+    /// (they are refused by [`Registry::validate`]).
+    pub fn privileges(&self, kind: &str, payload: &serde_json::Value) -> Privileges {
+        self.handlers
+            .get(kind)
+            .map(|h| h.privileges(payload))
+            .unwrap_or_default()
     }
 
     /// Checks that `kind` exists and accepts `payload`.

@@ -116,6 +116,9 @@ pub(super) struct AgentPayload {
     /// YOLO mode: skip the quality gates (the API requires the admin
     /// scope; the job and its trail say so).
     pub yolo: Option<bool>,
+    /// Push to a branch that already exists on the remote (the base
+    /// branch included): the admin scope, unless the kind allows it.
+    pub allow_existing_branch: Option<bool>,
     /// For the admission policy: the tokens the task is expected to need,
     /// and the model it is for.
     pub estimated_tokens: Option<u64>,
@@ -237,6 +240,42 @@ impl Handler for SandboxKind {
             );
         }
         self.def.gates.select(p.gates.as_ref()).map(drop)
+    }
+
+    fn privileges(&self, payload: &Value) -> super::Privileges {
+        let mut p = super::Privileges::default();
+        if payload.get("yolo") == Some(&Value::Bool(true)) {
+            p.yolo = true;
+            p.needs_admin.push((
+                "payload.yolo".into(),
+                "payload.yolo skips the quality gates".into(),
+            ));
+        }
+        if payload.get("allow_existing_branch") == Some(&Value::Bool(true))
+            && !self.def.allow_existing_branch
+        {
+            p.needs_admin.push((
+                "payload.allow_existing_branch".into(),
+                "payload.allow_existing_branch pushes to a branch that exists on the remote".into(),
+            ));
+        }
+        // Gates run only on a repository's change.
+        if payload.get("repo").is_some() && !p.yolo {
+            if let Ok(selected) = self.def.gates.select(payload.get("gates")) {
+                let dropped = self.def.gates.dropped(&selected);
+                if !dropped.is_empty() {
+                    p.yolo = true;
+                    p.needs_admin.push((
+                        "payload.gates".into(),
+                        format!(
+                            "payload.gates leaves out the required gates {} (that is YOLO)",
+                            dropped.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        p
     }
 
     fn run(&self, ctx: JobContext) -> HandlerFuture {

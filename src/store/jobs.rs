@@ -99,6 +99,7 @@ impl Store {
         let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
         let mut keys: Vec<Option<String>> = Vec::with_capacity(n);
         let mut actors = Vec::with_capacity(n);
+        let mut yolos = Vec::with_capacity(n);
         for j in jobs {
             ids.push(j.id.0);
             queues.push(j.queue.as_str().to_owned());
@@ -112,14 +113,15 @@ impl Store {
             run_ats.push(j.run_at);
             keys.push(j.idempotency_key.clone());
             actors.push(j.actor.clone());
+            yolos.push(j.yolo);
         }
         let sql = format!(
             "WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[],
                     $6::int[], $7::bigint[], $8::bigint[], $9::int[], $10::timestamptz[], $11::text[],
-                    $12::text[])
+                    $12::text[], $13::bool[])
                 AS t(id, queue, kind, priority, payload, max_attempts, backoff_base_ms,
-                     backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor)
+                     backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor, yolo)
             ),
             ins AS (
                 INSERT INTO jobs (id, queue, kind, status, priority, payload, max_attempts,
@@ -137,8 +139,9 @@ impl Store {
                 SELECT ins.id, 'enqueued', input.actor,
                     jsonb_build_object('status', ins.status, 'queue', ins.queue, 'kind', ins.kind,
                                        'priority', ins.priority)
-                    -- YOLO (gates skipped) is marked in the trail from the start.
-                    || CASE WHEN ins.payload->'yolo' = 'true'::jsonb
+                    -- YOLO (gates skipped, or required ones left out) is marked
+                    -- in the trail from the start.
+                    || CASE WHEN input.yolo
                             THEN jsonb_build_object('yolo', true) ELSE jsonb_build_object() END
                 FROM ins JOIN input USING (id)
             )
@@ -157,6 +160,7 @@ impl Store {
             .bind(&run_ats)
             .bind(&keys)
             .bind(&actors)
+            .bind(&yolos)
             .fetch_all(&self.pool)
             .await?;
         let mut inserted: HashMap<Uuid, Job> = HashMap::with_capacity(rows.len());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator::git::names::{BranchName, RepoUrl};
-use orchestrator::git::repo::{CommitOutcome, GitError, GitStage, Worktree};
+use orchestrator::git::repo::{CommitOutcome, GitError, GitStage, Network, Worktree};
 use orchestrator::git::secrets::Scanner;
 
 #[path = "../common/git.rs"]
@@ -81,12 +81,15 @@ fn eight_concurrent_jobs_get_isolated_worktrees_and_push_their_branches() {
                         .count(),
                     1
                 );
-                let outcome = stage.commit(&wt, &format!("job {i}")).expect("commit");
+                let outcome = stage
+                    .commit(&wt, &format!("job {i}"))
+                    .expect("commit")
+                    .outcome;
                 assert!(
                     matches!(outcome, CommitOutcome::Committed { files: 1, .. }),
                     "{outcome:?}"
                 );
-                stage.push(&wt).expect("push");
+                stage.push(&wt, &url).expect("push");
                 stage.cleanup(&wt, true).expect("cleanup");
                 assert!(!wt.path.exists());
             })
@@ -118,17 +121,17 @@ fn nothing_changed_and_ignored_files_are_not_commits() {
         .prepare("j1", &local(&bare), None, &branch("orchestrator/j1"))
         .expect("prepare");
     assert_eq!(
-        stage.commit(&wt, "none").expect("commit"),
+        stage.commit(&wt, "none").expect("commit").outcome,
         CommitOutcome::NoChanges
     );
     std::fs::write(wt.path.join("debug.log"), "ignored\n").expect("write");
     assert_eq!(
-        stage.commit(&wt, "ignored").expect("commit"),
+        stage.commit(&wt, "ignored").expect("commit").outcome,
         CommitOutcome::NoChanges
     );
     std::fs::remove_file(wt.path.join("app.txt")).expect("rm");
     assert!(matches!(
-        stage.commit(&wt, "deletion").expect("commit"),
+        stage.commit(&wt, "deletion").expect("commit").outcome,
         CommitOutcome::Committed { files: 1, .. }
     ));
     stage.cleanup(&wt, false).expect("cleanup");
@@ -160,7 +163,7 @@ fn secrets_in_new_files_and_modified_lines_block_the_commit() {
         "# app\n-----BEGIN OPENSSH PRIVATE KEY-----\n",
     )
     .expect("write");
-    let outcome = stage.commit(&wt, "leaky").expect("commit");
+    let outcome = stage.commit(&wt, "leaky").expect("commit").outcome;
     let CommitOutcome::SecretDetected { findings } = &outcome else {
         panic!("not detected: {outcome:?}")
     };
@@ -182,14 +185,12 @@ fn secrets_in_new_files_and_modified_lines_block_the_commit() {
             .contains(secret),
         "the finding carries no secret"
     );
-    let head = git2::Repository::open(&wt.path)
-        .expect("wt")
-        .head()
-        .expect("head")
-        .peel_to_commit()
-        .expect("commit")
-        .id();
-    assert_eq!(head, wt.base_commit, "nothing was committed");
+    let head = git2::Repository::open_bare(&wt.mirror)
+        .expect("mirror")
+        .find_reference("refs/heads/orchestrator/s1")
+        .expect("the job's branch")
+        .target();
+    assert_eq!(head, Some(wt.base_commit), "nothing was committed");
     stage.cleanup(&wt, false).expect("cleanup");
 }
 
@@ -205,7 +206,7 @@ fn conflicts_are_found_with_their_paths_and_clean_merges_pass() {
     std::fs::write(wt.path.join("README.md"), "# app\nline two, by the agent\n").expect("write");
     std::fs::write(wt.path.join("new.txt"), "agent\n").expect("write");
     assert!(matches!(
-        stage.commit(&wt, "agent").expect("commit"),
+        stage.commit(&wt, "agent").expect("commit").outcome,
         CommitOutcome::Committed { .. }
     ));
     assert_eq!(
@@ -315,15 +316,19 @@ fn push_rejections_are_reported_not_swallowed() {
         url: format!("git://127.0.0.1:{port}/origin.git"),
         scheme: "git".into(),
         host: "127.0.0.1".into(),
+        port,
     };
-    let stage = stage(tmp.path());
+    let stage = stage(tmp.path()).with_network(Network {
+        allow_local: true,
+        ..Network::default()
+    });
 
     let wt: Worktree = stage
         .prepare("p1", &url, None, &branch("protected/p1"))
         .expect("prepare");
     std::fs::write(wt.path.join("x.txt"), "x\n").expect("write");
     stage.commit(&wt, "x").expect("commit");
-    let err = stage.push(&wt).expect_err("the hook refuses it");
+    let err = stage.push(&wt, &url).expect_err("the hook refuses it");
     assert!(
         matches!(err, GitError::PushRejected { .. } | GitError::Git(_)),
         "{err}"
@@ -337,14 +342,14 @@ fn push_rejections_are_reported_not_swallowed() {
         .expect("prepare");
     std::fs::write(wt.path.join("a.txt"), "a\n").expect("write");
     stage.commit(&wt, "a").expect("commit");
-    stage.push(&wt).expect("first push");
+    stage.push(&wt, &url).expect("first push");
     stage.cleanup(&wt, true).expect("cleanup");
     let wt = stage
         .prepare("n2", &url, None, &branch("feature/n1"))
         .expect("prepare again from main");
     std::fs::write(wt.path.join("b.txt"), "b\n").expect("write");
     stage.commit(&wt, "b").expect("commit");
-    let err = stage.push(&wt).expect_err("non-fast-forward");
+    let err = stage.push(&wt, &url).expect_err("non-fast-forward");
     let text = err.to_string();
     assert!(matches!(err, GitError::PushRejected { .. }), "{text}");
     assert!(text.contains("feature/n1"), "{text}");
@@ -371,7 +376,7 @@ fn a_retry_replaces_what_an_earlier_attempt_left() {
         "a fresh worktree"
     );
     assert_eq!(
-        stage.commit(&second, "none").expect("commit"),
+        stage.commit(&second, "none").expect("commit").outcome,
         CommitOutcome::NoChanges
     );
     stage.cleanup(&second, false).expect("cleanup");
