@@ -14,7 +14,10 @@ orch_services_up
 if [[ "${ORCH_DOCKER_AVAILABLE:-0}" == 1 ]]; then
   orch_images_up
 else
-  echo "note: no Docker daemon; the agent runs as a local process (weaker isolation)" >&2
+  # Isolation fails closed: without Docker the demo must choose local
+  # processes explicitly (and every job result names the runtime).
+  echo "note: no Docker daemon; the demo chooses sandbox.runtime = local (agents as host processes, weaker isolation)" >&2
+  export ORCH_SANDBOX__RUNTIME=local
 fi
 
 echo "== building" >&2

@@ -114,7 +114,9 @@ impl App {
                 settings.git.author_name.clone(),
                 settings.git.author_email.clone(),
                 Arc::new(scanner),
-            ),
+            )
+            .with_limits(settings.git.limits())
+            .with_network(settings.git.network()),
             policy: settings.git.policy(),
             no_changes: settings.git.no_changes,
             yolo: settings.git.yolo,

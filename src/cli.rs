@@ -208,7 +208,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Serve => {
             let app = connect_migrated(settings).await?;
             let stop = shutdown_signal();
-            serve_http(&app, stop).await?;
+            serve_http(&app, stop, false).await?;
         }
         Command::Run(args) => {
             let app = App::connect(settings).await?;
@@ -216,7 +216,7 @@ pub async fn run() -> anyhow::Result<()> {
             let stop = shutdown_signal();
             let pool = app.pool(pool_config(&app, &args)?);
             let worker = tokio::spawn(pool.run(stop.clone()));
-            let served = serve_http(&app, stop.clone()).await;
+            let served = serve_http(&app, stop.clone(), true).await;
             stop.cancel();
             worker.await.context("worker task failed")?;
             served?;
@@ -340,14 +340,17 @@ fn shutdown_signal() -> CancellationToken {
     token
 }
 
-async fn serve_http(app: &App, stop: CancellationToken) -> anyhow::Result<()> {
+/// `runs_agents`: workers run in this process too, so `/readyz` needs a
+/// sandbox runtime.
+async fn serve_http(app: &App, stop: CancellationToken, runs_agents: bool) -> anyhow::Result<()> {
     let handle = orchestrator::metrics::install().context("installing the metrics recorder")?;
     let addr = app.settings.http_addr.clone();
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set ORCH_HTTP_ADDR)"))?;
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
-    let state = ApiState::new(app.clone(), handle);
+    let mut state = ApiState::new(app.clone(), handle);
+    state.runs_agents = runs_agents;
     api::serve(listener, api::router(state), stop).await?;
     Ok(())
 }

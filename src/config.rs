@@ -135,6 +135,16 @@ pub struct GitSettings {
     /// YOLO mode for every job: quality gates skipped (loudly).
     #[serde(default)]
     pub yolo: bool,
+    /// The largest file the host reads from a workspace (10 MiB).
+    pub max_file_bytes: u64,
+    /// All the files of a workspace the host reads, together (1 GiB).
+    pub max_worktree_bytes: u64,
+    /// Entries of a workspace the host walks (100,000).
+    pub max_worktree_files: u64,
+    /// Per host, the worker's environment variable holding its HTTPS token;
+    /// `ORCH_GIT_HTTPS_TOKEN` serves the other allowed hosts.
+    #[serde(default)]
+    pub host_tokens: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -152,16 +162,37 @@ impl GitSettings {
             allow_local: self.allow_local,
         }
     }
+
+    /// Bounds on what the host reads from a workspace.
+    pub fn limits(&self) -> crate::git::workspace::Limits {
+        crate::git::workspace::Limits {
+            max_file_bytes: self.max_file_bytes,
+            max_total_bytes: self.max_worktree_bytes,
+            max_files: self.max_worktree_files,
+        }
+    }
+
+    /// Address and credential policy for fetch and push.
+    pub fn network(&self) -> crate::git::repo::Network {
+        crate::git::repo::Network {
+            allow_local: self.allow_local,
+            host_tokens: self.host_tokens.clone(),
+        }
+    }
 }
 
 /// Which sandbox runtime to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeChoice {
-    /// Docker when a daemon answers, else local processes (with a warning).
+    /// The same as `docker` (kept for old configurations): isolation fails
+    /// closed, so there is no fallback to host processes.
     Auto,
+    /// Docker (the default). A worker whose daemon does not answer refuses
+    /// agent jobs with a retryable error and says so in `/readyz`.
     Docker,
-    /// Local processes: weaker isolation, for development.
+    /// Local processes: weaker isolation, for development; chosen only
+    /// explicitly, logged at start-up and named in every job result.
     Local,
 }
 

@@ -39,6 +39,8 @@ pub struct ApiState {
     pub tokens: Tokens,
     pub body_limit: usize,
     pub metrics_public: bool,
+    /// Workers run in this process: `/readyz` needs a sandbox runtime.
+    pub runs_agents: bool,
 }
 
 impl ApiState {
@@ -50,6 +52,7 @@ impl ApiState {
         ApiState {
             body_limit: app.settings.api.body_limit_bytes,
             metrics_public: app.settings.api.metrics_public,
+            runs_agents: false,
             tokens,
             metrics: Arc::new(metrics),
             app,

@@ -373,10 +373,85 @@ mod tests {
             ("https://github.com/a b", "spaces"),
             ("ext::sh -c touch% /tmp/pwned", "spaces"),
             ("", "1 to"),
+            // One URL, two parsers: the url crate reads github.com, libgit2
+            // would connect to 127.0.0.1.
+            ("https://github.com\\@127.0.0.1:9/x.git", "backslashes"),
+            ("https://github.com\\.evil.example/x", "backslashes"),
+            ("https://github.com@127.0.0.1/x.git", "credentials"),
+            ("https://github.com:x@evil.example.com/x", "credentials"),
+            ("https://%67ithub.com/x", "percent-encoded"),
+            ("https://127.0.0.%31/x", "percent-encoded"),
+            ("https://[fe80::1%25eth0]/x", "zone id"),
+            ("https://[::1]:443/x", "this machine"),
+            ("https://[::ffff:127.0.0.1]/x", "this machine"),
+            ("https://0x7f.1/x", "this machine"),
+            ("https://2130706433/x", "this machine"),
+            ("https://169.254.169.254/latest", "private"),
+            ("https://100.64.0.1/x", "private"),
+            ("https://localhost./x", "this machine"),
+            ("https://github.com/x?upload-pack=evil", "query"),
+            ("ssh://-oProxyCommand=x/y", "host"),
         ] {
             let err = p.check(url).expect_err(url);
             assert!(err.contains(why), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn the_canonical_form_is_what_git_sees() {
+        let p = policy(false);
+        let url = |raw: &str| p.check(raw).map(|u| u.as_git_url());
+        assert_eq!(
+            url("https://GitHub.com/acme/app.git"),
+            Ok("https://github.com/acme/app.git".into())
+        );
+        assert_eq!(
+            url("git@github.com:acme/app.git"),
+            Ok("ssh://git@github.com/acme/app.git".into())
+        );
+        assert_eq!(
+            url("https://github.com/a/../acme/app.git"),
+            Ok("https://github.com/acme/app.git".into())
+        );
+        // A look-alike host is punycoded, and then not in the list.
+        let err = p.check("https://gіthub.com/x").expect_err("cyrillic i");
+        assert!(err.contains("xn--"), "{err}");
+    }
+
+    #[test]
+    fn names_that_resolve_to_this_machine_are_refused() {
+        let open = RepoPolicy {
+            allowed_schemes: vec!["https".into()],
+            allowed_hosts: vec!["*".into()],
+            allow_local: false,
+        };
+        // This machine's own name resolves to a loopback or private
+        // address (from /etc/hosts) without being a literal; so does
+        // `localhost`, which the name check alone would refuse, so it is
+        // built here as if it had passed that check.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .expect("hostname")
+            .trim()
+            .to_owned();
+        let raw = format!("https://{host}/x.git");
+        if let Ok(url) = open.check(&raw) {
+            if resolve(&host, 443).is_ok() {
+                assert!(url.check_resolves(false).is_err(), "{host} resolves here");
+                assert!(open.check_now(&raw).is_err());
+            }
+        }
+        let url = RepoUrl::Remote {
+            url: "https://localhost/x.git".into(),
+            scheme: "https".into(),
+            host: "localhost".into(),
+            port: 443,
+        };
+        let err = url.check_resolves(false).expect_err("resolves to loopback");
+        assert!(
+            err.contains("resolves to 127.0.0.1") || err.contains("resolves to ::1"),
+            "{err}"
+        );
+        assert!(url.check_resolves(true).is_ok(), "unless allow_local");
     }
 
     #[test]

@@ -296,6 +296,13 @@ impl GitStage {
             .initial_head(&branch.refname())
             .external_template(false);
         let local = Repository::init_opts(workspace, &opts)?;
+        // libgit2 writes a sample; an empty hooks directory makes any hook
+        // the agent adds stand out.
+        let hooks = workspace.join(".git/hooks");
+        if hooks.exists() {
+            std::fs::remove_dir_all(&hooks)?;
+        }
+        std::fs::create_dir(&hooks)?;
         let mut pack = mirror.packbuilder()?;
         pack.insert_commit(base.id())?;
         let mut buf = git2::Buf::new();

@@ -28,10 +28,12 @@ pub const MAX_SCRIPT_BYTES: usize = 64 * 1024;
 const LOG_BATCH: usize = 200;
 const LOG_FLUSH: Duration = Duration::from_millis(250);
 
-/// The sandbox runtime, chosen on first use, and log limits.
+/// The sandbox runtime, connected on first use, and log limits.
 #[derive(Clone)]
 pub struct SandboxHost {
-    runtime: Arc<OnceCell<Result<Runtime, String>>>,
+    /// Only a working runtime is kept: a Docker daemon that did not answer
+    /// is asked again by the next job.
+    runtime: Arc<OnceCell<Runtime>>,
     choice: RuntimeChoice,
     /// Labels this deployment's sandboxes (the Valkey key prefix).
     pub deployment: String,
@@ -41,6 +43,12 @@ pub struct SandboxHost {
 
 impl SandboxHost {
     pub fn new(settings: &SandboxSettings, deployment: &str) -> Self {
+        if settings.runtime == RuntimeChoice::Local {
+            tracing::warn!(
+                "sandbox.runtime = local: agents run as HOST PROCESSES (rlimits and a process \
+                 group only; no filesystem, network or user isolation); every job result says so"
+            );
+        }
         SandboxHost {
             runtime: Arc::new(OnceCell::new()),
             choice: settings.runtime,
@@ -50,26 +58,29 @@ impl SandboxHost {
         }
     }
 
-    /// The runtime; `Err` says why none is available (Docker required but
-    /// unreachable).
+    /// The runtime; `Err` says why none is available. Isolation fails
+    /// closed: with `docker` (the default) an unreachable daemon is an
+    /// error, never a fallback to host processes.
     pub async fn runtime(&self) -> Result<&Runtime, String> {
         let choice = self.choice;
         self.runtime
-            .get_or_init(|| async move {
+            .get_or_try_init(|| async move {
                 match choice {
-                    RuntimeChoice::Auto => Ok(Runtime::detect(false).await),
-                    RuntimeChoice::Local => Ok(Runtime::detect(true).await),
-                    RuntimeChoice::Docker => DockerRuntime::connect()
+                    RuntimeChoice::Local => Ok(Runtime::local()),
+                    RuntimeChoice::Docker | RuntimeChoice::Auto => DockerRuntime::connect()
                         .await
                         .map(Runtime::Docker)
                         .map_err(|e| {
-                            format!("sandbox.runtime is docker, but no Docker daemon answers: {e}")
+                            format!("sandbox.runtime is docker, but no Docker daemon answers: {e}; agent jobs are refused until it does (sandbox.runtime = \"local\" runs them as host processes, without isolation)")
                         }),
                 }
             })
             .await
-            .as_ref()
-            .map_err(Clone::clone)
+    }
+
+    /// For `/readyz`: whether agent jobs can run here.
+    pub async fn check(&self) -> Result<&'static str, String> {
+        self.runtime().await.map(Runtime::name)
     }
 }
 
@@ -234,6 +245,14 @@ pub struct GitHost {
 impl Handler for SandboxKind {
     fn validate(&self, payload: &Value) -> Result<(), String> {
         let p = parse_payload(payload, self.git.as_ref(), &self.admission)?;
+        // At enqueue the host is resolved too (and again before every
+        // fetch and push, since DNS may change in between). getaddrinfo
+        // blocks, but only for a name outside /etc/hosts and the cache.
+        if let (Some(repo), Some(git)) = (&p.repo, &self.git) {
+            git.policy
+                .check_now(repo)
+                .map_err(|e| format!("payload.repo: {e}"))?;
+        }
         if p.gates.is_some() && p.repo.is_none() {
             return Err(
                 "payload.gates needs payload.repo: gates check the committed change".into(),

@@ -187,17 +187,9 @@ pub enum Runtime {
 impl Runtime {
     /// Docker when a daemon answers (`DOCKER_HOST` or the local socket),
     /// else the local-process runtime, with a loud warning.
-    pub async fn detect(prefer_local: bool) -> Runtime {
-        if !prefer_local {
-            match DockerRuntime::connect().await {
-                Ok(docker) => return Runtime::Docker(docker),
-                Err(err) => tracing::warn!(error = %err, "no Docker daemon reachable"),
-            }
-        }
-        tracing::warn!(
-            "sandboxes run as LOCAL PROCESSES: weaker isolation (rlimits and a process group, no \
-             filesystem, network or user isolation); use Docker for untrusted agents"
-        );
+    /// The local-process runtime: weaker isolation, only ever chosen
+    /// explicitly (`sandbox.runtime = "local"`).
+    pub fn local() -> Runtime {
         Runtime::Local(LocalRuntime)
     }
 

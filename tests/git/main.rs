@@ -381,3 +381,38 @@ fn a_retry_replaces_what_an_earlier_attempt_left() {
     );
     stage.cleanup(&second, false).expect("cleanup");
 }
+
+#[test]
+fn an_untouched_workspace_is_clean_and_has_its_own_git() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let stage = stage(tmp.path());
+    let wt = stage
+        .prepare("g1", &local(&bare), None, &branch("orchestrator/g1"))
+        .expect("prepare");
+    // The sandbox-local repository is a working git repository on the
+    // job's branch, with the base commit and a clean status.
+    assert_eq!(
+        git(&wt.path, &["rev-parse", "--abbrev-ref", "HEAD"]),
+        "orchestrator/g1"
+    );
+    assert_eq!(git(&wt.path, &["status", "--porcelain"]), "");
+    assert_eq!(
+        git(&wt.path, &["rev-parse", "HEAD"]),
+        wt.base_commit.to_string()
+    );
+    let report = stage.commit(&wt, "none").expect("commit");
+    assert_eq!(report.tampered, Vec::<String>::new());
+    assert_eq!(report.outcome, CommitOutcome::NoChanges);
+    // The agent committing with its own git changes nothing for the host.
+    std::fs::write(wt.path.join("new.txt"), "agent\n").expect("write");
+    git(&wt.path, &["add", "new.txt"]);
+    git(&wt.path, &["commit", "-qm", "the agent's own commit"]);
+    let report = stage.commit(&wt, "host").expect("commit");
+    assert_eq!(report.tampered, Vec::<String>::new());
+    assert!(matches!(
+        report.outcome,
+        CommitOutcome::Committed { files: 1, .. }
+    ));
+    stage.cleanup(&wt, false).expect("cleanup");
+}

@@ -15,20 +15,29 @@ fn origin(dir: &Path) -> PathBuf {
     crate::fixture::bare_origin(dir, &[("README.md", "# app\nline two\n")])
 }
 
-struct Fixture {
-    env: TestEnv,
-    bare: PathBuf,
-    tmp: tempfile::TempDir,
-    queue: String,
+pub(crate) struct Fixture {
+    pub(crate) env: TestEnv,
+    pub(crate) bare: PathBuf,
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) queue: String,
 }
 
-async fn fixture() -> Fixture {
+pub(crate) async fn fixture() -> Fixture {
+    fixture_with(|_| {}).await
+}
+
+/// A bare origin on this machine and a test environment whose git stage
+/// uses it, with `adjust` applied to the settings.
+pub(crate) async fn fixture_with(
+    adjust: impl FnOnce(&mut orchestrator::config::Settings) + Send + 'static,
+) -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let bare = origin(tmp.path());
     let data = tmp.path().join("git-data");
     let env = TestEnv::with_settings(move |s| {
         s.git.allow_local = true;
         s.git.data_dir = data;
+        adjust(s);
     })
     .await;
     Fixture {
@@ -40,7 +49,7 @@ async fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    async fn run(&self, payload: serde_json::Value) -> orchestrator::job::Job {
+    pub(crate) async fn run(&self, payload: serde_json::Value) -> orchestrator::job::Job {
         let mut r = request("script-agent", &self.queue, payload);
         r.max_attempts = Some(1);
         let job = self.env.enqueue(vec![r]).await.remove(0);
@@ -54,14 +63,14 @@ impl Fixture {
         done
     }
 
-    fn remote_branches(&self) -> String {
+    pub(crate) fn remote_branches(&self) -> String {
         git(
             &self.bare,
             &["for-each-ref", "--format=%(refname:short)", "refs/heads"],
         )
     }
 
-    async fn event_types(&self, id: JobId) -> Vec<String> {
+    pub(crate) async fn event_types(&self, id: JobId) -> Vec<String> {
         self.env
             .app
             .store
@@ -73,7 +82,7 @@ impl Fixture {
             .collect()
     }
 
-    fn worktrees_left(&self) -> usize {
+    pub(crate) fn worktrees_left(&self) -> usize {
         std::fs::read_dir(self.tmp.path().join("git-data").join("worktrees"))
             .map(|d| d.count())
             .unwrap_or(0)

@@ -12,6 +12,7 @@ mod gates;
 mod helpers;
 mod jobs;
 mod kill;
+mod trust;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
