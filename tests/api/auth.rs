@@ -165,3 +165,119 @@ async fn yolo_needs_the_admin_scope_and_is_marked_in_the_trail() {
     assert_eq!(events["events"][0]["data"]["yolo"], true, "{events}");
     assert_eq!(events["events"][0]["actor"], "admin");
 }
+
+/// A kind with a required gate (`tests`) and an advisory one (`style`).
+const GATED: &str = r#"
+image = "orchestrator/script-agent:latest"
+command = ["sh", "-c", "{script}"]
+[[gates.gate]]
+name = "tests"
+type = "command"
+command = ["true"]
+profiles = ["standard", "strict"]
+[[gates.gate]]
+name = "style"
+type = "command"
+command = ["true"]
+required = false
+profiles = ["standard", "strict", "minimal"]
+"#;
+
+#[tokio::test]
+async fn leaving_out_a_required_gate_is_yolo_and_needs_admin() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let workers = tmp.path().join("workers");
+    std::fs::create_dir_all(workers.join("gated")).expect("mkdir");
+    std::fs::write(workers.join("gated/worker.toml"), GATED).expect("kind");
+    let api = TestApi::spawn_with(move |s| s.sandbox.workers_dir = workers).await;
+    let job = |gates: serde_json::Value| {
+        json!({ "kind": "gated", "payload": {
+            "script": "true", "repo": "https://github.com/acme/app.git", "gates": gates } })
+    };
+    let before = api.footprint().await;
+    // A custom list without it, none at all, a profile without it.
+    for gates in [json!(["style"]), json!([]), json!("minimal")] {
+        let r = api.post_json("/v1/jobs", ENQUEUE, job(gates.clone())).await;
+        assert_eq!(r.status().as_u16(), 403, "{gates}");
+        let body: serde_json::Value = r.json().await.expect("problem");
+        assert_eq!(body["field"], "payload.gates", "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("tests"),
+            "{body}"
+        );
+        let r = api
+            .post_json(
+                "/v1/jobs/batch",
+                ENQUEUE,
+                json!({ "jobs": [job(gates.clone())] }),
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 403, "{gates}");
+    }
+    assert_eq!(api.footprint().await, before, "refused, nothing written");
+    // Choices that keep it need no admin and are not YOLO.
+    for gates in [json!(["tests"]), json!("strict")] {
+        let (status, created) = json(api.post_json("/v1/jobs", ENQUEUE, job(gates)).await).await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().expect("id");
+        let (_, events) = json(api.get(&format!("/v1/jobs/{id}/events"), READ).await).await;
+        assert!(
+            events["events"][0]["data"].get("yolo").is_none(),
+            "{events}"
+        );
+    }
+    // From an admin it is accepted, and audited exactly like yolo: true.
+    let (status, created) = json(api.post_json("/v1/jobs", ADMIN, job(json!([]))).await).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().expect("id");
+    let (_, events) = json(api.get(&format!("/v1/jobs/{id}/events"), READ).await).await;
+    assert_eq!(events["events"][0]["data"]["yolo"], true, "{events}");
+}
+
+#[tokio::test]
+async fn allow_existing_branch_needs_admin() {
+    let api = TestApi::spawn().await;
+    let job = json!({ "kind": "script-agent", "payload": {
+        "script": "true", "repo": "https://github.com/acme/app.git", "branch": "main",
+        "push": true, "allow_existing_branch": true } });
+    let r = api.post_json("/v1/jobs", ENQUEUE, job.clone()).await;
+    assert_eq!(r.status().as_u16(), 403);
+    let (status, _) = json(api.post_json("/v1/jobs", ADMIN, job).await).await;
+    assert_eq!(status, 201);
+}
+
+#[tokio::test]
+async fn a_url_two_parsers_read_differently_is_refused_and_nothing_is_contacted() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let api = TestApi::spawn().await;
+    let before = api.footprint().await;
+    for repo in [
+        format!("https://github.com\\@127.0.0.1:{port}/x.git"),
+        format!("https://github.com@127.0.0.1:{port}/x.git"),
+        format!("https://%31%32%37.0.0.1:{port}/x.git"),
+        format!("https://[::1]:{port}/x.git"),
+        format!("https://localhost:{port}/x.git"),
+    ] {
+        let job = json!({ "kind": "script-agent", "payload": { "script": "true", "repo": repo } });
+        let r = api.post_json("/v1/jobs", ADMIN, job).await;
+        assert_eq!(r.status().as_u16(), 422, "{repo}");
+        let body: serde_json::Value = r.json().await.expect("problem");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("payload.repo"),
+            "{body}"
+        );
+    }
+    assert_eq!(api.footprint().await, before, "refused, nothing written");
+    assert!(
+        listener.accept().is_err(),
+        "nobody connected to the listener"
+    );
+}
