@@ -100,12 +100,15 @@ impl App {
         let queue =
             ValkeyQueue::connect(settings.valkey_url.expose(), &settings.key_prefix).await?;
         let kinds = KindDef::load_dir(&settings.sandbox.workers_dir)?;
-        let sandboxes = SandboxHost::new(&settings.sandbox, &settings.key_prefix);
-        let scanner = match &settings.git.secret_rules {
-            Some(path) => Scanner::from_file(path),
-            None => Scanner::default_rules(),
-        }
-        .map_err(|e| AppError::Git(e.to_string()))?;
+        let scanner = Arc::new(
+            match &settings.git.secret_rules {
+                Some(path) => Scanner::from_file(path),
+                None => Scanner::default_rules(),
+            }
+            .map_err(|e| AppError::Git(e.to_string()))?,
+        );
+        let sandboxes = SandboxHost::new(&settings.sandbox, &settings.key_prefix)
+            .with_redactor(scanner.clone());
         let git = GitHost {
             stage: GitStage::new(
                 // Absolute: worktrees are bind-mounted into sandboxes.
@@ -113,7 +116,7 @@ impl App {
                     .map_err(|e| AppError::Git(e.to_string()))?,
                 settings.git.author_name.clone(),
                 settings.git.author_email.clone(),
-                Arc::new(scanner),
+                scanner,
             )
             .with_limits(settings.git.limits())
             .with_network(settings.git.network()),

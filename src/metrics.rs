@@ -6,6 +6,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Counter {queue, kind}: jobs written to Postgres and indexed.
 pub const JOBS_ENQUEUED: &str = "orchestrator_jobs_enqueued_total";
+/// Secrets redacted from agent and gate output, by rule.
+pub const OUTPUT_REDACTIONS: &str = "orchestrator_output_redactions_total";
 /// Counter {queue, kind, outcome}: attempts that ended
 /// (outcome: succeeded, retried, dead, released, cancelled).
 pub const JOBS_FINISHED: &str = "orchestrator_jobs_finished_total";
@@ -73,6 +75,10 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 
 fn describe() {
     describe_counter!(JOBS_ENQUEUED, "Jobs enqueued.");
+    describe_counter!(
+        OUTPUT_REDACTIONS,
+        "Secrets redacted from agent and gate output before it was stored, by rule."
+    );
     describe_counter!(JOBS_FINISHED, "Job attempts that ended, by outcome.");
     describe_histogram!(
         CANCEL_SECONDS,

@@ -286,6 +286,70 @@ impl Scanner {
         findings
     }
 
+    /// `text` with every secret the rules find replaced by
+    /// `[REDACTED:<rule id>]`, and the ids of the rules that matched (once
+    /// per match): for agent output, before it is stored or streamed.
+    pub fn redact(&self, text: &str) -> (String, Vec<String>) {
+        let mut candidates = vec![false; self.rules.len()];
+        if let Some(ac) = &self.keywords {
+            let lower = text.to_lowercase();
+            for m in ac.find_overlapping_iter(&lower) {
+                for &r in &self.keyword_rules[m.pattern().as_usize()] {
+                    candidates[r] = true;
+                }
+            }
+        }
+        let mut spans: Vec<(usize, usize, &str)> = Vec::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            if rule.has_keywords && !candidates[index] {
+                continue;
+            }
+            // Rules tied to a file path do not apply to output.
+            let (Some(regex), None) = (&rule.regex, &rule.path) else {
+                continue;
+            };
+            for caps in regex.captures_iter(text) {
+                let group = rule
+                    .secret_group
+                    .unwrap_or(if caps.len() > 1 { 1 } else { 0 });
+                let Some(secret) = caps.get(group).or_else(|| caps.get(0)) else {
+                    continue;
+                };
+                if rule
+                    .entropy
+                    .is_some_and(|min| entropy(secret.as_str()) < min)
+                    || self.global.allows_secret(secret.as_str())
+                    || rule.allow.iter().any(|a| a.allows_secret(secret.as_str()))
+                {
+                    continue;
+                }
+                spans.push((secret.start(), secret.end(), rule.id.as_str()));
+            }
+        }
+        if spans.is_empty() {
+            return (text.to_owned(), Vec::new());
+        }
+        spans.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
+        let mut out = String::with_capacity(text.len());
+        let mut ids = Vec::new();
+        let mut at = 0;
+        for (start, end, id) in spans {
+            if start < at {
+                // Overlaps a span already redacted: extend it if longer.
+                at = at.max(end);
+                continue;
+            }
+            out.push_str(&text[at..start]);
+            out.push_str(&format!("[REDACTED:{id}]"));
+            ids.push(id.to_owned());
+            at = end;
+        }
+        if at < text.len() {
+            out.push_str(&text[at..]);
+        }
+        (out, ids)
+    }
+
     /// Scans a whole text (a new file).
     pub fn scan_text(&self, file: &str, text: &str) -> Vec<Finding> {
         self.scan_lines(file, text.lines().enumerate().map(|(i, l)| (i + 1, l)))
@@ -313,6 +377,18 @@ impl Scanner {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn output_is_redacted_with_the_rules() {
+        let scanner = Scanner::default_rules().expect("rules");
+        let token = "ghp_aB3dE5fG7hJ9kL2mN4pQ6rS8tU0vW1xY3zAB";
+        let (text, rules) = scanner.redact(&format!("pushing with {token} now"));
+        assert_eq!(text, "pushing with [REDACTED:github-pat] now");
+        assert_eq!(rules, vec!["github-pat".to_owned()]);
+        let (text, rules) = scanner.redact("nothing to see, line 42");
+        assert_eq!((text.as_str(), rules.len()), ("nothing to see, line 42", 0));
+    }
+
     use super::*;
 
     /// Synthetic credentials in each provider's public format: (rule,

@@ -17,6 +17,7 @@ use super::{Handler, HandlerFuture, JobContext, JobError};
 use crate::config::{AdmissionSettings, NoChanges, RuntimeChoice, SandboxSettings, Secret};
 use crate::git::names::{BranchName, RepoPolicy};
 use crate::git::repo::GitStage;
+use crate::git::secrets::Scanner;
 use crate::sandbox::{
     BindMount, DockerRuntime, Finished, LogCap, LogLine, Outcome, Owner, RunOptions, Runtime,
     SandboxSpec,
@@ -35,6 +36,9 @@ pub struct SandboxHost {
     /// is asked again by the next job.
     runtime: Arc<OnceCell<Runtime>>,
     choice: RuntimeChoice,
+    /// The secret rules, applied to every line of output before it is
+    /// stored or streamed.
+    redactor: Option<Arc<Scanner>>,
     /// Labels this deployment's sandboxes (the Valkey key prefix).
     pub deployment: String,
     pub log_budget_bytes: u64,
@@ -52,6 +56,7 @@ impl SandboxHost {
         SandboxHost {
             runtime: Arc::new(OnceCell::new()),
             choice: settings.runtime,
+            redactor: None,
             deployment: deployment.to_owned(),
             log_budget_bytes: settings.log_budget_bytes,
             log_tail_bytes: settings.log_tail_bytes,
@@ -76,6 +81,28 @@ impl SandboxHost {
                 }
             })
             .await
+    }
+
+    /// Redacts output with the secret rules (the same as the diff's).
+    pub fn with_redactor(mut self, scanner: Arc<Scanner>) -> Self {
+        self.redactor = Some(scanner);
+        self
+    }
+
+    /// `line` with what the secret rules find replaced by
+    /// `[REDACTED:<rule id>]`, each counted.
+    fn redact(&self, line: &mut LogLine) {
+        let Some(scanner) = &self.redactor else {
+            return;
+        };
+        let (text, rules) = scanner.redact(&line.text);
+        if rules.is_empty() {
+            return;
+        }
+        for rule in rules {
+            metrics::counter!(crate::metrics::OUTPUT_REDACTIONS, "rule" => rule).increment(1);
+        }
+        line.text = text;
     }
 
     /// For `/readyz`: whether agent jobs can run here.
@@ -385,6 +412,7 @@ pub(super) async fn run_sandbox(
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_logs(
         ctx.clone(),
+        host.clone(),
         rx,
         LogCap::new(host.log_budget_bytes, host.log_tail_bytes),
     ));
@@ -461,9 +489,11 @@ pub(super) async fn run_gate(
     };
     let runtime = host.runtime().await.map_err(JobError::Failed)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<LogLine>();
+    let redactor = host.clone();
     let collect = tokio::spawn(async move {
         let mut lines = std::collections::VecDeque::new();
-        while let Some(line) = rx.recv().await {
+        while let Some(mut line) = rx.recv().await {
+            redactor.redact(&mut line);
             if lines.len() == GATE_OUTPUT_LINES {
                 lines.pop_front();
             }
@@ -521,6 +551,7 @@ pub(super) fn outcome_result(
 /// once the budget is spent, records a `log_truncated` event with the tail.
 async fn write_logs(
     ctx: JobContext,
+    host: SandboxHost,
     mut rx: mpsc::UnboundedReceiver<LogLine>,
     mut cap: LogCap,
 ) -> Value {
@@ -529,7 +560,8 @@ async fn write_logs(
     loop {
         tokio::select! {
             line = rx.recv() => match line {
-                Some(line) => {
+                Some(mut line) => {
+                    host.redact(&mut line);
                     if let Some(line) = cap.accept(line) {
                         batch.push(("log", json!({ "stream": line.stream, "line": line.text })));
                     }

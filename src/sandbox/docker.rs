@@ -8,12 +8,15 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions,
     LogsOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
+
+/// Most output Docker keeps on disk per container (its json-file driver).
+const DOCKER_LOG_MAX_SIZE: &str = "10m";
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -109,6 +112,16 @@ impl DockerRuntime {
                 .to_owned(),
             ),
             binds: (!binds.is_empty()).then_some(binds),
+            // Docker keeps a container's output on the host's disk: capped,
+            // whatever the daemon's default driver would allow. We stream
+            // it as it comes, so nothing we record is lost to the rotation.
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".to_owned()),
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), DOCKER_LOG_MAX_SIZE.to_owned()),
+                    ("max-file".to_owned(), "1".to_owned()),
+                ])),
+            }),
             ..HostConfig::default()
         };
         ContainerCreateBody {

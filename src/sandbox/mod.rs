@@ -184,6 +184,34 @@ pub enum Runtime {
     Local(LocalRuntime),
 }
 
+/// A secret and the forms an agent could print it in to slip past a plain
+/// match: base64 (at each of the three alignments it can have inside a
+/// longer encoding, so `KEY=<secret>` encoded is caught too), hex in both
+/// cases, and URL-encoded. Longest first, so a form is masked whole.
+fn encoded_forms(secret: &str) -> Vec<String> {
+    use base64::engine::general_purpose::STANDARD_NO_PAD;
+    use base64::Engine as _;
+    let mut forms = vec![secret.to_owned()];
+    for shift in 0..3usize {
+        let mut bytes = vec![0u8; shift];
+        bytes.extend_from_slice(secret.as_bytes());
+        let encoded = STANDARD_NO_PAD.encode(&bytes);
+        // Characters that mix in the prefix, or whatever follows, vary.
+        let skip = (shift * 8).div_ceil(6);
+        let keep = (shift + secret.len()) * 8 / 6;
+        if keep > skip + MIN_MASKED_LEN {
+            forms.push(encoded[skip..keep].to_owned());
+        }
+    }
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    forms.push(hex.to_uppercase());
+    forms.push(hex);
+    forms.push(url::form_urlencoded::byte_serialize(secret.as_bytes()).collect());
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms.dedup();
+    forms
+}
+
 impl Runtime {
     /// Docker when a daemon answers (`DOCKER_HOST` or the local socket),
     /// else the local-process runtime, with a loud warning.
@@ -216,8 +244,8 @@ impl Runtime {
         let masks: Vec<String> = spec
             .secrets
             .values()
-            .map(|s| s.expose().to_owned())
-            .filter(|v| v.len() >= MIN_MASKED_LEN)
+            .filter(|s| s.expose().len() >= MIN_MASKED_LEN)
+            .flat_map(|s| encoded_forms(s.expose()))
             .collect();
         let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<LogLine>();
         let forward = tokio::spawn(async move {

@@ -95,8 +95,14 @@ impl Fixture {
         r
     }
 
+    /// The job's directory on the host (its workspace and the host's record).
     fn worktree(&self, id: JobId) -> PathBuf {
         self.data().join("worktrees").join(id.to_string())
+    }
+
+    /// What the sandbox sees at /workspace.
+    fn workspace(&self, id: JobId) -> PathBuf {
+        self.worktree(id).join("workspace")
     }
 
     fn pushed(&self, id: JobId) -> bool {
@@ -260,7 +266,7 @@ async fn a_cancel_in_the_git_stage_stops_it_before_anything_is_pushed() {
     let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
         .expect("flock");
-    std::fs::write(f.worktree(job.id).join("go"), "").expect("signal the agent");
+    std::fs::write(f.workspace(job.id).join("go"), "").expect("signal the agent");
     wait_stage(&f.env, job.id, "git").await;
 
     f.cancel_running(job.id, "wrong repo").await;
@@ -334,7 +340,7 @@ async fn the_reaper_completes_a_cancel_whose_worker_died_midway() {
     f.cancel_running(job.id, "stuck").await;
     // The worker has sent SIGTERM (noted, not obeyed) and waits out the
     // grace period: kill it there.
-    let mark = f.worktree(job.id).join("got-term");
+    let mark = f.workspace(job.id).join("got-term");
     wait_until("the SIGTERM", Duration::from_secs(30), || async {
         mark.exists()
     })

@@ -261,7 +261,10 @@ async fn logs_and_secrets(rt: Runtime) {
     let mut s = spec(
         "i=1; while [ $i -le 300 ]; do echo \"line $i\"; i=$((i+1)); done; echo oops >&2; \
          case \"$API_KEY\" in sk-test-*) [ ${#API_KEY} -eq 20 ] && echo secret-received;; esac; \
-         echo \"leak:$API_KEY\"",
+         echo \"leak:$API_KEY\"; \
+         echo \"b64:$(printf %s \"$API_KEY\" | base64)\"; \
+         echo \"b64-in-env:$(printf 'KEY=%s' \"$API_KEY\" | base64)\"; \
+         echo \"hex:$(printf %s \"$API_KEY\" | od -An -tx1 | tr -d ' \\n')\"",
     );
     s.secrets
         .insert("API_KEY".into(), Secret::new("sk-test-9f8e7d6c5b4a"));
@@ -299,6 +302,27 @@ async fn logs_and_secrets(rt: Runtime) {
         out.iter().find(|l| l.starts_with("leak"))
     );
     assert!(out.contains(&"leak:***"));
+    // Encoded forms of the worker's own secrets are masked too.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for encoded in [
+        b64.encode("sk-test-9f8e7d6c5b4a"),
+        b64.encode("KEY=sk-test-9f8e7d6c5b4a"),
+        "736b2d746573742d396638653764366335623461".to_owned(),
+    ] {
+        let probe = &encoded[4..encoded.len() - 4];
+        assert!(
+            lines.iter().all(|l| !l.text.contains(probe)),
+            "{probe} (of {encoded}) is in {out:?}"
+        );
+    }
+    for prefix in ["b64:", "b64-in-env:", "hex:"] {
+        assert!(
+            out.iter()
+                .any(|l| l.starts_with(prefix) && l.contains("***")),
+            "{prefix} masked: {out:?}"
+        );
+    }
 
     // The cap keeps the tail and counts what it dropped.
     let mut cap = LogCap::new(1_000, 200);
@@ -317,7 +341,7 @@ async fn logs_and_secrets(rt: Runtime) {
             .rev()
             .find(|l| l.stream == LogStream::Stdout)
             .map(|l| l.text.as_str()),
-        Some("leak:***")
+        Some("hex:***")
     );
 }
 

@@ -391,3 +391,46 @@ async fn no_docker_daemon_means_no_agent_job_never_a_host_process() {
     let check = f.env.app.sandboxes.check().await;
     assert!(check.is_err(), "{check:?}");
 }
+
+#[tokio::test]
+async fn a_secret_the_agent_prints_is_redacted_before_it_is_stored() {
+    let f = fixture().await;
+    let token = "ghp_aB3dE5fG7hJ9kL2mN4pQ6rS8tU0vW1xY3zAB";
+    let mut r = request(
+        "script-agent",
+        &f.queue,
+        json!({ "script": format!("echo using {token} to push; echo done") }),
+    );
+    r.max_attempts = Some(1);
+    let job = f.env.enqueue(vec![r]).await.remove(0);
+    let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
+    let done = f
+        .env
+        .wait_terminal(&[job.id], Duration::from_secs(60))
+        .await
+        .remove(0);
+    pool.shutdown().await;
+    assert_eq!(done.status, Status::Succeeded, "{:?}", done.last_error);
+    // The producer's own payload holds the token; what the agent printed
+    // (events, result) must not.
+    let events = f
+        .env
+        .app
+        .store
+        .job_events(done.id, None)
+        .await
+        .expect("events");
+    let everything = format!(
+        "{}{}",
+        serde_json::to_string(&events).expect("json"),
+        serde_json::to_string(&done.result).expect("json")
+    );
+    assert!(
+        !everything.contains(token),
+        "the token reached Postgres: {everything}"
+    );
+    assert!(
+        everything.contains("using [REDACTED:github-pat] to push"),
+        "{everything}"
+    );
+}
