@@ -281,3 +281,40 @@ async fn a_url_two_parsers_read_differently_is_refused_and_nothing_is_contacted(
         "nobody connected to the listener"
     );
 }
+
+#[tokio::test]
+async fn invented_methods_and_paths_do_not_grow_the_metric_labels() {
+    let api = TestApi::spawn().await;
+    for i in 0..5 {
+        let method = Method::from_bytes(format!("XYZZY{i}").as_bytes()).expect("method");
+        let r = api
+            .request(method, &format!("/v1/jobs/{i}"), Some(ADMIN))
+            .send()
+            .await
+            .expect("request");
+        assert!(r.status().is_client_error(), "{}", r.status());
+        let r = api
+            .request(Method::GET, &format!("/no-such-route-{i}"), None)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), 404);
+    }
+    let text = api
+        .request(Method::GET, "/metrics", None)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(!text.contains("XYZZY"), "a method became a label value");
+    assert!(
+        !text.contains("no-such-route"),
+        "a path became a label value"
+    );
+    assert!(
+        text.contains("method=\"other\""),
+        "invented methods share one value"
+    );
+}
