@@ -45,6 +45,8 @@ const REMOTE_PREFIX: &str = "refs/remotes/origin/";
 const META_FILE: &str = "meta.json";
 /// The directory mounted at `/workspace`.
 const WORKSPACE_DIR: &str = "workspace";
+/// Deepest directory nesting walked or checked out.
+const MAX_DEPTH: usize = 256;
 /// Most bytes of a `.gitignore` read.
 const MAX_GITIGNORE_BYTES: u64 = 256 * 1024;
 
@@ -264,7 +266,7 @@ impl GitStage {
         let path = dir.join(WORKSPACE_DIR);
         std::fs::create_dir(&path)?;
         let mut budget = Budget::new(self.limits);
-        checkout(&repo, &base_commit.tree()?, &path, &mut budget)?;
+        checkout(&repo, &base_commit.tree()?, &path, &mut budget, 0)?;
         let sandbox_config = self.sandbox_git(&repo, &base_commit, branch, &path)?;
         // The host's own record of the job's branch.
         repo.branch(branch.as_str(), &base_commit, true)?;
@@ -666,11 +668,14 @@ fn credentials<'a>(url: &'a RepoUrl, network: &'a Network) -> RemoteCallbacks<'a
             }
             return Cred::ssh_key_from_agent(user);
         }
-        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+        // A token travels only over TLS.
+        let https = matches!(url, RepoUrl::Remote { scheme, .. } if scheme == "https");
+        if https && allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
             let var = network
                 .host_tokens
-                .get(host)
-                .map_or("ORCH_GIT_HTTPS_TOKEN", String::as_str);
+                .iter()
+                .find(|(h, _)| h.eq_ignore_ascii_case(host))
+                .map_or("ORCH_GIT_HTTPS_TOKEN", |(_, var)| var.as_str());
             if let Ok(token) = std::env::var(var) {
                 return Cred::userpass_plaintext("x-access-token", &token);
             }
@@ -710,7 +715,13 @@ fn checkout(
     tree: &Tree<'_>,
     dir: &Path,
     budget: &mut Budget,
+    depth: usize,
 ) -> Result<(), GitError> {
+    if depth >= MAX_DEPTH {
+        return Err(GitError::Refused(format!(
+            "the repository nests directories more than {MAX_DEPTH} deep"
+        )));
+    }
     for entry in tree.iter() {
         let name = checked_name(entry.name_bytes())?;
         let path = dir.join(name);
@@ -718,7 +729,7 @@ fn checkout(
         match entry.kind() {
             Some(ObjectType::Tree) => {
                 std::fs::create_dir(&path)?;
-                checkout(repo, &repo.find_tree(entry.id())?, &path, budget)?;
+                checkout(repo, &repo.find_tree(entry.id())?, &path, budget, depth + 1)?;
             }
             Some(ObjectType::Blob) => {
                 let blob = repo.find_blob(entry.id())?;
@@ -869,6 +880,14 @@ impl Walk<'_, '_> {
         base: Option<&Tree<'_>>,
         parents: &[&Ignores<'_>],
     ) -> Result<Option<Oid>, GitError> {
+        // Each level holds a descriptor and a stack frame: bounded, so a
+        // deep tree cannot exhaust either.
+        if parents.len() >= MAX_DEPTH {
+            return Err(GitError::Refused(format!(
+                "worktree_too_deep: {} is more than {MAX_DEPTH} directories deep",
+                display_path(dir.path())
+            )));
+        }
         let entries = dir.entries()?;
         let rules = match entries.iter().find(|(n, _)| n == b".gitignore") {
             Some((_, EntryKind::File { .. })) => Some(self.gitignore(dir)?),
@@ -936,7 +955,7 @@ impl Walk<'_, '_> {
                 }
             }
         }
-        if builder.len() == 0 {
+        if builder.is_empty() {
             return Ok(None);
         }
         Ok(Some(builder.write()?))

@@ -323,6 +323,9 @@ impl Scanner {
                 {
                     continue;
                 }
+                if secret.is_empty() {
+                    continue;
+                }
                 spans.push((secret.start(), secret.end(), rule.id.as_str()));
             }
         }

@@ -241,12 +241,15 @@ impl Runtime {
         validate(spec)?;
         // Output passes through a mask of the secrets' values: an agent
         // that prints its API key does not put it into the job's events.
-        let masks: Vec<String> = spec
+        let mut masks: Vec<String> = spec
             .secrets
             .values()
             .filter(|s| s.expose().len() >= MIN_MASKED_LEN)
             .flat_map(|s| encoded_forms(s.expose()))
             .collect();
+        // Longest first across every secret: one that contains another is
+        // masked whole.
+        masks.sort_by_key(|m| std::cmp::Reverse(m.len()));
         let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<LogLine>();
         let forward = tokio::spawn(async move {
             while let Some(mut line) = raw_rx.recv().await {
