@@ -73,12 +73,17 @@ impl RepoUrl {
         if addrs.is_empty() {
             return Err(format!("repo host {host} resolves to no address"));
         }
-        if let Some(local) = addrs.iter().find(|a| is_local_addr(**a)) {
-            return Err(format!(
-                "repo host {host} resolves to {local}, this machine or a private address; not allowed unless git.allow_local"
-            ));
-        }
-        Ok(())
+        refuse_local(host, &addrs)
+    }
+}
+
+/// Refuses `host` when any of its addresses is a local one.
+fn refuse_local(host: &str, addrs: &[IpAddr]) -> Result<(), String> {
+    match addrs.iter().find(|a| is_local_addr(**a)) {
+        Some(local) => Err(format!(
+            "repo host {host} resolves to {local}, this machine or a private address; not allowed unless git.allow_local"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -102,7 +107,7 @@ const MAX_URL: usize = 2048;
 pub fn is_local_addr(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(ip) => {
-            let [a, b, ..] = ip.octets();
+            let [a, b, c, _] = ip.octets();
             ip.is_loopback()
                 || ip.is_private()
                 || ip.is_link_local()
@@ -110,7 +115,7 @@ pub fn is_local_addr(ip: IpAddr) -> bool {
                 || ip.is_broadcast()
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
-                || (a == 192 && b == 0 && ip.octets()[2] == 0)
+                || (a == 192 && b == 0 && c == 0)
                 || (a == 198 && (b == 18 || b == 19))
                 || a >= 240
         }
@@ -253,11 +258,7 @@ impl RepoPolicy {
         if let RepoUrl::Remote { host, port, .. } = &url {
             if !self.allow_local {
                 if let Ok(addrs) = resolve(host, *port) {
-                    if let Some(local) = addrs.into_iter().find(|a| is_local_addr(*a)) {
-                        return Err(format!(
-                            "repo host {host} resolves to {local}, this machine or a private address; not allowed unless git.allow_local"
-                        ));
-                    }
+                    refuse_local(host, &addrs)?;
                 }
             }
         }

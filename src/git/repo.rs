@@ -105,6 +105,9 @@ pub struct Worktree {
     /// `<dir>/workspace`: mounted at `/workspace`, the agent's to write.
     pub path: PathBuf,
     pub mirror: PathBuf,
+    /// The repository, as validated from the job: every fetch and push of
+    /// this workspace goes to it and nowhere else.
+    pub url: RepoUrl,
     pub branch: BranchName,
     pub base_commit: Oid,
     /// The job's branch as it was on the remote before the job, if it
@@ -208,14 +211,24 @@ impl GitStage {
     /// host resolved again now, since DNS may have changed), no redirects,
     /// credentials for that host only.
     fn fetch(&self, repo: &Repository, url: &RepoUrl, refspecs: &[&str]) -> Result<(), GitError> {
-        url.check_resolves(self.network.allow_local)
-            .map_err(GitError::Refused)?;
-        let mut remote = repo.remote_anonymous(&url.as_git_url())?;
+        let mut remote = self.remote(repo, url)?;
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(credentials(url, &self.network));
         opts.follow_redirects(RemoteRedirect::None);
         remote.fetch(refspecs, Some(&mut opts), None)?;
         Ok(())
+    }
+
+    /// An unnamed remote for `url` in `repo`, its host resolved again now
+    /// (DNS may have changed since enqueue): never a remote from config.
+    fn remote<'r>(
+        &self,
+        repo: &'r Repository,
+        url: &RepoUrl,
+    ) -> Result<git2::Remote<'r>, GitError> {
+        url.check_resolves(self.network.allow_local)
+            .map_err(GitError::Refused)?;
+        Ok(repo.remote_anonymous(&url.as_git_url())?)
     }
 
     /// Creates (first use) and fetches the mirror, then writes the job's
@@ -275,6 +288,7 @@ impl GitStage {
             dir,
             path,
             mirror,
+            url: url.clone(),
             branch: branch.clone(),
             base_commit: base_commit.id(),
             branch_on_remote,
@@ -349,11 +363,11 @@ impl GitStage {
             budget: &mut budget,
             tampered: &mut tampered,
         };
-        let tree_id = match walk.tree(&mut root, Some(&base_tree), &[])? {
+        let tree_id = match walk.tree(&mut root, Some(&base_tree), None, 0)? {
             Some(id) => id,
             None => repo.treebuilder(None)?.write()?,
         };
-        let outcome = self.finish_commit(&repo, wt, &head, tree_id, message)?;
+        let outcome = self.finish_commit(&repo, wt, &head, &base_tree, tree_id, message)?;
         Ok(CommitReport { outcome, tampered })
     }
 
@@ -362,14 +376,15 @@ impl GitStage {
         repo: &Repository,
         wt: &Worktree,
         head: &git2::Commit<'_>,
+        base_tree: &Tree<'_>,
         tree_id: Oid,
         message: &str,
     ) -> Result<CommitOutcome, GitError> {
-        if tree_id == head.tree_id() {
+        if tree_id == base_tree.id() {
             return Ok(CommitOutcome::NoChanges);
         }
         let tree = repo.find_tree(tree_id)?;
-        let diff = repo.diff_tree_to_tree(Some(&head.tree()?), Some(&tree), None)?;
+        let diff = repo.diff_tree_to_tree(Some(base_tree), Some(&tree), None)?;
         let findings = self.scan_diff(repo, &diff)?;
         if !findings.is_empty() {
             return Ok(CommitOutcome::SecretDetected { findings });
@@ -481,12 +496,7 @@ impl GitStage {
     /// Fetches `target` (default: the remote's HEAD) and merges it with the
     /// job's branch in memory; the conflicted paths, empty when the branch
     /// merges cleanly.
-    pub fn conflicts(
-        &self,
-        wt: &Worktree,
-        url: &RepoUrl,
-        target: Option<&str>,
-    ) -> Result<Vec<String>, GitError> {
+    pub fn conflicts(&self, wt: &Worktree, target: Option<&str>) -> Result<Vec<String>, GitError> {
         let target = target
             .map(BranchName::parse)
             .transpose()
@@ -503,7 +513,7 @@ impl GitStage {
         };
         let _lock = self.lock(&wt.mirror)?;
         let repo = open_or_init_mirror(&wt.mirror)?;
-        self.fetch(&repo, url, &[spec.as_str()])?;
+        self.fetch(&repo, &wt.url, &[spec.as_str()])?;
         let ours = self.branch_head(&repo, wt)?;
         let theirs = repo
             .find_reference(&local)
@@ -532,17 +542,16 @@ impl GitStage {
         Ok(paths.into_iter().collect())
     }
 
-    /// Pushes the job's branch from the mirror to `url` (as validated from
-    /// the job, never a URL from any repository's config). A ref the server
-    /// refuses is an error, read from the per-ref status (git2's push itself
-    /// returns Ok for those).
-    pub fn push(&self, wt: &Worktree, url: &RepoUrl) -> Result<(), GitError> {
-        url.check_resolves(self.network.allow_local)
-            .map_err(GitError::Refused)?;
+    /// Pushes the job's branch from the mirror to the job's repository (as
+    /// validated from the job, never a URL from any repository's config). A
+    /// ref the server refuses is an error, read from the per-ref status
+    /// (git2's push itself returns Ok for those).
+    pub fn push(&self, wt: &Worktree) -> Result<(), GitError> {
+        let url = &wt.url;
         // A push updates the mirror's remote-tracking refs: under its lock.
         let _lock = self.lock(&wt.mirror)?;
         let repo = Repository::open_bare(&wt.mirror)?;
-        let mut remote = repo.remote_anonymous(&url.as_git_url())?;
+        let mut remote = self.remote(&repo, url)?;
         let mut rejected: Vec<(String, String)> = Vec::new();
         {
             let mut callbacks = credentials(url, &self.network);
@@ -821,12 +830,7 @@ fn inspect_sandbox_git(root: &SafeDir, written_config: Oid) -> Result<Vec<String
             found.push(format!("/workspace/.git/hooks has {}", names.join(", ")));
         }
     }
-    let mut budget = Budget::new(Limits {
-        max_file_bytes: 1024 * 1024,
-        max_total_bytes: 1024 * 1024,
-        max_files: 1,
-    });
-    match git.read_file(b"config", &mut budget) {
+    match git.read_file(b"config", &mut Budget::new(Limits::one_file(1024 * 1024))) {
         Ok(bytes) if Oid::hash_object(ObjectType::Blob, bytes.as_slice())? == written_config => {}
         Ok(_) => found.push("/workspace/.git/config was changed".to_owned()),
         Err(e) => found.push(format!(
@@ -878,11 +882,12 @@ impl Walk<'_, '_> {
         &mut self,
         dir: &mut SafeDir,
         base: Option<&Tree<'_>>,
-        parents: &[&Ignores<'_>],
+        parent: Option<&Ignores<'_>>,
+        depth: usize,
     ) -> Result<Option<Oid>, GitError> {
         // Each level holds a descriptor and a stack frame: bounded, so a
         // deep tree cannot exhaust either.
-        if parents.len() >= MAX_DEPTH {
+        if depth >= MAX_DEPTH {
             return Err(GitError::Refused(format!(
                 "worktree_too_deep: {} is more than {MAX_DEPTH} directories deep",
                 display_path(dir.path())
@@ -893,10 +898,7 @@ impl Walk<'_, '_> {
             Some((_, EntryKind::File { .. })) => Some(self.gitignore(dir)?),
             _ => None,
         };
-        let ignores = Ignores {
-            parent: parents.last().copied(),
-            rules,
-        };
+        let ignores = Ignores { parent, rules };
         let mut builder = self.repo.treebuilder(None)?;
         for (name, kind) in entries {
             let rel = dir.rel(&name);
@@ -930,9 +932,9 @@ impl Walk<'_, '_> {
                         None => None,
                     };
                     let mut sub = dir.open_dir(&name)?;
-                    let mut chain = parents.to_vec();
-                    chain.push(&ignores);
-                    if let Some(id) = self.tree(&mut sub, base_sub.as_ref(), &chain)? {
+                    if let Some(id) =
+                        self.tree(&mut sub, base_sub.as_ref(), Some(&ignores), depth + 1)?
+                    {
                         builder.insert(name, id, 0o040000)?;
                     }
                 }
@@ -963,12 +965,10 @@ impl Walk<'_, '_> {
 
     /// The rules of `dir/.gitignore`, read as bounded data.
     fn gitignore(&mut self, dir: &SafeDir) -> Result<Gitignore, GitError> {
-        let mut small = Budget::new(Limits {
-            max_file_bytes: MAX_GITIGNORE_BYTES,
-            max_total_bytes: MAX_GITIGNORE_BYTES,
-            max_files: 1,
-        });
-        let text = dir.read_file(b".gitignore", &mut small)?;
+        let text = dir.read_file(
+            b".gitignore",
+            &mut Budget::new(Limits::one_file(MAX_GITIGNORE_BYTES)),
+        )?;
         let root = Path::new(OsStr::from_bytes(dir.path()));
         let mut builder = GitignoreBuilder::new(root);
         for line in String::from_utf8_lossy(&text).lines() {

@@ -223,6 +223,44 @@ impl Scanner {
         self.rules.iter().map(|r| r.id.as_str())
     }
 
+    /// Marks in `runs` the rules to try on `text`: those without keywords,
+    /// and those whose keywords the text contains (any case).
+    fn select_rules(&self, text: &str, runs: &mut [bool]) {
+        for (run, rule) in runs.iter_mut().zip(&self.rules) {
+            *run = !rule.has_keywords;
+        }
+        if let Some(ac) = &self.keywords {
+            let lower = text.to_lowercase();
+            for m in ac.find_overlapping_iter(&lower) {
+                for &r in &self.keyword_rules[m.pattern().as_usize()] {
+                    runs[r] = true;
+                }
+            }
+        }
+    }
+
+    /// The secrets `rule` (whose regex is `regex`) finds in `text`: each
+    /// match's secret group, past the rule's entropy minimum and the
+    /// allowlists.
+    fn secrets<'t>(
+        &'t self,
+        rule: &'t Rule,
+        regex: &'t Regex,
+        text: &'t str,
+    ) -> impl Iterator<Item = regex::Match<'t>> + 't {
+        regex.captures_iter(text).filter_map(move |caps| {
+            let group = rule
+                .secret_group
+                .unwrap_or(if caps.len() > 1 { 1 } else { 0 });
+            let secret = caps.get(group).or_else(|| caps.get(0))?;
+            let value = secret.as_str();
+            let kept = !rule.entropy.is_some_and(|min| entropy(value) < min)
+                && !self.global.allows_secret(value)
+                && !rule.allow.iter().any(|a| a.allows_secret(value));
+            kept.then_some(secret)
+        })
+    }
+
     /// Scans the given lines (number, text) of `file` (a path relative to
     /// the repository), e.g. the lines a change adds.
     pub fn scan_lines<'a>(
@@ -240,21 +278,10 @@ impl Scanner {
                 findings.push(self.finding(rule, file, 0));
             }
         }
-        let mut candidates = vec![false; self.rules.len()];
+        let mut runs = vec![false; self.rules.len()];
         for (number, text) in lines {
-            candidates.iter_mut().for_each(|c| *c = false);
-            if let Some(ac) = &self.keywords {
-                let lower = text.to_lowercase();
-                for m in ac.find_overlapping_iter(&lower) {
-                    for &r in &self.keyword_rules[m.pattern().as_usize()] {
-                        candidates[r] = true;
-                    }
-                }
-            }
-            for (index, rule) in self.rules.iter().enumerate() {
-                if rule.has_keywords && !candidates[index] {
-                    continue;
-                }
+            self.select_rules(text, &mut runs);
+            for (rule, _) in self.rules.iter().zip(&runs).filter(|(_, run)| **run) {
                 let Some(regex) = &rule.regex else { continue };
                 if rule.path.as_ref().is_some_and(|p| !p.is_match(file)) {
                     continue;
@@ -262,24 +289,8 @@ impl Scanner {
                 if rule.allow.iter().any(|a| a.allows_path(file)) {
                     continue;
                 }
-                for caps in regex.captures_iter(text) {
-                    let group = rule
-                        .secret_group
-                        .unwrap_or(if caps.len() > 1 { 1 } else { 0 });
-                    let Some(secret) = caps.get(group).or_else(|| caps.get(0)) else {
-                        continue;
-                    };
-                    let secret = secret.as_str();
-                    if rule.entropy.is_some_and(|min| entropy(secret) < min) {
-                        continue;
-                    }
-                    if self.global.allows_secret(secret)
-                        || rule.allow.iter().any(|a| a.allows_secret(secret))
-                    {
-                        continue;
-                    }
+                if self.secrets(rule, regex, text).next().is_some() {
                     findings.push(self.finding(rule, file, number));
-                    break;
                 }
             }
         }
@@ -290,44 +301,19 @@ impl Scanner {
     /// `[REDACTED:<rule id>]`, and the ids of the rules that matched (once
     /// per match): for agent output, before it is stored or streamed.
     pub fn redact(&self, text: &str) -> (String, Vec<String>) {
-        let mut candidates = vec![false; self.rules.len()];
-        if let Some(ac) = &self.keywords {
-            let lower = text.to_lowercase();
-            for m in ac.find_overlapping_iter(&lower) {
-                for &r in &self.keyword_rules[m.pattern().as_usize()] {
-                    candidates[r] = true;
-                }
-            }
-        }
+        let mut runs = vec![false; self.rules.len()];
+        self.select_rules(text, &mut runs);
         let mut spans: Vec<(usize, usize, &str)> = Vec::new();
-        for (index, rule) in self.rules.iter().enumerate() {
-            if rule.has_keywords && !candidates[index] {
-                continue;
-            }
+        for (rule, _) in self.rules.iter().zip(&runs).filter(|(_, run)| **run) {
             // Rules tied to a file path do not apply to output.
             let (Some(regex), None) = (&rule.regex, &rule.path) else {
                 continue;
             };
-            for caps in regex.captures_iter(text) {
-                let group = rule
-                    .secret_group
-                    .unwrap_or(if caps.len() > 1 { 1 } else { 0 });
-                let Some(secret) = caps.get(group).or_else(|| caps.get(0)) else {
-                    continue;
-                };
-                if rule
-                    .entropy
-                    .is_some_and(|min| entropy(secret.as_str()) < min)
-                    || self.global.allows_secret(secret.as_str())
-                    || rule.allow.iter().any(|a| a.allows_secret(secret.as_str()))
-                {
-                    continue;
-                }
-                if secret.is_empty() {
-                    continue;
-                }
-                spans.push((secret.start(), secret.end(), rule.id.as_str()));
-            }
+            spans.extend(
+                self.secrets(rule, regex, text)
+                    .filter(|secret| !secret.is_empty())
+                    .map(|secret| (secret.start(), secret.end(), rule.id.as_str())),
+            );
         }
         if spans.is_empty() {
             return (text.to_owned(), Vec::new());

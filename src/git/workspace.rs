@@ -36,6 +36,17 @@ pub struct Limits {
     pub max_files: u64,
 }
 
+impl Limits {
+    /// Bounds for reading one small file on its own (at most `max_bytes`).
+    pub fn one_file(max_bytes: u64) -> Limits {
+        Limits {
+            max_file_bytes: max_bytes,
+            max_total_bytes: max_bytes,
+            max_files: 1,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -375,9 +386,8 @@ pub fn read_relative(
             e => e,
         })?;
     }
-    let mut budget = Budget::new(Limits {
-        max_total_bytes: limits.max_file_bytes,
-        ..limits
-    });
-    dir.read_file(file, &mut budget)
+    dir.read_file(
+        file,
+        &mut Budget::new(Limits::one_file(limits.max_file_bytes)),
+    )
 }

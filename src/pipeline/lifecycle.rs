@@ -245,11 +245,7 @@ async fn stages_after_prepare(
         stop_requested(ctx)?;
         let stage = git.stage.clone();
         let push_wt = wt.clone();
-        let url = git
-            .policy
-            .check(payload.repo.as_deref().unwrap_or_default())
-            .map_err(JobError::Fatal)?;
-        blocking(move || stage.push(&push_wt, &url))
+        blocking(move || stage.push(&push_wt))
             .await
             .map_err(|e| match e {
                 GitError::PushRejected { .. } => JobError::Fatal(format!("push_rejected: {e}")),
@@ -372,14 +368,9 @@ async fn check_conflicts(
     payload: &AgentPayload,
 ) -> Result<(), JobError> {
     let stage = git.stage.clone();
-    let (check_wt, url) = (
-        wt.clone(),
-        git.policy
-            .check(payload.repo.as_deref().unwrap_or_default())
-            .map_err(JobError::Fatal)?,
-    );
+    let check_wt = wt.clone();
     let target = payload.base.clone();
-    let paths = blocking(move || stage.conflicts(&check_wt, &url, target.as_deref()))
+    let paths = blocking(move || stage.conflicts(&check_wt, target.as_deref()))
         .await
         .map_err(|e| JobError::Failed(format!("conflict check failed: {e}")))?;
     if paths.is_empty() {

@@ -89,7 +89,7 @@ fn eight_concurrent_jobs_get_isolated_worktrees_and_push_their_branches() {
                     matches!(outcome, CommitOutcome::Committed { files: 1, .. }),
                     "{outcome:?}"
                 );
-                stage.push(&wt, &url).expect("push");
+                stage.push(&wt).expect("push");
                 stage.cleanup(&wt, true).expect("cleanup");
                 assert!(!wt.path.exists());
             })
@@ -210,7 +210,7 @@ fn conflicts_are_found_with_their_paths_and_clean_merges_pass() {
         CommitOutcome::Committed { .. }
     ));
     assert_eq!(
-        stage.conflicts(&wt, &url, Some("main")).expect("check"),
+        stage.conflicts(&wt, Some("main")).expect("check"),
         Vec::<String>::new(),
         "clean so far"
     );
@@ -232,11 +232,11 @@ fn conflicts_are_found_with_their_paths_and_clean_merges_pass() {
     git(&other, &["commit", "-m", "more", "--allow-empty"]);
     git(&other, &["push", "origin", "HEAD:main"]);
     assert_eq!(
-        stage.conflicts(&wt, &url, Some("main")).expect("check"),
+        stage.conflicts(&wt, Some("main")).expect("check"),
         vec!["README.md".to_owned()]
     );
     assert!(matches!(
-        stage.conflicts(&wt, &url, Some("no-such-branch")),
+        stage.conflicts(&wt, Some("no-such-branch")),
         Err(GitError::Git(_) | GitError::NoSuchBase(_))
     ));
     stage.cleanup(&wt, false).expect("cleanup");
@@ -328,7 +328,7 @@ fn push_rejections_are_reported_not_swallowed() {
         .expect("prepare");
     std::fs::write(wt.path.join("x.txt"), "x\n").expect("write");
     stage.commit(&wt, "x").expect("commit");
-    let err = stage.push(&wt, &url).expect_err("the hook refuses it");
+    let err = stage.push(&wt).expect_err("the hook refuses it");
     assert!(
         matches!(err, GitError::PushRejected { .. } | GitError::Git(_)),
         "{err}"
@@ -342,14 +342,14 @@ fn push_rejections_are_reported_not_swallowed() {
         .expect("prepare");
     std::fs::write(wt.path.join("a.txt"), "a\n").expect("write");
     stage.commit(&wt, "a").expect("commit");
-    stage.push(&wt, &url).expect("first push");
+    stage.push(&wt).expect("first push");
     stage.cleanup(&wt, true).expect("cleanup");
     let wt = stage
         .prepare("n2", &url, None, &branch("feature/n1"))
         .expect("prepare again from main");
     std::fs::write(wt.path.join("b.txt"), "b\n").expect("write");
     stage.commit(&wt, "b").expect("commit");
-    let err = stage.push(&wt, &url).expect_err("non-fast-forward");
+    let err = stage.push(&wt).expect_err("non-fast-forward");
     let text = err.to_string();
     assert!(matches!(err, GitError::PushRejected { .. }), "{text}");
     assert!(text.contains("feature/n1"), "{text}");

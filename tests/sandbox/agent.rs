@@ -49,18 +49,26 @@ pub(crate) async fn fixture_with(
 }
 
 impl Fixture {
+    /// One `script-agent` job with `payload` (one attempt), through a pool
+    /// of its own, to its end.
     pub(crate) async fn run(&self, payload: serde_json::Value) -> orchestrator::job::Job {
+        let pool = self.env.start_pool(self.env.pool_config(&self.queue, 2));
+        let done = self.finish(payload, Duration::from_secs(90)).await;
+        pool.shutdown().await;
+        done
+    }
+
+    /// One `script-agent` job with `payload` (one attempt) on the pool
+    /// already running, to its end (within `limit`).
+    pub(crate) async fn finish(
+        &self,
+        payload: serde_json::Value,
+        limit: Duration,
+    ) -> orchestrator::job::Job {
         let mut r = request("script-agent", &self.queue, payload);
         r.max_attempts = Some(1);
         let job = self.env.enqueue(vec![r]).await.remove(0);
-        let pool = self.env.start_pool(self.env.pool_config(&self.queue, 2));
-        let done = self
-            .env
-            .wait_terminal(&[job.id], Duration::from_secs(90))
-            .await
-            .remove(0);
-        pool.shutdown().await;
-        done
+        self.env.wait_terminal(&[job.id], limit).await.remove(0)
     }
 
     pub(crate) fn remote_branches(&self) -> String {

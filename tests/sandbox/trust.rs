@@ -15,7 +15,6 @@ use serde_json::json;
 
 use crate::agent::{fixture, fixture_with, Fixture};
 use crate::fixture::git;
-use crate::helpers::request;
 
 /// A TCP listener on 127.0.0.1 that counts whoever connects (and what they
 /// send), standing in for an attacker's server.
@@ -58,8 +57,9 @@ impl Listener {
 
 const TOKEN: &str = "orch-test-token-never-leaves-0123456789";
 
-/// Everything recorded about a job, as one string, to search for leaks.
-async fn trail(f: &Fixture, job: &Job) -> String {
+/// What the job's run recorded (its events and result), as one string, to
+/// search for leaks.
+async fn recorded(f: &Fixture, job: &Job) -> String {
     let events = f
         .env
         .app
@@ -70,6 +70,16 @@ async fn trail(f: &Fixture, job: &Job) -> String {
     format!(
         "{}{}",
         serde_json::to_string(&events).expect("json"),
+        serde_json::to_string(&job.result).expect("json")
+    )
+}
+
+/// Everything stored about a job (its record whole, payload included),
+/// to search for leaks.
+async fn trail(f: &Fixture, job: &Job) -> String {
+    format!(
+        "{}{}",
+        recorded(f, job).await,
         serde_json::to_string(job).expect("json")
     )
 }
@@ -269,27 +279,16 @@ async fn a_symlink_to_a_host_file_is_committed_as_a_link_never_read() {
 /// Runs `script` as an agent job expected to fail with `error`, then a
 /// plain job on the same worker pool to show it stayed up.
 async fn fails_cleanly(f: &Fixture, script: &str, error: &str) {
-    let mut bad = request("script-agent", &f.queue, payload(f, script.into()));
-    bad.max_attempts = Some(1);
-    let mut good = request(
-        "script-agent",
-        &f.queue,
-        payload(f, "echo fine > fine.txt".into()),
-    );
-    good.max_attempts = Some(1);
     let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
-    let bad = f.env.enqueue(vec![bad]).await.remove(0);
     let bad = f
-        .env
-        .wait_terminal(&[bad.id], Duration::from_secs(120))
-        .await
-        .remove(0);
-    let good = f.env.enqueue(vec![good]).await.remove(0);
+        .finish(payload(f, script.into()), Duration::from_secs(120))
+        .await;
     let good = f
-        .env
-        .wait_terminal(&[good.id], Duration::from_secs(90))
-        .await
-        .remove(0);
+        .finish(
+            payload(f, "echo fine > fine.txt".into()),
+            Duration::from_secs(90),
+        )
+        .await;
     pool.shutdown().await;
     assert_eq!(bad.status, Status::Dead, "{:?}", bad.last_error);
     let last = bad.last_error.clone().unwrap_or_default();
@@ -370,20 +369,9 @@ async fn no_docker_daemon_means_no_agent_job_never_a_host_process() {
     std::env::set_var("DOCKER_HOST", "unix:///nonexistent/docker.sock");
     let f = fixture().await;
     let marker = f.tmp.path().join("ran-on-host");
-    let mut r = request(
-        "script-agent",
-        &f.queue,
-        json!({ "script": format!("touch {}", marker.display()) }),
-    );
-    r.max_attempts = Some(1);
-    let job = f.env.enqueue(vec![r]).await.remove(0);
-    let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
     let done = f
-        .env
-        .wait_terminal(&[job.id], Duration::from_secs(60))
-        .await
-        .remove(0);
-    pool.shutdown().await;
+        .run(json!({ "script": format!("touch {}", marker.display()) }))
+        .await;
     assert_eq!(done.status, Status::Dead, "one attempt, refused");
     let last = done.last_error.clone().unwrap_or_default();
     assert!(last.contains("no Docker daemon answers"), "{last}");
@@ -396,35 +384,13 @@ async fn no_docker_daemon_means_no_agent_job_never_a_host_process() {
 async fn a_secret_the_agent_prints_is_redacted_before_it_is_stored() {
     let f = fixture().await;
     let token = "ghp_aB3dE5fG7hJ9kL2mN4pQ6rS8tU0vW1xY3zAB";
-    let mut r = request(
-        "script-agent",
-        &f.queue,
-        json!({ "script": format!("echo using {token} to push; echo done") }),
-    );
-    r.max_attempts = Some(1);
-    let job = f.env.enqueue(vec![r]).await.remove(0);
-    let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
     let done = f
-        .env
-        .wait_terminal(&[job.id], Duration::from_secs(60))
-        .await
-        .remove(0);
-    pool.shutdown().await;
+        .run(json!({ "script": format!("echo using {token} to push; echo done") }))
+        .await;
     assert_eq!(done.status, Status::Succeeded, "{:?}", done.last_error);
     // The producer's own payload holds the token; what the agent printed
     // (events, result) must not.
-    let events = f
-        .env
-        .app
-        .store
-        .job_events(done.id, None)
-        .await
-        .expect("events");
-    let everything = format!(
-        "{}{}",
-        serde_json::to_string(&events).expect("json"),
-        serde_json::to_string(&done.result).expect("json")
-    );
+    let everything = recorded(&f, &done).await;
     assert!(
         !everything.contains(token),
         "the token reached Postgres: {everything}"
