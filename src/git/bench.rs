@@ -86,7 +86,7 @@ pub fn run(files: usize, runs: usize) -> Result<GitBench, GitError> {
         None,
         &BranchName::parse("bench/warm").map_err(GitError::NoSuchBase)?,
     )?;
-    stage.cleanup(&wt, false)?;
+    stage.cleanup(&wt)?;
 
     let mut ours = Vec::with_capacity(runs);
     let mut cli = Vec::with_capacity(runs);
@@ -95,7 +95,7 @@ pub fn run(files: usize, runs: usize) -> Result<GitBench, GitError> {
         let t = Instant::now();
         let wt = stage.prepare(&format!("s{i}"), &url, None, &branch)?;
         ours.push(t.elapsed().as_secs_f64() * 1000.0);
-        stage.cleanup(&wt, false)?;
+        stage.cleanup(&wt)?;
 
         let path = root.join(format!("cli-wt-{i}"));
         let t = Instant::now();

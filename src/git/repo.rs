@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use git2::{
-    BranchType, Cred, CredentialType, FetchOptions, ObjectType, Oid, PushOptions, RemoteCallbacks,
+    Cred, CredentialType, FetchOptions, ObjectType, Oid, PushOptions, RemoteCallbacks,
     RemoteRedirect, Repository, RepositoryInitOptions, Signature, Tree,
 };
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
@@ -41,6 +41,9 @@ use super::workspace::{display_path, Budget, EntryKind, Limits, SafeDir, Workspa
 const MAX_CREDENTIAL_ATTEMPTS: usize = 3;
 /// Where fetched branches land in a mirror.
 const REMOTE_PREFIX: &str = "refs/remotes/origin/";
+/// Where the mirror keeps each job's commit: a ref per job, so that jobs
+/// naming the same branch never move, push or delete each other's.
+const JOB_REF_PREFIX: &str = "refs/orchestrator/jobs/";
 /// The host-side record beside a job's workspace.
 const META_FILE: &str = "meta.json";
 /// The directory mounted at `/workspace`.
@@ -117,11 +120,22 @@ pub struct Worktree {
     sandbox_config: Oid,
 }
 
+impl Worktree {
+    /// The mirror's ref for this job's commit (the branch name is the
+    /// remote's; in the mirror the job has a ref of its own).
+    pub fn job_ref(&self) -> String {
+        job_ref(&self.name)
+    }
+}
+
+fn job_ref(job: &str) -> String {
+    format!("{JOB_REF_PREFIX}{job}")
+}
+
 /// What the reaper needs of a workspace, kept outside it.
 #[derive(Debug, Serialize, Deserialize)]
 struct Meta {
     mirror: PathBuf,
-    branch: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -270,7 +284,6 @@ impl GitStage {
         std::fs::create_dir(&dir)?;
         let meta = Meta {
             mirror: mirror.clone(),
-            branch: branch.as_str().to_owned(),
         };
         std::fs::write(
             dir.join(META_FILE),
@@ -281,8 +294,13 @@ impl GitStage {
         let mut budget = Budget::new(self.limits);
         checkout(&repo, &base_commit.tree()?, &path, &mut budget, 0)?;
         let sandbox_config = self.sandbox_git(&repo, &base_commit, branch, &path)?;
-        // The host's own record of the job's branch.
-        repo.branch(branch.as_str(), &base_commit, true)?;
+        // The host's own record of the job's commit, so far the base.
+        repo.reference(
+            &job_ref(job),
+            base_commit.id(),
+            true,
+            "orchestrator: the job's base",
+        )?;
         Ok(Worktree {
             name: job.to_owned(),
             dir,
@@ -394,12 +412,7 @@ impl GitStage {
         let sha = repo.commit(None, &sig, &sig, message, &tree, &[head])?;
         // The branch ref lives in the mirror, which other jobs write to.
         let _lock = self.lock(&wt.mirror)?;
-        repo.reference(
-            &wt.branch.refname(),
-            sha,
-            true,
-            "orchestrator: the agent's change",
-        )?;
+        repo.reference(&wt.job_ref(), sha, true, "orchestrator: the agent's change")?;
         Ok(CommitOutcome::Committed {
             sha: sha.to_string(),
             files,
@@ -464,15 +477,13 @@ impl GitStage {
         Ok(findings)
     }
 
-    /// The job's branch head in the mirror.
+    /// The job's commit in the mirror.
     fn branch_head<'r>(
         &self,
         repo: &'r Repository,
         wt: &Worktree,
     ) -> Result<git2::Commit<'r>, GitError> {
-        Ok(repo
-            .find_reference(&wt.branch.refname())?
-            .peel_to_commit()?)
+        Ok(repo.find_reference(&wt.job_ref())?.peel_to_commit()?)
     }
 
     /// The change the job made (its base to its branch's head) as a patch,
@@ -564,7 +575,8 @@ impl GitStage {
             let mut opts = PushOptions::new();
             opts.remote_callbacks(callbacks);
             opts.follow_redirects(RemoteRedirect::None);
-            let spec = format!("{0}:{0}", wt.branch.refname());
+            // The job's own commit, to the branch it names on the remote.
+            let spec = format!("{}:{}", wt.job_ref(), wt.branch.refname());
             match remote.push(&[spec.as_str()], Some(&mut opts)) {
                 Ok(()) => {}
                 // libgit2 refuses a non-fast-forward before sending it.
@@ -583,32 +595,29 @@ impl GitStage {
         }
     }
 
-    /// Removes the workspace and its record, and deletes the job's branch
-    /// from the mirror unless it was pushed. Safe to call more than once.
-    pub fn cleanup(&self, wt: &Worktree, keep_branch: bool) -> Result<(), GitError> {
+    /// Removes the workspace, its record and the job's ref in the mirror
+    /// (a pushed branch lives on in the remote). Safe to call more than
+    /// once.
+    pub fn cleanup(&self, wt: &Worktree) -> Result<(), GitError> {
         // std's remove_dir_all never follows symlinks.
         if wt.dir.exists() {
             std::fs::remove_dir_all(&wt.dir)?;
         }
-        if !keep_branch {
-            self.delete_branch(&wt.mirror, wt.branch.as_str())?;
-        }
-        Ok(())
+        self.delete_job_ref(&wt.mirror, &wt.name)
     }
 
-    fn delete_branch(&self, mirror: &Path, branch: &str) -> Result<(), GitError> {
+    fn delete_job_ref(&self, mirror: &Path, job: &str) -> Result<(), GitError> {
         let _lock = self.lock(mirror)?;
         let repo = Repository::open_bare(mirror)?;
-        if let Ok(mut b) = repo.find_branch(branch, BranchType::Local) {
-            b.delete()?;
+        if let Ok(mut r) = repo.find_reference(&job_ref(job)) {
+            r.delete()?;
         }
         Ok(())
     }
 
-    /// Removes a workspace left behind (its worker died), and its branch in
-    /// the mirror (a pushed branch lives on in the remote). The mirror and
-    /// branch come from the host's record beside the workspace, never from
-    /// anything inside it.
+    /// Removes a workspace left behind (its worker died), and the job's ref
+    /// in the mirror. The mirror comes from the host's record beside the
+    /// workspace, never from anything inside it.
     pub fn remove_orphan(&self, name: &str) -> Result<(), GitError> {
         let dir = self.worktrees_dir().join(name);
         let meta: Option<Meta> = std::fs::read(dir.join(META_FILE))
@@ -623,8 +632,7 @@ impl GitStage {
         if !meta.mirror.starts_with(self.root.join("mirrors")) || !meta.mirror.exists() {
             return Ok(());
         }
-        let branch = BranchName::parse(&meta.branch).map_err(GitError::Command)?;
-        self.delete_branch(&meta.mirror, branch.as_str())
+        self.delete_job_ref(&meta.mirror, name)
     }
 
     /// Worktree names (job ids) present on disk, for the orphan reaper.

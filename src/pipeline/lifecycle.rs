@@ -57,10 +57,9 @@ pub(super) async fn run(
     let result =
         stages_after_prepare(def, host, git, payload, &ctx, &wt, &mut stages, started).await;
 
-    let pushed = result.as_ref().is_ok_and(|v| v["pushed"] == json!(true));
     let stage = git.stage.clone();
     let cleanup_wt = wt.clone();
-    if let Err(err) = blocking(move || stage.cleanup(&cleanup_wt, pushed)).await {
+    if let Err(err) = blocking(move || stage.cleanup(&cleanup_wt)).await {
         tracing::warn!(job.id = %job.id, error = %err, "worktree cleanup failed; the reaper will retry");
     }
     result

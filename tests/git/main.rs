@@ -90,7 +90,7 @@ fn eight_concurrent_jobs_get_isolated_worktrees_and_push_their_branches() {
                     "{outcome:?}"
                 );
                 stage.push(&wt).expect("push");
-                stage.cleanup(&wt, true).expect("cleanup");
+                stage.cleanup(&wt).expect("cleanup");
                 assert!(!wt.path.exists());
             })
         })
@@ -134,13 +134,17 @@ fn nothing_changed_and_ignored_files_are_not_commits() {
         stage.commit(&wt, "deletion").expect("commit").outcome,
         CommitOutcome::Committed { files: 1, .. }
     ));
-    stage.cleanup(&wt, false).expect("cleanup");
+    stage.cleanup(&wt).expect("cleanup");
     let mirror = git2::Repository::open_bare(&wt.mirror).expect("mirror");
     assert!(
         mirror
             .find_branch("orchestrator/j1", git2::BranchType::Local)
             .is_err(),
         "unpushed branch removed"
+    );
+    assert!(
+        mirror.find_reference(&wt.job_ref()).is_err(),
+        "the job's ref removed"
     );
 }
 
@@ -187,11 +191,11 @@ fn secrets_in_new_files_and_modified_lines_block_the_commit() {
     );
     let head = git2::Repository::open_bare(&wt.mirror)
         .expect("mirror")
-        .find_reference("refs/heads/orchestrator/s1")
-        .expect("the job's branch")
+        .find_reference(&wt.job_ref())
+        .expect("the job's ref")
         .target();
     assert_eq!(head, Some(wt.base_commit), "nothing was committed");
-    stage.cleanup(&wt, false).expect("cleanup");
+    stage.cleanup(&wt).expect("cleanup");
 }
 
 #[test]
@@ -239,7 +243,7 @@ fn conflicts_are_found_with_their_paths_and_clean_merges_pass() {
         stage.conflicts(&wt, Some("no-such-branch")),
         Err(GitError::Git(_) | GitError::NoSuchBase(_))
     ));
-    stage.cleanup(&wt, false).expect("cleanup");
+    stage.cleanup(&wt).expect("cleanup");
 }
 
 #[test]
@@ -334,7 +338,7 @@ fn push_rejections_are_reported_not_swallowed() {
         "{err}"
     );
     assert!(!remote_branches(&bare).contains(&"protected/p1".to_owned()));
-    stage.cleanup(&wt, false).expect("cleanup");
+    stage.cleanup(&wt).expect("cleanup");
 
     // Non-fast-forward: the branch moved on the remote since.
     let wt = stage
@@ -343,7 +347,7 @@ fn push_rejections_are_reported_not_swallowed() {
     std::fs::write(wt.path.join("a.txt"), "a\n").expect("write");
     stage.commit(&wt, "a").expect("commit");
     stage.push(&wt).expect("first push");
-    stage.cleanup(&wt, true).expect("cleanup");
+    stage.cleanup(&wt).expect("cleanup");
     let wt = stage
         .prepare("n2", &url, None, &branch("feature/n1"))
         .expect("prepare again from main");
@@ -353,7 +357,7 @@ fn push_rejections_are_reported_not_swallowed() {
     let text = err.to_string();
     assert!(matches!(err, GitError::PushRejected { .. }), "{text}");
     assert!(text.contains("feature/n1"), "{text}");
-    stage.cleanup(&wt, true).expect("cleanup");
+    stage.cleanup(&wt).expect("cleanup");
 }
 
 #[test]
@@ -379,7 +383,7 @@ fn a_retry_replaces_what_an_earlier_attempt_left() {
         stage.commit(&second, "none").expect("commit").outcome,
         CommitOutcome::NoChanges
     );
-    stage.cleanup(&second, false).expect("cleanup");
+    stage.cleanup(&second).expect("cleanup");
 }
 
 #[test]
@@ -414,5 +418,37 @@ fn an_untouched_workspace_is_clean_and_has_its_own_git() {
         report.outcome,
         CommitOutcome::Committed { files: 1, .. }
     ));
-    stage.cleanup(&wt, false).expect("cleanup");
+    stage.cleanup(&wt).expect("cleanup");
+}
+
+#[test]
+fn jobs_naming_the_same_branch_never_touch_each_others_commit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let stage = stage(tmp.path());
+    let url = local(&bare);
+    let shared = branch("feature/shared");
+    let a = stage.prepare("a1", &url, None, &shared).expect("prepare a");
+    std::fs::write(a.path.join("a.txt"), "from a\n").expect("write");
+    assert!(matches!(
+        stage.commit(&a, "a").expect("commit").outcome,
+        CommitOutcome::Committed { .. }
+    ));
+    // A second job on the same branch name, prepared and committed after.
+    let b = stage.prepare("b1", &url, None, &shared).expect("prepare b");
+    std::fs::write(b.path.join("b.txt"), "from b\n").expect("write");
+    assert!(matches!(
+        stage.commit(&b, "b").expect("commit").outcome,
+        CommitOutcome::Committed { .. }
+    ));
+    // b's cleanup leaves a's commit alone, and a pushes its own change.
+    stage.cleanup(&b).expect("cleanup b");
+    stage.push(&a).expect("push a");
+    assert_eq!(git(&bare, &["show", "feature/shared:a.txt"]), "from a");
+    let files = git(&bare, &["ls-tree", "--name-only", "feature/shared"]);
+    assert!(
+        !files.contains("b.txt"),
+        "b's change was not pushed: {files}"
+    );
+    stage.cleanup(&a).expect("cleanup a");
 }
