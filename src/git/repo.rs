@@ -425,24 +425,35 @@ impl GitStage {
         repo: &Repository,
         diff: &git2::Diff<'_>,
     ) -> Result<Vec<Finding>, GitError> {
-        let mut lines: Vec<(String, usize, String)> = Vec::new();
-        let mut binaries: Vec<(String, Oid)> = Vec::new();
-        diff.foreach(
-            &mut |delta, _| {
-                if delta.flags().is_binary() || delta.new_file().is_binary() {
-                    if let Some(p) = delta.new_file().path() {
-                        binaries.push((p.to_string_lossy().into_owned(), delta.new_file().id()));
-                    }
+        // One file at a time: what is held is one file's added lines, never
+        // the whole change's.
+        let mut findings = Vec::new();
+        for index in 0..diff.deltas().len() {
+            let Some(patch) = git2::Patch::from_diff(diff, index)? else {
+                continue;
+            };
+            let delta = patch.delta();
+            let Some(path) = delta.new_file().path() else {
+                continue;
+            };
+            let file = path.to_string_lossy().into_owned();
+            if delta.flags().is_binary() || delta.new_file().is_binary() {
+                let oid = delta.new_file().id();
+                if !oid.is_zero() {
+                    let blob = repo.find_blob(oid)?;
+                    findings.extend(
+                        self.scanner
+                            .scan_text(&file, &String::from_utf8_lossy(blob.content())),
+                    );
                 }
-                true
-            },
-            None,
-            None,
-            Some(&mut |delta, _hunk, line| {
-                if line.origin() == '+' {
-                    if let Some(p) = delta.new_file().path() {
-                        lines.push((
-                            p.to_string_lossy().into_owned(),
+                continue;
+            }
+            let mut added: Vec<(usize, String)> = Vec::new();
+            for hunk in 0..patch.num_hunks() {
+                for n in 0..patch.num_lines_in_hunk(hunk)? {
+                    let line = patch.line_in_hunk(hunk, n)?;
+                    if line.origin() == '+' {
+                        added.push((
                             line.new_lineno().unwrap_or(0) as usize,
                             String::from_utf8_lossy(line.content())
                                 .trim_end_matches('\n')
@@ -450,28 +461,10 @@ impl GitStage {
                         ));
                     }
                 }
-                true
-            }),
-        )?;
-        let mut findings = Vec::new();
-        let mut by_file: std::collections::BTreeMap<&str, Vec<(usize, &str)>> = Default::default();
-        for (file, n, text) in &lines {
-            by_file
-                .entry(file.as_str())
-                .or_default()
-                .push((*n, text.as_str()));
-        }
-        for (file, lines) in by_file {
-            findings.extend(self.scanner.scan_lines(file, lines));
-        }
-        for (file, oid) in binaries {
-            if oid.is_zero() {
-                continue;
             }
-            let blob = repo.find_blob(oid)?;
             findings.extend(
                 self.scanner
-                    .scan_text(&file, &String::from_utf8_lossy(blob.content())),
+                    .scan_lines(&file, added.iter().map(|(n, t)| (*n, t.as_str()))),
             );
         }
         Ok(findings)

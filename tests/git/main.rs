@@ -167,6 +167,12 @@ fn secrets_in_new_files_and_modified_lines_block_the_commit() {
         "# app\n-----BEGIN OPENSSH PRIVATE KEY-----\n",
     )
     .expect("write");
+    // A binary file is scanned whole.
+    std::fs::write(
+        wt.path.join("blob.bin"),
+        format!("\0\0\x01binary\0token={secret}\0"),
+    )
+    .expect("write");
     let outcome = stage.commit(&wt, "leaky").expect("commit").outcome;
     let CommitOutcome::SecretDetected { findings } = &outcome else {
         panic!("not detected: {outcome:?}")
@@ -181,6 +187,12 @@ fn secrets_in_new_files_and_modified_lines_block_the_commit() {
         findings
             .iter()
             .any(|f| f.rule_id == "private-key" && f.file == "README.md" && f.line == 2),
+        "{findings:?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.rule_id == "github-pat" && f.file == "blob.bin"),
         "{findings:?}"
     );
     assert!(
