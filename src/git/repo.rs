@@ -50,6 +50,8 @@ const META_FILE: &str = "meta.json";
 const WORKSPACE_DIR: &str = "workspace";
 /// Deepest directory nesting walked or checked out.
 const MAX_DEPTH: usize = 256;
+/// Most hooks named in a tampering report.
+const MAX_HOOKS_LISTED: u64 = 20;
 /// Most bytes of a `.gitignore` read.
 const MAX_GITIGNORE_BYTES: u64 = 256 * 1024;
 
@@ -821,14 +823,20 @@ fn inspect_sandbox_git(root: &SafeDir, written_config: Oid) -> Result<Vec<String
         }
     }
     if let Ok(mut hooks) = git.open_dir(b"hooks") {
-        let names: Vec<String> = hooks
-            .entries()?
-            .into_iter()
-            .map(|(n, _)| display_path(&n))
-            .take(20)
-            .collect();
-        if !names.is_empty() {
-            found.push(format!("/workspace/.git/hooks has {}", names.join(", ")));
+        let mut few = Budget::new(Limits {
+            max_files: MAX_HOOKS_LISTED,
+            ..Limits::default()
+        });
+        match hooks.entries(&mut few) {
+            Ok(list) if list.is_empty() => {}
+            Ok(list) => {
+                let names: Vec<String> = list.iter().map(|(n, _)| display_path(n)).collect();
+                found.push(format!("/workspace/.git/hooks has {}", names.join(", ")));
+            }
+            Err(WorkspaceError::TooManyFiles { .. }) => found.push(format!(
+                "/workspace/.git/hooks has more than {MAX_HOOKS_LISTED} entries"
+            )),
+            Err(e) => return Err(e.into()),
         }
     }
     match git.read_file(b"config", &mut Budget::new(Limits::one_file(1024 * 1024))) {
@@ -894,11 +902,16 @@ impl Walk<'_, '_> {
                 display_path(dir.path())
             )));
         }
-        let entries = dir.entries()?;
-        let rules = match entries.iter().find(|(n, _)| n == b".gitignore") {
-            Some((_, EntryKind::File { .. })) => Some(self.gitignore(dir)?),
+        let entries = dir.entries(self.budget)?;
+        // Read once: for its rules, and as the blob it is.
+        let mut gitignore = match entries.iter().find(|(n, _)| n == b".gitignore") {
+            Some((_, EntryKind::File { size, .. })) => Some(self.read_gitignore(dir, *size)?),
             _ => None,
         };
+        let rules = gitignore
+            .as_deref()
+            .map(|text| gitignore_rules(dir, text))
+            .transpose()?;
         let ignores = Ignores { parent, rules };
         let mut builder = self.repo.treebuilder(None)?;
         for (name, kind) in entries {
@@ -910,7 +923,6 @@ impl Walk<'_, '_> {
                 }
                 continue;
             }
-            self.budget.entry()?;
             let tracked = base.and_then(|t| t.get_name_bytes(&name));
             let is_dir = kind == EntryKind::Dir;
             if tracked.is_none() && ignores.ignored(&rel, is_dir) {
@@ -940,7 +952,15 @@ impl Walk<'_, '_> {
                     }
                 }
                 EntryKind::File { executable, .. } => {
-                    let data = dir.read_file(&name, self.budget)?;
+                    let cached = if name == b".gitignore" {
+                        gitignore.take()
+                    } else {
+                        None
+                    };
+                    let data = match cached {
+                        Some(data) => data,
+                        None => dir.read_file(&name, self.budget)?,
+                    };
                     let id = self.repo.blob(&data)?;
                     builder.insert(name, id, if executable { 0o100755 } else { 0o100644 })?;
                 }
@@ -964,20 +984,28 @@ impl Walk<'_, '_> {
         Ok(Some(builder.write()?))
     }
 
-    /// The rules of `dir/.gitignore`, read as bounded data.
-    fn gitignore(&mut self, dir: &SafeDir) -> Result<Gitignore, GitError> {
-        let text = dir.read_file(
-            b".gitignore",
-            &mut Budget::new(Limits::one_file(MAX_GITIGNORE_BYTES)),
-        )?;
-        let root = Path::new(OsStr::from_bytes(dir.path()));
-        let mut builder = GitignoreBuilder::new(root);
-        for line in String::from_utf8_lossy(&text).lines() {
-            // A line the matcher cannot parse is skipped, as git does.
-            let _ = builder.add_line(None, line);
+    /// `dir/.gitignore` (of `size` bytes by `lstat`), read within the
+    /// walk's budget and at most [`MAX_GITIGNORE_BYTES`].
+    fn read_gitignore(&mut self, dir: &SafeDir, size: u64) -> Result<Vec<u8>, GitError> {
+        if size > MAX_GITIGNORE_BYTES {
+            return Err(GitError::Refused(format!(
+                "worktree_gitignore_too_large: {} is {size} bytes, over {MAX_GITIGNORE_BYTES}",
+                display_path(&dir.rel(b".gitignore"))
+            )));
         }
-        builder
-            .build()
-            .map_err(|e| GitError::Command(format!(".gitignore: {e}")))
+        Ok(dir.read_file(b".gitignore", self.budget)?)
     }
+}
+
+/// The rules of a directory's `.gitignore` text, as data.
+fn gitignore_rules(dir: &SafeDir, text: &[u8]) -> Result<Gitignore, GitError> {
+    let root = Path::new(OsStr::from_bytes(dir.path()));
+    let mut builder = GitignoreBuilder::new(root);
+    for line in String::from_utf8_lossy(text).lines() {
+        // A line the matcher cannot parse is skipped, as git does.
+        let _ = builder.add_line(None, line);
+    }
+    builder
+        .build()
+        .map_err(|e| GitError::Command(format!(".gitignore: {e}")))
 }

@@ -237,8 +237,12 @@ impl SafeDir {
     }
 
     /// The entries (without `.` and `..`), sorted by name, each with its
-    /// kind from `lstat`.
-    pub fn entries(&mut self) -> Result<Vec<(Vec<u8>, EntryKind)>, WorkspaceError> {
+    /// kind from `lstat`. Each name counts against `budget` as it is read,
+    /// so a directory of a million names stops at the limit.
+    pub fn entries(
+        &mut self,
+        budget: &mut Budget,
+    ) -> Result<Vec<(Vec<u8>, EntryKind)>, WorkspaceError> {
         let mut names: Vec<Vec<u8>> = Vec::new();
         for entry in self.dir.iter() {
             let entry = entry.map_err(|e| io_err(&self.rel, e))?;
@@ -246,6 +250,7 @@ impl SafeDir {
             if name == b"." || name == b".." {
                 continue;
             }
+            budget.entry()?;
             names.push(name.to_vec());
         }
         names.sort();

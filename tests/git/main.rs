@@ -464,3 +464,67 @@ fn jobs_naming_the_same_branch_never_touch_each_others_commit() {
     );
     stage.cleanup(&a).expect("cleanup a");
 }
+
+#[test]
+fn hostile_workspaces_end_in_named_errors_without_reading_the_host() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = origin(tmp.path());
+    let stage = stage(tmp.path());
+    let url = local(&bare);
+    let attempt = |job: &str, plant: &dyn Fn(&Path)| {
+        let wt = stage
+            .prepare(job, &url, None, &branch(&format!("orchestrator/{job}")))
+            .expect("prepare");
+        plant(&wt.path);
+        let result = stage.commit(&wt, "x");
+        stage.cleanup(&wt).expect("cleanup");
+        result
+    };
+    // A .gitignore that is a FIFO: refused, never opened (it would block).
+    let err = attempt("fifo", &|ws| {
+        std::fs::remove_file(ws.join(".gitignore")).expect("rm");
+        let status = Command::new("mkfifo")
+            .arg(ws.join(".gitignore"))
+            .status()
+            .expect("mkfifo");
+        assert!(status.success());
+    })
+    .expect_err("a FIFO");
+    assert!(err.to_string().contains(".gitignore is a FIFO"), "{err}");
+    // A .gitignore too large to be rules.
+    let err = attempt("big", &|ws| {
+        std::fs::write(ws.join(".gitignore"), "x\n".repeat(200_000)).expect("write");
+    })
+    .expect_err("too large");
+    assert!(
+        err.to_string().contains("worktree_gitignore_too_large"),
+        "{err}"
+    );
+    // Nesting deeper than the walk goes.
+    let err = attempt("deep", &|ws| {
+        let mut p = ws.to_path_buf();
+        for _ in 0..300 {
+            p.push("d");
+        }
+        std::fs::create_dir_all(&p).expect("mkdir");
+        std::fs::write(p.join("f"), "x").expect("write");
+    })
+    .expect_err("too deep");
+    assert!(err.to_string().contains("worktree_too_deep"), "{err}");
+    // A .gitignore that links to a host file is a link in the commit; its
+    // target is never read as rules (debug.log stays unignored).
+    let report = attempt("link", &|ws| {
+        std::fs::remove_file(ws.join(".gitignore")).expect("rm");
+        std::os::unix::fs::symlink("/etc/passwd", ws.join(".gitignore")).expect("ln");
+        std::fs::write(ws.join("debug.log"), "kept\n").expect("write");
+    })
+    .expect("commit");
+    let CommitOutcome::Committed { sha, .. } = &report.outcome else {
+        panic!("{report:?}")
+    };
+    let changed = git(
+        &stage.mirror_path(&url),
+        &["diff-tree", "--no-commit-id", "--name-status", "-r", sha],
+    );
+    assert_eq!(changed, "T\t.gitignore\nA\tdebug.log", "{changed}");
+}
