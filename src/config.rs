@@ -142,7 +142,7 @@ pub struct GitSettings {
     /// Entries of a workspace the host walks (100,000).
     pub max_worktree_files: u64,
     /// Per host, the worker's environment variable holding its HTTPS token;
-    /// `ORCH_GIT_HTTPS_TOKEN` serves the other allowed hosts.
+    /// `ORCH_GIT_HTTPS_TOKEN` serves the hosts `allowed_hosts` names.
     #[serde(default)]
     pub host_tokens: std::collections::BTreeMap<String, String>,
 }
@@ -177,6 +177,12 @@ impl GitSettings {
         crate::git::repo::Network {
             allow_local: self.allow_local,
             host_tokens: self.host_tokens.clone(),
+            token_hosts: self
+                .allowed_hosts
+                .iter()
+                .filter(|h| h.as_str() != "*")
+                .cloned()
+                .collect(),
         }
     }
 }

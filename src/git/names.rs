@@ -123,14 +123,29 @@ pub fn is_local_addr(ip: IpAddr) -> bool {
             if let Some(v4) = ip.to_ipv4_mapped() {
                 return is_local_addr(IpAddr::V4(v4));
             }
-            let first = ip.segments()[0];
+            let seg = ip.segments();
+            let first = seg[0];
+            // 6to4 (2002:aabb:ccdd::/48) carries an IPv4 address.
+            if first == 0x2002 {
+                let v4 = std::net::Ipv4Addr::new(
+                    (seg[1] >> 8) as u8,
+                    seg[1] as u8,
+                    (seg[2] >> 8) as u8,
+                    seg[2] as u8,
+                );
+                return is_local_addr(IpAddr::V4(v4));
+            }
             ip.is_loopback()
                 || ip.is_unspecified()
+                || ip.is_multicast()
                 || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
+                // Link-local fe80::/10 and the old site-local fec0::/10.
+                || (first & 0xff80) == 0xfe80
                 // IPv4-compatible (::a.b.c.d) and NAT64 forms of an IPv4 address.
-                || (ip.segments()[..6].iter().all(|s| *s == 0))
-                || (first == 0x64 && ip.segments()[1] == 0xff9b)
+                || (seg[..6].iter().all(|s| *s == 0))
+                || (first == 0x64 && seg[1] == 0xff9b)
+                // Teredo tunnels (2001:0::/32) reach whatever they wrap.
+                || (first == 0x2001 && seg[1] == 0)
         }
     }
 }
@@ -389,6 +404,11 @@ mod tests {
             ("https://2130706433/x", "this machine"),
             ("https://169.254.169.254/latest", "private"),
             ("https://100.64.0.1/x", "private"),
+            ("https://[2002:7f00:1::1]/x", "this machine"),
+            ("https://[2002:a9fe:a9fe::1]/x", "this machine"),
+            ("https://[fec0::1]/x", "this machine"),
+            ("https://[2001:0:4136:e378::1]/x", "this machine"),
+            ("https://[ff02::1]/x", "this machine"),
             ("https://localhost./x", "this machine"),
             ("https://github.com/x?upload-pack=evil", "query"),
             ("ssh://-oProxyCommand=x/y", "host"),

@@ -84,9 +84,28 @@ pub struct Network {
     /// Loopback, private and link-local addresses allowed (`git.allow_local`).
     pub allow_local: bool,
     /// Per host, the name of the worker's environment variable holding its
-    /// HTTPS token (`[git.host_tokens]`); `ORCH_GIT_HTTPS_TOKEN` serves
-    /// every other allowed host.
+    /// HTTPS token (`[git.host_tokens]`).
     pub host_tokens: BTreeMap<String, String>,
+    /// The hosts `ORCH_GIT_HTTPS_TOKEN` serves: those `git.allowed_hosts`
+    /// names. A host allowed only through `"*"` gets no token.
+    pub token_hosts: Vec<String>,
+}
+
+impl Network {
+    /// The environment variable holding `host`'s HTTPS token, if it has one.
+    pub fn token_var(&self, host: &str) -> Option<&str> {
+        if let Some((_, var)) = self
+            .host_tokens
+            .iter()
+            .find(|(h, _)| h.eq_ignore_ascii_case(host))
+        {
+            return Some(var);
+        }
+        self.token_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
+            .then_some("ORCH_GIT_HTTPS_TOKEN")
+    }
 }
 
 /// How the git stage is set up.
@@ -654,9 +673,9 @@ fn open_or_init_mirror(path: &Path) -> Result<Repository, GitError> {
 }
 
 /// Credentials from the worker's environment, given only when libgit2 asks
-/// about the validated host: the host's own token (`[git.host_tokens]`) or
-/// `ORCH_GIT_HTTPS_TOKEN` for HTTPS, the SSH agent or `ORCH_GIT_SSH_KEY`
-/// for SSH; at most [`MAX_CREDENTIAL_ATTEMPTS`] tries.
+/// about the validated host: over HTTPS its token ([`Network::token_var`]),
+/// the SSH agent or `ORCH_GIT_SSH_KEY` for SSH; at most
+/// [`MAX_CREDENTIAL_ATTEMPTS`] tries.
 fn credentials<'a>(url: &'a RepoUrl, network: &'a Network) -> RemoteCallbacks<'a> {
     let mut callbacks = RemoteCallbacks::new();
     let mut attempts = 0usize;
@@ -683,12 +702,7 @@ fn credentials<'a>(url: &'a RepoUrl, network: &'a Network) -> RemoteCallbacks<'a
         // A token travels only over TLS.
         let https = matches!(url, RepoUrl::Remote { scheme, .. } if scheme == "https");
         if https && allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
-            let var = network
-                .host_tokens
-                .iter()
-                .find(|(h, _)| h.eq_ignore_ascii_case(host))
-                .map_or("ORCH_GIT_HTTPS_TOKEN", |(_, var)| var.as_str());
-            if let Ok(token) = std::env::var(var) {
+            if let Some(token) = network.token_var(host).and_then(|v| std::env::var(v).ok()) {
                 return Cred::userpass_plaintext("x-access-token", &token);
             }
         }
@@ -1008,4 +1022,32 @@ fn gitignore_rules(dir: &SafeDir, text: &[u8]) -> Result<Gitignore, GitError> {
     builder
         .build()
         .map_err(|e| GitError::Command(format!(".gitignore: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_go_only_to_hosts_named_for_them() {
+        let network = Network {
+            allow_local: false,
+            host_tokens: BTreeMap::from([("GitLab.example.org".into(), "GITLAB_TOKEN".into())]),
+            token_hosts: vec!["github.com".into()],
+        };
+        assert_eq!(
+            network.token_var("github.com"),
+            Some("ORCH_GIT_HTTPS_TOKEN")
+        );
+        assert_eq!(
+            network.token_var("GITHUB.com"),
+            Some("ORCH_GIT_HTTPS_TOKEN")
+        );
+        assert_eq!(
+            network.token_var("gitlab.example.org"),
+            Some("GITLAB_TOKEN")
+        );
+        // Allowed through "*", or not at all: no token.
+        assert_eq!(network.token_var("attacker.example"), None);
+    }
 }
