@@ -46,6 +46,8 @@ const REMOTE_PREFIX: &str = "refs/remotes/origin/";
 const JOB_REF_PREFIX: &str = "refs/orchestrator/jobs/";
 /// The host-side record beside a job's workspace.
 const META_FILE: &str = "meta.json";
+/// The job's committed tree, for its gates (beside the workspace).
+const COMMITTED_DIR: &str = "committed";
 /// The directory mounted at `/workspace`.
 const WORKSPACE_DIR: &str = "workspace";
 /// Deepest directory nesting walked or checked out.
@@ -498,6 +500,21 @@ impl GitStage {
         wt: &Worktree,
     ) -> Result<git2::Commit<'r>, GitError> {
         Ok(repo.find_reference(&wt.job_ref())?.peel_to_commit()?)
+    }
+
+    /// The job's committed tree as plain files in `<dir>/committed` (no
+    /// `.git`, nothing the commit left out): what gates run on, so that
+    /// what passes them is exactly what would be pushed.
+    pub fn committed_tree(&self, wt: &Worktree) -> Result<PathBuf, GitError> {
+        let repo = Repository::open_bare(&wt.mirror)?;
+        let tree = self.branch_head(&repo, wt)?.tree()?;
+        let dir = wt.dir.join(COMMITTED_DIR);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir(&dir)?;
+        checkout(&repo, &tree, &dir, &mut Budget::new(self.limits), 0)?;
+        Ok(dir)
     }
 
     /// The change the job made (its base to its branch's head) as a patch,

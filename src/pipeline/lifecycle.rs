@@ -294,6 +294,13 @@ async fn run_gates(
         std::fs::write(review_dir.join("diff.patch"), patch)
             .map_err(|e| JobError::Failed(e.to_string()))?;
     }
+    // Gates see the commit, not the workspace: nothing it left out
+    // (ignored files, any .git) can pass or fail them.
+    let stage = git.stage.clone();
+    let tree_wt = wt.clone();
+    let tree = blocking(move || stage.committed_tree(&tree_wt))
+        .await
+        .map_err(|e| JobError::Failed(format!("the committed tree for the gates: {e}")))?;
     let mut results = Vec::with_capacity(gates.len());
     for (index, gate) in gates.iter().enumerate() {
         if ctx.cancel.is_cancelled() {
@@ -302,7 +309,7 @@ async fn run_gates(
         }
         let started = Instant::now();
         let workspace = BindMount {
-            host: wt.path.clone(),
+            host: tree.clone(),
             target: WORKSPACE.to_owned(),
             read_only: true,
         };
@@ -320,7 +327,7 @@ async fn run_gates(
             Ok((finished, output)) => {
                 let (passed, detail) = match finished.outcome {
                     Outcome::Exited { code } => {
-                        gate.judge(code, &output, &wt.path, git.stage.limits())
+                        gate.judge(code, &output, &tree, git.stage.limits())
                     }
                     Outcome::TimedOut => (false, format!("timed out after {}s", gate.timeout_secs)),
                     Outcome::OomKilled => (false, "ran out of memory".to_owned()),

@@ -23,7 +23,7 @@ default_profile = "standard"
 [[gates.gate]]
 name = "tests"
 type = "command"
-command = ["sh", "-c", "echo running tests; test -f hello.txt && echo tests pass"]
+command = ["sh", "-c", "echo running tests; test -f hello.txt && test ! -e .git && test ! -e ignored.tmp && echo tests pass"]
 profiles = ["standard", "strict"]
 
 [[gates.gate]]
@@ -144,6 +144,22 @@ async fn an_advisory_failure_is_recorded_and_does_not_stop_the_job() {
         events.iter().filter(|e| e.kind == "gate_finished").count(),
         2
     );
+}
+
+#[tokio::test]
+async fn gates_see_the_commit_not_what_it_left_out() {
+    let f = fixture().await;
+    // An ignored file and the sandbox's own .git stay in the workspace;
+    // the "tests" gate fails if it can see either.
+    let done = f
+        .run(
+            "printf '*.tmp\\n' > .gitignore && echo x > ignored.tmp && echo hello > hello.txt",
+            None,
+        )
+        .await;
+    assert_eq!(done.status, Status::Succeeded, "{:?}", done.last_error);
+    let gates = &done.result.as_ref().expect("result")["gates"];
+    assert_eq!(gates["tests"]["passed"], true, "{gates}");
 }
 
 #[tokio::test]
