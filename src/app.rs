@@ -195,6 +195,7 @@ impl App {
     /// replay). Should indexing fail, the jobs are still safe: the
     /// reconciler indexes them on its next pass.
     pub async fn enqueue(&self, jobs: &[NewJob]) -> Result<Vec<(Job, bool)>, AppError> {
+        self.check_queue_cap(jobs).await?;
         let stored = self.store.insert_jobs(jobs).await?;
         let mut by_queue: BTreeMap<&str, Vec<IndexEntry>> = BTreeMap::new();
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
@@ -231,6 +232,41 @@ impl App {
             metrics::counter!(m::JOBS_ENQUEUED, "queue" => queue.to_owned(), "kind" => kind.to_owned()).increment(n);
         }
         Ok(stored)
+    }
+
+    /// Refuses jobs for new queues past `api.max_queues`, naming the first
+    /// such job. Without Valkey the cap cannot be read, and the jobs are
+    /// taken (Postgres holds them; indexing waits for Valkey anyway).
+    async fn check_queue_cap(&self, jobs: &[NewJob]) -> Result<(), AppError> {
+        let max = self.settings.api.max_queues;
+        let mut queues: Vec<&QueueName> = jobs.iter().map(|j| &j.queue).collect();
+        queues.sort();
+        queues.dedup();
+        let (count, new) = match self.queue.new_queues(&queues).await {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the queue registry; api.max_queues not checked");
+                return Ok(());
+            }
+        };
+        // Queues it knows are always taken, even past a lowered cap.
+        if new.is_empty() || count + new.len() as u64 <= max {
+            return Ok(());
+        }
+        let index = jobs
+            .iter()
+            .position(|j| new.contains(&&j.queue))
+            .unwrap_or_default();
+        Err(AppError::Invalid {
+            index,
+            error: FieldError::new(
+                "queue",
+                format!(
+                    "queue {:?} would be new, and this deployment already has {count} of at most {max} queues (api.max_queues); use an existing queue",
+                    jobs[index].queue.as_str()
+                ),
+            ),
+        })
     }
 
     /// Admin retry of a dead job: Postgres first, then the index.

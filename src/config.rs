@@ -225,6 +225,9 @@ pub struct ApiSettings {
     /// Bearer tokens: name (the actor in the audit trail), token, scopes.
     #[serde(default)]
     pub tokens: Vec<TokenSettings>,
+    /// Most distinct queues a deployment accepts: a producer cannot grow
+    /// memory, metric labels or kill-all's work by inventing names.
+    pub max_queues: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

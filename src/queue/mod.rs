@@ -401,6 +401,31 @@ impl ValkeyQueue {
         Ok(())
     }
 
+    /// How many queues the registry holds, and which of `queues` it does
+    /// not know yet.
+    pub async fn new_queues<'q>(
+        &self,
+        queues: &[&'q QueueName],
+    ) -> Result<(u64, Vec<&'q QueueName>), QueueError> {
+        if queues.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let mut conn = self.conn.clone();
+        let names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
+        let (count, known): (u64, Vec<bool>) = redis::pipe()
+            .scard(self.keys.queues())
+            .smismember(self.keys.queues(), names)
+            .query_async(&mut conn)
+            .await?;
+        let new = queues
+            .iter()
+            .zip(known)
+            .filter(|(_, known)| !known)
+            .map(|(q, _)| *q)
+            .collect();
+        Ok((count, new))
+    }
+
     /// Deletes a queue's keys and its name (bench queues, tests). Only for
     /// queues whose jobs are all finished: their ids are gone with it.
     pub async fn drop_queue(&self, queue: &QueueName) -> Result<(), QueueError> {

@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::json;
 
-use crate::server::{problem, TestApi, CANCEL, ENQUEUE, READ};
+use crate::server::{problem, TestApi, ADMIN, CANCEL, ENQUEUE, READ};
 
 /// Sends `body` (raw bytes) with `content_type` to POST /v1/jobs.
 async fn post_raw(api: &TestApi, content_type: &str, body: Vec<u8>) -> reqwest::Response {
@@ -276,4 +276,41 @@ async fn the_admission_policy_refuses_tasks_too_large_for_their_model() {
         .post_json("/v1/jobs", ENQUEUE, job(100_000, "claude-sonnet-4"))
         .await;
     assert_eq!(r.status().as_u16(), 201, "exactly at the limit is admitted");
+}
+
+#[tokio::test]
+async fn inventing_queues_past_max_queues_is_refused_and_writes_nothing() {
+    let api = TestApi::spawn_with(|s| s.api.max_queues = 2).await;
+    let job = |queue: &str| json!({ "kind": "noop", "queue": queue, "delay_secs": 600 });
+    for queue in ["first", "second"] {
+        let r = api.post_json("/v1/jobs", ADMIN, job(queue)).await;
+        assert_eq!(r.status().as_u16(), 201, "{queue}");
+    }
+    let before = api.footprint().await;
+    let r = api.post_json("/v1/jobs", ADMIN, job("third")).await;
+    assert_eq!(r.status().as_u16(), 422);
+    let body: serde_json::Value = r.json().await.expect("problem");
+    assert_eq!(body["field"], "queue", "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("api.max_queues"),
+        "{body}"
+    );
+    // A batch naming a new queue anywhere is refused whole, with its index.
+    let r = api
+        .post_json(
+            "/v1/jobs/batch",
+            ADMIN,
+            json!({ "jobs": [job("first"), job("fourth")] }),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 422);
+    let body: serde_json::Value = r.json().await.expect("problem");
+    assert_eq!(body["index"], 1, "{body}");
+    assert_eq!(api.footprint().await, before, "refused, nothing written");
+    // Known queues still take jobs.
+    let r = api.post_json("/v1/jobs", ADMIN, job("second")).await;
+    assert_eq!(r.status().as_u16(), 201);
 }
