@@ -23,6 +23,13 @@ if ! schemathesis --version 2>/dev/null | grep -q "$schemathesis_version"; then
   python3 -m pip install -q "schemathesis==$schemathesis_version" >&2
 fi
 
+# The supply-chain check (deny.toml). Built from crates.io once per machine.
+cargo_deny_version=0.20.2
+if ! cargo deny --version 2>/dev/null | grep -q "$cargo_deny_version"; then
+  echo "installing cargo-deny $cargo_deny_version (a few minutes, once)" >&2
+  cargo install --locked --quiet cargo-deny --version "$cargo_deny_version" >&2
+fi
+
 # Databases left behind by earlier runs (each test makes its own).
 psql "$ORCH_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'test\_%'" |
   while read -r db; do psql "$ORCH_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" || true; done
@@ -30,6 +37,9 @@ psql "$ORCH_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LI
 echo "== format and lints" >&2
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+
+echo "== supply chain (deny.toml)" >&2
+cargo deny --locked check bans licenses sources
 
 echo "== tests" >&2
 if cargo nextest --version >/dev/null 2>&1; then
