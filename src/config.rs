@@ -213,6 +213,10 @@ pub struct SandboxSettings {
     pub log_tail_bytes: usize,
     /// How often containers of finished or abandoned jobs are removed.
     pub orphan_reap_interval_secs: u64,
+    /// Lets `network = "egress"` sandboxes reach allowed hosts that resolve
+    /// to this machine or a private address (an LLM endpoint on the LAN;
+    /// tests). The host's own ports stay closed to them either way.
+    pub egress_allow_local: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

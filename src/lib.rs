@@ -11,6 +11,7 @@ pub mod git;
 pub mod job;
 pub mod killswitch;
 pub mod metrics;
+pub mod net;
 pub mod pipeline;
 pub mod pool;
 pub mod queue;

@@ -8,6 +8,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const JOBS_ENQUEUED: &str = "orchestrator_jobs_enqueued_total";
 /// Secrets redacted from agent and gate output, by rule.
 pub const OUTPUT_REDACTIONS: &str = "orchestrator_output_redactions_total";
+/// Counter {outcome}: CONNECT requests through the egress proxy (allowed,
+/// denied, unauthenticated, bad_request, upstream_error).
+pub const EGRESS_REQUESTS: &str = "orchestrator_egress_requests_total";
+/// Counter {direction}: bytes carried through egress tunnels (sent, received).
+pub const EGRESS_BYTES: &str = "orchestrator_egress_bytes_total";
 /// Counter {queue, kind, outcome}: attempts that ended
 /// (outcome: succeeded, retried, dead, released, cancelled).
 pub const JOBS_FINISHED: &str = "orchestrator_jobs_finished_total";
@@ -75,6 +80,15 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 
 fn describe() {
     describe_counter!(JOBS_ENQUEUED, "Jobs enqueued.");
+    describe_counter!(
+        EGRESS_REQUESTS,
+        "CONNECT requests through the sandbox egress proxy, by outcome."
+    );
+    describe_counter!(
+        EGRESS_BYTES,
+        Unit::Bytes,
+        "Bytes carried through sandbox egress tunnels, by direction."
+    );
     describe_counter!(
         OUTPUT_REDACTIONS,
         "Secrets redacted from agent and gate output before it was stored, by rule."

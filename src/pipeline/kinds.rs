@@ -5,11 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::gates::GatesFile;
 use crate::job::JobKind;
+use crate::sandbox::egress::Allowlist;
 use crate::sandbox::{Limits, Network};
 
 /// The placeholders in `command` replaced by the payload's script (or task).
@@ -28,6 +30,11 @@ pub struct KindFile {
     pub resources: Resources,
     #[serde(default)]
     pub network: Network,
+    /// With `network = "egress"`: the hosts the sandbox may reach through
+    /// the worker's proxy (`host`, `*.domain`, an IP address; `:port`,
+    /// 443 by default). Required with egress, refused without it.
+    #[serde(default)]
+    pub egress: Vec<String>,
     /// Environment variables of the *worker* passed into the sandbox, e.g.
     /// an LLM API key. Injected at start; never stored or logged.
     #[serde(default)]
@@ -85,6 +92,8 @@ pub struct KindDef {
     pub command: Vec<String>,
     pub limits: Limits,
     pub network: Network,
+    /// What `network = "egress"` lets through (empty otherwise).
+    pub egress: Arc<Allowlist>,
     pub secrets: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub timeout_secs: u64,
@@ -167,6 +176,24 @@ impl KindDef {
         if raw.stop_grace_secs == 0 || raw.stop_grace_secs > 600 {
             return Err(err(file, "stop_grace_secs", "must be between 1 and 600"));
         }
+        let egress = Allowlist::parse(&raw.egress).map_err(|e| err(file, "egress", e))?;
+        match (raw.network, egress.is_empty()) {
+            (Network::Egress, true) => {
+                return Err(err(
+                    file,
+                    "egress",
+                    "network = \"egress\" needs the hosts it may reach, e.g. egress = [\"api.anthropic.com\"]",
+                ))
+            }
+            (Network::None | Network::Bridge, false) => {
+                return Err(err(
+                    file,
+                    "egress",
+                    "an egress list needs network = \"egress\"",
+                ))
+            }
+            _ => {}
+        }
         raw.gates
             .validate(&raw.image)
             .map_err(|(field, message)| err(file, &field, message))?;
@@ -182,6 +209,7 @@ impl KindDef {
                 tmp_bytes: r.tmp_mb * 1024 * 1024,
             },
             network: raw.network,
+            egress: Arc::new(egress),
             secrets: raw.secrets,
             env: raw.env,
             timeout_secs: raw.timeout_secs,
@@ -231,7 +259,8 @@ mod tests {
         assert_eq!(names, vec!["claude-code", "script-agent"]);
         let claude = &kinds[0];
         assert_eq!(claude.secrets, vec!["ANTHROPIC_API_KEY".to_owned()]);
-        assert_eq!(claude.network, Network::Bridge);
+        assert_eq!(claude.network, Network::Egress);
+        assert!(!claude.egress.is_empty());
         assert!(claude.command.iter().any(|a| a == TASK_PLACEHOLDER));
         for kind in &kinds {
             assert!(
@@ -249,6 +278,25 @@ mod tests {
         assert_eq!(d.network, Network::None);
         assert_eq!(d.limits.memory_bytes, 512 * 1024 * 1024);
         assert_eq!(d.timeout_secs, 600);
+    }
+
+    #[test]
+    fn egress_needs_its_list_and_the_list_needs_egress() {
+        let base = "image = \"img\"\ncommand = [\"sh\"]\n";
+        let e = parse(&format!("{base}network = \"egress\"\n")).unwrap_err();
+        assert_eq!(e.field, "egress", "{e}");
+        let e = parse(&format!("{base}egress = [\"api.example.com\"]\n")).unwrap_err();
+        assert_eq!(e.field, "egress", "{e}");
+        let e = parse(&format!(
+            "{base}network = \"egress\"\negress = [\"127.1\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("127.1"), "{e}");
+        let d = parse(&format!(
+            "{base}network = \"egress\"\negress = [\"api.example.com\", \"*.pypi.org\"]\n"
+        ))
+        .expect("valid");
+        assert_eq!(d.network, Network::Egress);
     }
 
     #[test]

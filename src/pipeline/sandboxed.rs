@@ -18,9 +18,11 @@ use crate::config::{AdmissionSettings, NoChanges, RuntimeChoice, SandboxSettings
 use crate::git::names::{BranchName, RepoPolicy};
 use crate::git::repo::GitStage;
 use crate::git::secrets::Scanner;
+use crate::job::JobId;
+use crate::sandbox::egress::{Allowlist, EgressGrant, EgressProxy};
 use crate::sandbox::{
-    BindMount, DockerRuntime, Finished, LogCap, LogLine, Outcome, Owner, RunOptions, Runtime,
-    SandboxSpec,
+    BindMount, DockerRuntime, Finished, LogCap, LogLine, Network, Outcome, Owner, RunOptions,
+    Runtime, SandboxSpec,
 };
 
 /// Largest script a payload may carry.
@@ -36,6 +38,10 @@ pub struct SandboxHost {
     /// is asked again by the next job.
     runtime: Arc<OnceCell<Runtime>>,
     choice: RuntimeChoice,
+    /// The egress proxy, started by the first `network = "egress"` job
+    /// (and, like the runtime, asked again after a failure).
+    egress: Arc<OnceCell<EgressProxy>>,
+    egress_allow_local: bool,
     /// The secret rules, applied to every line of output before it is
     /// stored or streamed.
     redactor: Option<Arc<Scanner>>,
@@ -56,6 +62,8 @@ impl SandboxHost {
         SandboxHost {
             runtime: Arc::new(OnceCell::new()),
             choice: settings.runtime,
+            egress: Arc::new(OnceCell::new()),
+            egress_allow_local: settings.egress_allow_local,
             redactor: None,
             deployment: deployment.to_owned(),
             log_budget_bytes: settings.log_budget_bytes,
@@ -81,6 +89,32 @@ impl SandboxHost {
                 }
             })
             .await
+    }
+
+    /// A grant through this worker's egress proxy for one sandbox of `job`,
+    /// the proxy started on first use; `None` under the local runtime,
+    /// which has no network isolation to begin with. Fails closed: no
+    /// proxy, no sandbox.
+    async fn egress_grant(
+        &self,
+        job: JobId,
+        allow: &Arc<Allowlist>,
+    ) -> Result<Option<EgressGrant>, String> {
+        let Runtime::Docker(docker) = self.runtime().await? else {
+            return Ok(None);
+        };
+        let allow_local = self.egress_allow_local;
+        let proxy = self
+            .egress
+            .get_or_try_init(|| async move {
+                EgressProxy::start(docker.client(), allow_local)
+                    .await
+                    .map_err(|e| {
+                        format!("network = \"egress\" cannot be set up on this worker: {e}; its jobs are refused until it can (the worker needs Docker and iptables, as root or with CAP_NET_ADMIN)")
+                    })
+            })
+            .await?;
+        Ok(Some(proxy.grant(job, allow.clone())))
     }
 
     /// Redacts output with the secret rules (the same as the diff's).
@@ -370,6 +404,7 @@ pub(super) async fn run_sandbox(
         })?;
         secrets.insert(name.clone(), Secret::new(value));
     }
+    let grant = with_egress(def, host, ctx, def.network, &mut secrets).await?;
     let mut env = def.env.clone();
     env.insert("ORCH_JOB_ID".into(), job.id.to_string());
     env.insert("ORCH_ATTEMPT".into(), job.attempt.to_string());
@@ -428,8 +463,50 @@ pub(super) async fn run_sandbox(
         )
         .await;
     let log = writer.await.unwrap_or_default();
+    report_egress(ctx, grant).await;
     let finished = finished.map_err(|e| JobError::Failed(format!("sandbox failed: {e}")))?;
     Ok((finished, log, runtime.name()))
+}
+
+/// For a `network = "egress"` sandbox: a proxy grant, its URL passed in as
+/// `HTTPS_PROXY` (with the secrets: it holds the grant's token).
+async fn with_egress(
+    def: &KindDef,
+    host: &SandboxHost,
+    ctx: &JobContext,
+    network: Network,
+    secrets: &mut BTreeMap<String, Secret>,
+) -> Result<Option<EgressGrant>, JobError> {
+    if network != Network::Egress {
+        return Ok(None);
+    }
+    let grant = host
+        .egress_grant(ctx.job.id, &def.egress)
+        .await
+        .map_err(JobError::Failed)?;
+    if let Some(grant) = &grant {
+        for var in ["HTTPS_PROXY", "https_proxy"] {
+            secrets.insert(var.to_owned(), Secret::new(grant.proxy_url()));
+        }
+    }
+    Ok(grant)
+}
+
+/// Ends a sandbox's grant (cutting any tunnel left) and records what the
+/// proxy refused it, if anything.
+async fn report_egress(ctx: &JobContext, grant: Option<EgressGrant>) {
+    let Some(grant) = grant else { return };
+    let denied = grant.denied();
+    drop(grant);
+    if denied.is_empty() {
+        return;
+    }
+    if let Err(err) = ctx
+        .append_events(&[("egress_denied", json!({ "targets": denied }))])
+        .await
+    {
+        tracing::warn!(job.id = %ctx.job.id, error = %err, "could not record refused egress");
+    }
 }
 
 /// Most output lines kept from a gate for judging it.
@@ -457,6 +534,12 @@ pub(super) async fn run_gate(
             }
         }
     }
+    let network = if gate.kind == GateType::AiReview {
+        def.network
+    } else {
+        Network::None
+    };
+    let grant = with_egress(def, host, ctx, network, &mut secrets).await?;
     let now = chrono::Utc::now();
     let grace = Duration::from_secs(def.stop_grace_secs);
     let spec = SandboxSpec {
@@ -471,11 +554,7 @@ pub(super) async fn run_gate(
         workspace: Some(workspace),
         mounts,
         limits: def.limits,
-        network: if gate.kind == GateType::AiReview {
-            def.network
-        } else {
-            crate::sandbox::Network::None
-        },
+        network,
         owner: Owner {
             deployment: host.deployment.clone(),
             job_id: job.id,
@@ -511,8 +590,10 @@ pub(super) async fn run_gate(
             tx,
             ctx.cancel.clone(),
         )
-        .await
-        .map_err(|e| JobError::Failed(format!("gate {} could not run: {e}", gate.name)))?;
+        .await;
+    report_egress(ctx, grant).await;
+    let finished =
+        finished.map_err(|e| JobError::Failed(format!("gate {} could not run: {e}", gate.name)))?;
     let output = collect.await.unwrap_or_default();
     Ok((finished, output))
 }

@@ -108,9 +108,15 @@ impl DockerRuntime {
                 match spec.network {
                     Network::None => "none",
                     Network::Bridge => "bridge",
+                    Network::Egress => super::egress::EGRESS_NETWORK,
                 }
                 .to_owned(),
             ),
+            // The egress firewall is written for IPv4; the sandbox has no
+            // IPv6 to go around it with (Docker's default too, made sure).
+            sysctls: (spec.network == Network::Egress).then(|| {
+                HashMap::from([("net.ipv6.conf.all.disable_ipv6".to_owned(), "1".to_owned())])
+            }),
             binds: (!binds.is_empty()).then_some(binds),
             // Docker keeps a container's output on the host's disk: capped,
             // whatever the daemon's default driver would allow. We stream

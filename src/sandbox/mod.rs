@@ -5,6 +5,7 @@
 
 pub mod bench;
 mod docker;
+pub mod egress;
 mod local;
 mod logs;
 
@@ -50,8 +51,12 @@ pub enum Network {
     /// Loopback only: the default.
     #[default]
     None,
-    /// Docker's default bridge: outbound access, for kinds that need it.
+    /// Docker's default bridge: unfiltered outbound access, the host's
+    /// addresses included. Prefer `egress`.
     Bridge,
+    /// An internal network whose one way out is this worker's allowlisting
+    /// CONNECT proxy, for the hosts the kind names (see [`egress`]).
+    Egress,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 //! Docker and builds the `orchestrator/script-agent` image.
 
 mod agent;
+mod egress;
 #[allow(dead_code)]
 #[path = "../common/git.rs"]
 mod fixture;

@@ -1,0 +1,1077 @@
+//! Controlled egress (`network = "egress"`): a sandbox on an internal
+//! Docker network whose one way out is an allowlisting HTTP CONNECT proxy
+//! run by this worker.
+//!
+//! - **The network.** [`EGRESS_NETWORK`] is an internal bridge: Docker routes
+//!   nothing from it to any other network or out of the host, gives it no
+//!   DNS forwarding, and (`enable_icc = false`) drops traffic between the
+//!   sandboxes on it. Its bridge has a fixed name, [`EGRESS_BRIDGE`].
+//! - **The host.** An internal network still reaches the host itself, every
+//!   address and port of it, through the bridge. The firewall closes that:
+//!   packets from the bridge to this machine go through the `ORCH-EGRESS`
+//!   chain, which accepts TCP to the proxy's one port on the bridge address
+//!   and drops the rest. So the host's listeners, Valkey, Postgres and the
+//!   API are unreachable; so are the metadata service (169.254.169.254) and
+//!   private ranges (nothing is routed). IPv6 is off in the sandbox.
+//! - **The proxy.** It answers only `CONNECT host:port`, with credentials
+//!   that name one running sandbox (`HTTPS_PROXY=http://orch:<token>@…`):
+//!   the token selects that sandbox's kind's allowlist (`egress = [...]`),
+//!   and it stops working, its tunnels cut, when the sandbox ends. A target
+//!   outside the list, or a name that resolves to this machine or a private
+//!   address (unless `sandbox.egress_allow_local`), is refused with 403
+//!   before anything is sent; the proxy connects to the very address it
+//!   checked, so DNS cannot change the answer in between. Refusals are
+//!   counted and reported to the job.
+//!
+//! The firewall needs `iptables` and the right to change it (root, or
+//! `CAP_NET_ADMIN` in the host's network namespace). Without it, egress
+//! jobs are refused with a retryable error: never run with a hole.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bollard::models::{NetworkCreateRequest, NetworkInspect as DockerNetwork};
+use bollard::query_parameters::InspectNetworkOptions;
+use bollard::Docker;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::SandboxError;
+use crate::job::JobId;
+use crate::metrics::{EGRESS_BYTES, EGRESS_REQUESTS};
+use crate::net::is_local_addr;
+
+/// The internal Docker network egress sandboxes join.
+pub const EGRESS_NETWORK: &str = "orch-egress";
+/// Its bridge interface (a name the firewall rules can match; at most 15
+/// characters).
+pub const EGRESS_BRIDGE: &str = "orch-egress0";
+/// The iptables chain every packet from the bridge to this host goes through.
+const CHAIN: &str = "ORCH-EGRESS";
+/// Marks the rules this module writes, with the pid of the worker that owns
+/// the proxy port, so rules a crashed worker left are found and removed.
+const RULE_COMMENT: &str = "orchestrator-egress-pid-";
+
+/// Largest CONNECT request head read.
+const MAX_HEAD: usize = 8 * 1024;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most tunnels open at once through one worker's proxy.
+const MAX_TUNNELS: usize = 512;
+/// Most refused targets kept per sandbox for its job's trail.
+const MAX_DENIALS_KEPT: usize = 32;
+/// The user name in the proxy credentials (the password is the token).
+const PROXY_USER: &str = "orch";
+
+/// A kind's `egress` list: `host`, `*.domain` (any name below it), or an
+/// IP literal, each with `:port` (443 when absent). Names match exactly,
+/// ASCII case-insensitively; nothing else gets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowlist {
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    host: Pattern,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Name(String),
+    /// `*.example.com` kept as `.example.com`: a name strictly below it.
+    Below(String),
+    Ip(IpAddr),
+}
+
+/// Where a CONNECT asks to go, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    host: Host,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Host {
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            Host::Name(n) => write!(f, "{n}:{}", self.port),
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
+        }
+    }
+}
+
+/// A DNS name as we accept it: ASCII letters, digits and hyphens in labels
+/// of 1 to 63, at most 253 in all, lowercased, no trailing dot. A last
+/// label of digits (`127.1`, `0x7f.1`) is refused: resolvers read such
+/// names as IPv4 addresses in forms this parser does not.
+fn parse_name(raw: &str) -> Option<String> {
+    let name = raw.strip_suffix('.').unwrap_or(raw);
+    if name.is_empty() || name.len() > 253 {
+        return None;
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    for label in &labels {
+        let ok = (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return None;
+        }
+    }
+    let last = labels.last()?;
+    if last.bytes().all(|b| b.is_ascii_digit()) || last.to_ascii_lowercase().starts_with("0x") {
+        return None;
+    }
+    Some(name.to_ascii_lowercase())
+}
+
+/// `host:port`, `[v6]:port`, or (when `default_port`) a bare host.
+fn split_host_port(raw: &str, default_port: Option<u16>) -> Option<(&str, u16)> {
+    let parse_port = |p: &str| -> Option<u16> {
+        // Digits only: no sign, no spaces; port 0 is no port.
+        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        p.parse().ok().filter(|p| *p != 0)
+    };
+    if let Some(rest) = raw.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after.strip_prefix(':') {
+            Some(p) => Some((host, parse_port(p)?)),
+            None if after.is_empty() => Some((host, default_port?)),
+            None => None,
+        };
+    }
+    match raw.rsplit_once(':') {
+        Some((host, p)) if !host.contains(':') => Some((host, parse_port(p)?)),
+        Some(_) => None,
+        None => Some((raw, default_port?)),
+    }
+}
+
+impl Target {
+    /// The authority of a CONNECT request: `host:port`, the port required.
+    pub fn parse(raw: &str) -> Result<Target, &'static str> {
+        let (host, port) = split_host_port(raw, None).ok_or("the target must be host:port")?;
+        let host = if raw.starts_with('[') {
+            Host::Ip(IpAddr::V6(
+                host.parse()
+                    .map_err(|_| "the target is not an IPv6 address")?,
+            ))
+        } else if let Ok(ip) = host.parse::<Ipv4Addr>() {
+            Host::Ip(IpAddr::V4(ip))
+        } else {
+            Host::Name(parse_name(host).ok_or("the target host is not a DNS name")?)
+        };
+        Ok(Target { host, port })
+    }
+}
+
+impl Allowlist {
+    /// Validates a kind's `egress` entries.
+    pub fn parse(entries: &[String]) -> Result<Allowlist, String> {
+        let mut rules = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let bad = || {
+                format!("{entry:?} is not host, *.domain or an IP address, optionally with :port")
+            };
+            let (host, port) = split_host_port(entry, Some(443)).ok_or_else(bad)?;
+            let pattern = if entry.starts_with('[') {
+                Pattern::Ip(IpAddr::V6(host.parse().map_err(|_| bad())?))
+            } else if let Ok(ip) = host.parse::<Ipv4Addr>() {
+                Pattern::Ip(IpAddr::V4(ip))
+            } else if let Some(domain) = host.strip_prefix("*.") {
+                Pattern::Below(format!(".{}", parse_name(domain).ok_or_else(bad)?))
+            } else {
+                Pattern::Name(parse_name(host).ok_or_else(bad)?)
+            };
+            rules.push(Rule {
+                host: pattern,
+                port,
+            });
+        }
+        Ok(Allowlist { rules })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn allows(&self, target: &Target) -> bool {
+        self.rules.iter().any(|rule| {
+            rule.port == target.port
+                && match (&rule.host, &target.host) {
+                    (Pattern::Name(n), Host::Name(t)) => n == t,
+                    (Pattern::Below(suffix), Host::Name(t)) => t.ends_with(suffix.as_str()),
+                    (Pattern::Ip(ip), Host::Ip(t)) => ip == t,
+                    _ => false,
+                }
+        })
+    }
+}
+
+/// What one sandbox may reach, while it runs.
+struct GrantState {
+    job: JobId,
+    allow: Arc<Allowlist>,
+    denied: Mutex<Vec<String>>,
+    /// Cut when the sandbox ends: its tunnels close with it.
+    cut: CancellationToken,
+}
+
+impl GrantState {
+    fn deny(&self, what: String) {
+        let mut denied = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+        if denied.len() < MAX_DENIALS_KEPT && !denied.contains(&what) {
+            denied.push(what);
+        }
+    }
+}
+
+struct Shared {
+    grants: Mutex<HashMap<String, Arc<GrantState>>>,
+    allow_local: bool,
+    tunnels: Arc<Semaphore>,
+}
+
+/// The proxy of one worker: its listener, its firewall rule, the grants of
+/// the sandboxes running now. Dropping it stops it and removes the rule.
+pub struct EgressProxy {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    firewall: Option<Firewall>,
+}
+
+impl Drop for EgressProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(firewall) = &self.firewall {
+            firewall.remove();
+        }
+    }
+}
+
+/// A sandbox's right to use the proxy; revoked (and its tunnels cut) when
+/// dropped.
+pub struct EgressGrant {
+    token: String,
+    url: String,
+    state: Arc<GrantState>,
+    shared: Arc<Shared>,
+}
+
+impl EgressGrant {
+    /// The `HTTPS_PROXY` value for the sandbox. It holds the grant's token:
+    /// pass it like a secret (it opens only this sandbox's allowlist, and
+    /// only while the sandbox runs).
+    pub fn proxy_url(&self) -> &str {
+        &self.url
+    }
+
+    /// The targets refused so far, each once (at most 32).
+    pub fn denied(&self) -> Vec<String> {
+        self.state
+            .denied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for EgressGrant {
+    fn drop(&mut self) {
+        self.state.cut.cancel();
+        self.shared
+            .grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.token);
+    }
+}
+
+impl EgressProxy {
+    /// Makes sure the egress network exists (and is what it must be),
+    /// listens on its bridge address, and installs the firewall rule.
+    pub async fn start(docker: &Docker, allow_local: bool) -> Result<EgressProxy, SandboxError> {
+        let gateway = ensure_network(docker).await?;
+        let listener = TcpListener::bind((gateway, 0)).await?;
+        let port = listener.local_addr()?.port();
+        let firewall = Firewall::install(gateway, port).await?;
+        let mut proxy = EgressProxy::serve(listener, allow_local)?;
+        proxy.firewall = Some(firewall);
+        tracing::info!(addr = %proxy.addr, network = EGRESS_NETWORK, "egress proxy listening");
+        Ok(proxy)
+    }
+
+    /// Serves the proxy on `listener` (no network, no firewall: what
+    /// [`EgressProxy::start`] builds on, and what unit tests use).
+    pub fn serve(listener: TcpListener, allow_local: bool) -> Result<EgressProxy, SandboxError> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            grants: Mutex::new(HashMap::new()),
+            allow_local,
+            tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
+        Ok(EgressProxy {
+            shared,
+            addr,
+            stop,
+            firewall: None,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A grant for one sandbox of `job`, allowed `allow`.
+    pub fn grant(&self, job: JobId, allow: Arc<Allowlist>) -> EgressGrant {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let state = Arc::new(GrantState {
+            job,
+            allow,
+            denied: Mutex::new(Vec::new()),
+            cut: self.stop.child_token(),
+        });
+        self.shared
+            .grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.clone(), state.clone());
+        EgressGrant {
+            url: format!("http://{PROXY_USER}:{token}@{}", self.addr),
+            token,
+            state,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let Ok(permit) = shared.tunnels.clone().try_acquire_owned() else {
+                    // At the cap: the connection is closed unanswered.
+                    continue;
+                };
+                let shared = shared.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    handle(stream, &shared, &stop).await;
+                });
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "egress proxy: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// How a request was answered, for the metric and the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    BadRequest,
+    NotConnect,
+    Unauthenticated,
+    Denied,
+    Upstream,
+    Timeout,
+}
+
+impl Refusal {
+    fn reply(self) -> &'static [u8] {
+        match self {
+            Refusal::BadRequest => b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Refusal::NotConnect => b"HTTP/1.1 405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Refusal::Unauthenticated => b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"orchestrator egress\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Refusal::Denied => b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Refusal::Upstream => b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Refusal::Timeout => b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        }
+    }
+
+    fn outcome(self) -> &'static str {
+        match self {
+            Refusal::BadRequest | Refusal::NotConnect => "bad_request",
+            Refusal::Unauthenticated => "unauthenticated",
+            Refusal::Denied => "denied",
+            Refusal::Upstream | Refusal::Timeout => "upstream_error",
+        }
+    }
+}
+
+async fn handle(mut client: TcpStream, shared: &Shared, stop: &CancellationToken) {
+    let (upstream, grant, early) = match open(&mut client, shared).await {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            metrics::counter!(EGRESS_REQUESTS, "outcome" => refusal.outcome()).increment(1);
+            let _ = client.write_all(refusal.reply()).await;
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    metrics::counter!(EGRESS_REQUESTS, "outcome" => "allowed").increment(1);
+    tunnel(client, upstream, &early, &grant.cut, stop).await;
+}
+
+/// Reads and checks the CONNECT request, then connects; returns the
+/// upstream stream, the grant, and any bytes the client sent past the head.
+async fn open(
+    client: &mut TcpStream,
+    shared: &Shared,
+) -> Result<(TcpStream, Arc<GrantState>, Vec<u8>), Refusal> {
+    let (head, early) = tokio::time::timeout(HEAD_TIMEOUT, read_head(client))
+        .await
+        .map_err(|_| Refusal::BadRequest)??;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(Refusal::BadRequest),
+    }
+    if request.method != Some("CONNECT") {
+        return Err(Refusal::NotConnect);
+    }
+    let grant = authenticate(request.headers, shared).ok_or(Refusal::Unauthenticated)?;
+    let raw = request.path.unwrap_or_default();
+    let target = match Target::parse(raw) {
+        Ok(t) => t,
+        Err(why) => {
+            grant.deny(format!("(invalid target: {why})"));
+            return Err(Refusal::BadRequest);
+        }
+    };
+    if !grant.allow.allows(&target) {
+        tracing::warn!(job.id = %grant.job, target = %target, "egress refused: not in the kind's allowlist");
+        grant.deny(target.to_string());
+        return Err(Refusal::Denied);
+    }
+    let addr = resolve(&target, shared.allow_local)
+        .await
+        .inspect_err(|refusal| {
+            if *refusal == Refusal::Denied {
+                tracing::warn!(job.id = %grant.job, target = %target, "egress refused: resolves to this machine or a private address");
+                grant.deny(format!("{target} (resolves to a local address)"));
+            }
+        })?;
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Refusal::Timeout)?
+        .map_err(|_| Refusal::Upstream)?;
+    client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .map_err(|_| Refusal::Upstream)?;
+    Ok((upstream, grant, early))
+}
+
+/// The request head (through the blank line) and what followed it.
+async fn read_head(client: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = client
+            .read(&mut chunk)
+            .await
+            .map_err(|_| Refusal::BadRequest)?;
+        if n == 0 {
+            return Err(Refusal::BadRequest);
+        }
+        let searched_from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf[searched_from..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+        {
+            let end = searched_from + end + 4;
+            let early = buf.split_off(end);
+            return Ok((buf, early));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Refusal::BadRequest);
+        }
+    }
+}
+
+/// The grant named by `Proxy-Authorization: Basic base64(orch:<token>)`.
+fn authenticate(headers: &[httparse::Header<'_>], shared: &Shared) -> Option<Arc<GrantState>> {
+    let value = headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))?
+        .value;
+    let value = std::str::from_utf8(value).ok()?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, token) = decoded.split_once(':')?;
+    if user != PROXY_USER {
+        return None;
+    }
+    shared
+        .grants
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(token)
+        .cloned()
+}
+
+/// The address to connect to: the first the name resolves to, refused when
+/// any of them is local (unless `allow_local`).
+async fn resolve(target: &Target, allow_local: bool) -> Result<SocketAddr, Refusal> {
+    let addrs: Vec<SocketAddr> = match &target.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
+        Host::Name(name) => tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            tokio::net::lookup_host((name.as_str(), target.port)),
+        )
+        .await
+        .map_err(|_| Refusal::Timeout)?
+        .map_err(|_| Refusal::Upstream)?
+        .collect(),
+    };
+    if !allow_local && addrs.iter().any(|a| is_local_addr(a.ip())) {
+        return Err(Refusal::Denied);
+    }
+    addrs.into_iter().next().ok_or(Refusal::Upstream)
+}
+
+/// Carries bytes both ways until either side closes, the sandbox ends, or
+/// the proxy stops.
+async fn tunnel(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    early: &[u8],
+    cut: &CancellationToken,
+    stop: &CancellationToken,
+) {
+    if !early.is_empty() && upstream.write_all(early).await.is_err() {
+        return;
+    }
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Ok((sent, received)) = copied {
+                metrics::counter!(EGRESS_BYTES, "direction" => "sent")
+                    .increment(sent + early.len() as u64);
+                metrics::counter!(EGRESS_BYTES, "direction" => "received").increment(received);
+            }
+        }
+        () = cut.cancelled() => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// Creates [`EGRESS_NETWORK`] if missing and checks it is internal, with
+/// inter-container traffic off, on [`EGRESS_BRIDGE`]; returns its gateway
+/// (the bridge's address on this host).
+async fn ensure_network(docker: &Docker) -> Result<Ipv4Addr, SandboxError> {
+    let network = match inspect_network(docker).await? {
+        Some(network) => network,
+        None => {
+            let options = HashMap::from([
+                (
+                    "com.docker.network.bridge.name".to_owned(),
+                    EGRESS_BRIDGE.to_owned(),
+                ),
+                (
+                    "com.docker.network.bridge.enable_icc".to_owned(),
+                    "false".to_owned(),
+                ),
+                (
+                    "com.docker.network.bridge.enable_ip_masquerade".to_owned(),
+                    "false".to_owned(),
+                ),
+            ]);
+            let created = docker
+                .create_network(NetworkCreateRequest {
+                    name: EGRESS_NETWORK.to_owned(),
+                    driver: Some("bridge".to_owned()),
+                    internal: Some(true),
+                    enable_ipv6: Some(false),
+                    options: Some(options),
+                    labels: Some(HashMap::from([(
+                        "dev.orchestrator.egress".to_owned(),
+                        "true".to_owned(),
+                    )])),
+                    ..NetworkCreateRequest::default()
+                })
+                .await;
+            match created {
+                Ok(_) => {}
+                // Another worker created it first.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409, ..
+                }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            inspect_network(docker).await?.ok_or_else(|| {
+                SandboxError::Spec(format!("the {EGRESS_NETWORK} network vanished"))
+            })?
+        }
+    };
+    check_network(&network)
+}
+
+async fn inspect_network(docker: &Docker) -> Result<Option<DockerNetwork>, SandboxError> {
+    match docker
+        .inspect_network(EGRESS_NETWORK, None::<InspectNetworkOptions>)
+        .await
+    {
+        Ok(network) => Ok(Some(network)),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A network of that name someone else made (not internal, another
+/// bridge) is refused, never used.
+fn check_network(network: &DockerNetwork) -> Result<Ipv4Addr, SandboxError> {
+    let wrong = |what: &str| {
+        SandboxError::Spec(format!(
+            "the Docker network {EGRESS_NETWORK} exists but {what}; remove it (docker network rm {EGRESS_NETWORK}) and the worker makes it again"
+        ))
+    };
+    if network.internal != Some(true) {
+        return Err(wrong("is not internal"));
+    }
+    let options = network.options.clone().unwrap_or_default();
+    let option = |key: &str| options.get(key).map(String::as_str);
+    if option("com.docker.network.bridge.name") != Some(EGRESS_BRIDGE) {
+        return Err(wrong(&format!("its bridge is not {EGRESS_BRIDGE}")));
+    }
+    if option("com.docker.network.bridge.enable_icc") != Some("false") {
+        return Err(wrong("lets its containers reach each other"));
+    }
+    network
+        .ipam
+        .as_ref()
+        .and_then(|ipam| ipam.config.as_ref())
+        .and_then(|configs| {
+            configs
+                .iter()
+                .find_map(|c| c.gateway.as_deref()?.parse().ok())
+        })
+        .ok_or_else(|| wrong("has no IPv4 gateway"))
+}
+
+/// The worker's rule in the `ORCH-EGRESS` chain: the only traffic from the
+/// bridge this host accepts is TCP to the proxy.
+///
+/// iptables is driven through its command line: the rules are few, written
+/// once per worker, and the CLI is the interface every distribution keeps
+/// stable (nft-backed or legacy alike).
+struct Firewall {
+    accept: Vec<String>,
+}
+
+impl Firewall {
+    async fn install(gateway: Ipv4Addr, port: u16) -> Result<Firewall, SandboxError> {
+        // The chain and the jump to it from INPUT are shared by every
+        // worker on this host; the final DROP comes last.
+        if iptables(&["-N", CHAIN]).await.is_err() {
+            // Most likely it exists; the checks below tell for sure.
+        }
+        ensure_rule(&["INPUT", "-i", EGRESS_BRIDGE, "-j", CHAIN], true).await?;
+        ensure_rule(&[CHAIN, "-j", "DROP"], false).await?;
+        remove_stale_rules().await;
+        let comment = format!("{RULE_COMMENT}{}", std::process::id());
+        let accept: Vec<String> = [
+            CHAIN,
+            "-p",
+            "tcp",
+            "-d",
+            &gateway.to_string(),
+            "--dport",
+            &port.to_string(),
+            "-m",
+            "comment",
+            "--comment",
+            &comment,
+            "-j",
+            "ACCEPT",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let mut insert = vec!["-I".to_owned()];
+        insert.extend(accept.iter().cloned());
+        iptables(&insert.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+        Ok(Firewall { accept })
+    }
+
+    /// Deletes this worker's rule; blocking, since it runs from `Drop`.
+    fn remove(&self) {
+        let mut args = vec!["-w".to_owned(), "-D".to_owned()];
+        args.extend(self.accept.iter().cloned());
+        if let Err(err) = std::process::Command::new("iptables").args(&args).output() {
+            tracing::warn!(error = %err, "could not remove the egress firewall rule");
+        }
+    }
+}
+
+/// `rule` in its chain (`rule[0]`), added if missing: at the top when
+/// `first`, else at the end.
+async fn ensure_rule(rule: &[&str], first: bool) -> Result<(), SandboxError> {
+    let mut check = vec!["-C"];
+    check.extend_from_slice(rule);
+    if iptables(&check).await.is_ok() {
+        return Ok(());
+    }
+    let mut add = vec![if first { "-I" } else { "-A" }];
+    add.extend_from_slice(rule);
+    iptables(&add).await
+}
+
+/// Accept rules of workers that no longer run (a crash skips `Drop`): a
+/// port they left open could be taken by any other process.
+async fn remove_stale_rules() {
+    let Ok(listing) = iptables_output(&["-S", CHAIN]).await else {
+        return;
+    };
+    for line in listing.lines() {
+        let Some(pid) = line
+            .split_once(RULE_COMMENT)
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        // `-S` prints `-A CHAIN …`; the same words after `-D` delete it.
+        let Some(rule) = line.strip_prefix("-A ") else {
+            continue;
+        };
+        let words: Vec<String> = shell_words(rule);
+        let mut args = vec!["-D"];
+        args.extend(words.iter().map(String::as_str));
+        if let Err(err) = iptables(&args).await {
+            tracing::warn!(error = %err, rule = line, "could not remove a stale egress rule");
+        }
+    }
+}
+
+/// Splits an `iptables -S` line: words, with double-quoted comments kept
+/// whole (our comments have no spaces, but another tool's might).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words
+}
+
+async fn iptables(args: &[&str]) -> Result<(), SandboxError> {
+    iptables_output(args).await.map(drop)
+}
+
+async fn iptables_output(args: &[&str]) -> Result<String, SandboxError> {
+    let output = tokio::process::Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| SandboxError::Spawn {
+            command: "iptables".into(),
+            source,
+        })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(SandboxError::Spec(format!(
+            "iptables {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(entries: &[&str]) -> Allowlist {
+        Allowlist::parse(&entries.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+            .expect("valid")
+    }
+
+    fn target(raw: &str) -> Target {
+        Target::parse(raw).expect("valid target")
+    }
+
+    #[test]
+    fn names_match_exactly_and_wildcards_only_below() {
+        let allow = list(&[
+            "api.anthropic.com",
+            "*.example.com:8443",
+            "10.1.2.3:80",
+            "[::1]:81",
+        ]);
+        assert!(allow.allows(&target("api.anthropic.com:443")));
+        assert!(allow.allows(&target("API.Anthropic.COM.:443")));
+        assert!(!allow.allows(&target("api.anthropic.com:80")));
+        assert!(!allow.allows(&target("api.anthropic.com.evil.net:443")));
+        assert!(!allow.allows(&target("xapi.anthropic.com:443")));
+        assert!(allow.allows(&target("a.b.example.com:8443")));
+        assert!(!allow.allows(&target("example.com:8443")));
+        assert!(!allow.allows(&target("badexample.com:8443")));
+        assert!(allow.allows(&target("10.1.2.3:80")));
+        assert!(allow.allows(&target("[::1]:81")));
+        assert!(!allow.allows(&target("10.1.2.4:80")));
+    }
+
+    #[test]
+    fn targets_two_parsers_could_read_differently_are_refused() {
+        for raw in [
+            "127.1:80",
+            "0x7f.0.0.1:80",
+            "2130706433:80",
+            "host:0",
+            "host:+80",
+            "host: 80",
+            "host",
+            "host:80:90",
+            "[::1%eth0]:80",
+            "ho st:80",
+            "host\0:80",
+            "user@host:80",
+            "host/path:80",
+            "-host:80",
+            "ex%61mple.com:80",
+            "xn--\u{e9}.com:80",
+            "[::1]",
+            "",
+        ] {
+            assert!(Target::parse(raw).is_err(), "{raw:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn allowlist_entries_are_validated() {
+        for bad in [
+            "",
+            "*",
+            "*.",
+            "a..b",
+            "host:99999",
+            "http://host",
+            "host/x",
+            "[zz]:1",
+        ] {
+            assert!(
+                Allowlist::parse(&[bad.to_owned()]).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn stale_rule_lines_split_into_words() {
+        assert_eq!(
+            shell_words(
+                r#"ORCH-EGRESS -d 172.18.0.1/32 -p tcp -m comment --comment "a b" -j ACCEPT"#
+            ),
+            vec![
+                "ORCH-EGRESS",
+                "-d",
+                "172.18.0.1/32",
+                "-p",
+                "tcp",
+                "-m",
+                "comment",
+                "--comment",
+                "a b",
+                "-j",
+                "ACCEPT"
+            ]
+        );
+    }
+
+    /// Sends `request` to the proxy and returns everything it answers.
+    async fn ask(proxy: &EgressProxy, request: Vec<u8>) -> String {
+        let mut stream = TcpStream::connect(proxy.addr()).await.expect("connect");
+        stream.write_all(&request).await.expect("write");
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    fn connect_request(target: &str, grant: &EgressGrant, after: &str) -> Vec<u8> {
+        let token = grant
+            .proxy_url()
+            .split_once(':')
+            .map(|(_, r)| r)
+            .unwrap_or_default();
+        let creds = token
+            .trim_start_matches("//")
+            .split_once('@')
+            .map(|(c, _)| c)
+            .unwrap_or_default();
+        let basic = base64::engine::general_purpose::STANDARD.encode(creds);
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {basic}\r\n\r\n{after}")
+            .into_bytes()
+    }
+
+    /// An upstream that echoes what it gets, prefixed, and counts callers.
+    async fn echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = heard.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = s.read(&mut buf).await {
+                        let _ = s.write_all(b"echo:").await;
+                        let _ = s.write_all(&buf[..n]).await;
+                    }
+                });
+            }
+        });
+        (addr, heard)
+    }
+
+    async fn proxy(allow_local: bool) -> EgressProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        EgressProxy::serve(listener, allow_local).expect("serve")
+    }
+
+    #[tokio::test]
+    async fn an_allowed_target_is_tunnelled_with_the_bytes_sent_early() {
+        let (upstream, heard) = echo_server().await;
+        let proxy = proxy(true).await;
+        let grant = proxy.grant(JobId::new(), Arc::new(list(&[&upstream.to_string()])));
+        let answer = ask(
+            &proxy,
+            connect_request(&upstream.to_string(), &grant, "hello"),
+        )
+        .await;
+        assert_eq!(
+            answer,
+            "HTTP/1.1 200 Connection established\r\n\r\necho:hello"
+        );
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(grant.denied().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_here_is_refused_unless_local_is_allowed() {
+        let (upstream, heard) = echo_server().await;
+        let target = format!("localhost:{}", upstream.port());
+        let proxy = proxy(false).await;
+        let grant = proxy.grant(JobId::new(), Arc::new(list(&[&target])));
+        let answer = ask(&proxy, connect_request(&target, &grant, "hello")).await;
+        assert!(answer.starts_with("HTTP/1.1 403 Forbidden"), "{answer}");
+        assert_eq!(
+            heard.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "nothing was sent"
+        );
+        assert_eq!(
+            grant.denied(),
+            vec![format!("{target} (resolves to a local address)")]
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_or_revoked_credentials_and_other_methods_are_refused() {
+        let (upstream, heard) = echo_server().await;
+        let proxy = proxy(true).await;
+        let allow = Arc::new(list(&[&upstream.to_string()]));
+        let grant = proxy.grant(JobId::new(), allow.clone());
+        let request = connect_request(&upstream.to_string(), &grant, "");
+        drop(grant);
+        let answer = ask(&proxy, request).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 407 "),
+            "a revoked grant: {answer}"
+        );
+        let no_auth = format!("CONNECT {upstream} HTTP/1.1\r\n\r\n").into_bytes();
+        assert!(ask(&proxy, no_auth).await.starts_with("HTTP/1.1 407 "));
+        let grant = proxy.grant(JobId::new(), allow);
+        let mut get = connect_request(&upstream.to_string(), &grant, "");
+        get.splice(0..7, b"GET".iter().copied());
+        assert!(ask(&proxy, get).await.starts_with("HTTP/1.1 405 "));
+        let mut huge = b"CONNECT ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 20_000));
+        assert!(ask(&proxy, huge).await.starts_with("HTTP/1.1 400 "));
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn ending_a_grant_cuts_its_open_tunnels() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream = listener.local_addr().expect("addr");
+        // An upstream that never answers and never closes.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let proxy = proxy(true).await;
+        let grant = proxy.grant(JobId::new(), Arc::new(list(&[&upstream.to_string()])));
+        let mut stream = TcpStream::connect(proxy.addr()).await.expect("connect");
+        stream
+            .write_all(&connect_request(&upstream.to_string(), &grant, ""))
+            .await
+            .expect("write");
+        let mut head = [0u8; 39];
+        stream.read_exact(&mut head).await.expect("200");
+        assert!(head.starts_with(b"HTTP/1.1 200"));
+        drop(grant);
+        let mut rest = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "the tunnel closed: {read:?}");
+    }
+}
