@@ -18,7 +18,7 @@ psql "$ORCH_DATABASE_URL" -qtc "SELECT 1 FROM pg_database WHERE datname = 'orche
 port=${ORCH_VALKEY_URL##*:}
 for round in $(seq 1 "${ROUNDS:-3}"); do
   echo "== round $round" >&2
-  ORCH_LOG=warn "$bin" bench --jobs "${N:-20000}" --concurrency 50 --prefetch 500 | tail -n 1
+  ORCH_LOG=warn "$bin" bench queue --jobs "${N:-20000}" --concurrency 50 --prefetch 500 | tail -n 1
   if [ -x "$peers" ]; then
     N=${N:-20000} VALKEY_PORT=$port DATABASE_URL=$peers_db "$peers"
   fi

@@ -71,35 +71,10 @@ enum Command {
         #[command(subcommand)]
         command: Option<QueuesCommand>,
     },
-    /// Measure throughput and latency through the real path.
-    Bench(BenchArgs),
-    /// A do-nothing agent job through every stage against the same steps by
-    /// hand with the git and docker CLIs.
-    BenchLifecycle {
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
-    },
-    /// Worktree creation through the git stage against `git worktree add`.
-    BenchGit {
-        #[arg(long, default_value_t = 10_000)]
-        files: usize,
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
-    },
-    /// Spawn-to-exit of a sandbox against `docker run --rm`, side by side.
-    BenchSandbox {
-        #[arg(long, default_value_t = 30)]
-        runs: usize,
-        #[arg(long, default_value = "orchestrator/script-agent:latest")]
-        image: String,
-    },
-    /// Cancel latency (request to sandbox gone) and kill-all wall time with
-    /// running `sleep` agents, against `docker rm -f` of as many containers.
-    BenchCancel {
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
-        #[arg(long, default_value_t = 20)]
-        agents: usize,
+    /// Benchmarks (`scripts/bench.sh` runs the queue peers beside them).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
     },
 }
 
@@ -171,6 +146,40 @@ enum QueuesCommand {
     Resume { name: String },
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Queue throughput and latency through the real path (noop jobs).
+    Queue(BenchArgs),
+    /// A do-nothing agent job through every stage against the same steps by
+    /// hand with the git and docker CLIs.
+    Lifecycle {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    /// Worktree creation through the git stage against `git worktree add`.
+    Git {
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    /// Spawn-to-exit of a sandbox against `docker run --rm`, side by side.
+    Sandbox {
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        #[arg(long, default_value = "orchestrator/script-agent:latest")]
+        image: String,
+    },
+    /// Cancel latency (request to sandbox gone) and kill-all wall time with
+    /// running `sleep` agents, against `docker rm -f` of as many containers.
+    Cancel {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 20)]
+        agents: usize,
+    },
+}
+
 #[derive(Args)]
 struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
@@ -230,35 +239,45 @@ pub async fn run() -> anyhow::Result<()> {
             let app = App::connect_without_postgres(settings).await?;
             let state = app.kill_switch().await?;
             out(&serde_json::to_string_pretty(
-                &orchestrator::killswitch::KillSwitchStatus::from_state(state.as_ref()),
+                &orchestrator::app::KillSwitchStatus::from_state(state.as_ref()),
             )?)?;
         }
         Command::Queues { command } => queues(settings, command).await?,
-        Command::BenchLifecycle { runs } => {
-            let report = orchestrator::pipeline::bench::run(settings, runs.max(1))
+        Command::Bench {
+            what: BenchCommand::Lifecycle { runs },
+        } => {
+            let report = orchestrator::bench::lifecycle::run(settings, runs.max(1))
                 .await
                 .map_err(anyhow::Error::msg)?;
             out(&serde_json::to_string(&report)?)?;
         }
-        Command::BenchGit { files, runs } => {
+        Command::Bench {
+            what: BenchCommand::Git { files, runs },
+        } => {
             let report = tokio::task::spawn_blocking(move || {
-                orchestrator::git::bench::run(files, runs.max(1))
+                orchestrator::bench::git::run(files, runs.max(1))
             })
             .await??;
             out(&serde_json::to_string(&report)?)?;
         }
-        Command::BenchCancel { runs, agents } => {
+        Command::Bench {
+            what: BenchCommand::Cancel { runs, agents },
+        } => {
             let report =
-                orchestrator::killswitch::bench::run(settings, runs.max(1), agents.clamp(1, 200))
+                orchestrator::bench::cancel::run(settings, runs.max(1), agents.clamp(1, 200))
                     .await
                     .map_err(anyhow::Error::msg)?;
             out(&serde_json::to_string(&report)?)?;
         }
-        Command::BenchSandbox { runs, image } => {
-            let report = orchestrator::sandbox::bench::run(&image, runs.max(1)).await?;
+        Command::Bench {
+            what: BenchCommand::Sandbox { runs, image },
+        } => {
+            let report = orchestrator::bench::sandbox::run(&image, runs.max(1)).await?;
             out(&serde_json::to_string(&report)?)?;
         }
-        Command::Bench(args) => {
+        Command::Bench {
+            what: BenchCommand::Queue(args),
+        } => {
             let app = connect_migrated(settings).await?;
             let opts = BenchOptions {
                 jobs: args.jobs,
@@ -291,7 +310,7 @@ async fn connect_migrated(settings: Settings) -> anyhow::Result<App> {
 }
 
 fn pool_config(app: &App, args: &WorkerArgs) -> anyhow::Result<PoolConfig> {
-    let mut cfg = PoolConfig::from_settings(&app.settings);
+    let mut cfg = app.settings.pool_config();
     if let Some(c) = args.concurrency {
         if c == 0 || c > 10_000 {
             bail!("--concurrency must be between 1 and 10000, got {c}");

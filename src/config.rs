@@ -3,6 +3,11 @@
 //! (`ORCH_DATABASE_URL`, `ORCH_WORKER__CONCURRENCY`, …: `__` separates
 //! sections).
 
+use crate::pipeline::{AdmissionSettings, NoChanges};
+use crate::pool::maintenance::MaintenanceConfig;
+use crate::pool::PoolConfig;
+use crate::sandbox::RuntimeChoice;
+use crate::secret::Secret;
 use std::path::Path;
 use std::time::Duration;
 
@@ -45,27 +50,6 @@ pub enum ConfigError {
     Missing(String),
 }
 
-/// A string that never prints itself (connection URLs hold passwords).
-#[derive(Clone, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -102,20 +86,6 @@ pub struct KillSwitchSettings {
     pub confirm_timeout_secs: u64,
 }
 
-/// The admission policy for agent jobs (the "50% rule").
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdmissionSettings {
-    /// A task may use at most this fraction of its model's context window.
-    pub max_context_fraction: f64,
-    /// Context window per model, in tokens.
-    pub context_windows: std::collections::BTreeMap<String, u64>,
-    /// Most jobs of a queue running at once, across every worker (e.g. to
-    /// bound concurrent agents); queues not listed have no limit.
-    #[serde(default)]
-    pub queue_limits: std::collections::BTreeMap<String, u32>,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitSettings {
@@ -145,13 +115,6 @@ pub struct GitSettings {
     /// `ORCH_GIT_HTTPS_TOKEN` serves the hosts `allowed_hosts` names.
     #[serde(default)]
     pub host_tokens: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NoChanges {
-    Fail,
-    Succeed,
 }
 
 impl GitSettings {
@@ -187,21 +150,6 @@ impl GitSettings {
     }
 }
 
-/// Which sandbox runtime to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RuntimeChoice {
-    /// The same as `docker` (kept for old configurations): isolation fails
-    /// closed, so there is no fallback to host processes.
-    Auto,
-    /// Docker (the default). A worker whose daemon does not answer refuses
-    /// agent jobs with a retryable error and says so in `/readyz`.
-    Docker,
-    /// Local processes: weaker isolation, for development; chosen only
-    /// explicitly, logged at start-up and named in every job result.
-    Local,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxSettings {
@@ -217,6 +165,56 @@ pub struct SandboxSettings {
     /// to this machine or a private address (an LLM endpoint on the LAN;
     /// tests). The host's own ports stay closed to them either way.
     pub egress_allow_local: bool,
+}
+
+/// Settings mapped to each layer's own configuration: the layers below
+/// never read `Settings` themselves.
+impl Settings {
+    /// The worker pool's configuration (`[worker]`, `[maintenance]`, queue limits).
+    pub fn pool_config(&self) -> PoolConfig {
+        let settings = self;
+        let w = &settings.worker;
+        PoolConfig {
+            worker_id: crate::pool::new_worker_id(),
+            queues: w.queues.clone(),
+            concurrency: w.concurrency,
+            lease: w.lease(),
+            claim_batch: w.claim_batch,
+            prefetch: w.prefetch,
+            poll_interval: Duration::from_millis(w.poll_interval_ms),
+            shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
+            complete_batch: w.complete_batch,
+            maintenance: settings.maintenance_config(),
+            queue_limits: settings.admission.queue_limits.clone(),
+        }
+    }
+
+    /// The maintenance services' intervals (`[maintenance]`, the orphan reaper's).
+    pub fn maintenance_config(&self) -> MaintenanceConfig {
+        let settings = self;
+        let m = &settings.maintenance;
+        MaintenanceConfig {
+            promote_interval: Duration::from_millis(m.promote_interval_ms),
+            reap_interval: Duration::from_millis(m.reap_interval_ms),
+            lease_scan_interval: Duration::from_secs(m.lease_scan_interval_secs),
+            reap_hold: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(m.reconcile_interval_secs),
+            flush_check_interval: Duration::from_millis(m.flush_check_interval_ms),
+            sample_interval: Duration::from_secs(5),
+            orphan_interval: Duration::from_secs(settings.sandbox.orphan_reap_interval_secs),
+        }
+    }
+}
+
+impl SandboxSettings {
+    pub fn host_options(&self) -> crate::pipeline::HostOptions {
+        crate::pipeline::HostOptions {
+            runtime: self.runtime,
+            log_budget_bytes: self.log_budget_bytes,
+            log_tail_bytes: self.log_tail_bytes,
+            egress_allow_local: self.egress_allow_local,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,7 +237,7 @@ pub struct ApiSettings {
 pub struct TokenSettings {
     pub name: String,
     pub token: Secret,
-    pub scopes: Vec<crate::api::Scope>,
+    pub scopes: Vec<crate::auth::Scope>,
 }
 
 /// Tokens shorter than this are refused as guessable.

@@ -5,16 +5,17 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod git;
 pub mod job;
-pub mod killswitch;
 pub mod metrics;
 pub mod net;
 pub mod pipeline;
 pub mod pool;
 pub mod queue;
 pub mod sandbox;
+pub mod secret;
 pub mod store;
 pub mod telemetry;

@@ -11,33 +11,12 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::ApiState;
+use crate::auth::Scope;
 use crate::config::Settings;
-
-/// What a token may do. `admin` may do everything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    Enqueue,
-    Read,
-    Cancel,
-    Admin,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Enqueue => "enqueue",
-            Scope::Read => "read",
-            Scope::Cancel => "cancel",
-            Scope::Admin => "admin",
-        }
-    }
-}
 
 struct Token {
     name: String,

@@ -14,10 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream;
 
-use super::auth::{Caller, Scope};
+use super::auth::Caller;
 use super::error::{ApiError, Problem};
 use super::jobs::{parse_job_id, EventList};
 use super::ApiState;
+use crate::auth::Scope;
 use crate::job::{JobEvent, JobId};
 use crate::store::Store;
 

@@ -8,10 +8,11 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::{Caller, Scope};
+use super::auth::Caller;
 use super::body::JsonBody;
 use super::error::{ApiError, Problem};
 use super::ApiState;
+use crate::auth::Scope;
 use crate::job::{
     validate_idempotency_key, Job, JobEvent, JobId, JobKind, JobRequest, NewJob, QueueName, Status,
 };

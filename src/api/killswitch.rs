@@ -7,12 +7,13 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::{Caller, Scope};
+use super::auth::Caller;
 use super::body::JsonBody;
 use super::error::{ApiError, Problem};
 use super::jobs::valid_reason;
 use super::ApiState;
-use crate::killswitch::{KillReport, KillSwitchStatus, ResumeReport};
+use crate::app::{KillReport, KillSwitchStatus, ResumeReport};
+use crate::auth::Scope;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -29,7 +29,7 @@ use utoipa::OpenApi;
 
 use crate::app::App;
 use crate::metrics as m;
-pub use auth::{Scope, Tokens};
+pub use auth::Tokens;
 pub use error::{ApiError, Problem};
 
 #[derive(Clone)]

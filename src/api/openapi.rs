@@ -21,8 +21,8 @@ use crate::job::{Job, JobEvent, JobRequest, Status};
         jobs::BatchRequest, jobs::JobList, jobs::JobPage, jobs::EventList, jobs::CancelRequest,
         queues::QueueInfo, queues::QueueList,
         killswitch::KillRequest, killswitch::ControlEventList, killswitch::ControlEventView,
-        crate::killswitch::KillSwitchStatus, crate::killswitch::KillReport,
-        crate::killswitch::ResumeReport, crate::killswitch::KilledJob, crate::killswitch::KillOutcome,
+        crate::app::KillSwitchStatus, crate::app::KillReport,
+        crate::app::ResumeReport, crate::app::KilledJob, crate::app::KillOutcome,
     )),
     modifiers(&BearerAuth),
 )]

@@ -8,9 +8,10 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::auth::{Caller, Scope};
+use super::auth::Caller;
 use super::error::{ApiError, Problem};
 use super::ApiState;
+use crate::auth::Scope;
 use crate::job::QueueName;
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -2,7 +2,6 @@
 //! workspace's files, secret scanning, conflict checks and push, and the
 //! validation of repository URLs and branch names.
 
-pub mod bench;
 pub mod names;
 pub mod repo;
 pub mod secrets;

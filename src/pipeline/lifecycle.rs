@@ -15,10 +15,17 @@ use super::gates::{self, GateDef, GateResult, GateType};
 use super::kinds::KindDef;
 use super::sandboxed::{outcome_result, run_gate, run_sandbox, AgentPayload, GitHost, SandboxHost};
 use super::{JobContext, JobError};
-use crate::config::NoChanges;
 use crate::git::names::BranchName;
 use crate::git::repo::{CommitOutcome, GitError, Worktree};
 use crate::sandbox::{BindMount, Outcome, SANDBOX_USER, WORKSPACE};
+
+/// What a job whose agent changed nothing ends as (`git.no_changes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoChanges {
+    Fail,
+    Succeed,
+}
 
 /// Output lines of a gate kept in its result.
 const GATE_TAIL_LINES: usize = 40;

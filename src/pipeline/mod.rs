@@ -5,7 +5,6 @@
 //! handler; the built-in kinds `noop`, `sleep` and `flaky` serve tests and
 //! benchmarks.
 
-pub mod bench;
 mod builtin;
 pub mod gates;
 pub mod kinds;
@@ -22,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{ClaimedJob, Store};
 
 pub use builtin::{Flaky, Noop, Sleep};
-pub use sandboxed::{GitHost, SandboxHost, SandboxKind};
+pub use lifecycle::NoChanges;
+pub use sandboxed::{AdmissionSettings, GitHost, HostOptions, SandboxHost, SandboxKind};
 
 /// What a handler gets: the job it runs and a token that fires when the job
 /// must stop (shutdown past its grace period, lost lease, cancellation).
@@ -170,7 +170,7 @@ impl Registry {
         defs: Vec<kinds::KindDef>,
         host: &SandboxHost,
         git: Option<&GitHost>,
-        admission: &crate::config::AdmissionSettings,
+        admission: &AdmissionSettings,
     ) -> Self {
         let mut r = Registry::builtin();
         let admission = Arc::new(admission.clone());

@@ -13,23 +13,36 @@ use tokio::sync::{mpsc, OnceCell};
 
 use super::gates::{GateDef, GateType};
 use super::kinds::{KindDef, SCRIPT_PLACEHOLDER, TASK_PLACEHOLDER};
+use super::lifecycle::NoChanges;
 use super::{Handler, HandlerFuture, JobContext, JobError};
-use crate::config::{AdmissionSettings, NoChanges, RuntimeChoice, SandboxSettings, Secret};
 use crate::git::names::{BranchName, RepoPolicy};
 use crate::git::repo::GitStage;
 use crate::git::secrets::Scanner;
 use crate::job::JobId;
 use crate::sandbox::egress::{Allowlist, EgressGrant, EgressProxy};
+use crate::sandbox::RuntimeChoice;
 use crate::sandbox::{
     BindMount, DockerRuntime, Finished, LogCap, LogLine, Network, Outcome, Owner, RunOptions,
     Runtime, SandboxSpec,
 };
+use crate::secret::Secret;
 
 /// Largest script a payload may carry.
 pub const MAX_SCRIPT_BYTES: usize = 64 * 1024;
 /// Log events are written in batches of this many lines, or sooner.
 const LOG_BATCH: usize = 200;
 const LOG_FLUSH: Duration = Duration::from_millis(250);
+
+/// How a worker runs sandboxes (from `[sandbox]` in the settings).
+#[derive(Debug, Clone, Copy)]
+pub struct HostOptions {
+    pub runtime: RuntimeChoice,
+    /// Log bytes per job recorded as events; past it only the tail is kept.
+    pub log_budget_bytes: u64,
+    pub log_tail_bytes: usize,
+    /// Egress sandboxes may reach allowed hosts on local addresses.
+    pub egress_allow_local: bool,
+}
 
 /// The sandbox runtime, connected on first use, and log limits.
 #[derive(Clone)]
@@ -52,7 +65,7 @@ pub struct SandboxHost {
 }
 
 impl SandboxHost {
-    pub fn new(settings: &SandboxSettings, deployment: &str) -> Self {
+    pub fn new(settings: &HostOptions, deployment: &str) -> Self {
         if settings.runtime == RuntimeChoice::Local {
             tracing::warn!(
                 "sandbox.runtime = local: agents run as HOST PROCESSES (rlimits and a process \
@@ -260,6 +273,20 @@ pub(super) fn parse_payload(
         }
     }
     Ok(p)
+}
+
+/// The admission policy for agent jobs (the "50% rule").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionSettings {
+    /// A task may use at most this fraction of its model's context window.
+    pub max_context_fraction: f64,
+    /// Context window per model, in tokens.
+    pub context_windows: std::collections::BTreeMap<String, u64>,
+    /// Most jobs of a queue running at once, across every worker (e.g. to
+    /// bound concurrent agents); queues not listed have no limit.
+    #[serde(default)]
+    pub queue_limits: std::collections::BTreeMap<String, u32>,
 }
 
 /// The admission policy (the "50% rule"): a task whose estimated tokens

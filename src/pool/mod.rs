@@ -23,7 +23,6 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
 use crate::job::{JobId, QueueName, Status};
 use crate::pipeline::Registry;
 use crate::queue::{CancelRequest, Control, KillSwitchState, ValkeyQueue};
@@ -48,25 +47,6 @@ pub struct PoolConfig {
     pub maintenance: MaintenanceConfig,
     /// Most jobs running at once per queue, across every worker.
     pub queue_limits: std::collections::BTreeMap<String, u32>,
-}
-
-impl PoolConfig {
-    pub fn from_settings(settings: &Settings) -> Self {
-        let w = &settings.worker;
-        PoolConfig {
-            worker_id: new_worker_id(),
-            queues: w.queues.clone(),
-            concurrency: w.concurrency,
-            lease: w.lease(),
-            claim_batch: w.claim_batch,
-            prefetch: w.prefetch,
-            poll_interval: Duration::from_millis(w.poll_interval_ms),
-            shutdown_grace: Duration::from_secs(w.shutdown_grace_secs),
-            complete_batch: w.complete_batch,
-            maintenance: MaintenanceConfig::from_settings(settings),
-            queue_limits: settings.admission.queue_limits.clone(),
-        }
-    }
 }
 
 /// `<host>-<pid>-<random>`: unique per replica, readable in logs.

@@ -3,7 +3,6 @@
 //! local-process runtime exists for machines without Docker and is weaker
 //! isolation, which it says loudly.
 
-pub mod bench;
 mod docker;
 pub mod egress;
 mod local;
@@ -18,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Secret;
 use crate::job::JobId;
+use crate::secret::Secret;
 
 pub use docker::DockerRuntime;
 pub use local::LocalRuntime;
@@ -44,6 +43,21 @@ const MIN_MASKED_LEN: usize = 4;
 pub const SANDBOX_USER: &str = "1000:1000";
 /// Where the job's worktree is mounted.
 pub const WORKSPACE: &str = "/workspace";
+
+/// Which sandbox runtime to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// The same as `docker` (kept for old configurations): isolation fails
+    /// closed, so there is no fallback to host processes.
+    Auto,
+    /// Docker (the default). A worker whose daemon does not answer refuses
+    /// agent jobs with a retryable error and says so in `/readyz`.
+    Docker,
+    /// Local processes: weaker isolation, for development; chosen only
+    /// explicitly, logged at start-up and named in every job result.
+    Local,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -1,8 +1,9 @@
 //! A real API server per test, on port 0, with one token per scope.
 
 use orchestrator::api::{self, ApiState};
-use orchestrator::config::{Secret, TokenSettings};
+use orchestrator::config::TokenSettings;
 use orchestrator::job::QueueName;
+use orchestrator::secret::Secret;
 use reqwest::{Method, RequestBuilder, Response};
 use tokio_util::sync::CancellationToken;
 
@@ -30,9 +31,9 @@ impl TestApi {
             s.admin_token = Some(Secret::new(ADMIN));
             s.api.body_limit_bytes = 64 * 1024;
             for (name, token, scope) in [
-                ("enqueuer", ENQUEUE, api::Scope::Enqueue),
-                ("reader", READ, api::Scope::Read),
-                ("canceller", CANCEL, api::Scope::Cancel),
+                ("enqueuer", ENQUEUE, orchestrator::auth::Scope::Enqueue),
+                ("reader", READ, orchestrator::auth::Scope::Read),
+                ("canceller", CANCEL, orchestrator::auth::Scope::Cancel),
             ] {
                 s.api.tokens.push(TokenSettings {
                     name: name.to_owned(),

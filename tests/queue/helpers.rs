@@ -8,9 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use orchestrator::app::App;
-use orchestrator::config::{Secret, Settings};
+use orchestrator::config::Settings;
 use orchestrator::job::{Job, JobId, JobRequest, Status};
 use orchestrator::pool::{Maintenance, PoolConfig, PoolEvent};
+use orchestrator::secret::Secret;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -124,7 +125,7 @@ impl TestEnv {
     }
 
     pub fn pool_config(&self, queue: &str, concurrency: usize) -> PoolConfig {
-        let mut cfg = PoolConfig::from_settings(&self.app.settings);
+        let mut cfg = self.app.settings.pool_config();
         cfg.queues = vec![queue.parse().expect("queue name")];
         cfg.concurrency = concurrency;
         cfg

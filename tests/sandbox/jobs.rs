@@ -153,7 +153,7 @@ async fn local_runtime_is_used_when_configured() {
     let path = dir.path().to_owned();
     let env = TestEnv::with_settings(move |s| {
         s.sandbox.workers_dir = path;
-        s.sandbox.runtime = orchestrator::config::RuntimeChoice::Local;
+        s.sandbox.runtime = orchestrator::sandbox::RuntimeChoice::Local;
     })
     .await;
     let q = unique_queue();

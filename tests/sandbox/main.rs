@@ -18,12 +18,12 @@ mod trust;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use orchestrator::config::Secret;
 use orchestrator::job::JobId;
 use orchestrator::sandbox::{
     DockerRuntime, Finished, Limits, LocalRuntime, LogCap, LogLine, LogStream, Network, Outcome,
     Owner, RunOptions, Runtime, SandboxSpec,
 };
+use orchestrator::secret::Secret;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -212,7 +212,7 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
 /// claims) must not wait out the grace period. With a 60 s grace period, a
 /// lost SIGTERM shows as SIGKILL (137); what else the shell answers with,
 /// interrupted that early, varies (143 mostly, 2 once under load).
-/// (`bench-cancel` without its settle time lost one SIGTERM in about seven
+/// (`bench cancel` without its settle time lost one SIGTERM in about seven
 /// on this machine; the runtime now signals a young container twice. This
 /// test did not catch that loss here.)
 #[tokio::test]

@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use tokio::sync::mpsc;
 
 use super::{error_backoff, PoolError, PoolEvent, Shared};
-use crate::config::Settings;
 use crate::job::QueueName;
 use crate::metrics as m;
 use crate::queue::ValkeyQueue;
@@ -57,22 +56,6 @@ pub struct MaintenanceConfig {
     pub sample_interval: Duration,
     /// How often orphaned sandboxes are looked for.
     pub orphan_interval: Duration,
-}
-
-impl MaintenanceConfig {
-    pub fn from_settings(settings: &Settings) -> Self {
-        let m = &settings.maintenance;
-        MaintenanceConfig {
-            promote_interval: Duration::from_millis(m.promote_interval_ms),
-            reap_interval: Duration::from_millis(m.reap_interval_ms),
-            lease_scan_interval: Duration::from_secs(m.lease_scan_interval_secs),
-            reap_hold: Duration::from_secs(10),
-            reconcile_interval: Duration::from_secs(m.reconcile_interval_secs),
-            flush_check_interval: Duration::from_millis(m.flush_check_interval_ms),
-            sample_interval: Duration::from_secs(5),
-            orphan_interval: Duration::from_secs(settings.sandbox.orphan_reap_interval_secs),
-        }
-    }
 }
 
 /// The maintenance services of one worker, over the queues it serves.

@@ -7,8 +7,6 @@
 //! answers. Workers stop their jobs on the signal (or their next heartbeat)
 //! and confirm each stop in Valkey; kill-all waits for those confirmations.
 
-pub mod bench;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -17,7 +15,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::app::{App, AppError};
+use super::{App, AppError};
 use crate::job::{JobId, QueueName, Status};
 use crate::queue::KillSwitchState;
 use crate::store::{ControlEvent, ControlKind};

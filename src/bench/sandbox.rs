@@ -1,4 +1,4 @@
-//! `orchestrator bench-sandbox`: spawn-to-exit of a trivial container
+//! `orchestrator bench sandbox`: spawn-to-exit of a trivial container
 //! through the sandbox runtime, against `docker run --rm` of the same image,
 //! command and hardening, alternating, in one sitting.
 
@@ -9,11 +9,11 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{
+use super::{pct, ratio};
+use crate::job::JobId;
+use crate::sandbox::{
     DockerRuntime, Limits, Network, Owner, RunOptions, Runtime, SandboxError, SandboxSpec,
 };
-use crate::bench::{pct, ratio};
-use crate::job::JobId;
 
 #[derive(Debug, Serialize)]
 pub struct SandboxBench {

@@ -1,4 +1,4 @@
-//! `orchestrator bench-cancel`: how long stopping takes, through the real
+//! `orchestrator bench cancel`: how long stopping takes, through the real
 //! path (Valkey, Postgres, a worker pool, Docker sandboxes of the
 //! `script-agent` kind running `sleep`), against removing the same number of
 //! running containers straight with `docker rm -f`.
@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::{pct, ratio};
 use crate::app::{App, Cancel};
-use crate::bench::{pct, ratio};
 use crate::config::Settings;
 use crate::job::{JobId, JobRequest, QueueName};
-use crate::pool::PoolConfig;
 use crate::sandbox::{DockerRuntime, Runtime};
 
 const KIND: &str = "script-agent";
@@ -65,7 +64,7 @@ pub async fn run(
     let docker = Runtime::Docker(DockerRuntime::connect().await.map_err(|e| e.to_string())?);
     let queue = QueueName::parse(format!("bench-cancel-{}", std::process::id()))
         .map_err(|e| e.to_string())?;
-    let mut cfg = PoolConfig::from_settings(&app.settings);
+    let mut cfg = app.settings.pool_config();
     cfg.queues = vec![queue.clone()];
     cfg.concurrency = agents.max(1);
     cfg.prefetch = 0;

@@ -1,6 +1,15 @@
-//! `orchestrator bench`: throughput and latency through the real path
+//! Benchmarks, one `orchestrator bench <what>` each: `queue` (here),
+//! `lifecycle`, `git`, `sandbox` and `cancel` (the submodules). They are a
+//! front end: they drive the app, and the adapters they measure.
+//!
+//! `orchestrator bench queue`: throughput and latency through the real path
 //! (Postgres transitions and events, Valkey claims and acks), on a queue of
 //! its own, verified against Postgres at the end.
+
+pub mod cancel;
+pub mod git;
+pub mod lifecycle;
+pub mod sandbox;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -11,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, AppError};
 use crate::job::{JobId, JobKind, NewJob, Priority, QueueName, Status};
-use crate::pool::{PoolConfig, PoolEvent};
+use crate::pool::PoolEvent;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -141,7 +150,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     // Phase 2: drain through a pool, timed from the moment the queue opens.
     // The pool starts first and finishes its start-up reconcile pass (which
     // reads every unfinished job once), so the figure is the steady state.
-    let mut cfg = PoolConfig::from_settings(&app.settings);
+    let mut cfg = app.settings.pool_config();
     cfg.queues = vec![queue.clone()];
     cfg.concurrency = opts.concurrency;
     cfg.prefetch = opts.prefetch;

@@ -1,4 +1,4 @@
-//! `orchestrator bench-git`: worktree creation for a repository of many
+//! `orchestrator bench git`: worktree creation for a repository of many
 //! files through the git stage (mirror lock, fetch, branch, worktree) against
 //! `git worktree add` from the CLI on a mirror of the same repository,
 //! alternating, in one sitting.
@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::names::{BranchName, RepoUrl};
-use super::repo::{GitError, GitStage};
-use super::secrets::Scanner;
-use crate::bench::{pct, ratio};
+use super::{pct, ratio};
+use crate::git::names::{BranchName, RepoUrl};
+use crate::git::repo::{GitError, GitStage};
+use crate::git::secrets::Scanner;
 
 #[derive(Debug, Serialize)]
 pub struct GitBench {

@@ -1,6 +1,10 @@
 //! The application: connections, the handler registry, and the operations
 //! every front end (CLI, HTTP API, bench) shares.
 
+mod killswitch;
+
+pub use killswitch::{KillOutcome, KillReport, KillSwitchStatus, KilledJob, ResumeReport};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -107,7 +111,7 @@ impl App {
             }
             .map_err(|e| AppError::Git(e.to_string()))?,
         );
-        let sandboxes = SandboxHost::new(&settings.sandbox, &settings.key_prefix)
+        let sandboxes = SandboxHost::new(&settings.sandbox.host_options(), &settings.key_prefix)
             .with_redactor(scanner.clone());
         let git = GitHost {
             stage: GitStage::new(

@@ -1,4 +1,4 @@
-//! `orchestrator bench-lifecycle`: a `script-agent` job whose script does
+//! `orchestrator bench lifecycle`: a `script-agent` job whose script does
 //! nothing, through the whole lifecycle (queue, worktree, sandbox, commit,
 //! conflict check, complete), broken down by stage, against the same steps
 //! done by hand with the git and docker CLIs, alternating, in one sitting.
@@ -12,11 +12,12 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::{percentile, round};
 use crate::app::App;
-use crate::bench::{percentile, round};
-use crate::config::{NoChanges, Settings};
+use crate::config::Settings;
 use crate::job::{JobRequest, Status};
-use crate::pool::{PoolConfig, PoolEvent};
+use crate::pipeline::NoChanges;
+use crate::pool::PoolEvent;
 
 #[derive(Debug, Serialize)]
 pub struct LifecycleBench {
@@ -109,7 +110,7 @@ pub async fn run(mut settings: Settings, runs: usize) -> Result<LifecycleBench, 
         "bench-life-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let mut cfg = PoolConfig::from_settings(&app.settings);
+    let mut cfg = app.settings.pool_config();
     cfg.queues = vec![queue.parse().map_err(|e| format!("{e}"))?];
     cfg.concurrency = 1;
     let (tx, mut events) = mpsc::unbounded_channel();
