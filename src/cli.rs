@@ -8,11 +8,11 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use orchestrator::api::{self, ApiState};
 use orchestrator::app::App;
+use orchestrator::app::PoolConfig;
 use orchestrator::bench::{self, BenchOptions};
 use orchestrator::config::Settings;
+use orchestrator::job::JobFilter;
 use orchestrator::job::{JobId, JobRequest, QueueName, Status};
-use orchestrator::pool::PoolConfig;
-use orchestrator::store::JobFilter;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -200,13 +200,16 @@ struct BenchArgs {
     keep: bool,
 }
 
+/// The actor the CLI's changes are recorded under.
+const CLI_ACTOR: &str = "cli";
+
 pub async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => {
             let app = App::connect(settings).await?;
-            app.store.migrate().await?;
+            app.migrate().await?;
             eprintln!("migrations applied");
         }
         Command::Worker(args) => {
@@ -221,7 +224,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             let app = App::connect(settings).await?;
-            app.store.migrate().await?;
+            app.migrate().await?;
             let stop = shutdown_signal();
             let pool = app.pool(pool_config(&app, &args)?);
             let worker = tokio::spawn(pool.run(stop.clone()));
@@ -310,7 +313,7 @@ async fn connect_migrated(settings: Settings) -> anyhow::Result<App> {
 }
 
 fn pool_config(app: &App, args: &WorkerArgs) -> anyhow::Result<PoolConfig> {
-    let mut cfg = app.settings.pool_config();
+    let mut cfg = app.settings().pool_config();
     if let Some(c) = args.concurrency {
         if c == 0 || c > 10_000 {
             bail!("--concurrency must be between 1 and 10000, got {c}");
@@ -363,7 +366,7 @@ fn shutdown_signal() -> CancellationToken {
 /// sandbox runtime.
 async fn serve_http(app: &App, stop: CancellationToken, runs_agents: bool) -> anyhow::Result<()> {
     let handle = orchestrator::metrics::install().context("installing the metrics recorder")?;
-    let addr = app.settings.http_addr.clone();
+    let addr = app.settings().http_addr.clone();
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set ORCH_HTTP_ADDR)"))?;
@@ -400,7 +403,7 @@ async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         idempotency_key: args.idempotency_key,
         ..JobRequest::default()
     };
-    let jobs = app.validate(vec![request], "cli")?;
+    let jobs = app.validate(vec![request], CLI_ACTOR)?;
     let stored = app.enqueue(&jobs).await?;
     let Some((mut job, _)) = stored.into_iter().next() else {
         bail!("nothing was enqueued");
@@ -417,7 +420,7 @@ async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            job = app.store.get_job(job.id).await?;
+            job = app.job(job.id).await?;
         }
     }
     out(&serde_json::to_string_pretty(&job)?)?;
@@ -456,7 +459,7 @@ async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
                 before: before.map(|b| parse_id(&b)).transpose()?,
                 limit: limit.clamp(1, 1000),
             };
-            for job in app.store.list_jobs(&filter).await? {
+            for job in app.jobs(&filter).await? {
                 out(&format!(
                     "{}  {:<9}  {:<12} {:<10} p{:<2} attempt {}/{}  {}",
                     job.id,
@@ -472,13 +475,13 @@ async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
         }
         JobsCommand::Show { id } => {
             let id = parse_id(&id)?;
-            let job = app.store.get_job(id).await?;
-            let events = app.store.job_events(id, None).await?;
+            let job = app.job(id).await?;
+            let events = app.job_events(id, None).await?;
             let shown = serde_json::json!({ "job": job, "events": events });
             out(&serde_json::to_string_pretty(&shown)?)?;
         }
         JobsCommand::Retry { id } => {
-            let job = app.retry_dead(parse_id(&id)?, "cli").await?;
+            let job = app.retry_dead(parse_id(&id)?, CLI_ACTOR).await?;
             out(&serde_json::to_string_pretty(&job)?)?;
         }
     }
@@ -495,7 +498,7 @@ fn reason_arg(raw: &str) -> anyhow::Result<&str> {
 async fn kill_all(settings: Settings, reason: &str) -> anyhow::Result<()> {
     let reason = reason_arg(reason)?;
     let app = App::connect_without_postgres(settings).await?;
-    let report = app.kill_all("cli", reason).await?;
+    let report = app.kill_all(CLI_ACTOR, reason).await?;
     out(&serde_json::to_string_pretty(&report)?)?;
     eprintln!(
         "kill switch engaged: {} cancelled, {} finished first, {} failed",
@@ -512,7 +515,7 @@ async fn kill_all(settings: Settings, reason: &str) -> anyhow::Result<()> {
 async fn resume(settings: Settings, reason: &str) -> anyhow::Result<()> {
     let reason = reason_arg(reason)?;
     let app = App::connect_without_postgres(settings).await?;
-    let report = app.resume("cli", reason).await?;
+    let report = app.resume(CLI_ACTOR, reason).await?;
     out(&serde_json::to_string_pretty(&report)?)?;
     Ok(())
 }
@@ -520,7 +523,7 @@ async fn resume(settings: Settings, reason: &str) -> anyhow::Result<()> {
 async fn cancel(settings: Settings, id: &str, reason: &str) -> anyhow::Result<()> {
     let reason = reason_arg(reason)?;
     let app = connect_migrated(settings).await?;
-    let (job, note) = match app.cancel(parse_id(id)?, "cli", reason).await? {
+    let (job, note) = match app.cancel(parse_id(id)?, CLI_ACTOR, reason).await? {
         orchestrator::app::Cancel::Done(job) => (job, "cancelled"),
         orchestrator::app::Cancel::Requested(job) => (job, "running; its worker will stop it"),
     };
@@ -533,31 +536,25 @@ async fn queues(settings: Settings, command: Option<QueuesCommand>) -> anyhow::R
     let app = connect_migrated(settings).await?;
     match command {
         None => {
-            let known = app.queue.known_queues().await?;
             println!(
                 "{:<24} {:>8} {:>8} {:>8}  paused",
                 "queue", "pending", "delayed", "active"
             );
-            for q in known {
-                let d = app.queue.depth(&q).await?;
+            for q in app.queues().await? {
                 println!(
                     "{:<24} {:>8} {:>8} {:>8}  {}",
-                    q.as_str(),
-                    d.pending(),
-                    d.delayed,
-                    d.active,
-                    d.paused
+                    q.name, q.pending, q.delayed, q.active, q.paused
                 );
             }
         }
         Some(QueuesCommand::Pause { name }) => {
             let q = QueueName::parse(name)?;
-            app.queue.set_paused(&q, true).await?;
+            app.set_paused(&q, true, CLI_ACTOR).await?;
             eprintln!("queue {q} paused");
         }
         Some(QueuesCommand::Resume { name }) => {
             let q = QueueName::parse(name)?;
-            app.queue.set_paused(&q, false).await?;
+            app.set_paused(&q, false, CLI_ACTOR).await?;
             eprintln!("queue {q} resumed");
         }
     }

@@ -1,7 +1,9 @@
 //! orchestrator: a durable job-queue worker pool for coding agents.
 //!
-//! Postgres is the truth, Valkey is the index. See `README.md` for the
-//! guarantees and `DESIGN` notes in the module docs.
+//! Postgres is the truth, Valkey is the index. `docs/ARCHITECTURE.md` maps
+//! the modules onto layers (domain, adapters, engine, application, front
+//! ends); `docs/guarantees.md` says what each guarantee is and where it is
+//! tested.
 
 pub mod api;
 pub mod app;

@@ -8,10 +8,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::app::AppError;
+use crate::app::{AppError, ErrorClass};
 use crate::job::FieldError;
-use crate::queue::QueueError;
-use crate::store::StoreError;
 
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -87,39 +85,18 @@ impl ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound(id) => ApiError::not_found(format!("job {id} does not exist")),
-            StoreError::InvalidTransition { job, from, to } => {
-                ApiError::conflict(format!("job {job} is {from}; it cannot become {to}"))
-            }
-            StoreError::StaleLease { .. } => ApiError::conflict(e.to_string()),
-            e if e.is_transient() => ApiError::unavailable(&e),
-            e => ApiError::internal(&e),
-        }
-    }
-}
-
-impl From<QueueError> for ApiError {
-    fn from(e: QueueError) -> Self {
-        ApiError::unavailable(&e)
-    }
-}
-
 impl From<AppError> for ApiError {
     fn from(e: AppError) -> Self {
-        match e {
-            AppError::Store(e) => e.into(),
-            AppError::Queue(e) => e.into(),
-            AppError::Invalid { index, error } => {
-                let mut api = ApiError::invalid(error);
+        match e.class() {
+            ErrorClass::NotFound(id) => ApiError::not_found(format!("job {id} does not exist")),
+            ErrorClass::Conflict(detail) => ApiError::conflict(detail),
+            ErrorClass::Invalid { index, error } => {
+                let mut api = ApiError::invalid(error.clone());
                 api.index = Some(index);
                 api
             }
-            AppError::NotMigrated | AppError::Kind(_) | AppError::Git(_) => {
-                ApiError::unavailable(&e)
-            }
+            ErrorClass::Unavailable => ApiError::unavailable(&e),
+            ErrorClass::Internal => ApiError::internal(&e),
         }
     }
 }

@@ -18,9 +18,9 @@ use super::auth::Caller;
 use super::error::{ApiError, Problem};
 use super::jobs::{parse_job_id, EventList};
 use super::ApiState;
+use crate::app::App;
 use crate::auth::Scope;
 use crate::job::{JobEvent, JobId};
-use crate::store::Store;
 
 /// How often a stream looks for new events.
 const POLL: Duration = Duration::from_millis(200);
@@ -48,13 +48,13 @@ pub async fn events(
     caller.require(Scope::Read)?;
     let id = parse_job_id(path)?;
     // 404 for an unknown job, in both forms.
-    state.app.store.get_job(id).await?;
+    state.app.job(id).await?;
     let wants_stream = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_stream {
-        let events = state.app.store.job_events(id, None).await?;
+        let events = state.app.job_events(id, None).await?;
         return Ok(Json(EventList { events }).into_response());
     }
     let after = match headers.get("last-event-id") {
@@ -70,7 +70,7 @@ pub async fn events(
         ),
     };
     let feed = Feed {
-        store: state.app.store.clone(),
+        app: state.app.clone(),
         job: id,
         after,
         ready: VecDeque::new(),
@@ -85,7 +85,7 @@ pub async fn events(
 }
 
 struct Feed {
-    store: Store,
+    app: App,
     job: JobId,
     after: Option<i64>,
     ready: VecDeque<JobEvent>,
@@ -111,14 +111,14 @@ impl Feed {
             }
             // Read the status before the events, so an event written just
             // before the job finished is never missed.
-            let finished = match self.store.get_job(self.job).await {
+            let finished = match self.app.job(self.job).await {
                 Ok(job) => job.status.is_terminal(),
                 Err(err) => {
                     tracing::warn!(job.id = %self.job, error = %err, "event stream ended early");
                     return None;
                 }
             };
-            match self.store.job_events(self.job, self.after).await {
+            match self.app.job_events(self.job, self.after).await {
                 Ok(events) => self.ready.extend(events),
                 Err(err) => {
                     tracing::warn!(job.id = %self.job, error = %err, "event stream ended early");

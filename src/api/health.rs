@@ -23,17 +23,15 @@ pub async fn healthz() -> Json<serde_json::Value> {
     (status = 503, description = "a dependency is not ready")
 ))]
 pub async fn readyz(State(state): State<ApiState>) -> Response {
-    let postgres = state.app.store.ping().await.map_err(|e| e.to_string());
-    let valkey = state.app.queue.ping().await.map_err(|e| e.to_string());
-    let migrations = state.app.ensure_migrated().await.map_err(|e| e.to_string());
+    let checks = state.app.readiness(state.runs_agents).await;
+    let ready = checks.ready();
     // Agent jobs need their sandbox runtime; isolation fails closed, so a
     // worker without its Docker daemon is not ready.
-    let sandbox = if state.runs_agents {
-        state.app.sandboxes.check().await.map(|name| json!(name))
-    } else {
-        Ok(json!("not needed: no workers in this process"))
+    let sandbox = match &checks.sandbox {
+        Ok(Some(name)) => json!(name),
+        Ok(None) => json!("not needed: no workers in this process"),
+        Err(e) => json!(e),
     };
-    let ready = postgres.is_ok() && valkey.is_ok() && migrations.is_ok() && sandbox.is_ok();
     let show = |r: &Result<(), String>| match r {
         Ok(()) => json!("ok"),
         Err(e) => json!(e),
@@ -41,8 +39,8 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
     let body = json!({
         "status": if ready { "ready" } else { "not ready" },
         "checks": {
-            "postgres": show(&postgres), "valkey": show(&valkey), "migrations": show(&migrations),
-            "sandbox": sandbox.unwrap_or_else(|e| json!(e)),
+            "postgres": show(&checks.postgres), "valkey": show(&checks.valkey), "migrations": show(&checks.migrations),
+            "sandbox": sandbox,
         },
     });
     let code = if ready {

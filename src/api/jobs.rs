@@ -13,10 +13,10 @@ use super::body::JsonBody;
 use super::error::{ApiError, Problem};
 use super::ApiState;
 use crate::auth::Scope;
+use crate::job::JobFilter;
 use crate::job::{
     validate_idempotency_key, Job, JobEvent, JobId, JobKind, JobRequest, NewJob, QueueName, Status,
 };
-use crate::store::JobFilter;
 
 /// Most jobs in one batch request.
 pub const MAX_BATCH: usize = 1000;
@@ -245,7 +245,7 @@ pub async fn create_batch(
         .filter_map(|j| j.idempotency_key.clone())
         .collect();
     if !keyed.is_empty() {
-        for existing in state.app.store.jobs_by_idempotency_keys(&keyed).await? {
+        for existing in state.app.jobs_by_idempotency_keys(&keyed).await? {
             if let Some((index, requested)) = jobs
                 .iter()
                 .enumerate()
@@ -281,7 +281,7 @@ pub async fn get(
 ) -> Result<Json<Job>, ApiError> {
     caller.require(Scope::Read)?;
     let id = parse_job_id(path)?;
-    Ok(Json(state.app.store.get_job(id).await?))
+    Ok(Json(state.app.job(id).await?))
 }
 
 /// Jobs newest first, filtered, cursor-paginated.
@@ -338,7 +338,7 @@ pub async fn list(
         before,
         limit,
     };
-    let jobs = state.app.store.list_jobs(&filter).await?;
+    let jobs = state.app.jobs(&filter).await?;
     let next_cursor = (jobs.len() == limit as usize)
         .then(|| jobs.last().map(|j| j.id.to_string()))
         .flatten();

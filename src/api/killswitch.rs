@@ -148,7 +148,7 @@ pub async fn events(
     caller: Caller,
 ) -> Result<Json<ControlEventList>, ApiError> {
     caller.require(Scope::Admin)?;
-    let rows = state.app.store.control_events(100).await?;
+    let rows = state.app.control_events(100).await?;
     Ok(Json(ControlEventList {
         events: rows
             .into_iter()

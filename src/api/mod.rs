@@ -45,13 +45,13 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(app: App, metrics: PrometheusHandle) -> Self {
-        let tokens = Tokens::from_settings(&app.settings);
+        let tokens = Tokens::from_settings(app.settings());
         if tokens.is_empty() {
             tracing::warn!("no API tokens configured: every /v1 request will get 401; set ORCH_ADMIN_TOKEN or [[api.tokens]]");
         }
         ApiState {
-            body_limit: app.settings.api.body_limit_bytes,
-            metrics_public: app.settings.api.metrics_public,
+            body_limit: app.settings().api.body_limit_bytes,
+            metrics_public: app.settings().api.metrics_public,
             runs_agents: false,
             tokens,
             metrics: Arc::new(metrics),

@@ -19,7 +19,7 @@ use crate::job::{Job, JobEvent, JobRequest, Status};
     components(schemas(
         Job, JobEvent, JobRequest, Status, error::Problem,
         jobs::BatchRequest, jobs::JobList, jobs::JobPage, jobs::EventList, jobs::CancelRequest,
-        queues::QueueInfo, queues::QueueList,
+        crate::app::QueueInfo, queues::QueueList,
         killswitch::KillRequest, killswitch::ControlEventList, killswitch::ControlEventView,
         crate::app::KillSwitchStatus, crate::app::KillReport,
         crate::app::ResumeReport, crate::app::KilledJob, crate::app::KillOutcome,

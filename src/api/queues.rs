@@ -1,7 +1,5 @@
 //! `/v1/queues`: depth by state and priority, pause and resume.
 
-use std::collections::BTreeMap;
-
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::Json;
@@ -11,53 +9,13 @@ use utoipa::ToSchema;
 use super::auth::Caller;
 use super::error::{ApiError, Problem};
 use super::ApiState;
+use crate::app::QueueInfo;
 use crate::auth::Scope;
 use crate::job::QueueName;
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct QueueInfo {
-    pub name: String,
-    pub paused: bool,
-    /// Held by the kill switch (until `DELETE /v1/killswitch`).
-    pub halted: bool,
-    /// Waiting to run now (Valkey).
-    pub pending: u64,
-    /// Pending per priority, "1" (lowest) to "10" (highest).
-    pub pending_by_priority: BTreeMap<String, u64>,
-    /// Waiting for their time (Valkey).
-    pub delayed: u64,
-    /// Under a lease (Valkey).
-    pub active: u64,
-    /// Unfinished jobs per status, from Postgres (the truth).
-    pub jobs: BTreeMap<String, i64>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
 pub struct QueueList {
     pub queues: Vec<QueueInfo>,
-}
-
-async fn info(
-    state: &ApiState,
-    queue: &QueueName,
-    counts: BTreeMap<String, i64>,
-) -> Result<QueueInfo, ApiError> {
-    let depth = state.app.queue.depth(queue).await?;
-    Ok(QueueInfo {
-        name: queue.to_string(),
-        paused: depth.paused,
-        halted: depth.halted,
-        pending: depth.pending(),
-        pending_by_priority: depth
-            .pending_by_priority
-            .iter()
-            .enumerate()
-            .map(|(i, n)| ((i + 1).to_string(), *n))
-            .collect(),
-        delayed: depth.delayed,
-        active: depth.active,
-        jobs: counts,
-    })
 }
 
 /// Every known queue.
@@ -72,26 +30,7 @@ pub async fn list(
     caller: Caller,
 ) -> Result<Json<QueueList>, ApiError> {
     caller.require(Scope::Read)?;
-    let mut names: BTreeMap<String, BTreeMap<String, i64>> = state
-        .app
-        .queue
-        .known_queues()
-        .await?
-        .into_iter()
-        .map(|q| (q.to_string(), BTreeMap::new()))
-        .collect();
-    for c in state.app.store.queue_counts().await? {
-        names
-            .entry(c.queue)
-            .or_default()
-            .insert(c.status.to_string(), c.count);
-    }
-    let mut queues = Vec::with_capacity(names.len());
-    for (name, counts) in names {
-        if let Ok(queue) = QueueName::parse(name) {
-            queues.push(info(&state, &queue, counts).await?);
-        }
-    }
+    let queues = state.app.queues().await?;
     Ok(Json(QueueList { queues }))
 }
 
@@ -108,10 +47,9 @@ async fn set_paused(
 ) -> Result<Json<QueueInfo>, ApiError> {
     caller.require(Scope::Admin)?;
     let queue = parse_queue(path)?;
-    state.app.queue.register_queues(&[&queue]).await?;
-    state.app.queue.set_paused(&queue, paused).await?;
-    tracing::info!(queue = %queue, actor = %caller.name, paused, "queue pause state set");
-    info(&state, &queue, BTreeMap::new()).await.map(Json)
+    Ok(Json(
+        state.app.set_paused(&queue, paused, &caller.name).await?,
+    ))
 }
 
 /// Stop handing out this queue's jobs (admin). Jobs wait; nothing is lost.

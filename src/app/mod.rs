@@ -1,8 +1,14 @@
 //! The application: connections, the handler registry, and the operations
 //! every front end (CLI, HTTP API, bench) shares.
 
+mod error;
 mod killswitch;
+mod queues;
 
+pub use error::{AppError, ErrorClass};
+pub use queues::QueueInfo;
+// What `App::pool` takes and gives, for front ends that run workers.
+pub use crate::pool::{Pool, PoolConfig};
 pub use killswitch::{KillOutcome, KillReport, KillSwitchStatus, KilledJob, ResumeReport};
 
 use std::collections::BTreeMap;
@@ -13,28 +19,32 @@ use chrono::Utc;
 use crate::config::Settings;
 use crate::git::repo::GitStage;
 use crate::git::secrets::Scanner;
-use crate::job::{FieldError, Job, JobDefaults, JobId, JobRequest, NewJob, QueueName, Status};
+use crate::job::{
+    FieldError, Job, JobDefaults, JobEvent, JobFilter, JobId, JobRequest, NewJob, QueueName, Status,
+};
 use crate::metrics as m;
 use crate::pipeline::kinds::KindDef;
 use crate::pipeline::{GitHost, Registry, SandboxHost};
-use crate::pool::{Pool, PoolConfig};
-use crate::queue::{IndexEntry, QueueError, ValkeyQueue};
-use crate::store::{Store, StoreError};
+use crate::queue::{IndexEntry, ValkeyQueue};
+use crate::store::{ControlRow, Store, StoreError};
 
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-    #[error("invalid job {index}: {error}")]
-    Invalid { index: usize, error: FieldError },
-    #[error("the database schema is not up to date; run `orchestrator migrate`")]
-    NotMigrated,
-    #[error("invalid job kind definition: {0}")]
-    Kind(#[from] crate::pipeline::kinds::KindError),
-    #[error("git stage: {0}")]
-    Git(String),
+/// What `/readyz` checks, each `Err` saying why.
+#[derive(Debug)]
+pub struct Readiness {
+    pub postgres: Result<(), String>,
+    pub valkey: Result<(), String>,
+    pub migrations: Result<(), String>,
+    /// The sandbox runtime's name; `None` when not needed here.
+    pub sandbox: Result<Option<&'static str>, String>,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.postgres.is_ok()
+            && self.valkey.is_ok()
+            && self.migrations.is_ok()
+            && self.sandbox.is_ok()
+    }
 }
 
 /// The longest reason a cancel request may give.
@@ -71,14 +81,17 @@ pub enum Cancel {
     Requested(Job),
 }
 
+/// Every operation a front end offers (the API, the CLI, the benchmarks):
+/// each does the same thing whichever front end asks. Its parts are
+/// private; the accessors below exist for benchmarks and the test kit.
 #[derive(Clone)]
 pub struct App {
-    pub settings: Settings,
-    pub store: Store,
-    pub queue: ValkeyQueue,
-    pub registry: Registry,
-    pub sandboxes: SandboxHost,
-    pub git: GitHost,
+    settings: Settings,
+    store: Store,
+    queue: ValkeyQueue,
+    registry: Registry,
+    sandboxes: SandboxHost,
+    git: GitHost,
 }
 
 impl App {
@@ -318,10 +331,7 @@ impl App {
     pub async fn cancel(&self, id: JobId, actor: &str, reason: &str) -> Result<Cancel, AppError> {
         match self.cancel_waiting(id, actor, reason).await {
             Ok(job) => Ok(Cancel::Done(job)),
-            Err(AppError::Store(StoreError::InvalidTransition {
-                from: Status::Running,
-                ..
-            })) => {
+            Err(err) if err.is_transition_from(Status::Running) => {
                 let job = self.store.get_job(id).await?;
                 self.store
                     .record_event(
@@ -336,6 +346,77 @@ impl App {
             }
             Err(err) => Err(err),
         }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The Postgres store, for benchmarks and tests; front ends use the
+    /// operations.
+    #[doc(hidden)]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The Valkey index, for benchmarks and tests.
+    #[doc(hidden)]
+    pub fn queue(&self) -> &ValkeyQueue {
+        &self.queue
+    }
+
+    /// The sandbox host, for benchmarks and tests.
+    #[doc(hidden)]
+    pub fn sandboxes(&self) -> &SandboxHost {
+        &self.sandboxes
+    }
+
+    /// Applies the database migrations.
+    pub async fn migrate(&self) -> Result<(), AppError> {
+        Ok(self.store.migrate().await?)
+    }
+
+    /// What `/readyz` reports: Postgres, Valkey and the schema, and (when
+    /// `agents`, workers in this process) the sandbox runtime's name.
+    pub async fn readiness(&self, agents: bool) -> Readiness {
+        Readiness {
+            postgres: self.store.ping().await.map_err(|e| e.to_string()),
+            valkey: self.queue.ping().await.map_err(|e| e.to_string()),
+            migrations: self.ensure_migrated().await.map_err(|e| e.to_string()),
+            sandbox: if agents {
+                self.sandboxes.check().await.map(Some)
+            } else {
+                Ok(None)
+            },
+        }
+    }
+
+    pub async fn job(&self, id: JobId) -> Result<Job, AppError> {
+        Ok(self.store.get_job(id).await?)
+    }
+
+    /// Newest first, keyset-paginated.
+    pub async fn jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, AppError> {
+        Ok(self.store.list_jobs(filter).await?)
+    }
+
+    /// The jobs already holding these idempotency keys.
+    pub async fn jobs_by_idempotency_keys(&self, keys: &[String]) -> Result<Vec<Job>, AppError> {
+        Ok(self.store.jobs_by_idempotency_keys(keys).await?)
+    }
+
+    /// A job's audit trail, after the event id `after` when given.
+    pub async fn job_events(
+        &self,
+        id: JobId,
+        after: Option<i64>,
+    ) -> Result<Vec<JobEvent>, AppError> {
+        Ok(self.store.job_events(id, after).await?)
+    }
+
+    /// The kill switch's audit trail, newest first.
+    pub async fn control_events(&self, limit: u32) -> Result<Vec<ControlRow>, AppError> {
+        Ok(self.store.control_events(limit).await?)
     }
 
     /// A worker pool over this app's connections.

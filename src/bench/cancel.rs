@@ -64,7 +64,7 @@ pub async fn run(
     let docker = Runtime::Docker(DockerRuntime::connect().await.map_err(|e| e.to_string())?);
     let queue = QueueName::parse(format!("bench-cancel-{}", std::process::id()))
         .map_err(|e| e.to_string())?;
-    let mut cfg = app.settings.pool_config();
+    let mut cfg = app.settings().pool_config();
     cfg.queues = vec![queue.clone()];
     cfg.concurrency = agents.max(1);
     cfg.prefetch = 0;
@@ -169,7 +169,7 @@ async fn start_agents(
 
 async fn running_containers(app: &App, docker: &Runtime) -> Result<usize, String> {
     Ok(docker
-        .list_ours(&app.settings.key_prefix)
+        .list_ours(&app.settings().key_prefix)
         .await
         .map_err(|e| e.to_string())?
         .len())
@@ -178,7 +178,11 @@ async fn running_containers(app: &App, docker: &Runtime) -> Result<usize, String
 async fn wait_stopped(app: &App, ids: &[JobId]) -> Result<(), String> {
     let deadline = Instant::now() + LIMIT;
     loop {
-        let stopped = app.queue.stopped_at(ids).await.map_err(|e| e.to_string())?;
+        let stopped = app
+            .queue()
+            .stopped_at(ids)
+            .await
+            .map_err(|e| e.to_string())?;
         if stopped.iter().all(Option::is_some) {
             return Ok(());
         }

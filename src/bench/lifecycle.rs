@@ -110,7 +110,7 @@ pub async fn run(mut settings: Settings, runs: usize) -> Result<LifecycleBench, 
         "bench-life-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let mut cfg = app.settings.pool_config();
+    let mut cfg = app.settings().pool_config();
     cfg.queues = vec![queue.parse().map_err(|e| format!("{e}"))?];
     cfg.concurrency = 1;
     let (tx, mut events) = mpsc::unbounded_channel();
@@ -149,7 +149,7 @@ pub async fn run(mut settings: Settings, runs: usize) -> Result<LifecycleBench, 
         }
         total.push(t.elapsed().as_secs_f64() * 1000.0);
         let job = app
-            .store
+            .store()
             .get_job(jobs[0].id)
             .await
             .map_err(|e| e.to_string())?;

@@ -136,7 +136,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
         .unwrap_or_else(|_| unreachable!("bench queue names are valid"));
 
     // Phase 1: bulk enqueue, into a paused queue.
-    app.queue
+    app.queue()
         .set_paused(&queue, true)
         .await
         .map_err(AppError::from)?;
@@ -150,7 +150,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     // Phase 2: drain through a pool, timed from the moment the queue opens.
     // The pool starts first and finishes its start-up reconcile pass (which
     // reads every unfinished job once), so the figure is the steady state.
-    let mut cfg = app.settings.pool_config();
+    let mut cfg = app.settings().pool_config();
     cfg.queues = vec![queue.clone()];
     cfg.concurrency = opts.concurrency;
     cfg.prefetch = opts.prefetch;
@@ -173,7 +173,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
         }
     }
     let t1 = Instant::now();
-    app.queue
+    app.queue()
         .set_paused(&queue, false)
         .await
         .map_err(AppError::from)?;
@@ -227,20 +227,23 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     )
     .bind(queue.as_str())
     .bind(Status::Succeeded.as_str())
-    .fetch_one(app.store.pool())
+    .fetch_one(app.store().pool())
     .await?;
     if !opts.keep {
         sqlx::query(
             "DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE queue = $1)",
         )
         .bind(queue.as_str())
-        .execute(app.store.pool())
+        .execute(app.store().pool())
         .await?;
         sqlx::query("DELETE FROM jobs WHERE queue = $1")
             .bind(queue.as_str())
-            .execute(app.store.pool())
+            .execute(app.store().pool())
             .await?;
-        app.queue.drop_queue(&queue).await.map_err(AppError::from)?;
+        app.queue()
+            .drop_queue(&queue)
+            .await
+            .map_err(AppError::from)?;
     }
     tracing::info!(
         total,

@@ -321,3 +321,14 @@ mod tests {
         assert_eq!(a.to_string().parse::<JobId>().ok(), Some(a));
     }
 }
+
+/// Filters for listing jobs; newest first, keyset-paginated by id.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<Status>,
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// Only jobs older than this id (the cursor).
+    pub before: Option<JobId>,
+    pub limit: u32,
+}

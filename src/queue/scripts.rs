@@ -75,7 +75,7 @@ impl LuaScript {
     }
 }
 
-/// `claim-6.lua` -> ("claim", 6). File names are compile-time constants, so
+/// `claim-8.lua` -> ("claim", 8). File names are compile-time constants, so
 /// a malformed one is a programming error caught by the unit test below.
 fn parse_file_name(file: &'static str) -> (&'static str, usize) {
     let stem = file.strip_suffix(".lua").unwrap_or(file);

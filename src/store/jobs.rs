@@ -7,18 +7,7 @@ use uuid::Uuid;
 
 use super::rows::{EventRow, JobRow, JOB_COLUMNS};
 use super::{Store, StoreError};
-use crate::job::{Job, JobEvent, JobId, NewJob, Status};
-
-/// Filters for [`Store::list_jobs`]; newest first, keyset-paginated by id.
-#[derive(Debug, Clone, Default)]
-pub struct JobFilter {
-    pub status: Option<Status>,
-    pub queue: Option<String>,
-    pub kind: Option<String>,
-    /// Only jobs older than this id (the cursor).
-    pub before: Option<JobId>,
-    pub limit: u32,
-}
+use crate::job::{Job, JobEvent, JobFilter, JobId, NewJob, Status};
 
 /// What the index needs to know about a job to repair its Valkey entry.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -108,8 +108,8 @@ async fn metrics_pass_promtool() {
     let ids: Vec<_> = api
         .env
         .app
-        .store
-        .list_jobs(&orchestrator::store::JobFilter {
+        .store()
+        .list_jobs(&orchestrator::job::JobFilter {
             limit: 10,
             ..Default::default()
         })

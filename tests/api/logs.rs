@@ -18,7 +18,7 @@ async fn tokens_and_payloads_are_not_logged() {
         .args(["run", "--concurrency", "2"])
         .env("ORCH_DATABASE_URL", &env.database_url)
         .env("ORCH_VALKEY_URL", &env.valkey_url)
-        .env("ORCH_KEY_PREFIX", &env.app.settings.key_prefix)
+        .env("ORCH_KEY_PREFIX", &env.app.settings().key_prefix)
         .env("ORCH_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("ORCH_ADMIN_TOKEN", token)
         .env("ORCH_LOG", "debug")

@@ -87,17 +87,17 @@ impl TestApi {
     /// request must leave unchanged.
     pub async fn footprint(&self) -> (i64, i64, u64) {
         let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
-            .fetch_one(self.env.app.store.pool())
+            .fetch_one(self.env.app.store().pool())
             .await
             .expect("count");
         let events: i64 = sqlx::query_scalar("SELECT count(*) FROM job_events")
-            .fetch_one(self.env.app.store.pool())
+            .fetch_one(self.env.app.store().pool())
             .await
             .expect("count");
         let d = self
             .env
             .app
-            .queue
+            .queue()
             .depth(&QueueName::default_queue())
             .await
             .expect("depth");

@@ -60,7 +60,7 @@ async fn a_cancel_request_waiting_in_valkey_stops_the_job_when_it_is_claimed() {
     // What `App::cancel` does for a running job; here the job is not running,
     // which is exactly the race being simulated.
     env.app
-        .queue
+        .queue()
         .request_cancel(job.id, "operator", "late")
         .await
         .expect("request cancel");
@@ -88,17 +88,22 @@ async fn the_reaper_cancels_an_expired_job_whose_cancel_was_requested() {
         .await
         .remove(0);
     let lease = Duration::from_millis(200);
-    let claimed = env.app.queue.claim(&queue, 1, lease).await.expect("claim");
+    let claimed = env
+        .app
+        .queue()
+        .claim(&queue, 1, lease)
+        .await
+        .expect("claim");
     assert!(matches!(claimed, orchestrator::queue::Claimed::Ids(ref ids) if ids.len() == 1));
     let (started, _) = env
         .app
-        .store
+        .store()
         .claim(&[job.id], "doomed-worker", lease)
         .await
         .expect("claim");
     assert_eq!(started.len(), 1);
     env.app
-        .queue
+        .queue()
         .request_cancel(job.id, "operator", "runaway")
         .await
         .expect("request cancel");
@@ -115,13 +120,18 @@ async fn the_reaper_cancels_an_expired_job_whose_cancel_was_requested() {
     assert_eq!(last["lease_expired_from"], "doomed-worker");
     assert!(
         env.app
-            .queue
+            .queue()
             .cancel_requests(&[job.id])
             .await
             .expect("flags")
             .is_empty(),
         "the request is done with"
     );
-    let stopped = env.app.queue.stopped_at(&[job.id]).await.expect("stopped");
+    let stopped = env
+        .app
+        .queue()
+        .stopped_at(&[job.id])
+        .await
+        .expect("stopped");
     assert!(stopped[0].is_some(), "the stop is confirmed");
 }

@@ -125,7 +125,7 @@ impl TestEnv {
     }
 
     pub fn pool_config(&self, queue: &str, concurrency: usize) -> PoolConfig {
-        let mut cfg = self.app.settings.pool_config();
+        let mut cfg = self.app.settings().pool_config();
         cfg.queues = vec![queue.parse().expect("queue name")];
         cfg.concurrency = concurrency;
         cfg
@@ -134,8 +134,8 @@ impl TestEnv {
     pub fn maintenance(&self, queue: &str) -> Maintenance {
         let cfg = self.pool_config(queue, 1);
         Maintenance::new(
-            self.app.store.clone(),
-            self.app.queue.clone(),
+            self.app.store().clone(),
+            self.app.queue().clone(),
             cfg.queues.clone(),
             "test-maintenance".to_owned(),
             cfg.maintenance,
@@ -167,7 +167,7 @@ impl TestEnv {
     }
 
     pub async fn job(&self, id: JobId) -> Job {
-        self.app.store.get_job(id).await.expect("job exists")
+        self.app.store().get_job(id).await.expect("job exists")
     }
 
     /// Polls Postgres until every job is terminal, or panics after `limit`.
@@ -179,7 +179,7 @@ impl TestEnv {
                 "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('queued', 'scheduled', 'running')",
             )
             .bind(&uuids)
-            .fetch_one(self.app.store.pool())
+            .fetch_one(self.app.store().pool())
             .await
             .unwrap_or(i64::MAX);
             if open == 0 {
@@ -203,7 +203,7 @@ impl TestEnv {
         sqlx::query_scalar("SELECT count(*) FROM job_events WHERE job_id = $1 AND type = $2")
             .bind(id.0)
             .bind(kind)
-            .fetch_one(self.app.store.pool())
+            .fetch_one(self.app.store().pool())
             .await
             .expect("count events")
     }
@@ -211,7 +211,7 @@ impl TestEnv {
     /// The data of a job's last event, which must be its `cancelled` event
     /// (who asked, why, from where).
     pub async fn cancelled_event(&self, id: JobId) -> serde_json::Value {
-        let events = self.app.store.job_events(id, None).await.expect("events");
+        let events = self.app.store().job_events(id, None).await.expect("events");
         let last = events.last().expect("events");
         assert_eq!(last.kind, "cancelled", "{events:?}");
         last.data.clone()
@@ -223,7 +223,7 @@ impl TestEnv {
             "SELECT count(*) FROM job_events WHERE job_id = $1 AND type IN ('succeeded', 'dead', 'cancelled')",
         )
         .bind(id.0)
-        .fetch_one(self.app.store.pool())
+        .fetch_one(self.app.store().pool())
         .await
         .expect("count events")
     }
@@ -523,7 +523,7 @@ pub fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
         .args(args)
         .env("ORCH_DATABASE_URL", &env.database_url)
         .env("ORCH_VALKEY_URL", &env.valkey_url)
-        .env("ORCH_KEY_PREFIX", &env.app.settings.key_prefix)
+        .env("ORCH_KEY_PREFIX", &env.app.settings().key_prefix)
         .env("ORCH_LOG", "warn")
         .output()
         .expect("run the cli")
@@ -546,7 +546,7 @@ impl WorkerProcess {
         concurrency: usize,
         vars: &[(&str, &str)],
     ) -> WorkerProcess {
-        let s = &env.app.settings;
+        let s = &env.app.settings();
         let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
             .args([
                 "worker",

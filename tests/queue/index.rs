@@ -226,20 +226,30 @@ async fn reconciler_rebuilds_a_flushed_index_from_postgres() {
     env.enqueue(vec![later]).await;
     let queue: QueueName = q.parse().expect("name");
     assert_eq!(
-        env.app.queue.depth(&queue).await.expect("depth").pending(),
+        env.app
+            .queue()
+            .depth(&queue)
+            .await
+            .expect("depth")
+            .pending(),
         30
     );
 
     valkey.flushall().await;
     assert_eq!(
-        env.app.queue.depth(&queue).await.expect("depth").pending(),
+        env.app
+            .queue()
+            .depth(&queue)
+            .await
+            .expect("depth")
+            .pending(),
         0
     );
     let m = env.maintenance(&q);
     let counts = m.reconcile_once(false).await.expect("reconcile");
     assert!(counts.rebuilt, "a lost sentinel triggers a rebuild");
     assert_eq!(counts.reindexed, 31);
-    let depth = env.app.queue.depth(&queue).await.expect("depth");
+    let depth = env.app.queue().depth(&queue).await.expect("depth");
     assert_eq!((depth.pending(), depth.delayed), (30, 1));
     // Nothing is indexed twice by another pass.
     assert_eq!(

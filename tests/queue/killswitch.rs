@@ -11,10 +11,14 @@ async fn holds_follow_the_switch_whatever_was_missed() {
     let q = unique_queue();
     let queue: QueueName = q.parse().expect("queue");
     let maintenance = env.maintenance(&q);
-    let depth = || async { env.app.queue.depth(&queue).await.expect("depth").halted };
+    let depth = || async { env.app.queue().depth(&queue).await.expect("depth").halted };
 
     // A hold left behind (a kill-all that raced a resume): cleared.
-    env.app.queue.set_halted(&queue, true).await.expect("hold");
+    env.app
+        .queue()
+        .set_halted(&queue, true)
+        .await
+        .expect("hold");
     assert_eq!(maintenance.sync_holds_once().await.expect("sync"), 1);
     assert!(!depth().await);
 
@@ -24,7 +28,7 @@ async fn holds_follow_the_switch_whatever_was_missed() {
     assert!(!depth().await);
     // Its first worker registers it and its maintenance holds it.
     env.app
-        .queue
+        .queue()
         .register_queues(&[&queue])
         .await
         .expect("register");
@@ -59,7 +63,7 @@ async fn the_outbox_writes_each_record_once_and_sets_aside_what_postgres_refuses
     // Postgres refuses NUL in text: this one can never be written.
     let refused = serde_json::to_string(&event("nul \u{0} byte")).expect("json");
     for r in [&refused, &record, &record] {
-        env.app.queue.outbox_push(r).await.expect("push");
+        env.app.queue().outbox_push(r).await.expect("push");
     }
     let moved = env
         .maintenance("default")
@@ -67,18 +71,18 @@ async fn the_outbox_writes_each_record_once_and_sets_aside_what_postgres_refuses
         .await
         .expect("drain");
     assert_eq!(moved, 2, "the good record, twice");
-    let trail = env.app.store.control_events(10).await.expect("trail");
+    let trail = env.app.store().control_events(10).await.expect("trail");
     assert_eq!(trail.len(), 1, "written once");
     assert_eq!(trail[0].id, good.id);
     assert_eq!(trail[0].reason, good.reason);
     assert!(env
         .app
-        .queue
+        .queue()
         .outbox_peek(10)
         .await
         .expect("peek")
         .is_empty());
-    let keys = env.app.queue.keys();
+    let keys = env.app.queue().keys();
     let mut conn = redis::Client::open(env.valkey_url.as_str())
         .expect("client")
         .get_multiplexed_async_connection()
@@ -93,7 +97,7 @@ async fn the_outbox_writes_each_record_once_and_sets_aside_what_postgres_refuses
 /// What a flush does to this test's prefix: the kill switch and the
 /// rebuild sentinel are gone.
 async fn lose_valkey_state(env: &TestEnv) {
-    let keys = env.app.queue.keys();
+    let keys = env.app.queue().keys();
     let mut conn = redis::Client::open(env.valkey_url.as_str())
         .expect("client")
         .get_multiplexed_async_connection()

@@ -13,7 +13,11 @@ async fn one_slot_runs_jobs_by_priority_then_fifo() {
     let q = unique_queue();
     let queue: QueueName = q.parse().expect("name");
     // Paused while enqueuing, so the pool sees the whole set at once.
-    env.app.queue.set_paused(&queue, true).await.expect("pause");
+    env.app
+        .queue()
+        .set_paused(&queue, true)
+        .await
+        .expect("pause");
     let priorities = [3, 8, 3, 10, 1, 8, 5, 10, 3];
     let requests: Vec<JobRequest> = priorities
         .iter()
@@ -27,7 +31,7 @@ async fn one_slot_runs_jobs_by_priority_then_fifo() {
     cfg.claim_batch = 1;
     let mut pool = env.start_pool(cfg);
     env.app
-        .queue
+        .queue()
         .set_paused(&queue, false)
         .await
         .expect("resume");

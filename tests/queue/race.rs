@@ -11,7 +11,7 @@ use crate::helpers::{request, unique_queue, TestEnv};
 async fn claim_one(env: &TestEnv, id: JobId, worker: &str, lease: Duration) -> i64 {
     let (claimed, refused) = env
         .app
-        .store
+        .store()
         .claim(&[id], worker, lease)
         .await
         .expect("claim");
@@ -27,8 +27,8 @@ async fn two_workers_racing_to_complete_one_job_exactly_one_wins() {
         let job = &env.enqueue(vec![request("noop", &q, json!({}))]).await[0];
         let lease = claim_one(&env, job.id, "w1", Duration::from_secs(30)).await;
         let id = job.id;
-        let store_a = env.app.store.clone();
-        let store_b = env.app.store.clone();
+        let store_a = env.app.store().clone();
+        let store_b = env.app.store().clone();
         let a = tokio::spawn(async move {
             store_a
                 .finish_one(Finish::succeeded(id, lease, json!("a")), "a")
@@ -64,7 +64,7 @@ async fn an_expired_lease_is_stale_after_the_job_was_reclaimed() {
     // Expired but not yet reaped: already stale, nothing changes.
     let err = env
         .app
-        .store
+        .store()
         .finish_one(Finish::succeeded(job.id, old, json!(null)), "slow-worker")
         .await
         .expect_err("expired lease");
@@ -73,7 +73,7 @@ async fn an_expired_lease_is_stale_after_the_job_was_reclaimed() {
 
     let reaped = env
         .app
-        .store
+        .store()
         .reap_expired(Some(&[job.id]), 10, "reaper", |_| async {
             Some(Default::default())
         })
@@ -90,14 +90,14 @@ async fn an_expired_lease_is_stale_after_the_job_was_reclaimed() {
 
     let err = env
         .app
-        .store
+        .store()
         .finish_one(Finish::succeeded(job.id, old, json!("old")), "slow-worker")
         .await
         .expect_err("stale");
     assert!(matches!(err, StoreError::StaleLease { lease_id, .. } if lease_id == old));
     let status = env
         .app
-        .store
+        .store()
         .finish_one(Finish::succeeded(job.id, new, json!("new")), "fast-worker")
         .await
         .expect("current lease wins");

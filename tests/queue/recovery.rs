@@ -14,7 +14,7 @@ async fn running_count(env: &TestEnv, ids: &[JobId]) -> i64 {
     let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
     sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND status = 'running'")
         .bind(&uuids)
-        .fetch_one(env.app.store.pool())
+        .fetch_one(env.app.store().pool())
         .await
         .expect("count")
 }
@@ -63,7 +63,7 @@ async fn a_worker_killed_mid_job_loses_nothing_and_each_job_finishes_once() {
     assert_each_finished_once(&env, &ids).await;
     let expired: i64 =
         sqlx::query_scalar("SELECT count(*) FROM job_events WHERE type = 'lease_expired'")
-            .fetch_one(env.app.store.pool())
+            .fetch_one(env.app.store().pool())
             .await
             .expect("count");
     assert!(
@@ -116,7 +116,7 @@ async fn restarting_postgres_mid_run_loses_nothing_and_crashes_nothing() {
     loop {
         let succeeded: i64 =
             sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
-                .fetch_one(env.app.store.pool())
+                .fetch_one(env.app.store().pool())
                 .await
                 .expect("count");
         if succeeded >= 20 {

@@ -28,7 +28,7 @@ async fn failed_attempts_back_off_exponentially_up_to_the_cap() {
 
     let events = env
         .app
-        .store
+        .store()
         .job_events(job.id, None)
         .await
         .expect("events");
@@ -114,7 +114,7 @@ async fn exhausted_attempts_dead_letter_and_admin_retry_brings_the_job_back() {
     // A fresh set of attempts: 1, 2, then 1, 2 again.
     let attempts: Vec<i64> = env
         .app
-        .store
+        .store()
         .job_events(job.id, None)
         .await
         .expect("events")

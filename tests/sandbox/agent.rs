@@ -81,7 +81,7 @@ impl Fixture {
     pub(crate) async fn event_types(&self, id: JobId) -> Vec<String> {
         self.env
             .app
-            .store
+            .store()
             .job_events(id, None)
             .await
             .expect("events")
@@ -164,7 +164,7 @@ async fn a_secret_written_by_the_agent_fails_the_job_and_nothing_is_pushed() {
     let events = f
         .env
         .app
-        .store
+        .store()
         .job_events(done.id, None)
         .await
         .expect("events");
@@ -206,7 +206,7 @@ async fn a_conflicting_change_on_the_target_is_reported_and_nothing_is_pushed() 
         let events = f
             .env
             .app
-            .store
+            .store()
             .job_events(job.id, None)
             .await
             .expect("events");
@@ -248,7 +248,7 @@ async fn a_conflicting_change_on_the_target_is_reported_and_nothing_is_pushed() 
     let events = f
         .env
         .app
-        .store
+        .store()
         .job_events(done.id, None)
         .await
         .expect("events");
@@ -317,7 +317,7 @@ async fn a_sigkilled_workers_worktree_and_container_are_reaped() {
         let events = f
             .env
             .app
-            .store
+            .store()
             .job_events(job.id, None)
             .await
             .expect("events");
@@ -403,7 +403,14 @@ async fn ten_agent_jobs_across_two_worker_processes_do_not_cross_talk() {
     let workers: std::collections::HashSet<String> = {
         let mut set = std::collections::HashSet::new();
         for id in &ids {
-            for e in f.env.app.store.job_events(*id, None).await.expect("events") {
+            for e in f
+                .env
+                .app
+                .store()
+                .job_events(*id, None)
+                .await
+                .expect("events")
+            {
                 if e.kind == "started" {
                     set.insert(e.actor);
                 }
@@ -464,7 +471,7 @@ async fn an_agent_past_its_timeout_fails_and_leaves_no_container_or_worktree() {
             .expect("docker"),
     );
     let left = rt
-        .list_ours(&f.env.app.settings.key_prefix)
+        .list_ours(&f.env.app.settings().key_prefix)
         .await
         .expect("list");
     assert!(left.is_empty(), "containers left: {left:?}");

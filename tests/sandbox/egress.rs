@@ -215,7 +215,7 @@ async fn an_egress_sandbox_reaches_its_allowlist_and_nothing_else() {
 
     let events = env
         .app
-        .store
+        .store()
         .job_events(done.id, None)
         .await
         .expect("events");

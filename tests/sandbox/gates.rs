@@ -136,7 +136,7 @@ async fn an_advisory_failure_is_recorded_and_does_not_stop_the_job() {
     let events = f
         .env
         .app
-        .store
+        .store()
         .job_events(done.id, None)
         .await
         .expect("events");
@@ -180,7 +180,7 @@ async fn a_failing_required_gate_fails_the_job_with_its_output_and_nothing_is_pu
     let events = f
         .env
         .app
-        .store
+        .store()
         .job_events(done.id, None)
         .await
         .expect("events");
@@ -281,7 +281,7 @@ async fn yolo_skips_the_gates_loudly() {
     let events = f
         .env
         .app
-        .store
+        .store()
         .job_events(done.id, None)
         .await
         .expect("events");

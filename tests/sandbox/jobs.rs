@@ -44,7 +44,7 @@ async fn env_with_kinds(dir: &tempfile::TempDir) -> TestEnv {
 }
 
 async fn events(env: &TestEnv, id: JobId) -> Vec<orchestrator::job::JobEvent> {
-    env.app.store.job_events(id, None).await.expect("events")
+    env.app.store().job_events(id, None).await.expect("events")
 }
 
 #[tokio::test]
@@ -183,7 +183,7 @@ async fn local_runtime_is_used_when_configured() {
 
 async fn container_exists(env: &TestEnv, name: &str) -> bool {
     let rt = Runtime::Docker(DockerRuntime::connect().await.expect("docker"));
-    rt.list_ours(&env.app.settings.key_prefix)
+    rt.list_ours(&env.app.settings().key_prefix)
         .await
         .expect("list")
         .iter()
@@ -306,7 +306,7 @@ async fn the_reaper_never_touches_containers_that_are_not_ours() {
     );
     let m = env
         .maintenance("default")
-        .with_sandboxes(Some(env.app.sandboxes.clone()));
+        .with_sandboxes(Some(env.app.sandboxes().clone()));
     let report = m.reap_sandboxes_once().await.expect("reap");
     assert!(!report.removed.contains(&name));
     let inspect = std::process::Command::new("docker")

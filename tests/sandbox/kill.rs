@@ -154,7 +154,7 @@ fn path_str(p: &Path) -> String {
 /// Containers of this test's deployment (its key prefix), running or not.
 async fn containers(env: &TestEnv) -> usize {
     let rt = Runtime::Docker(DockerRuntime::connect().await.expect("docker"));
-    rt.list_ours(&env.app.settings.key_prefix)
+    rt.list_ours(&env.app.settings().key_prefix)
         .await
         .expect("list")
         .len()
@@ -210,7 +210,7 @@ async fn a_job_waiting_in_its_queue_or_for_its_time_is_cancelled_at_once() {
     let depth = f
         .env
         .app
-        .queue
+        .queue()
         .depth(&f.queue.parse().expect("queue"))
         .await
         .expect("depth");
@@ -421,7 +421,7 @@ async fn kill_all_stops_twenty_agents_on_two_workers_and_resume_runs_the_queued_
     crate::helpers::assert_status(&done, Status::Cancelled);
     let mut workers = std::collections::HashSet::new();
     for id in &ids {
-        for e in env.app.store.job_events(*id, None).await.expect("events") {
+        for e in env.app.store().job_events(*id, None).await.expect("events") {
             if e.kind == "started" {
                 workers.insert(e.actor);
             }
@@ -449,7 +449,7 @@ async fn kill_all_stops_twenty_agents_on_two_workers_and_resume_runs_the_queued_
     let ids: Vec<JobId> = queued.iter().map(|j| j.id).collect();
     let done = env.wait_terminal(&ids, Duration::from_secs(60)).await;
     crate::helpers::assert_status(&done, Status::Succeeded);
-    let trail = env.app.store.control_events(10).await.expect("trail");
+    let trail = env.app.store().control_events(10).await.expect("trail");
     let kinds: Vec<&str> = trail.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["resume", "kill_all"]);
     assert_eq!(trail[1].actor, "cli");
@@ -527,13 +527,13 @@ async fn assert_records_caught_up(env: &TestEnv, ids: &[JobId], reason: &str) {
     }
     wait_until("the audit record", Duration::from_secs(30), || async {
         env.app
-            .store
+            .store()
             .control_events(10)
             .await
             .is_ok_and(|t| t.len() == 1)
     })
     .await;
-    let trail = env.app.store.control_events(10).await.expect("trail");
+    let trail = env.app.store().control_events(10).await.expect("trail");
     assert_eq!(trail[0].kind, "kill_all");
     assert_eq!(trail[0].reason, reason);
     let mut listed: Vec<String> = trail[0].data["jobs"]
@@ -548,7 +548,7 @@ async fn assert_records_caught_up(env: &TestEnv, ids: &[JobId], reason: &str) {
     let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
     expected.sort();
     assert_eq!(listed, expected, "the record names every job it stopped");
-    let outbox: Vec<String> = env.app.queue.outbox_peek(10).await.expect("outbox");
+    let outbox: Vec<String> = env.app.queue().outbox_peek(10).await.expect("outbox");
     assert!(outbox.is_empty(), "the outbox is drained");
 }
 

@@ -63,7 +63,7 @@ async fn recorded(f: &Fixture, job: &Job) -> String {
     let events = f
         .env
         .app
-        .store
+        .store()
         .job_events(job.id, None)
         .await
         .expect("events");
@@ -88,7 +88,7 @@ async fn tampered_reasons(f: &Fixture, job: &Job) -> String {
     let events = f
         .env
         .app
-        .store
+        .store()
         .job_events(job.id, None)
         .await
         .expect("events");
@@ -376,7 +376,7 @@ async fn no_docker_daemon_means_no_agent_job_never_a_host_process() {
     let last = done.last_error.clone().unwrap_or_default();
     assert!(last.contains("no Docker daemon answers"), "{last}");
     assert!(!marker.exists(), "the agent ran as a host process");
-    let check = f.env.app.sandboxes.check().await;
+    let check = f.env.app.sandboxes().check().await;
     assert!(check.is_err(), "{check:?}");
 }
 

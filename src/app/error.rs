@@ -1,0 +1,65 @@
+//! The application's errors, and how a front end should answer each
+//! without knowing the adapters behind it.
+
+use crate::job::{FieldError, JobId, Status};
+use crate::queue::QueueError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("invalid job {index}: {error}")]
+    Invalid { index: usize, error: FieldError },
+    #[error("the database schema is not up to date; run `orchestrator migrate`")]
+    NotMigrated,
+    #[error("invalid job kind definition: {0}")]
+    Kind(#[from] crate::pipeline::kinds::KindError),
+    #[error("git stage: {0}")]
+    Git(String),
+}
+
+/// What an [`AppError`] means to whoever asked: front ends map these to
+/// their own answers (an HTTP status, an exit code).
+#[derive(Debug)]
+pub enum ErrorClass<'a> {
+    /// No such job.
+    NotFound(JobId),
+    /// The job is not in a state that allows this.
+    Conflict(String),
+    /// A request was invalid: the job at `index` of the batch.
+    Invalid { index: usize, error: &'a FieldError },
+    /// A backing service is down or not ready; retrying later may work.
+    Unavailable,
+    /// A fault of ours; log it.
+    Internal,
+}
+
+impl AppError {
+    pub fn class(&self) -> ErrorClass<'_> {
+        match self {
+            AppError::Store(StoreError::NotFound(id)) => ErrorClass::NotFound(*id),
+            AppError::Store(StoreError::InvalidTransition { job, from, to }) => {
+                ErrorClass::Conflict(format!("job {job} is {from}; it cannot become {to}"))
+            }
+            AppError::Store(e @ StoreError::StaleLease { .. }) => {
+                ErrorClass::Conflict(e.to_string())
+            }
+            AppError::Store(e) if e.is_transient() => ErrorClass::Unavailable,
+            AppError::Store(_) => ErrorClass::Internal,
+            AppError::Queue(_) => ErrorClass::Unavailable,
+            AppError::Invalid { index, error } => ErrorClass::Invalid {
+                index: *index,
+                error,
+            },
+            AppError::NotMigrated | AppError::Kind(_) | AppError::Git(_) => ErrorClass::Unavailable,
+        }
+    }
+
+    /// Whether this is the store refusing a transition out of `status`.
+    pub(super) fn is_transition_from(&self, status: Status) -> bool {
+        matches!(self, AppError::Store(StoreError::InvalidTransition { from, .. }) if *from == status)
+    }
+}

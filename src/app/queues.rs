@@ -1,0 +1,93 @@
+//! Queues: what is in them, and pausing them.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::{App, AppError};
+use crate::job::QueueName;
+
+/// A queue's state: depth from Valkey, unfinished jobs from Postgres.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueInfo {
+    pub name: String,
+    pub paused: bool,
+    /// Held by the kill switch (until `DELETE /v1/killswitch`).
+    pub halted: bool,
+    /// Waiting to run now (Valkey).
+    pub pending: u64,
+    /// Pending per priority, "1" (lowest) to "10" (highest).
+    pub pending_by_priority: BTreeMap<String, u64>,
+    /// Waiting for their time (Valkey).
+    pub delayed: u64,
+    /// Under a lease (Valkey).
+    pub active: u64,
+    /// Unfinished jobs per status, from Postgres (the truth).
+    pub jobs: BTreeMap<String, i64>,
+}
+
+impl App {
+    /// One queue's state, with `counts` (unfinished jobs per status).
+    pub async fn queue_info(
+        &self,
+        queue: &QueueName,
+        counts: BTreeMap<String, i64>,
+    ) -> Result<QueueInfo, AppError> {
+        let depth = self.queue.depth(queue).await?;
+        Ok(QueueInfo {
+            name: queue.to_string(),
+            paused: depth.paused,
+            halted: depth.halted,
+            pending: depth.pending(),
+            pending_by_priority: depth
+                .pending_by_priority
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ((i + 1).to_string(), *n))
+                .collect(),
+            delayed: depth.delayed,
+            active: depth.active,
+            jobs: counts,
+        })
+    }
+
+    /// Every known queue (Valkey's registry, and any Postgres has jobs
+    /// for), by name.
+    pub async fn queues(&self) -> Result<Vec<QueueInfo>, AppError> {
+        let mut names: BTreeMap<String, BTreeMap<String, i64>> = self
+            .queue
+            .known_queues()
+            .await?
+            .into_iter()
+            .map(|q| (q.to_string(), BTreeMap::new()))
+            .collect();
+        for c in self.store.queue_counts().await? {
+            names
+                .entry(c.queue)
+                .or_default()
+                .insert(c.status.to_string(), c.count);
+        }
+        let mut queues = Vec::with_capacity(names.len());
+        for (name, counts) in names {
+            if let Ok(queue) = QueueName::parse(name) {
+                queues.push(self.queue_info(&queue, counts).await?);
+            }
+        }
+        Ok(queues)
+    }
+
+    /// Pauses or resumes a queue (registering it, so it is listed and held
+    /// by a kill switch), on behalf of `actor`.
+    pub async fn set_paused(
+        &self,
+        queue: &QueueName,
+        paused: bool,
+        actor: &str,
+    ) -> Result<QueueInfo, AppError> {
+        self.queue.register_queues(&[queue]).await?;
+        self.queue.set_paused(queue, paused).await?;
+        tracing::info!(queue = %queue, actor, paused, "queue pause state set");
+        self.queue_info(queue, BTreeMap::new()).await
+    }
+}

@@ -1,0 +1,265 @@
+//! The layers of `docs/ARCHITECTURE.md`, checked: every `crate::…` path in
+//! `src/` (and `orchestrator::…` in the binary's files) names a module the
+//! importing module's layer may use. A new upward import fails here, with
+//! the file and the edge named.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Top-level module → layer (0 domain, 1 adapters, 2 engine,
+/// 3 application, 4 front ends).
+const LAYERS: &[(&str, u8)] = &[
+    ("job", 0),
+    ("auth", 0),
+    ("secret", 0),
+    ("metrics", 0),
+    ("net", 0),
+    ("store", 1),
+    ("queue", 1),
+    ("sandbox", 1),
+    ("git", 1),
+    ("pool", 2),
+    ("pipeline", 2),
+    ("app", 3),
+    ("config", 3),
+    ("api", 4),
+    ("bench", 4),
+    ("cli", 4),
+    ("telemetry", 4),
+    ("main", 4),
+];
+
+/// Imports within one layer that are part of the design (never the other
+/// way round: the cycle check below keeps them one-way).
+const SAME_LAYER: &[(&str, &str)] = &[
+    // The worker pool runs the pipeline's handlers.
+    ("pool", "pipeline"),
+    // The app is built from the settings.
+    ("app", "config"),
+    // The binary's CLI serves the API and runs the benchmarks.
+    ("cli", "api"),
+    ("cli", "bench"),
+    // The binary sets up tracing before anything else.
+    ("main", "telemetry"),
+];
+
+/// What a module may import beyond the table's rule, and why.
+const EXCEPTIONS: &[(&str, &str, &str)] = &[
+    ("bench", "git", "bench git measures the git adapter itself"),
+    (
+        "bench",
+        "sandbox",
+        "bench sandbox measures the sandbox runtime itself",
+    ),
+    (
+        "bench",
+        "pool",
+        "benchmarks watch the pool's events to time jobs",
+    ),
+    (
+        "bench",
+        "pipeline",
+        "bench lifecycle uses the pipeline's settings types",
+    ),
+];
+
+fn layer(module: &str) -> Option<u8> {
+    LAYERS.iter().find(|(m, _)| *m == module).map(|(_, l)| *l)
+}
+
+/// May `from` import `to`? Domain imports nothing internal; adapters and
+/// the engine import what is below them; front ends import the application
+/// layer and the domain only.
+fn allowed(from: &str, to: &str) -> bool {
+    if from == to
+        || SAME_LAYER.contains(&(from, to))
+        || EXCEPTIONS.iter().any(|(f, t, _)| *f == from && *t == to)
+    {
+        return true;
+    }
+    let (Some(lf), Some(lt)) = (layer(from), layer(to)) else {
+        return false;
+    };
+    match lf {
+        0 => false,
+        4 => lt == 0 || lt == 3,
+        _ => lt < lf,
+    }
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read src") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level modules `text` names after `prefix::`, comments left out.
+fn imports(text: &str, prefix: &str) -> BTreeSet<String> {
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut found = BTreeSet::new();
+    let needle = format!("{prefix}::");
+    let mut rest = code.as_str();
+    while let Some(at) = rest.find(&needle) {
+        // A path segment, not the tail of a longer identifier.
+        let before = rest[..at].chars().next_back();
+        rest = &rest[at + needle.len()..];
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+            continue;
+        }
+        if let Some(group) = rest.strip_prefix('{') {
+            let end = group.find('}').unwrap_or(group.len());
+            for item in group[..end].split(',') {
+                let name: String = item
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    found.insert(name);
+                }
+            }
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                found.insert(name);
+            }
+        }
+    }
+    found
+}
+
+/// Every edge between top-level modules, with a file that makes it.
+fn edges(src: &Path) -> BTreeMap<(String, String), PathBuf> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let mut edges = BTreeMap::new();
+    for file in files {
+        let rel = file.strip_prefix(src).expect("under src");
+        let first = rel
+            .components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .expect("a name");
+        let module = first.trim_end_matches(".rs").to_owned();
+        if module == "lib" {
+            continue;
+        }
+        // The binary's files reach the library through its name.
+        let prefix = if module == "main" || module == "cli" {
+            "orchestrator"
+        } else {
+            "crate"
+        };
+        let text = std::fs::read_to_string(&file).expect("read");
+        for to in imports(&text, prefix) {
+            if to != module {
+                edges
+                    .entry((module.clone(), to))
+                    .or_insert_with(|| rel.to_owned());
+            }
+        }
+    }
+    edges
+}
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+#[test]
+fn every_import_goes_down_the_layers() {
+    let bad: Vec<String> = edges(&src())
+        .into_iter()
+        .filter(|((from, to), _)| !allowed(from, to))
+        .map(|((from, to), file)| format!("{from} → {to} (in src/{})", file.display()))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "imports against the layers (docs/ARCHITECTURE.md):\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn every_module_has_a_layer() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    for file in files {
+        let rel = file.strip_prefix(src()).expect("under src");
+        let first = rel.components().next().and_then(|c| c.as_os_str().to_str());
+        let module = first.expect("a name").trim_end_matches(".rs");
+        assert!(
+            module == "lib" || layer(module).is_some(),
+            "src/{} is in no layer: add its module to LAYERS",
+            rel.display()
+        );
+    }
+}
+
+#[test]
+fn the_module_graph_has_no_cycle() {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (from, to) in edges(&src()).into_keys() {
+        graph.entry(from).or_default().insert(to);
+    }
+    // Depth-first, with the path so far: a module met again on it closes
+    // a cycle.
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) {
+        if done.contains(node) {
+            return;
+        }
+        if let Some(at) = path.iter().position(|n| n == node) {
+            panic!("import cycle: {} → {node}", path[at..].join(" → "));
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            visit(next, graph, path, done);
+        }
+        path.pop();
+        done.insert(node.to_owned());
+    }
+    let mut done = BTreeSet::new();
+    for node in graph.keys() {
+        visit(node, &graph, &mut Vec::new(), &mut done);
+    }
+}
+
+#[test]
+fn the_checker_sees_what_it_checks() {
+    let text = "use crate::queue::X;\nuse crate::{store, job::JobId};\n// crate::api in a comment\nfn f() { my_crate::git::x(); crate::git::y(); }";
+    let found = imports(text, "crate");
+    assert_eq!(
+        found.into_iter().collect::<Vec<_>>(),
+        vec!["git", "job", "queue", "store"]
+    );
+    assert!(
+        !allowed("store", "app"),
+        "an adapter may not import the app"
+    );
+    assert!(
+        !allowed("api", "store"),
+        "a front end may not import an adapter"
+    );
+    assert!(
+        !allowed("job", "metrics"),
+        "the domain imports nothing internal"
+    );
+    assert!(allowed("api", "app") && allowed("pool", "store"));
+}
