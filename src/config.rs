@@ -3,11 +3,11 @@
 //! (`ORCH_DATABASE_URL`, `ORCH_WORKER__CONCURRENCY`, …: `__` separates
 //! sections).
 
+use crate::maintenance::MaintenanceConfig;
 use crate::pipeline::{AdmissionSettings, NoChanges};
-use crate::pool::maintenance::MaintenanceConfig;
-use crate::pool::PoolConfig;
 use crate::sandbox::RuntimeChoice;
 use crate::secret::Secret;
+use crate::worker::PoolConfig;
 use std::path::Path;
 use std::time::Duration;
 
@@ -175,7 +175,7 @@ impl Settings {
         let settings = self;
         let w = &settings.worker;
         PoolConfig {
-            worker_id: crate::pool::new_worker_id(),
+            worker_id: crate::worker::new_worker_id(),
             queues: w.queues.clone(),
             concurrency: w.concurrency,
             lease: w.lease(),

@@ -18,7 +18,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("queue", 1),
     ("sandbox", 1),
     ("git", 1),
-    ("pool", 2),
+    ("worker", 2),
+    ("maintenance", 2),
     ("pipeline", 2),
     ("app", 3),
     ("config", 3),
@@ -32,8 +33,11 @@ const LAYERS: &[(&str, u8)] = &[
 /// Imports within one layer that are part of the design (never the other
 /// way round: the cycle check below keeps them one-way).
 const SAME_LAYER: &[(&str, &str)] = &[
-    // The worker pool runs the pipeline's handlers.
-    ("pool", "pipeline"),
+    // The worker runs the pipeline's handlers and the maintenance services.
+    ("worker", "pipeline"),
+    ("worker", "maintenance"),
+    // The orphan reaper asks the sandbox host which containers exist.
+    ("maintenance", "pipeline"),
     // The app is built from the settings.
     ("app", "config"),
     // The binary's CLI serves the API and runs the benchmarks.
@@ -53,8 +57,8 @@ const EXCEPTIONS: &[(&str, &str, &str)] = &[
     ),
     (
         "bench",
-        "pool",
-        "benchmarks watch the pool's events to time jobs",
+        "worker",
+        "benchmarks watch the worker's events to time jobs",
     ),
     (
         "bench",
@@ -261,5 +265,5 @@ fn the_checker_sees_what_it_checks() {
         !allowed("job", "metrics"),
         "the domain imports nothing internal"
     );
-    assert!(allowed("api", "app") && allowed("pool", "store"));
+    assert!(allowed("api", "app") && allowed("worker", "store"));
 }

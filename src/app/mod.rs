@@ -8,7 +8,7 @@ mod queues;
 pub use error::{AppError, ErrorClass};
 pub use queues::QueueInfo;
 // What `App::pool` takes and gives, for front ends that run workers.
-pub use crate::pool::{Pool, PoolConfig};
+pub use crate::worker::{Pool, PoolConfig};
 pub use killswitch::{KillOutcome, KillReport, KillSwitchStatus, KilledJob, ResumeReport};
 
 use std::collections::BTreeMap;

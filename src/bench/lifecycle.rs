@@ -17,7 +17,7 @@ use crate::app::App;
 use crate::config::Settings;
 use crate::job::{JobRequest, Status};
 use crate::pipeline::NoChanges;
-use crate::pool::PoolEvent;
+use crate::worker::PoolEvent;
 
 #[derive(Debug, Serialize)]
 pub struct LifecycleBench {

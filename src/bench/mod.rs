@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, AppError};
 use crate::job::{JobId, JobKind, NewJob, Priority, QueueName, Status};
-use crate::pool::PoolEvent;
+use crate::worker::PoolEvent;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

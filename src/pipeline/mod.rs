@@ -5,11 +5,10 @@
 //! handler; the built-in kinds `noop`, `sleep` and `flaky` serve tests and
 //! benchmarks.
 
+mod agent;
 mod builtin;
 pub mod gates;
 pub mod kinds;
-mod lifecycle;
-mod sandboxed;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,9 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{ClaimedJob, Store};
 
+pub use agent::{AdmissionSettings, GitHost, HostOptions, NoChanges, SandboxHost, SandboxKind};
 pub use builtin::{Flaky, Noop, Sleep};
-pub use lifecycle::NoChanges;
-pub use sandboxed::{AdmissionSettings, GitHost, HostOptions, SandboxHost, SandboxKind};
 
 /// What a handler gets: the job it runs and a token that fires when the job
 /// must stop (shutdown past its grace period, lost lease, cancellation).

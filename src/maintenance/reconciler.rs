@@ -6,10 +6,10 @@
 
 use std::collections::HashMap;
 
+use super::MaintenanceError;
 use super::{Maintenance, RECONCILE_PAGE};
 use crate::job::{JobId, QueueName, Status};
 use crate::metrics as m;
-use crate::pool::PoolError;
 use crate::queue::{IndexEntry, KillSwitchState};
 use crate::store::ControlKind;
 
@@ -28,7 +28,7 @@ pub struct ReconcileCounts {
 impl Maintenance {
     /// A full pass when `full` is set or when Valkey lost the rebuild
     /// sentinel (it was flushed or restarted empty); otherwise only the check.
-    pub async fn reconcile_once(&self, full: bool) -> Result<ReconcileCounts, PoolError> {
+    pub async fn reconcile_once(&self, full: bool) -> Result<ReconcileCounts, MaintenanceError> {
         let lost = !self.valkey.epoch_present().await?;
         if !full && !lost {
             return Ok(ReconcileCounts::default());
@@ -85,7 +85,7 @@ impl Maintenance {
         // Running jobs need no index entry: leases that expired while the
         // index had lost them are found here.
         counts.reaped = self.reap_lost_once().await?;
-        self.observe(|| crate::pool::PoolEvent::Reconciled(counts));
+        self.observe(counts);
         if counts.reindexed > 0 {
             tracing::warn!(
                 reindexed = counts.reindexed,
@@ -100,7 +100,7 @@ impl Maintenance {
     /// ends with a kill-all, the switch is engaged again as it was. (Only
     /// then: while Valkey has its data, its switch is newer than Postgres',
     /// whose record of a resume may still wait in the outbox.)
-    async fn restore_kill_switch(&self) -> Result<(), PoolError> {
+    async fn restore_kill_switch(&self) -> Result<(), MaintenanceError> {
         let Some(last) = self.store.latest_control_event().await? else {
             return Ok(());
         };
@@ -130,7 +130,11 @@ impl Maintenance {
     /// Indexes those of `ids` that Valkey lacks, after reading them again
     /// from Postgres: the page they came from may be stale by now (a job
     /// claimed and finished meanwhile must not be indexed again).
-    async fn reindex_missing(&self, queue: &QueueName, ids: &[JobId]) -> Result<u64, PoolError> {
+    async fn reindex_missing(
+        &self,
+        queue: &QueueName,
+        ids: &[JobId],
+    ) -> Result<u64, MaintenanceError> {
         let missing = self.valkey.missing(queue, ids).await?;
         if missing.is_empty() {
             return Ok(0);

@@ -6,10 +6,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::{repair, MaintenanceError};
 use super::{Maintenance, REAP_LIMIT};
 use crate::job::{JobId, QueueName, Status};
 use crate::metrics as m;
-use crate::pool::{repair, PoolError};
 use crate::queue::IndexEntry;
 use crate::store::Reaped;
 
@@ -22,7 +22,7 @@ pub struct ReapCounts {
 }
 
 impl Maintenance {
-    pub async fn reap_once(&self) -> Result<ReapCounts, PoolError> {
+    pub async fn reap_once(&self) -> Result<ReapCounts, MaintenanceError> {
         let mut counts = ReapCounts::default();
         for queue in &self.queues {
             let ids = self
@@ -51,7 +51,7 @@ impl Maintenance {
     /// Expired leases Valkey no longer knows about (it was flushed while the
     /// jobs ran and their workers died): a scan of unfinished jobs in
     /// Postgres, run at a slower pace than [`Maintenance::reap_once`].
-    pub async fn reap_lost_once(&self) -> Result<usize, PoolError> {
+    pub async fn reap_lost_once(&self) -> Result<usize, MaintenanceError> {
         let mut total = 0;
         loop {
             let ids = self.store.expired_leases(REAP_LIMIT).await?;
@@ -70,7 +70,7 @@ impl Maintenance {
     /// Ends the expired leases among `ids` in Postgres. A job with a cancel
     /// request ends `cancelled` (its worker died while stopping it); the
     /// others are retried or dead-lettered.
-    async fn reap_ids(&self, ids: &[JobId]) -> Result<Vec<Reaped>, PoolError> {
+    async fn reap_ids(&self, ids: &[JobId]) -> Result<Vec<Reaped>, MaintenanceError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -90,7 +90,7 @@ impl Maintenance {
             .await?)
     }
 
-    async fn apply(&self, reaped: Vec<Reaped>) -> Result<(), PoolError> {
+    async fn apply(&self, reaped: Vec<Reaped>) -> Result<(), MaintenanceError> {
         let mut acks: HashMap<QueueName, Vec<JobId>> = HashMap::new();
         let mut back: HashMap<QueueName, Vec<IndexEntry>> = HashMap::new();
         let mut cancelled = Vec::new();
@@ -140,7 +140,7 @@ impl Maintenance {
     async fn finish_cancels(
         &self,
         cancelled: &[(JobId, QueueName, Option<i64>)],
-    ) -> Result<(), PoolError> {
+    ) -> Result<(), MaintenanceError> {
         let ids: Vec<JobId> = cancelled.iter().map(|(id, _, _)| *id).collect();
         let sandboxes = self.reap_sandboxes_once().await;
         let worktrees = self.reap_worktrees_once().await;
@@ -157,7 +157,7 @@ impl Maintenance {
                 Ok(rt) => rt
                     .list_ours(&host.deployment)
                     .await
-                    .map_err(|e| PoolError::Sandbox(e.to_string()))?
+                    .map_err(|e| MaintenanceError::Sandbox(e.to_string()))?
                     .into_iter()
                     .filter_map(|c| c.job_id)
                     .collect(),

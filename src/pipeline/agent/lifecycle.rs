@@ -11,12 +11,15 @@ use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
-use super::gates::{self, GateDef, GateResult, GateType};
-use super::kinds::KindDef;
-use super::sandboxed::{outcome_result, run_gate, run_sandbox, AgentPayload, GitHost, SandboxHost};
-use super::{JobContext, JobError};
+use super::git_host::GitHost;
+use super::host::SandboxHost;
+use super::payload::AgentPayload;
+use super::run::{outcome_result, run_gate, run_sandbox};
 use crate::git::names::BranchName;
 use crate::git::repo::{CommitOutcome, GitError, Worktree};
+use crate::pipeline::gates::{self, GateDef, GateResult, GateType};
+use crate::pipeline::kinds::KindDef;
+use crate::pipeline::{JobContext, JobError};
 use crate::sandbox::{BindMount, Outcome, SANDBOX_USER, WORKSPACE};
 
 /// What a job whose agent changed nothing ends as (`git.no_changes`).

@@ -1,7 +1,7 @@
 //! Puts ids back where Postgres says they belong, after Valkey handed them
 //! out (claim, reap) but Postgres would not act on them.
 
-use super::PoolError;
+use super::MaintenanceError;
 use crate::job::{JobId, QueueName, Status};
 use crate::queue::{IndexEntry, ValkeyQueue};
 use crate::store::Store;
@@ -9,12 +9,12 @@ use crate::store::Store;
 /// For each id: unknown, terminal or of another queue → forgotten; queued →
 /// pending; scheduled → delayed until its `run_at`; running → left to its
 /// lease holder (or to the reaper once the lease expires).
-pub(super) async fn resolve(
+pub(crate) async fn resolve(
     store: &Store,
     valkey: &ValkeyQueue,
     queue: &QueueName,
     ids: &[JobId],
-) -> Result<(), PoolError> {
+) -> Result<(), MaintenanceError> {
     let states = store.index_states(ids).await?;
     let mut forget: Vec<JobId> = ids
         .iter()

@@ -1,11 +1,11 @@
 //! Samples queue depths into the `orchestrator_queue_depth` gauge.
 
 use super::Maintenance;
+use super::MaintenanceError;
 use crate::metrics as m;
-use crate::pool::PoolError;
 
 impl Maintenance {
-    pub async fn sample_once(&self) -> Result<(), PoolError> {
+    pub async fn sample_once(&self) -> Result<(), MaintenanceError> {
         for queue in &self.queues {
             let depth = self.valkey.depth(queue).await?;
             let name = queue.to_string();

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::Maintenance;
+use super::MaintenanceError;
 use crate::job::Status;
-use crate::pool::PoolError;
 use crate::sandbox::{Labelled, SandboxError};
 
 /// Grace given to an orphan's processes before SIGKILL.
@@ -28,7 +28,7 @@ pub struct OrphanReport {
 
 impl Maintenance {
     /// Worktrees of jobs that are finished, or whose lease nobody holds.
-    pub async fn reap_worktrees_once(&self) -> Result<Vec<String>, PoolError> {
+    pub async fn reap_worktrees_once(&self) -> Result<Vec<String>, MaintenanceError> {
         let Some(git) = self.git.clone() else {
             tracing::debug!("no git stage: no worktrees to reap");
             return Ok(Vec::new());
@@ -36,8 +36,8 @@ impl Maintenance {
         let lister = git.clone();
         let names = tokio::task::spawn_blocking(move || lister.worktree_names())
             .await
-            .map_err(|e| PoolError::Sandbox(e.to_string()))?
-            .map_err(|e| PoolError::Sandbox(e.to_string()))?;
+            .map_err(|e| MaintenanceError::Sandbox(e.to_string()))?
+            .map_err(|e| MaintenanceError::Sandbox(e.to_string()))?;
         tracing::debug!(worktrees = names.len(), "looking for orphaned worktrees");
         let ids: Vec<crate::job::JobId> = names.iter().filter_map(|n| n.parse().ok()).collect();
         if ids.is_empty() {
@@ -62,7 +62,7 @@ impl Maintenance {
             let (stage, name) = (git.clone(), id.to_string());
             let result = tokio::task::spawn_blocking(move || stage.remove_orphan(&name))
                 .await
-                .map_err(|e| PoolError::Sandbox(e.to_string()))?;
+                .map_err(|e| MaintenanceError::Sandbox(e.to_string()))?;
             if let Err(err) = result {
                 tracing::warn!(job.id = %id, error = %err, "could not remove an orphaned worktree");
                 continue;
@@ -81,7 +81,7 @@ impl Maintenance {
         Ok(removed)
     }
 
-    pub async fn reap_sandboxes_once(&self) -> Result<OrphanReport, PoolError> {
+    pub async fn reap_sandboxes_once(&self) -> Result<OrphanReport, MaintenanceError> {
         let Some(host) = &self.sandboxes else {
             return Ok(OrphanReport::default());
         };
@@ -139,7 +139,7 @@ async fn remove(
     runtime: &crate::sandbox::Runtime,
     c: &Labelled,
     reason: &str,
-) -> Result<(), PoolError> {
+) -> Result<(), MaintenanceError> {
     runtime
         .remove(&c.id, ORPHAN_GRACE)
         .await
@@ -154,6 +154,6 @@ async fn remove(
     Ok(())
 }
 
-fn sandbox_err(e: SandboxError) -> PoolError {
-    PoolError::Sandbox(e.to_string())
+fn sandbox_err(e: SandboxError) -> MaintenanceError {
+    MaintenanceError::Sandbox(e.to_string())
 }

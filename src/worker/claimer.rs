@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::completer::Completion;
-use super::{error_backoff, repair, runner, InFlight, PoolError, PoolEvent, Shared};
+use super::{error_backoff, runner, InFlight, PoolError, PoolEvent, Shared};
 use crate::job::{JobId, QueueName};
+use crate::maintenance::repair;
 use crate::metrics as m;
 use crate::queue::{Claimed, IndexEntry};
 use crate::store::{ClaimedJob, Finish};

@@ -9,6 +9,7 @@ mod outbox;
 mod promoter;
 mod reaper;
 mod reconciler;
+pub(crate) mod repair;
 mod sampler;
 mod sandboxes;
 
@@ -19,15 +20,32 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use tokio::sync::mpsc;
-
-use super::{error_backoff, PoolError, PoolEvent, Shared};
 use crate::job::QueueName;
 use crate::metrics as m;
 use crate::queue::ValkeyQueue;
 use crate::store::Store;
 
 pub use reaper::ReapCounts;
+
+/// Called at the end of every full reconcile pass.
+pub type Observer = Arc<dyn Fn(ReconcileCounts) + Send + Sync>;
+
+/// A round trip to Valkey or Postgres (or the sandbox runtime) failed; the
+/// service retries after a pause.
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("sandbox runtime: {0}")]
+    Sandbox(String),
+}
+
+/// The pause after `failures` failed rounds in a row: 200 ms doubling to 5 s.
+pub(crate) fn error_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)).min(5_000))
+}
 pub use reconciler::ReconcileCounts;
 pub use sandboxes::OrphanReport;
 
@@ -67,7 +85,7 @@ pub struct Maintenance {
     /// Recorded as the actor of the transitions maintenance makes.
     actor: String,
     cfg: MaintenanceConfig,
-    observer: Option<mpsc::UnboundedSender<PoolEvent>>,
+    observer: Option<Observer>,
     sandboxes: Option<crate::pipeline::SandboxHost>,
     git: Option<crate::git::repo::GitStage>,
 }
@@ -104,15 +122,15 @@ impl Maintenance {
         self
     }
 
-    /// Reports the end of every full reconcile pass to `tx` (tests, bench).
-    pub fn with_observer(mut self, tx: Option<mpsc::UnboundedSender<PoolEvent>>) -> Self {
-        self.observer = tx;
+    /// Reports the end of every full reconcile pass to `tell` (tests, bench).
+    pub fn with_observer(mut self, tell: Option<Observer>) -> Self {
+        self.observer = tell;
         self
     }
 
-    fn observe(&self, event: impl FnOnce() -> PoolEvent) {
-        if let Some(tx) = &self.observer {
-            let _ = tx.send(event());
+    fn observe(&self, counts: ReconcileCounts) {
+        if let Some(tell) = &self.observer {
+            tell(counts);
         }
     }
 
@@ -226,7 +244,7 @@ async fn periodic<F, Fut>(
     mut step: F,
 ) where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), PoolError>>,
+    Fut: Future<Output = Result<(), MaintenanceError>>,
 {
     let mut failures = 0u32;
     loop {
@@ -247,19 +265,4 @@ async fn periodic<F, Fut>(
             () = tokio::time::sleep(pause) => {}
         }
     }
-}
-
-/// The pool's maintenance, sharing its connections.
-pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let maintenance = Maintenance::new(
-        shared.store.clone(),
-        shared.queue.clone(),
-        shared.cfg.queues.clone(),
-        shared.cfg.worker_id.clone(),
-        shared.cfg.maintenance.clone(),
-    )
-    .with_observer(shared.observer.clone())
-    .with_sandboxes(shared.sandboxes.clone())
-    .with_git(shared.git.clone());
-    maintenance.run(stop).await;
 }

@@ -4,12 +4,12 @@
 //! resume, or a resume that could not reach every queue).
 
 use super::Maintenance;
-use crate::pool::PoolError;
+use super::MaintenanceError;
 
 impl Maintenance {
     /// Sets or clears the `halted` flag of each served queue to match the
     /// switch; returns how many changed.
-    pub async fn sync_holds_once(&self) -> Result<usize, PoolError> {
+    pub async fn sync_holds_once(&self) -> Result<usize, MaintenanceError> {
         let mut changed = 0;
         let mut engaged = self.valkey.kill_switch().await?.is_some();
         // Read again after writing: a kill-all or resume that landed in

@@ -4,7 +4,7 @@
 //! between the write and the removal) is stored once.
 
 use super::Maintenance;
-use crate::pool::PoolError;
+use super::MaintenanceError;
 use crate::store::ControlEvent;
 
 /// Records moved per pass.
@@ -12,7 +12,7 @@ const OUTBOX_BATCH: usize = 100;
 
 impl Maintenance {
     /// Moves waiting audit records to Postgres; returns how many.
-    pub async fn drain_outbox_once(&self) -> Result<usize, PoolError> {
+    pub async fn drain_outbox_once(&self) -> Result<usize, MaintenanceError> {
         let records = self.valkey.outbox_peek(OUTBOX_BATCH).await?;
         let mut moved = 0;
         for record in records {

@@ -10,8 +10,6 @@
 mod claimer;
 mod completer;
 mod heartbeat;
-pub mod maintenance;
-mod repair;
 mod runner;
 
 use std::collections::HashMap;
@@ -28,8 +26,6 @@ use crate::pipeline::Registry;
 use crate::queue::{CancelRequest, Control, KillSwitchState, ValkeyQueue};
 use crate::store::Store;
 
-pub use maintenance::{Maintenance, MaintenanceConfig};
-
 /// Everything a pool needs to know; see `config/default.toml` for meanings.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -44,7 +40,7 @@ pub struct PoolConfig {
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
     pub complete_batch: usize,
-    pub maintenance: MaintenanceConfig,
+    pub maintenance: crate::maintenance::MaintenanceConfig,
     /// Most jobs running at once per queue, across every worker.
     pub queue_limits: std::collections::BTreeMap<String, u32>,
 }
@@ -70,7 +66,7 @@ pub enum PoolEvent {
     /// Completions refused for a stale lease.
     Stale(Vec<JobId>),
     /// A full reconcile pass ended.
-    Reconciled(maintenance::ReconcileCounts),
+    Reconciled(crate::maintenance::ReconcileCounts),
 }
 
 /// A round trip to Valkey or Postgres failed.
@@ -82,6 +78,29 @@ pub enum PoolError {
     Store(#[from] crate::store::StoreError),
     #[error("sandbox runtime: {0}")]
     Sandbox(String),
+    #[error(transparent)]
+    Maintenance(#[from] crate::maintenance::MaintenanceError),
+}
+
+/// The pool's maintenance, sharing its connections.
+async fn run_maintenance(shared: Arc<Shared>, stop: CancellationToken) {
+    let observer = shared.observer.clone().map(|tx| {
+        let tell: crate::maintenance::Observer = Arc::new(move |counts| {
+            let _ = tx.send(PoolEvent::Reconciled(counts));
+        });
+        tell
+    });
+    let maintenance = crate::maintenance::Maintenance::new(
+        shared.store.clone(),
+        shared.queue.clone(),
+        shared.cfg.queues.clone(),
+        shared.cfg.worker_id.clone(),
+        shared.cfg.maintenance.clone(),
+    )
+    .with_observer(observer)
+    .with_sandboxes(shared.sandboxes.clone())
+    .with_git(shared.git.clone());
+    maintenance.run(stop).await;
 }
 
 /// Why a running job's cancellation token fired.
@@ -244,7 +263,7 @@ impl Pool {
         let mut tasks = JoinSet::new();
         let (completions, completer) = completer::start(shared.clone());
         tasks.spawn(heartbeat::run(shared.clone(), background.clone()));
-        tasks.spawn(maintenance::run(shared.clone(), background.clone()));
+        tasks.spawn(run_maintenance(shared.clone(), background.clone()));
         tasks.spawn(claimer::forward_wakeups(shared.clone(), background.clone()));
         tasks.spawn(listen_for_controls(shared.clone(), background.clone()));
 
@@ -418,6 +437,4 @@ fn apply_cancels(shared: &Shared, requests: &[CancelRequest]) {
 
 /// Sleep after a failed round trip: doubles up to 5 s, so an unreachable
 /// service is retried promptly but not hammered.
-fn error_backoff(failures: u32) -> Duration {
-    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)).min(5_000))
-}
+use crate::maintenance::error_backoff;

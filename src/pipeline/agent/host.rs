@@ -1,0 +1,137 @@
+//! Where agents run: the sandbox runtime (connected on first use; Docker
+//! unless `local` is chosen), the egress proxy, and output redaction.
+
+use std::sync::Arc;
+
+use tokio::sync::OnceCell;
+
+use crate::git::secrets::Scanner;
+use crate::job::JobId;
+use crate::sandbox::egress::{Allowlist, EgressGrant, EgressProxy};
+use crate::sandbox::RuntimeChoice;
+use crate::sandbox::{DockerRuntime, LogLine, Runtime};
+
+/// How a worker runs sandboxes (from `[sandbox]` in the settings).
+#[derive(Debug, Clone, Copy)]
+pub struct HostOptions {
+    pub runtime: RuntimeChoice,
+    /// Log bytes per job recorded as events; past it only the tail is kept.
+    pub log_budget_bytes: u64,
+    pub log_tail_bytes: usize,
+    /// Egress sandboxes may reach allowed hosts on local addresses.
+    pub egress_allow_local: bool,
+}
+
+/// The sandbox runtime, connected on first use, and log limits.
+#[derive(Clone)]
+pub struct SandboxHost {
+    /// Only a working runtime is kept: a Docker daemon that did not answer
+    /// is asked again by the next job.
+    runtime: Arc<OnceCell<Runtime>>,
+    choice: RuntimeChoice,
+    /// The egress proxy, started by the first `network = "egress"` job
+    /// (and, like the runtime, asked again after a failure).
+    egress: Arc<OnceCell<EgressProxy>>,
+    egress_allow_local: bool,
+    /// The secret rules, applied to every line of output before it is
+    /// stored or streamed.
+    redactor: Option<Arc<Scanner>>,
+    /// Labels this deployment's sandboxes (the Valkey key prefix).
+    pub deployment: String,
+    pub log_budget_bytes: u64,
+    pub log_tail_bytes: usize,
+}
+
+impl SandboxHost {
+    pub fn new(settings: &HostOptions, deployment: &str) -> Self {
+        if settings.runtime == RuntimeChoice::Local {
+            tracing::warn!(
+                "sandbox.runtime = local: agents run as HOST PROCESSES (rlimits and a process \
+                 group only; no filesystem, network or user isolation); every job result says so"
+            );
+        }
+        SandboxHost {
+            runtime: Arc::new(OnceCell::new()),
+            choice: settings.runtime,
+            egress: Arc::new(OnceCell::new()),
+            egress_allow_local: settings.egress_allow_local,
+            redactor: None,
+            deployment: deployment.to_owned(),
+            log_budget_bytes: settings.log_budget_bytes,
+            log_tail_bytes: settings.log_tail_bytes,
+        }
+    }
+
+    /// The runtime; `Err` says why none is available. Isolation fails
+    /// closed: with `docker` (the default) an unreachable daemon is an
+    /// error, never a fallback to host processes.
+    pub async fn runtime(&self) -> Result<&Runtime, String> {
+        let choice = self.choice;
+        self.runtime
+            .get_or_try_init(|| async move {
+                match choice {
+                    RuntimeChoice::Local => Ok(Runtime::local()),
+                    RuntimeChoice::Docker | RuntimeChoice::Auto => DockerRuntime::connect()
+                        .await
+                        .map(Runtime::Docker)
+                        .map_err(|e| {
+                            format!("sandbox.runtime is docker, but no Docker daemon answers: {e}; agent jobs are refused until it does (sandbox.runtime = \"local\" runs them as host processes, without isolation)")
+                        }),
+                }
+            })
+            .await
+    }
+
+    /// A grant through this worker's egress proxy for one sandbox of `job`,
+    /// the proxy started on first use; `None` under the local runtime,
+    /// which has no network isolation to begin with. Fails closed: no
+    /// proxy, no sandbox.
+    pub(super) async fn egress_grant(
+        &self,
+        job: JobId,
+        allow: &Arc<Allowlist>,
+    ) -> Result<Option<EgressGrant>, String> {
+        let Runtime::Docker(docker) = self.runtime().await? else {
+            return Ok(None);
+        };
+        let allow_local = self.egress_allow_local;
+        let proxy = self
+            .egress
+            .get_or_try_init(|| async move {
+                EgressProxy::start(docker.client(), allow_local)
+                    .await
+                    .map_err(|e| {
+                        format!("network = \"egress\" cannot be set up on this worker: {e}; its jobs are refused until it can (the worker needs Docker and iptables, as root or with CAP_NET_ADMIN)")
+                    })
+            })
+            .await?;
+        Ok(Some(proxy.grant(job, allow.clone())))
+    }
+
+    /// Redacts output with the secret rules (the same as the diff's).
+    pub fn with_redactor(mut self, scanner: Arc<Scanner>) -> Self {
+        self.redactor = Some(scanner);
+        self
+    }
+
+    /// `line` with what the secret rules find replaced by
+    /// `[REDACTED:<rule id>]`, each counted.
+    pub(super) fn redact(&self, line: &mut LogLine) {
+        let Some(scanner) = &self.redactor else {
+            return;
+        };
+        let (text, rules) = scanner.redact(&line.text);
+        if rules.is_empty() {
+            return;
+        }
+        for rule in rules {
+            metrics::counter!(crate::metrics::OUTPUT_REDACTIONS, "rule" => rule).increment(1);
+        }
+        line.text = text;
+    }
+
+    /// For `/readyz`: whether agent jobs can run here.
+    pub async fn check(&self) -> Result<&'static str, String> {
+        self.runtime().await.map(Runtime::name)
+    }
+}
