@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::json;
 
-use crate::server::{json, TestApi, ADMIN, CANCEL, ENQUEUE, READ};
+use crate::support::api::{json, TestApi, ADMIN, CANCEL, ENQUEUE, READ};
 
 #[tokio::test]
 async fn each_scope_against_each_endpoint() {

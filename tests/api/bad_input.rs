@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::json;
 
-use crate::server::{problem, TestApi, ADMIN, CANCEL, ENQUEUE, READ};
+use crate::support::api::{problem, TestApi, ADMIN, CANCEL, ENQUEUE, READ};
 
 /// Sends `body` (raw bytes) with `content_type` to POST /v1/jobs.
 async fn post_raw(api: &TestApi, content_type: &str, body: Vec<u8>) -> reqwest::Response {

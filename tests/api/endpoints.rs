@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::server::{json, problem, TestApi, ADMIN, CANCEL, ENQUEUE, READ};
+use crate::support::api::{json, problem, TestApi, ADMIN, CANCEL, ENQUEUE, READ};
 
 #[tokio::test]
 async fn enqueue_read_and_replay_a_job() {
@@ -469,10 +469,10 @@ async fn metrics_can_require_a_token() {
 #[tokio::test]
 async fn cancelling_a_running_job_stops_it_and_records_who_asked() {
     let api = TestApi::spawn().await;
-    let q = crate::helpers::unique_queue();
+    let q = crate::support::unique_queue();
     let job = api
         .env
-        .enqueue(vec![crate::helpers::request(
+        .enqueue(vec![crate::support::request(
             "sleep",
             &q,
             json!({ "ms": 600_000 }),

@@ -7,7 +7,7 @@ use std::process::Command;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::server::{json, TestApi, ADMIN, ENQUEUE};
+use crate::support::api::{json, TestApi, ADMIN, ENQUEUE};
 
 /// The public contract: every route the server answers.
 const ROUTES: [(&str, &str); 17] = [

@@ -8,8 +8,8 @@ use orchestrator::job::Status;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{request, unique_queue};
-use crate::server::{json, problem, TestApi, ADMIN, ENQUEUE, READ};
+use crate::support::api::{json, problem, TestApi, ADMIN, ENQUEUE, READ};
+use crate::support::{request, unique_queue};
 
 #[tokio::test]
 async fn bad_kill_requests_are_refused_and_engage_nothing() {
@@ -112,7 +112,7 @@ async fn kill_all_stops_running_jobs_keeps_queued_ones_and_resume_runs_them() {
     // Confirmed stopped (in Valkey) comes first; Postgres follows.
     let ids: Vec<_> = jobs[..2].iter().map(|j| j.id).collect();
     let done = env.wait_terminal(&ids, Duration::from_secs(30)).await;
-    crate::helpers::assert_status(&done, Status::Cancelled);
+    crate::support::assert_status(&done, Status::Cancelled);
     for j in &jobs[..2] {
         let last = env.cancelled_event(j.id).await;
         assert_eq!(last["requested_by"], "admin");
@@ -180,7 +180,7 @@ async fn kill_all_stops_running_jobs_keeps_queued_ones_and_resume_runs_them() {
         .wait_terminal(&[jobs[2].id, late_id], Duration::from_secs(30))
         .await;
     pool.shutdown().await;
-    crate::helpers::assert_status(&done, Status::Succeeded);
+    crate::support::assert_status(&done, Status::Succeeded);
 
     let (_, trail) = json(api.get("/v1/killswitch/events", ADMIN).await).await;
     let kinds: Vec<&str> = trail["events"]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{free_port, wait_port, TestEnv};
+use crate::support::{free_port, wait_port, TestEnv};
 
 #[tokio::test]
 async fn tokens_and_payloads_are_not_logged() {

@@ -1,14 +1,11 @@
 //! Integration tests of the HTTP API against a real server on a real
 //! PostgreSQL and Valkey. Run them with `scripts/test.sh`.
 
-#[allow(dead_code)]
-#[path = "../queue/helpers.rs"]
-mod helpers;
-
 mod auth;
 mod bad_input;
 mod endpoints;
 mod fuzz;
 mod killswitch;
 mod logs;
-mod server;
+#[path = "../support/mod.rs"]
+mod support;

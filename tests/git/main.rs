@@ -10,9 +10,9 @@ use orchestrator::git::names::{BranchName, RepoUrl};
 use orchestrator::git::repo::{CommitOutcome, GitError, GitStage, Network, Worktree};
 use orchestrator::git::secrets::Scanner;
 
-#[path = "../common/git.rs"]
-mod fixture;
-use fixture::git;
+#[path = "../support/mod.rs"]
+mod support;
+use support::git::git;
 
 /// A bare `origin.git` with one commit on main: README.md, app.txt, .gitignore.
 fn origin(dir: &Path) -> PathBuf {
@@ -21,7 +21,7 @@ fn origin(dir: &Path) -> PathBuf {
         ("app.txt", "v1\n"),
         (".gitignore", "*.log\n"),
     ];
-    fixture::bare_origin(dir, &files)
+    support::git::bare_origin(dir, &files)
 }
 
 fn stage(root: &Path) -> GitStage {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use orchestrator::job::Status;
 
-use crate::helpers::{request, unique_queue, TestEnv, WorkerProcess};
+use crate::support::{request, unique_queue, TestEnv, WorkerProcess};
 
 #[tokio::test]
 async fn the_cli_cancels_a_job_running_in_another_worker_process() {
@@ -27,7 +27,7 @@ async fn the_cli_cancels_a_job_running_in_another_worker_process() {
     }
 
     let id = job.id.to_string();
-    let cli = |reason: &str| crate::helpers::cli(&env, &["cancel", &id, "--reason", reason]);
+    let cli = |reason: &str| crate::support::cli(&env, &["cancel", &id, "--reason", reason]);
     let empty = cli("  ");
     assert!(!empty.status.success(), "an empty reason is refused");
     assert_eq!(env.job(job.id).await.status, Status::Running);

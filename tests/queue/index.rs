@@ -6,7 +6,7 @@ use orchestrator::job::{JobId, QueueName};
 use orchestrator::queue::{Claimed, IndexEntry, ValkeyQueue};
 use serde_json::json;
 
-use crate::helpers::{env_var, request, unique_queue, TestEnv, ValkeyServer};
+use crate::support::{env_var, request, unique_queue, TestEnv, ValkeyServer};
 
 async fn queue() -> (ValkeyQueue, QueueName) {
     let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);

@@ -3,7 +3,7 @@
 use orchestrator::job::QueueName;
 use orchestrator::store::{ControlEvent, ControlKind};
 
-use crate::helpers::{unique_queue, TestEnv};
+use crate::support::{unique_queue, TestEnv};
 
 #[tokio::test]
 async fn holds_follow_the_switch_whatever_was_missed() {

@@ -2,8 +2,6 @@
 //! PostgreSQL and the real binary. Run them with `scripts/test.sh`.
 
 mod cancel;
-#[allow(dead_code)]
-mod helpers;
 mod index;
 mod killswitch;
 mod ordering;
@@ -11,3 +9,5 @@ mod race;
 mod recovery;
 mod retry;
 mod shutdown;
+#[path = "../support/mod.rs"]
+mod support;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use orchestrator::job::{JobRequest, QueueName, Status};
 use serde_json::json;
 
-use crate::helpers::{assert_status, request, unique_queue, TestEnv};
+use crate::support::{assert_status, request, unique_queue, TestEnv};
 
 #[tokio::test]
 async fn one_slot_runs_jobs_by_priority_then_fifo() {

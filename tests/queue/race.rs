@@ -6,7 +6,7 @@ use orchestrator::job::{JobId, Status};
 use orchestrator::store::{Finish, StoreError};
 use serde_json::json;
 
-use crate::helpers::{request, unique_queue, TestEnv};
+use crate::support::{request, unique_queue, TestEnv};
 
 async fn claim_one(env: &TestEnv, id: JobId, worker: &str, lease: Duration) -> i64 {
     let (claimed, refused) = env

@@ -6,7 +6,7 @@ use std::time::Duration;
 use orchestrator::job::{JobId, Status};
 use serde_json::json;
 
-use crate::helpers::{
+use crate::support::{
     assert_status, request, unique_queue, PgServer, TestEnv, ValkeyServer, WorkerProcess,
 };
 
@@ -98,9 +98,9 @@ async fn flushing_valkey_mid_run_loses_no_job() {
 #[tokio::test]
 async fn restarting_postgres_mid_run_loses_nothing_and_crashes_nothing() {
     let pg = PgServer::start();
-    let database_url = crate::helpers::fresh_database(&pg.url()).await;
+    let database_url = crate::support::fresh_database(&pg.url()).await;
     let env =
-        TestEnv::with_services(&database_url, &crate::helpers::env_var("ORCH_VALKEY_URL")).await;
+        TestEnv::with_services(&database_url, &crate::support::env_var("ORCH_VALKEY_URL")).await;
     let q = unique_queue();
     let jobs = env
         .enqueue(

@@ -6,7 +6,7 @@ use orchestrator::job::{JobRequest, Status};
 use orchestrator::store::StoreError;
 use serde_json::json;
 
-use crate::helpers::{request, unique_queue, TestEnv};
+use crate::support::{request, unique_queue, TestEnv};
 
 #[tokio::test]
 async fn failed_attempts_back_off_exponentially_up_to_the_cap() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use orchestrator::job::{JobId, Status};
 use serde_json::json;
 
-use crate::helpers::{request, unique_queue, TestEnv, WorkerProcess};
+use crate::support::{request, unique_queue, TestEnv, WorkerProcess};
 
 #[tokio::test]
 async fn in_flight_jobs_finish_within_grace_and_unstarted_ones_stay_queued() {

@@ -8,11 +8,11 @@ use std::time::Duration;
 use orchestrator::job::{JobId, Status};
 use serde_json::json;
 
-use crate::fixture::git;
-use crate::helpers::{request, unique_queue, TestEnv};
+use crate::support::git::git;
+use crate::support::{request, unique_queue, TestEnv};
 
 fn origin(dir: &Path) -> PathBuf {
-    crate::fixture::bare_origin(dir, &[("README.md", "# app\nline two\n")])
+    crate::support::git::bare_origin(dir, &[("README.md", "# app\nline two\n")])
 }
 
 pub(crate) struct Fixture {
@@ -311,7 +311,7 @@ async fn a_sigkilled_workers_worktree_and_container_are_reaped() {
         ("ORCH_GIT__DATA_DIR", data.to_str().expect("utf-8")),
         ("ORCH_SANDBOX__ORPHAN_REAP_INTERVAL_SECS", "1"),
     ];
-    let mut victim = crate::helpers::WorkerProcess::spawn_with(&f.env, &f.queue, 1, &vars);
+    let mut victim = crate::support::WorkerProcess::spawn_with(&f.env, &f.queue, 1, &vars);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let events = f
@@ -336,7 +336,7 @@ async fn a_sigkilled_workers_worktree_and_container_are_reaped() {
 
     // Another worker on this machine: its reapers end the lease (the job
     // had one attempt: dead), remove the container and the worktree.
-    let rescuer = crate::helpers::WorkerProcess::spawn_with(&f.env, &f.queue, 1, &vars);
+    let rescuer = crate::support::WorkerProcess::spawn_with(&f.env, &f.queue, 1, &vars);
     let done = f
         .env
         .wait_terminal(&[job.id], Duration::from_secs(60))
@@ -395,8 +395,8 @@ async fn ten_agent_jobs_across_two_worker_processes_do_not_cross_talk() {
         ("ORCH_GIT_ALLOW_LOCAL", "true"),
         ("ORCH_GIT__DATA_DIR", data.to_str().expect("utf-8")),
     ];
-    let a = crate::helpers::WorkerProcess::spawn_with(&f.env, &f.queue, 5, &vars);
-    let b = crate::helpers::WorkerProcess::spawn_with(&f.env, &f.queue, 5, &vars);
+    let a = crate::support::WorkerProcess::spawn_with(&f.env, &f.queue, 5, &vars);
+    let b = crate::support::WorkerProcess::spawn_with(&f.env, &f.queue, 5, &vars);
     let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
     let done = f.env.wait_terminal(&ids, Duration::from_secs(120)).await;
     drop((a, b));

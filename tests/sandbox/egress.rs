@@ -13,7 +13,7 @@ use std::time::Duration;
 use orchestrator::job::Status;
 use serde_json::json;
 
-use crate::helpers::{request, unique_queue, TestEnv};
+use crate::support::{request, unique_queue, TestEnv};
 
 const MARKER: &str = "EGRESS-MARKER-7c1f";
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use orchestrator::job::{Job, Status};
 use serde_json::{json, Value};
 
-use crate::helpers::{request, unique_queue, TestEnv};
+use crate::support::{request, unique_queue, TestEnv};
 
 const KIND: &str = r#"
 image = "orchestrator/script-agent:latest"
@@ -57,7 +57,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let bare = crate::fixture::bare_origin(tmp.path(), &[("README.md", "# app\n")]);
+    let bare = crate::support::git::bare_origin(tmp.path(), &[("README.md", "# app\n")]);
     let workers = tmp.path().join("workers");
     std::fs::create_dir_all(workers.join("gated-agent")).expect("mkdir");
     std::fs::write(workers.join("gated-agent").join("worker.toml"), KIND).expect("kind");

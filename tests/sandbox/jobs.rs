@@ -7,7 +7,7 @@ use orchestrator::job::{JobId, Status};
 use orchestrator::sandbox::{DockerRuntime, Runtime};
 use serde_json::json;
 
-use crate::helpers::{request, unique_queue, TestEnv, WorkerProcess};
+use crate::support::{request, unique_queue, TestEnv, WorkerProcess};
 
 const SECRET_VAR: &str = "ORCH_TEST_AGENT_KEY";
 const SECRET: &str = "sk-agent-7d1e3c9b2a";

@@ -11,8 +11,8 @@ use orchestrator::job::{Job, JobId, JobRequest, Status};
 use orchestrator::sandbox::{DockerRuntime, Runtime};
 use serde_json::{json, Value};
 
-use crate::fixture::git;
-use crate::helpers::{
+use crate::support::git::git;
+use crate::support::{
     env_var, request, unique_queue, PgServer, RunningPool, TestEnv, WorkerProcess,
 };
 
@@ -59,7 +59,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let bare = crate::fixture::bare_origin(tmp.path(), &[("README.md", "# app\n")]);
+    let bare = crate::support::git::bare_origin(tmp.path(), &[("README.md", "# app\n")]);
     let workers = tmp.path().join("workers");
     for (kind, def) in [("agent", AGENT), ("gated", GATED), ("stubborn", STUBBORN)] {
         std::fs::create_dir_all(workers.join(kind)).expect("mkdir");
@@ -182,7 +182,7 @@ async fn wait_stage(env: &TestEnv, id: JobId, stage: &str) {
 }
 
 fn cli_json(env: &TestEnv, args: &[&str]) -> Value {
-    let out = crate::helpers::cli(env, args);
+    let out = crate::support::cli(env, args);
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -418,7 +418,7 @@ async fn kill_all_stops_twenty_agents_on_two_workers_and_resume_runs_the_queued_
     assert_eq!(containers(env).await, 0, "every sandbox is gone");
     let ids: Vec<JobId> = agents.iter().map(|j| j.id).collect();
     let done = env.wait_terminal(&ids, Duration::from_secs(30)).await;
-    crate::helpers::assert_status(&done, Status::Cancelled);
+    crate::support::assert_status(&done, Status::Cancelled);
     let mut workers = std::collections::HashSet::new();
     for id in &ids {
         for e in env.app.store().job_events(*id, None).await.expect("events") {
@@ -448,7 +448,7 @@ async fn kill_all_stops_twenty_agents_on_two_workers_and_resume_runs_the_queued_
     assert_eq!(resumed["engaged"], false);
     let ids: Vec<JobId> = queued.iter().map(|j| j.id).collect();
     let done = env.wait_terminal(&ids, Duration::from_secs(60)).await;
-    crate::helpers::assert_status(&done, Status::Succeeded);
+    crate::support::assert_status(&done, Status::Succeeded);
     let trail = env.app.store().control_events(10).await.expect("trail");
     let kinds: Vec<&str> = trail.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["resume", "kill_all"]);
@@ -466,7 +466,7 @@ struct AgentsOnOwnPostgres {
 
 async fn three_agents_on_own_postgres() -> AgentsOnOwnPostgres {
     let pg = PgServer::start();
-    let database_url = crate::helpers::fresh_database(&pg.url()).await;
+    let database_url = crate::support::fresh_database(&pg.url()).await;
     let env = TestEnv::with_services(&database_url, &env_var("ORCH_VALKEY_URL")).await;
     let queue = unique_queue();
     let requests = (0..3)
@@ -518,7 +518,7 @@ async fn assert_killed_without_postgres(env: &TestEnv, reason: &str) {
 /// the kill-all's record written from the outbox, naming every job.
 async fn assert_records_caught_up(env: &TestEnv, ids: &[JobId], reason: &str) {
     let done = env.wait_terminal(ids, Duration::from_secs(60)).await;
-    crate::helpers::assert_status(&done, Status::Cancelled);
+    crate::support::assert_status(&done, Status::Cancelled);
     for id in ids {
         assert_eq!(env.terminal_events(*id).await, 1);
         let data = env.cancelled_event(*id).await;

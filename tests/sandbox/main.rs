@@ -4,15 +4,11 @@
 
 mod agent;
 mod egress;
-#[allow(dead_code)]
-#[path = "../common/git.rs"]
-mod fixture;
 mod gates;
-#[allow(dead_code)]
-#[path = "../queue/helpers.rs"]
-mod helpers;
 mod jobs;
 mod kill;
+#[path = "../support/mod.rs"]
+mod support;
 mod trust;
 
 use std::collections::BTreeMap;

@@ -14,7 +14,7 @@ use orchestrator::job::{Job, Status};
 use serde_json::json;
 
 use crate::agent::{fixture, fixture_with, Fixture};
-use crate::fixture::git;
+use crate::support::git::git;
 
 /// A TCP listener on 127.0.0.1 that counts whoever connects (and what they
 /// send), standing in for an attacker's server.

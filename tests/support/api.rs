@@ -7,7 +7,7 @@ use orchestrator::secret::Secret;
 use reqwest::{Method, RequestBuilder, Response};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::TestEnv;
+use super::env::TestEnv;
 
 pub const ADMIN: &str = "admin-token-0123456789abcdef";
 pub const ENQUEUE: &str = "enqueue-token-0123456789abcdef";
