@@ -214,7 +214,7 @@ impl App {
     pub async fn enqueue(&self, jobs: &[NewJob]) -> Result<Vec<(Job, bool)>, AppError> {
         self.check_queue_cap(jobs).await?;
         let stored = self.store.insert_jobs(jobs).await?;
-        let mut by_queue: BTreeMap<&str, Vec<IndexEntry>> = BTreeMap::new();
+        let mut by_queue: BTreeMap<&QueueName, Vec<IndexEntry>> = BTreeMap::new();
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for (job, created) in &stored {
             if !created {
@@ -223,23 +223,16 @@ impl App {
             *counts
                 .entry((job.queue.as_str(), job.kind.as_str()))
                 .or_default() += 1;
-            by_queue
-                .entry(job.queue.as_str())
-                .or_default()
-                .push(IndexEntry {
-                    id: job.id,
-                    priority: job.priority,
-                    due_ms: (job.status == Status::Scheduled)
-                        .then(|| job.run_at.timestamp_millis()),
-                });
+            by_queue.entry(&job.queue).or_default().push(IndexEntry {
+                id: job.id,
+                priority: job.priority,
+                due_ms: (job.status == Status::Scheduled).then(|| job.run_at.timestamp_millis()),
+            });
         }
         for (queue, entries) in by_queue {
-            let Ok(queue) = QueueName::parse(queue) else {
-                continue;
-            };
             let indexed = async {
-                self.queue.register_queues(&[&queue]).await?;
-                self.queue.enqueue(&queue, &entries).await
+                self.queue.register_queues(&[queue]).await?;
+                self.queue.enqueue(queue, &entries).await
             };
             if let Err(err) = indexed.await {
                 tracing::warn!(queue = %queue, error = %err, jobs = entries.len(), "jobs stored but not yet indexed; the reconciler will index them");
@@ -289,15 +282,13 @@ impl App {
     /// Admin retry of a dead job: Postgres first, then the index.
     pub async fn retry_dead(&self, id: JobId, actor: &str) -> Result<Job, AppError> {
         let (queue, priority) = self.store.retry_dead(id, actor).await?;
-        if let Ok(queue) = QueueName::parse(queue) {
-            let entry = IndexEntry {
-                id,
-                priority,
-                due_ms: None,
-            };
-            if let Err(err) = self.queue.enqueue(&queue, &[entry]).await {
-                tracing::warn!(job.id = %id, error = %err, "retried job not yet indexed; the reconciler will");
-            }
+        let entry = IndexEntry {
+            id,
+            priority,
+            due_ms: None,
+        };
+        if let Err(err) = self.queue.enqueue(&queue, &[entry]).await {
+            tracing::warn!(job.id = %id, error = %err, "retried job not yet indexed; the reconciler will");
         }
         Ok(self.store.get_job(id).await?)
     }
@@ -312,15 +303,13 @@ impl App {
     ) -> Result<Job, AppError> {
         let (job, from) = self.store.cancel_waiting(id, actor, reason).await?;
         if let Some(from) = from {
-            m::count_cancel(&job.queue, from.as_str());
-            if let Ok(queue) = QueueName::parse(job.queue.as_str()) {
-                // Should this fail, a claim of the id is refused by Postgres
-                // and the id forgotten then.
-                if let Err(err) = self.queue.forget(&queue, &[id]).await {
-                    tracing::warn!(job.id = %id, error = %err, "cancelled job still indexed; it will be dropped when claimed");
-                }
+            m::count_cancel(job.queue.as_str(), from.as_str());
+            // Should this fail, a claim of the id is refused by Postgres
+            // and the id forgotten then.
+            if let Err(err) = self.queue.forget(&job.queue, &[id]).await {
+                tracing::warn!(job.id = %id, error = %err, "cancelled job still indexed; it will be dropped when claimed");
             }
-            metrics::counter!(m::JOBS_FINISHED, "queue" => job.queue.clone(), "kind" => job.kind.clone(), "outcome" => "cancelled").increment(1);
+            metrics::counter!(m::JOBS_FINISHED, "queue" => job.queue.to_string(), "kind" => job.kind.to_string(), "outcome" => "cancelled").increment(1);
         }
         Ok(job)
     }

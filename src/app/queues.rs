@@ -55,12 +55,12 @@ impl App {
     /// Every known queue (Valkey's registry, and any Postgres has jobs
     /// for), by name.
     pub async fn queues(&self) -> Result<Vec<QueueInfo>, AppError> {
-        let mut names: BTreeMap<String, BTreeMap<String, i64>> = self
+        let mut names: BTreeMap<QueueName, BTreeMap<String, i64>> = self
             .queue
             .known_queues()
             .await?
             .into_iter()
-            .map(|q| (q.to_string(), BTreeMap::new()))
+            .map(|q| (q, BTreeMap::new()))
             .collect();
         for c in self.store.queue_counts().await? {
             names
@@ -69,10 +69,8 @@ impl App {
                 .insert(c.status.to_string(), c.count);
         }
         let mut queues = Vec::with_capacity(names.len());
-        for (name, counts) in names {
-            if let Ok(queue) = QueueName::parse(name) {
-                queues.push(self.queue_info(&queue, counts).await?);
-            }
+        for (queue, counts) in names {
+            queues.push(self.queue_info(&queue, counts).await?);
         }
         Ok(queues)
     }

@@ -118,6 +118,30 @@ macro_rules! name_type {
             }
         }
 
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
         impl FromStr for $name {
             type Err = NameError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -219,8 +243,10 @@ pub struct NewJob {
 pub struct Job {
     #[schema(value_type = String, format = Uuid)]
     pub id: JobId,
-    pub queue: String,
-    pub kind: String,
+    #[schema(value_type = String)]
+    pub queue: QueueName,
+    #[schema(value_type = String)]
+    pub kind: JobKind,
     pub status: Status,
     pub stage: Option<String>,
     pub priority: u8,

@@ -95,9 +95,7 @@ impl Maintenance {
         let mut back: HashMap<QueueName, Vec<IndexEntry>> = HashMap::new();
         let mut cancelled = Vec::new();
         for r in reaped {
-            let Ok(queue) = QueueName::parse(r.queue.as_str()) else {
-                continue;
-            };
+            let queue = r.queue.clone();
             tracing::warn!(job.id = %r.id, queue = %queue, to = %r.to, "lease expired; job reaped");
             metrics::counter!(m::LEASE_EXPIRATIONS, "queue" => queue.to_string()).increment(1);
             match r.to {

@@ -59,23 +59,19 @@ impl Maintenance {
             let Some(last) = page.last() else { break };
             after = Some(last.id);
             counts.scanned += page.len();
-            let mut by_queue: HashMap<&str, Vec<JobId>> = HashMap::new();
+            let mut by_queue: HashMap<&QueueName, Vec<JobId>> = HashMap::new();
             for job in &page {
                 // A queue whose jobs all run is known too (kill-all asks
                 // for the running jobs of the known queues).
-                let ids = by_queue.entry(job.queue.as_str()).or_default();
+                let ids = by_queue.entry(&job.queue).or_default();
                 if matches!(job.status, Status::Queued | Status::Scheduled) {
                     ids.push(job.id);
                 }
             }
-            for (name, ids) in by_queue {
-                let Ok(queue) = QueueName::parse(name) else {
-                    tracing::error!(queue = %name, "invalid queue name in the database; skipped");
-                    continue;
-                };
-                self.valkey.register_queues(&[&queue]).await?;
+            for (queue, ids) in by_queue {
+                self.valkey.register_queues(&[queue]).await?;
                 if !ids.is_empty() {
-                    counts.reindexed += self.reindex_missing(&queue, &ids).await?;
+                    counts.reindexed += self.reindex_missing(queue, &ids).await?;
                 }
             }
             if page.len() < RECONCILE_PAGE as usize {

@@ -7,13 +7,13 @@ use uuid::Uuid;
 
 use super::rows::{EventRow, JobRow, JOB_COLUMNS};
 use super::{Store, StoreError};
-use crate::job::{Job, JobEvent, JobFilter, JobId, NewJob, Status};
+use crate::job::{Job, JobEvent, JobFilter, JobId, NewJob, QueueName, Status};
 
 /// What the index needs to know about a job to repair its Valkey entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexState {
     pub id: JobId,
-    pub queue: String,
+    pub queue: QueueName,
     pub status: Status,
     pub priority: u8,
     pub run_at: DateTime<Utc>,
@@ -37,7 +37,7 @@ impl TryFrom<IndexRow> for IndexState {
     fn try_from(r: IndexRow) -> Result<Self, StoreError> {
         Ok(IndexState {
             id: JobId(r.id),
-            queue: r.queue,
+            queue: super::rows::queue_name(r.queue)?,
             status: super::rows::parse_status(&r.status)?,
             priority: r.priority.clamp(1, 10) as u8,
             run_at: r.run_at,
@@ -62,7 +62,7 @@ pub struct LeaseHolder {
 /// Live jobs per queue and status, from Postgres.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QueueCounts {
-    pub queue: String,
+    pub queue: QueueName,
     pub status: Status,
     pub count: i64,
 }
@@ -385,7 +385,7 @@ impl Store {
         rows.into_iter()
             .map(|(queue, status, count)| {
                 Ok(QueueCounts {
-                    queue,
+                    queue: super::rows::queue_name(queue)?,
                     status: super::rows::parse_status(&status)?,
                     count,
                 })

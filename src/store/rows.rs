@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::job::{Job, JobEvent, JobId, Status};
+use crate::job::{Job, JobEvent, JobId, JobKind, QueueName, Status};
 
 /// Every column of `jobs`, in the order of [`JOB_COLUMNS`].
 pub const JOB_COLUMNS: &str = "id, queue, kind, status, stage, priority, payload, attempt, \
@@ -39,6 +39,16 @@ pub struct JobRow {
     finished_at: Option<DateTime<Utc>>,
 }
 
+/// A queue name as stored: written validated, so a bad one is corruption.
+pub fn queue_name(raw: String) -> Result<QueueName, StoreError> {
+    QueueName::parse(raw).map_err(|e| StoreError::Corrupt(format!("jobs.queue: {e}")))
+}
+
+/// A job kind as stored (see [`queue_name`]).
+pub fn job_kind(raw: String) -> Result<JobKind, StoreError> {
+    JobKind::parse(raw).map_err(|e| StoreError::Corrupt(format!("jobs.kind: {e}")))
+}
+
 pub fn parse_status(s: &str) -> Result<Status, StoreError> {
     s.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))
 }
@@ -53,8 +63,8 @@ impl TryFrom<JobRow> for Job {
     fn try_from(r: JobRow) -> Result<Self, StoreError> {
         Ok(Job {
             id: JobId(r.id),
-            queue: r.queue,
-            kind: r.kind,
+            queue: queue_name(r.queue)?,
+            kind: job_kind(r.kind)?,
             status: parse_status(&r.status)?,
             stage: r.stage,
             priority: non_negative("priority", r.priority.into())?,

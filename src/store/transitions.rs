@@ -6,16 +6,18 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::rows::parse_status;
+use super::rows::{job_kind, parse_status, queue_name};
 use super::{Store, StoreError};
-use crate::job::{CancelRequest, Job, JobId, RetryDecision, RetryPolicy, Status};
+use crate::job::{
+    CancelRequest, Job, JobId, JobKind, QueueName, RetryDecision, RetryPolicy, Status,
+};
 
 /// What a worker needs to run a job it claimed.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
     pub id: JobId,
-    pub queue: String,
-    pub kind: String,
+    pub queue: QueueName,
+    pub kind: JobKind,
     pub priority: u8,
     pub payload: serde_json::Value,
     pub attempt: u32,
@@ -150,7 +152,7 @@ pub struct FinishOutcome {
 #[derive(Debug, Clone)]
 pub struct Reaped {
     pub id: JobId,
-    pub queue: String,
+    pub queue: QueueName,
     pub priority: u8,
     pub to: Status,
     pub run_at: Option<DateTime<Utc>>,
@@ -186,12 +188,14 @@ struct ClaimRow {
     started_at: DateTime<Utc>,
 }
 
-impl From<ClaimRow> for ClaimedJob {
-    fn from(r: ClaimRow) -> Self {
-        ClaimedJob {
+impl TryFrom<ClaimRow> for ClaimedJob {
+    type Error = StoreError;
+
+    fn try_from(r: ClaimRow) -> Result<Self, StoreError> {
+        Ok(ClaimedJob {
             id: JobId(r.id),
-            queue: r.queue,
-            kind: r.kind,
+            queue: queue_name(r.queue)?,
+            kind: job_kind(r.kind)?,
             priority: r.priority.clamp(1, 10) as u8,
             payload: r.payload,
             attempt: r.attempt.max(0) as u32,
@@ -205,7 +209,7 @@ impl From<ClaimRow> for ClaimedJob {
             created_at: r.created_at,
             run_at: r.run_at,
             started_at: r.started_at,
-        }
+        })
     }
 }
 
@@ -277,7 +281,10 @@ impl Store {
         .bind(statuses(&Status::sources_of(Status::Running)))
         .fetch_all(&self.pool)
         .await?;
-        let claimed: Vec<ClaimedJob> = rows.into_iter().map(ClaimedJob::from).collect();
+        let claimed = rows
+            .into_iter()
+            .map(ClaimedJob::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut refused = Vec::new();
         if claimed.len() < ids.len() {
             let got: HashSet<JobId> = claimed.iter().map(|j| j.id).collect();
@@ -435,7 +442,7 @@ impl Store {
             };
             meta.push((
                 JobId(r.id),
-                r.queue,
+                queue_name(r.queue)?,
                 r.priority.clamp(1, 10) as u8,
                 finish.run_at,
                 r.stage,
@@ -522,7 +529,7 @@ impl Store {
 
     /// Admin retry of a dead-lettered job: `dead` → `queued` with a fresh
     /// set of attempts. Returns the job's queue and priority for indexing.
-    pub async fn retry_dead(&self, id: JobId, actor: &str) -> Result<(String, u8), StoreError> {
+    pub async fn retry_dead(&self, id: JobId, actor: &str) -> Result<(QueueName, u8), StoreError> {
         let mut tx = self.pool.begin().await?;
         let row: Option<(String, String, i16)> =
             sqlx::query_as("SELECT status, queue, priority FROM jobs WHERE id = $1 FOR UPDATE")
@@ -555,7 +562,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok((queue, priority.clamp(1, 10) as u8))
+        Ok((queue_name(queue)?, priority.clamp(1, 10) as u8))
     }
 }
 

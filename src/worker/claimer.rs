@@ -213,7 +213,7 @@ async fn release(shared: &Shared, item: Buffered, completions: &mpsc::Sender<Com
     let completion = Completion {
         finish: Finish::released(item.job.id, item.job.lease_id),
         queue: item.queue,
-        kind: item.job.kind.clone(),
+        kind: item.job.kind.to_string(),
         priority: item.job.priority,
         stage: "claimed",
     };

@@ -33,7 +33,7 @@ pub(super) async fn run(
     let outcome = execute(&shared, &job, cancel, stage.clone())
         .instrument(span.clone())
         .await;
-    metrics::histogram!(m::JOB_RUN_SECONDS, "queue" => job.queue.clone(), "kind" => job.kind.clone())
+    metrics::histogram!(m::JOB_RUN_SECONDS, "queue" => job.queue.to_string(), "kind" => job.kind.to_string())
         .record(started.elapsed().as_secs_f64());
 
     let stop_reason = reason.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -56,7 +56,7 @@ pub(super) async fn run(
                 tracing::warn!(job.id = %job.id, error = %err, "cannot confirm the stop in Valkey");
             }
             if let Some(ms) = requested_ms {
-                m::record_cancel_duration(&job.queue, ms);
+                m::record_cancel_duration(job.queue.as_str(), ms);
             }
             Some(Finish::cancelled(job.id, job.lease_id, &actor, &reason))
         }
@@ -103,7 +103,7 @@ pub(super) async fn run(
             let completion = Completion {
                 finish,
                 queue,
-                kind: job.kind.clone(),
+                kind: job.kind.to_string(),
                 priority: job.priority,
                 stage: stage.get(),
             };
@@ -130,7 +130,7 @@ async fn execute(
     cancel: CancellationToken,
     stage: StageCell,
 ) -> Result<serde_json::Value, JobError> {
-    let Some(handler) = shared.registry.get(&job.kind) else {
+    let Some(handler) = shared.registry.get(job.kind.as_str()) else {
         return Err(JobError::Fatal(format!(
             "this worker has no handler for job kind {:?}",
             job.kind
