@@ -380,7 +380,7 @@ pub async fn cancel(
 /// wants it; 422 otherwise.
 pub(super) fn valid_reason(raw: &str) -> Result<&str, ApiError> {
     crate::app::valid_reason(raw)
-        .map_err(|detail| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, detail).field("reason"))
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()).field("reason"))
 }
 
 /// Put a dead job back in its queue with a fresh set of attempts (admin).

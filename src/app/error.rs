@@ -17,8 +17,14 @@ pub enum AppError {
     NotMigrated,
     #[error("invalid job kind definition: {0}")]
     Kind(#[from] crate::pipeline::kinds::KindError),
-    #[error("git stage: {0}")]
-    Git(String),
+    #[error("git stage: the secret rules: {0}")]
+    SecretRules(#[from] crate::git::secrets::ScanError),
+    #[error("git stage: git.data_dir {path:?}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What an [`AppError`] means to whoever asked: front ends map these to
@@ -54,7 +60,10 @@ impl AppError {
                 index: *index,
                 error,
             },
-            AppError::NotMigrated | AppError::Kind(_) | AppError::Git(_) => ErrorClass::Unavailable,
+            AppError::NotMigrated
+            | AppError::Kind(_)
+            | AppError::SecretRules(_)
+            | AppError::DataDir { .. } => ErrorClass::Unavailable,
         }
     }
 

@@ -53,23 +53,27 @@ pub const MAX_CANCEL_REASON_CHARS: usize = 1000;
 /// A cancel, kill-all or resume reason: 1 to [`MAX_CANCEL_REASON_CHARS`]
 /// characters once trimmed, no control characters but newline and tab
 /// (Postgres refuses NUL in text and JSON).
-pub fn valid_reason(raw: &str) -> Result<&str, String> {
+pub fn valid_reason(raw: &str) -> Result<&str, BadReason> {
     let reason = raw.trim();
     if reason.is_empty() || reason.chars().count() > MAX_CANCEL_REASON_CHARS {
-        return Err(format!(
-            "reason must be 1 to {MAX_CANCEL_REASON_CHARS} characters"
-        ));
+        return Err(BadReason::Length);
     }
     if let Some(c) = reason
         .chars()
         .find(|c| c.is_control() && *c != '\n' && *c != '\t')
     {
-        return Err(format!(
-            "reason must not hold control characters (found U+{:04X})",
-            u32::from(c)
-        ));
+        return Err(BadReason::Control(c));
     }
     Ok(reason)
+}
+
+/// Why [`valid_reason`] refused a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadReason {
+    #[error("reason must be 1 to {MAX_CANCEL_REASON_CHARS} characters")]
+    Length,
+    #[error("reason must not hold control characters (found U+{:04X})", u32::from(*.0))]
+    Control(char),
 }
 
 /// What a cancel request achieved.
@@ -117,20 +121,21 @@ impl App {
         let queue =
             ValkeyQueue::connect(settings.valkey_url.expose(), &settings.key_prefix).await?;
         let kinds = KindDef::load_dir(&settings.sandbox.workers_dir)?;
-        let scanner = Arc::new(
-            match &settings.git.secret_rules {
-                Some(path) => Scanner::from_file(path),
-                None => Scanner::default_rules(),
-            }
-            .map_err(|e| AppError::Git(e.to_string()))?,
-        );
+        let scanner = Arc::new(match &settings.git.secret_rules {
+            Some(path) => Scanner::from_file(path),
+            None => Scanner::default_rules(),
+        }?);
         let sandboxes = SandboxHost::new(&settings.sandbox.host_options(), &settings.key_prefix)
             .with_redactor(scanner.clone());
         let git = GitHost {
             stage: GitStage::new(
                 // Absolute: worktrees are bind-mounted into sandboxes.
-                std::path::absolute(&settings.git.data_dir)
-                    .map_err(|e| AppError::Git(e.to_string()))?,
+                std::path::absolute(&settings.git.data_dir).map_err(|source| {
+                    AppError::DataDir {
+                        path: settings.git.data_dir.clone(),
+                        source,
+                    }
+                })?,
                 settings.git.author_name.clone(),
                 settings.git.author_email.clone(),
                 scanner,
@@ -373,7 +378,11 @@ impl App {
             valkey: self.queue.ping().await.map_err(|e| e.to_string()),
             migrations: self.ensure_migrated().await.map_err(|e| e.to_string()),
             sandbox: if agents {
-                self.sandboxes.check().await.map(Some)
+                self.sandboxes
+                    .check()
+                    .await
+                    .map(Some)
+                    .map_err(|e| e.to_string())
             } else {
                 Ok(None)
             },

@@ -84,14 +84,14 @@ pub fn run(files: usize, runs: usize) -> Result<GitBench, GitError> {
         "warm",
         &url,
         None,
-        &BranchName::parse("bench/warm").map_err(GitError::NoSuchBase)?,
+        &BranchName::parse("bench/warm").map_err(GitError::Policy)?,
     )?;
     stage.cleanup(&wt)?;
 
     let mut ours = Vec::with_capacity(runs);
     let mut cli = Vec::with_capacity(runs);
     for i in 0..runs {
-        let branch = BranchName::parse(&format!("bench/s{i}")).map_err(GitError::NoSuchBase)?;
+        let branch = BranchName::parse(&format!("bench/s{i}")).map_err(GitError::Policy)?;
         let t = Instant::now();
         let wt = stage.prepare(&format!("s{i}"), &url, None, &branch)?;
         ours.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -64,7 +64,7 @@ impl RepoUrl {
     /// machine, a private network or a metadata service (unless
     /// `allow_local`): checked at enqueue and again before every fetch and
     /// push, since DNS may answer differently in between.
-    pub fn check_resolves(&self, allow_local: bool) -> Result<(), String> {
+    pub fn check_resolves(&self, allow_local: bool) -> Result<(), Refused> {
         let RepoUrl::Remote { host, port, .. } = self else {
             return Ok(());
         };
@@ -73,18 +73,20 @@ impl RepoUrl {
         }
         let addrs = resolve(host, *port)?;
         if addrs.is_empty() {
-            return Err(format!("repo host {host} resolves to no address"));
+            return Err(Refused::from(format!(
+                "repo host {host} resolves to no address"
+            )));
         }
         refuse_local(host, &addrs)
     }
 }
 
 /// Refuses `host` when any of its addresses is a local one.
-fn refuse_local(host: &str, addrs: &[IpAddr]) -> Result<(), String> {
+fn refuse_local(host: &str, addrs: &[IpAddr]) -> Result<(), Refused> {
     match addrs.iter().find(|a| is_local_addr(**a)) {
-        Some(local) => Err(format!(
+        Some(local) => Err(Refused::from(format!(
             "repo host {host} resolves to {local}, this machine or a private address; not allowed unless git.allow_local"
-        )),
+        ))),
         None => Ok(()),
     }
 }
@@ -101,6 +103,30 @@ fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
         .map_err(|e| format!("repo host {host} cannot be resolved: {e}"))
 }
 
+/// Why a repository URL or a branch name was refused, in words a producer
+/// can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(String);
+
+impl Refused {
+    pub fn reason(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Refused {
+    fn from(reason: String) -> Self {
+        Refused(reason)
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(reason: &str) -> Self {
+        Refused(reason.to_owned())
+    }
+}
+
 const MAX_URL: usize = 2048;
 
 impl RepoPolicy {
@@ -108,9 +134,11 @@ impl RepoPolicy {
     /// could read differently are refused outright: backslashes, spaces and
     /// control characters, credentials, percent-encoding in the host, IPv6
     /// zone ids.
-    pub fn check(&self, raw: &str) -> Result<RepoUrl, String> {
+    pub fn check(&self, raw: &str) -> Result<RepoUrl, Refused> {
         if raw.is_empty() || raw.len() > MAX_URL {
-            return Err(format!("repo must be 1 to {MAX_URL} characters"));
+            return Err(Refused::from(format!(
+                "repo must be 1 to {MAX_URL} characters"
+            )));
         }
         if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err("repo must not contain spaces or control characters".into());
@@ -164,10 +192,10 @@ impl RepoPolicy {
             .iter()
             .any(|s| s.eq_ignore_ascii_case(&scheme))
         {
-            return Err(format!(
+            return Err(Refused::from(format!(
                 "repo scheme {scheme:?} is not allowed; allowed: {}",
                 self.allowed_schemes.join(", ")
-            ));
+            )));
         }
         let ssh_user_only = scheme == "ssh" && url.username() == "git";
         if url.password().is_some() || (!url.username().is_empty() && !ssh_user_only) {
@@ -187,16 +215,18 @@ impl RepoPolicy {
             return Err("repo must not have a query or a fragment".into());
         }
         if is_local_host(&host) && !self.allow_local {
-            return Err(format!(
+            return Err(Refused::from(format!(
                 "repo host {host} is this machine or a private address; not allowed unless git.allow_local"
-            ));
+            )));
         }
         if !self
             .allowed_hosts
             .iter()
             .any(|h| h == "*" || h.eq_ignore_ascii_case(&host))
         {
-            return Err(format!("repo host {host} is not in git.allowed_hosts"));
+            return Err(Refused::from(format!(
+                "repo host {host} is not in git.allowed_hosts"
+            )));
         }
         let port = url
             .port_or_known_default()
@@ -212,7 +242,7 @@ impl RepoPolicy {
     /// [`check`](Self::check), then the host resolved: what enqueue runs.
     /// A host that does not resolve here is accepted (the fetch checks it
     /// again); one that resolves to a local address is not.
-    pub fn check_now(&self, raw: &str) -> Result<RepoUrl, String> {
+    pub fn check_now(&self, raw: &str) -> Result<RepoUrl, Refused> {
         let url = self.check(raw)?;
         if let RepoUrl::Remote { host, port, .. } = &url {
             if !self.allow_local {
@@ -234,12 +264,12 @@ impl BranchName {
 
     /// git's check-ref-format rules for a branch, and stricter: printable
     /// ASCII only, no leading '-', at most 200 characters.
-    pub fn parse(name: &str) -> Result<BranchName, String> {
+    pub fn parse(name: &str) -> Result<BranchName, Refused> {
         let fail = |why: &str| {
-            Err(format!(
+            Err(Refused::from(format!(
                 "branch {:?} is not allowed: {why}",
                 name.chars().take(60).collect::<String>()
-            ))
+            )))
         };
         if name.is_empty() || name.len() > Self::MAX_LEN {
             return fail("it must be 1 to 200 characters");
@@ -358,7 +388,7 @@ mod tests {
             ("ssh://-oProxyCommand=x/y", "host"),
         ] {
             let err = p.check(url).expect_err(url);
-            assert!(err.contains(why), "{url}: {err}");
+            assert!(err.reason().contains(why), "{url}: {err}");
         }
     }
 
@@ -380,7 +410,7 @@ mod tests {
         );
         // A look-alike host is punycoded, and then not in the list.
         let err = p.check("https://gіthub.com/x").expect_err("cyrillic i");
-        assert!(err.contains("xn--"), "{err}");
+        assert!(err.reason().contains("xn--"), "{err}");
     }
 
     #[test]
@@ -413,7 +443,8 @@ mod tests {
         };
         let err = url.check_resolves(false).expect_err("resolves to loopback");
         assert!(
-            err.contains("resolves to 127.0.0.1") || err.contains("resolves to ::1"),
+            err.reason().contains("resolves to 127.0.0.1")
+                || err.reason().contains("resolves to ::1"),
             "{err}"
         );
         assert!(url.check_resolves(true).is_ok(), "unless allow_local");

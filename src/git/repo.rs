@@ -75,6 +75,9 @@ pub enum GitError {
     Lock(String),
     #[error("repository refused: {0}")]
     Refused(String),
+    /// A URL or branch name the policy refuses.
+    #[error("refused: {0}")]
+    Policy(#[from] super::names::Refused),
     #[error("{0}")]
     Command(String),
 }
@@ -263,8 +266,7 @@ impl GitStage {
         repo: &'r Repository,
         url: &RepoUrl,
     ) -> Result<git2::Remote<'r>, GitError> {
-        url.check_resolves(self.network.allow_local)
-            .map_err(GitError::Refused)?;
+        url.check_resolves(self.network.allow_local)?;
         Ok(repo.remote_anonymous(&url.as_git_url())?)
     }
 
@@ -539,10 +541,7 @@ impl GitStage {
     /// job's branch in memory; the conflicted paths, empty when the branch
     /// merges cleanly.
     pub fn conflicts(&self, wt: &Worktree, target: Option<&str>) -> Result<Vec<String>, GitError> {
-        let target = target
-            .map(BranchName::parse)
-            .transpose()
-            .map_err(GitError::NoSuchBase)?;
+        let target = target.map(BranchName::parse).transpose()?;
         let (spec, local) = match &target {
             Some(t) => (
                 format!("+{}:{REMOTE_PREFIX}{}", t.refname(), t.as_str()),

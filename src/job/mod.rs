@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use request::{
-    validate_idempotency_key, FieldError, JobDefaults, JobRequest, MAX_PAYLOAD_BYTES,
+    validate_idempotency_key, FieldError, JobDefaults, JobRequest, PayloadError, MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_DEPTH,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError, MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};

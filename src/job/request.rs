@@ -76,6 +76,29 @@ impl FieldError {
     }
 }
 
+/// Why a job kind refused a payload (checked at enqueue, before anything
+/// is stored).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("unknown job kind {kind:?}; known kinds: {}", known.join(", "))]
+    UnknownKind { kind: String, known: Vec<String> },
+    /// What is wrong with the payload, and what is allowed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for PayloadError {
+    fn from(message: String) -> Self {
+        PayloadError::Invalid(message)
+    }
+}
+
+impl From<&str> for PayloadError {
+    fn from(message: &str) -> Self {
+        PayloadError::Invalid(message.to_owned())
+    }
+}
+
 fn in_range(
     field: &str,
     value: Option<i64>,
@@ -109,7 +132,7 @@ impl JobRequest {
         defaults: &JobDefaults,
         now: DateTime<Utc>,
         actor: &str,
-        check_payload: impl Fn(&str, &serde_json::Value) -> Result<(), String>,
+        check_payload: impl Fn(&str, &serde_json::Value) -> Result<(), PayloadError>,
     ) -> Result<NewJob, FieldError> {
         let kind = JobKind::parse(self.kind).map_err(|e| FieldError::new("kind", e.to_string()))?;
         let queue = match self.queue {
@@ -139,13 +162,12 @@ impl JobRequest {
                 format!("is {size} bytes; at most {MAX_PAYLOAD_BYTES} are allowed"),
             ));
         }
-        check_payload(kind.as_str(), &payload).map_err(|m| {
-            let field = if m.starts_with("unknown job kind") {
-                "kind"
-            } else {
-                "payload"
+        check_payload(kind.as_str(), &payload).map_err(|e| {
+            let field = match e {
+                PayloadError::UnknownKind { .. } => "kind",
+                PayloadError::Invalid(_) => "payload",
             };
-            FieldError::new(field, m)
+            FieldError::new(field, e.to_string())
         })?;
         let d = defaults.retry;
         let max_attempts = in_range(
@@ -273,7 +295,10 @@ mod tests {
             if kind == "noop" {
                 Ok(())
             } else {
-                Err(format!("unknown job kind {kind:?}"))
+                Err(PayloadError::UnknownKind {
+                    kind: kind.to_owned(),
+                    known: vec!["noop".to_owned()],
+                })
             }
         })
     }

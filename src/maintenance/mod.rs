@@ -39,7 +39,12 @@ pub enum MaintenanceError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("sandbox runtime: {0}")]
-    Sandbox(String),
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error("git: {0}")]
+    Git(#[from] crate::git::repo::GitError),
+    /// A blocking task (git work) panicked or was cancelled.
+    #[error("a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// The pause after `failures` failed rounds in a row: 200 ms doubling to 5 s.

@@ -154,8 +154,7 @@ impl Maintenance {
             Some(host) => match host.runtime().await {
                 Ok(rt) => rt
                     .list_ours(&host.deployment)
-                    .await
-                    .map_err(|e| MaintenanceError::Sandbox(e.to_string()))?
+                    .await?
                     .into_iter()
                     .filter_map(|c| c.job_id)
                     .collect(),

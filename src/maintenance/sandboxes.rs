@@ -13,7 +13,7 @@ use serde_json::json;
 use super::Maintenance;
 use super::MaintenanceError;
 use crate::job::Status;
-use crate::sandbox::{Labelled, SandboxError};
+use crate::sandbox::Labelled;
 
 /// Grace given to an orphan's processes before SIGKILL.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
@@ -34,10 +34,7 @@ impl Maintenance {
             return Ok(Vec::new());
         };
         let lister = git.clone();
-        let names = tokio::task::spawn_blocking(move || lister.worktree_names())
-            .await
-            .map_err(|e| MaintenanceError::Sandbox(e.to_string()))?
-            .map_err(|e| MaintenanceError::Sandbox(e.to_string()))?;
+        let names = tokio::task::spawn_blocking(move || lister.worktree_names()).await??;
         tracing::debug!(worktrees = names.len(), "looking for orphaned worktrees");
         let ids: Vec<crate::job::JobId> = names.iter().filter_map(|n| n.parse().ok()).collect();
         if ids.is_empty() {
@@ -60,9 +57,7 @@ impl Maintenance {
                 continue;
             }
             let (stage, name) = (git.clone(), id.to_string());
-            let result = tokio::task::spawn_blocking(move || stage.remove_orphan(&name))
-                .await
-                .map_err(|e| MaintenanceError::Sandbox(e.to_string()))?;
+            let result = tokio::task::spawn_blocking(move || stage.remove_orphan(&name)).await?;
             if let Err(err) = result {
                 tracing::warn!(job.id = %id, error = %err, "could not remove an orphaned worktree");
                 continue;
@@ -88,10 +83,7 @@ impl Maintenance {
         let Ok(runtime) = host.runtime().await else {
             return Ok(OrphanReport::default());
         };
-        let ours = runtime
-            .list_ours(&host.deployment)
-            .await
-            .map_err(sandbox_err)?;
+        let ours = runtime.list_ours(&host.deployment).await?;
         let mut report = OrphanReport {
             seen: ours.len(),
             ..OrphanReport::default()
@@ -140,10 +132,7 @@ async fn remove(
     c: &Labelled,
     reason: &str,
 ) -> Result<(), MaintenanceError> {
-    runtime
-        .remove(&c.id, ORPHAN_GRACE)
-        .await
-        .map_err(sandbox_err)?;
+    runtime.remove(&c.id, ORPHAN_GRACE).await?;
     tracing::warn!(container = %c.name, job.id = ?c.job_id, reason, "orphaned sandbox removed");
     if let Some(job) = c.job_id {
         let data = json!({ "container": c.name, "attempt": c.attempt, "worker_id": c.worker_id, "reason": reason });
@@ -152,8 +141,4 @@ async fn remove(
             .await?;
     }
     Ok(())
-}
-
-fn sandbox_err(e: SandboxError) -> MaintenanceError {
-    MaintenanceError::Sandbox(e.to_string())
 }

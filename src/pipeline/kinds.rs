@@ -176,7 +176,8 @@ impl KindDef {
         if raw.stop_grace_secs == 0 || raw.stop_grace_secs > 600 {
             return Err(err(file, "stop_grace_secs", "must be between 1 and 600"));
         }
-        let egress = Allowlist::parse(&raw.egress).map_err(|e| err(file, "egress", e))?;
+        let egress =
+            Allowlist::parse(&raw.egress).map_err(|e| err(file, "egress", e.to_string()))?;
         match (raw.network, egress.is_empty()) {
             (Network::Egress, true) => {
                 return Err(err(

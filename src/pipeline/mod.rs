@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::job::PayloadError;
 use crate::store::{ClaimedJob, Store};
 
 pub use agent::{AdmissionSettings, GitHost, HostOptions, NoChanges, SandboxHost, SandboxKind};
@@ -36,13 +37,25 @@ pub struct JobContext {
     pub stage: StageCell,
 }
 
+/// Why a handler's record (an event, its stage) was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("Postgres did not answer while the job was stopping")]
+    StoppingTimeout,
+}
+
 /// How long a job told to stop gives Postgres for each of its records: a
 /// stop must not wait on a hung Postgres (the outcome is retried anyway).
 const STOPPING_WRITE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl JobContext {
     /// Appends events to the job's trail, fenced by its lease.
-    pub async fn append_events(&self, events: &[(&str, serde_json::Value)]) -> Result<(), String> {
+    pub async fn append_events(
+        &self,
+        events: &[(&str, serde_json::Value)],
+    ) -> Result<(), RecordError> {
         let write =
             self.store
                 .append_events(self.job.id, self.job.lease_id, events, &self.worker_id);
@@ -50,7 +63,7 @@ impl JobContext {
     }
 
     /// Records the stage the job is in (in memory, then in Postgres).
-    pub async fn set_stage(&self, stage: &'static str) -> Result<(), String> {
+    pub async fn set_stage(&self, stage: &'static str) -> Result<(), RecordError> {
         self.stage.set(stage);
         let write = self.store.set_stage(self.job.id, self.job.lease_id, stage);
         self.bounded(write).await.map(drop)
@@ -59,17 +72,17 @@ impl JobContext {
     async fn bounded<T>(
         &self,
         write: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
-    ) -> Result<T, String> {
+    ) -> Result<T, RecordError> {
         // A write under way when the stop comes gets the same limit.
         tokio::pin!(write);
         tokio::select! {
             biased;
-            r = &mut write => return r.map_err(|e| e.to_string()),
+            r = &mut write => return Ok(r?),
             () = self.cancel.cancelled() => {}
         }
         match tokio::time::timeout(STOPPING_WRITE_LIMIT, write).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("Postgres did not answer while the job was stopping".into()),
+            Ok(r) => Ok(r?),
+            Err(_) => Err(RecordError::StoppingTimeout),
         }
     }
 }
@@ -137,7 +150,7 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<serde_json::Value, J
 pub trait Handler: Send + Sync + 'static {
     /// Checks a payload at enqueue time, so bad input is refused before it is
     /// stored. The message says which field is wrong and what is allowed.
-    fn validate(&self, payload: &serde_json::Value) -> Result<(), String>;
+    fn validate(&self, payload: &serde_json::Value) -> Result<(), PayloadError>;
 
     /// What of a valid payload needs the admin scope (nothing, by default).
     fn privileges(&self, _payload: &serde_json::Value) -> Privileges {
@@ -204,13 +217,13 @@ impl Registry {
     }
 
     /// Checks that `kind` exists and accepts `payload`.
-    pub fn validate(&self, kind: &str, payload: &serde_json::Value) -> Result<(), String> {
+    pub fn validate(&self, kind: &str, payload: &serde_json::Value) -> Result<(), PayloadError> {
         match self.handlers.get(kind) {
             Some(h) => h.validate(payload),
-            None => Err(format!(
-                "unknown job kind {kind:?}; known kinds: {}",
-                self.kinds().collect::<Vec<_>>().join(", ")
-            )),
+            None => Err(PayloadError::UnknownKind {
+                kind: kind.to_owned(),
+                known: self.kinds().map(str::to_owned).collect(),
+            }),
         }
     }
 }

@@ -91,6 +91,11 @@ enum Pattern {
     Ip(IpAddr),
 }
 
+/// An `egress` entry that is not `host`, `*.domain` or an IP address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not host, *.domain or an IP address, optionally with :port")]
+pub struct BadEntry(String);
+
 /// Where a CONNECT asks to go, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -186,12 +191,10 @@ impl Target {
 
 impl Allowlist {
     /// Validates a kind's `egress` entries.
-    pub fn parse(entries: &[String]) -> Result<Allowlist, String> {
+    pub fn parse(entries: &[String]) -> Result<Allowlist, BadEntry> {
         let mut rules = Vec::with_capacity(entries.len());
         for entry in entries {
-            let bad = || {
-                format!("{entry:?} is not host, *.domain or an IP address, optionally with :port")
-            };
+            let bad = || BadEntry(entry.clone());
             let (host, port) = split_host_port(entry, Some(443)).ok_or_else(bad)?;
             let pattern = if entry.starts_with('[') {
                 Pattern::Ip(IpAddr::V6(host.parse().map_err(|_| bad())?))

@@ -3,6 +3,7 @@
 use serde::Deserialize;
 
 use super::payload::AgentPayload;
+use crate::job::PayloadError;
 
 /// The admission policy for agent jobs (the "50% rule").
 #[derive(Debug, Clone, Deserialize)]
@@ -20,7 +21,7 @@ pub struct AdmissionSettings {
 
 /// The admission policy (the "50% rule"): a task whose estimated tokens
 /// exceed the configured fraction of its model's context window is refused.
-pub(super) fn admit(p: &AgentPayload, admission: &AdmissionSettings) -> Result<(), String> {
+pub(super) fn admit(p: &AgentPayload, admission: &AdmissionSettings) -> Result<(), PayloadError> {
     let Some(tokens) = p.estimated_tokens else {
         return Ok(());
     };
@@ -34,17 +35,17 @@ pub(super) fn admit(p: &AgentPayload, admission: &AdmissionSettings) -> Result<(
             .keys()
             .map(String::as_str)
             .collect();
-        return Err(format!(
+        return Err(PayloadError::Invalid(format!(
             "payload.model {model:?} is unknown; known models: {}",
             known.join(", ")
-        ));
+        )));
     };
     let limit = (*window as f64 * admission.max_context_fraction).floor() as u64;
     if tokens > limit {
-        return Err(format!(
+        return Err(PayloadError::Invalid(format!(
             "payload.estimated_tokens: {tokens} tokens exceed {}% of {model}'s {window}-token context window (at most {limit}); split the task",
             (admission.max_context_fraction * 100.0).round()
-        ));
+        )));
     }
     Ok(())
 }

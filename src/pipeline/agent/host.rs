@@ -9,7 +9,17 @@ use crate::git::secrets::Scanner;
 use crate::job::JobId;
 use crate::sandbox::egress::{Allowlist, EgressGrant, EgressProxy};
 use crate::sandbox::RuntimeChoice;
-use crate::sandbox::{DockerRuntime, LogLine, Runtime};
+use crate::sandbox::{DockerRuntime, LogLine, Runtime, SandboxError};
+
+/// Why agent jobs cannot run on this worker now (each retryable: the next
+/// job asks again).
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("sandbox.runtime is docker, but no Docker daemon answers: {0}; agent jobs are refused until it does (sandbox.runtime = \"local\" runs them as host processes, without isolation)")]
+    NoDocker(#[source] SandboxError),
+    #[error("network = \"egress\" cannot be set up on this worker: {0}; its jobs are refused until it can (the worker needs Docker and iptables, as root or with CAP_NET_ADMIN)")]
+    NoEgress(#[source] SandboxError),
+}
 
 /// How a worker runs sandboxes (from `[sandbox]` in the settings).
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +75,7 @@ impl SandboxHost {
     /// The runtime; `Err` says why none is available. Isolation fails
     /// closed: with `docker` (the default) an unreachable daemon is an
     /// error, never a fallback to host processes.
-    pub async fn runtime(&self) -> Result<&Runtime, String> {
+    pub async fn runtime(&self) -> Result<&Runtime, Unavailable> {
         let choice = self.choice;
         self.runtime
             .get_or_try_init(|| async move {
@@ -74,9 +84,7 @@ impl SandboxHost {
                     RuntimeChoice::Docker | RuntimeChoice::Auto => DockerRuntime::connect()
                         .await
                         .map(Runtime::Docker)
-                        .map_err(|e| {
-                            format!("sandbox.runtime is docker, but no Docker daemon answers: {e}; agent jobs are refused until it does (sandbox.runtime = \"local\" runs them as host processes, without isolation)")
-                        }),
+                        .map_err(Unavailable::NoDocker),
                 }
             })
             .await
@@ -90,7 +98,7 @@ impl SandboxHost {
         &self,
         job: JobId,
         allow: &Arc<Allowlist>,
-    ) -> Result<Option<EgressGrant>, String> {
+    ) -> Result<Option<EgressGrant>, Unavailable> {
         let Runtime::Docker(docker) = self.runtime().await? else {
             return Ok(None);
         };
@@ -100,9 +108,7 @@ impl SandboxHost {
             .get_or_try_init(|| async move {
                 EgressProxy::start(docker.client(), allow_local)
                     .await
-                    .map_err(|e| {
-                        format!("network = \"egress\" cannot be set up on this worker: {e}; its jobs are refused until it can (the worker needs Docker and iptables, as root or with CAP_NET_ADMIN)")
-                    })
+                    .map_err(Unavailable::NoEgress)
             })
             .await?;
         Ok(Some(proxy.grant(job, allow.clone())))
@@ -131,7 +137,7 @@ impl SandboxHost {
     }
 
     /// For `/readyz`: whether agent jobs can run here.
-    pub async fn check(&self) -> Result<&'static str, String> {
+    pub async fn check(&self) -> Result<&'static str, Unavailable> {
         self.runtime().await.map(Runtime::name)
     }
 }

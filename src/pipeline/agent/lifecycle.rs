@@ -50,7 +50,7 @@ pub(super) async fn run(
         Some(b) => BranchName::parse(b),
         None => BranchName::parse(&format!("orchestrator/{}", job.id)),
     }
-    .map_err(JobError::Fatal)?;
+    .map_err(|e| JobError::Fatal(format!("payload.branch: {e}")))?;
     let mut stages = Map::new();
 
     let started = stage_start(&ctx, "spawn").await;
@@ -60,7 +60,7 @@ pub(super) async fn run(
     let wt = blocking(move || stage.prepare(&name, &prep_url, base.as_deref(), &prep_branch))
         .await
         .map_err(|e| match e {
-            GitError::NoSuchBase(_) => JobError::Fatal(e.to_string()),
+            GitError::NoSuchBase(_) | GitError::Policy(_) => JobError::Fatal(e.to_string()),
             e => JobError::Failed(format!("preparing the worktree failed: {e}")),
         })?;
 
@@ -100,7 +100,10 @@ async fn stages_after_prepare(
     }
 
     // spawn: the agent on the worktree.
-    let runtime = host.runtime().await.map_err(JobError::Failed)?;
+    let runtime = host
+        .runtime()
+        .await
+        .map_err(|e| JobError::Failed(e.to_string()))?;
     if runtime.name() == "docker" {
         let (uid, gid) = sandbox_ids();
         chown_tree(&wt.path, uid, gid)

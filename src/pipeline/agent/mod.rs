@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use self::payload::parse_payload;
 use self::run::{outcome_result, run_sandbox};
+use crate::job::PayloadError;
 use crate::pipeline::kinds::KindDef;
 use crate::pipeline::{Handler, HandlerFuture, JobContext, JobError};
 
@@ -51,7 +52,7 @@ impl SandboxKind {
 }
 
 impl Handler for SandboxKind {
-    fn validate(&self, payload: &Value) -> Result<(), String> {
+    fn validate(&self, payload: &Value) -> Result<(), PayloadError> {
         let p = parse_payload(payload, self.git.as_ref(), &self.admission)?;
         // At enqueue the host is resolved too (and again before every
         // fetch and push, since DNS may change in between). getaddrinfo
@@ -66,7 +67,11 @@ impl Handler for SandboxKind {
                 "payload.gates needs payload.repo: gates check the committed change".into(),
             );
         }
-        self.def.gates.select(p.gates.as_ref()).map(drop)
+        self.def
+            .gates
+            .select(p.gates.as_ref())
+            .map(drop)
+            .map_err(PayloadError::Invalid)
     }
 
     fn privileges(&self, payload: &Value) -> super::Privileges {
@@ -112,7 +117,7 @@ impl Handler for SandboxKind {
         let admission = self.admission.clone();
         Box::pin(async move {
             let payload = parse_payload(&ctx.job.payload, git.as_ref(), &admission)
-                .map_err(JobError::Fatal)?;
+                .map_err(|e| JobError::Fatal(e.to_string()))?;
             match (&payload.repo, &git) {
                 (Some(_), Some(git)) => lifecycle::run(&def, &host, git, &payload, ctx).await,
                 _ => {

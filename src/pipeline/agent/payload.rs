@@ -6,6 +6,7 @@ use serde_json::Value;
 use super::admission::{admit, AdmissionSettings};
 use super::git_host::GitHost;
 use crate::git::names::BranchName;
+use crate::job::PayloadError;
 
 /// Largest script a payload may carry.
 pub const MAX_SCRIPT_BYTES: usize = 64 * 1024;
@@ -52,7 +53,7 @@ pub(super) fn parse_payload(
     payload: &Value,
     git: Option<&GitHost>,
     admission: &AdmissionSettings,
-) -> Result<AgentPayload, String> {
+) -> Result<AgentPayload, PayloadError> {
     let p: AgentPayload = serde_json::from_value(payload.clone()).map_err(|e| {
         format!("payload must look like {{\"script\": \"echo hello\"}} (optionally with repo, base, branch, push, message): {e}")
     })?;
@@ -65,9 +66,9 @@ pub(super) fn parse_payload(
         return Err("payload.script must not be empty".into());
     }
     if text.len() > MAX_SCRIPT_BYTES {
-        return Err(format!(
+        return Err(PayloadError::Invalid(format!(
             "payload.script is larger than {MAX_SCRIPT_BYTES} bytes"
-        ));
+        )));
     }
     if text.contains('\0') {
         return Err("payload.script must not contain NUL characters".into());

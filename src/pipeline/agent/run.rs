@@ -82,7 +82,10 @@ pub(super) async fn run_sandbox(
                     .unwrap_or(chrono::Duration::hours(24)),
         },
     };
-    let runtime = host.runtime().await.map_err(JobError::Failed)?;
+    let runtime = host
+        .runtime()
+        .await
+        .map_err(|e| JobError::Failed(e.to_string()))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_logs(
         ctx.clone(),
@@ -122,7 +125,7 @@ async fn with_egress(
     let grant = host
         .egress_grant(ctx.job.id, &def.egress)
         .await
-        .map_err(JobError::Failed)?;
+        .map_err(|e| JobError::Failed(e.to_string()))?;
     if let Some(grant) = &grant {
         for var in ["HTTPS_PROXY", "https_proxy"] {
             secrets.insert(var.to_owned(), Secret::new(grant.proxy_url()));
@@ -205,7 +208,10 @@ pub(super) async fn run_gate(
                     .unwrap_or(chrono::Duration::hours(24)),
         },
     };
-    let runtime = host.runtime().await.map_err(JobError::Failed)?;
+    let runtime = host
+        .runtime()
+        .await
+        .map_err(|e| JobError::Failed(e.to_string()))?;
     let (tx, mut rx) = mpsc::unbounded_channel::<LogLine>();
     let redactor = host.clone();
     let collect = tokio::spawn(async move {
