@@ -90,6 +90,15 @@ impl From<AppError> for ApiError {
         match e.class() {
             ErrorClass::NotFound(id) => ApiError::not_found(format!("job {id} does not exist")),
             ErrorClass::Conflict(detail) => ApiError::conflict(detail),
+            ErrorClass::ConflictingField {
+                index,
+                field,
+                detail,
+            } => {
+                let mut api = ApiError::conflict(detail).field(field);
+                api.index = Some(index);
+                api
+            }
             ErrorClass::Invalid { index, error } => {
                 let mut api = ApiError::invalid(error.clone());
                 api.index = Some(index);

@@ -128,22 +128,6 @@ fn require_admin_where_needed(
     Ok(())
 }
 
-/// A replayed key must describe the same job.
-fn check_replay(requested: &NewJob, existing: &Job) -> Result<(), ApiError> {
-    if existing.kind != requested.kind.as_str()
-        || existing.queue != requested.queue.as_str()
-        || existing.payload != requested.payload
-    {
-        return Err(ApiError::conflict(format!(
-            "idempotency key {:?} was used for job {} with a different kind, queue or payload",
-            existing.idempotency_key.as_deref().unwrap_or_default(),
-            existing.id
-        ))
-        .field("idempotency_key"));
-    }
-    Ok(())
-}
-
 /// Enqueue one job.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "replays return the same job")),
@@ -177,14 +161,15 @@ pub async fn create(
             e
         })?;
     require_admin_where_needed(&state, &caller, &jobs, false)?;
-    let stored = state.app.enqueue(&jobs).await?;
+    let stored = state.app.enqueue(&jobs).await.map_err(|e| {
+        let mut e = ApiError::from(e);
+        e.index = None;
+        e
+    })?;
     let (job, created) = stored
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "nothing was stored"))?;
-    if !created {
-        check_replay(&jobs[0], &job)?;
-    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -222,42 +207,8 @@ pub async fn create_batch(
         )
         .field("jobs"));
     }
-    let mut keys = std::collections::HashSet::new();
-    for (index, job) in batch.jobs.iter().enumerate() {
-        if let Some(key) = &job.idempotency_key {
-            if !keys.insert(key.clone()) {
-                let mut err = ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("idempotency key {key:?} appears twice in this batch"),
-                )
-                .field("idempotency_key");
-                err.index = Some(index);
-                return Err(err);
-            }
-        }
-    }
     let jobs = state.app.validate(batch.jobs, &caller.name)?;
     require_admin_where_needed(&state, &caller, &jobs, true)?;
-    // Replays are checked before anything is written, so a mismatch
-    // rejects the whole batch.
-    let keyed: Vec<String> = jobs
-        .iter()
-        .filter_map(|j| j.idempotency_key.clone())
-        .collect();
-    if !keyed.is_empty() {
-        for existing in state.app.jobs_by_idempotency_keys(&keyed).await? {
-            if let Some((index, requested)) = jobs
-                .iter()
-                .enumerate()
-                .find(|(_, j)| j.idempotency_key == existing.idempotency_key)
-            {
-                check_replay(requested, &existing).map_err(|mut e| {
-                    e.index = Some(index);
-                    e
-                })?;
-            }
-        }
-    }
     let stored = state.app.enqueue(&jobs).await?;
     let jobs = stored.into_iter().map(|(job, _)| job).collect();
     Ok((StatusCode::CREATED, Json(JobList { jobs })).into_response())

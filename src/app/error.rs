@@ -17,6 +17,16 @@ pub enum AppError {
     NotMigrated,
     #[error("invalid job kind definition: {0}")]
     Kind(#[from] crate::pipeline::kinds::KindError),
+    /// An idempotency key already names a job with a different kind,
+    /// queue or payload (`index`: the request's place in its batch).
+    #[error(
+        "idempotency key {key:?} was used for job {job} with a different kind, queue or payload"
+    )]
+    KeyReused {
+        index: usize,
+        key: String,
+        job: JobId,
+    },
     #[error("git stage: the secret rules: {0}")]
     SecretRules(#[from] crate::git::secrets::ScanError),
     #[error("git stage: git.data_dir {path:?}: {source}")]
@@ -35,6 +45,12 @@ pub enum ErrorClass<'a> {
     NotFound(JobId),
     /// The job is not in a state that allows this.
     Conflict(String),
+    /// A request conflicts with what exists: `field` of the job at `index`.
+    ConflictingField {
+        index: usize,
+        field: &'static str,
+        detail: String,
+    },
     /// A request was invalid: the job at `index` of the batch.
     Invalid { index: usize, error: &'a FieldError },
     /// A backing service is down or not ready; retrying later may work.
@@ -56,6 +72,11 @@ impl AppError {
             AppError::Store(e) if e.is_transient() => ErrorClass::Unavailable,
             AppError::Store(_) => ErrorClass::Internal,
             AppError::Queue(_) => ErrorClass::Unavailable,
+            AppError::KeyReused { index, .. } => ErrorClass::ConflictingField {
+                index: *index,
+                field: "idempotency_key",
+                detail: self.to_string(),
+            },
             AppError::Invalid { index, error } => ErrorClass::Invalid {
                 index: *index,
                 error,

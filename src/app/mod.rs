@@ -28,6 +28,21 @@ use crate::pipeline::{GitHost, Registry, SandboxHost};
 use crate::queue::{IndexEntry, ValkeyQueue};
 use crate::store::{ControlRow, Store, StoreError};
 
+/// A replayed idempotency key must describe the same job.
+fn check_replay(index: usize, requested: &NewJob, existing: &Job) -> Result<(), AppError> {
+    if existing.kind != requested.kind
+        || existing.queue != requested.queue
+        || existing.payload != requested.payload
+    {
+        return Err(AppError::KeyReused {
+            index,
+            key: existing.idempotency_key.clone().unwrap_or_default(),
+            job: existing.id,
+        });
+    }
+    Ok(())
+}
+
 /// What `/readyz` checks, each `Err` saying why.
 #[derive(Debug)]
 pub struct Readiness {
@@ -216,9 +231,22 @@ impl App {
     /// Returns each job with whether it was created (false: an idempotent
     /// replay). Should indexing fail, the jobs are still safe: the
     /// reconciler indexes them on its next pass.
+    ///
+    /// Idempotency keys are checked first, for every front end alike: a key
+    /// twice in one batch is invalid, and a key that already names a job
+    /// with another kind, queue or payload is refused; either way nothing
+    /// is written. A replay of the same job returns it, not created.
     pub async fn enqueue(&self, jobs: &[NewJob]) -> Result<Vec<(Job, bool)>, AppError> {
+        self.check_keys(jobs).await?;
         self.check_queue_cap(jobs).await?;
         let stored = self.store.insert_jobs(jobs).await?;
+        // A key written by a concurrent request between the check and the
+        // insert comes back as a replay: it must still be the same job.
+        for (index, ((job, created), requested)) in stored.iter().zip(jobs).enumerate() {
+            if !created {
+                check_replay(index, requested, job)?;
+            }
+        }
         let mut by_queue: BTreeMap<&QueueName, Vec<IndexEntry>> = BTreeMap::new();
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for (job, created) in &stored {
@@ -282,6 +310,41 @@ impl App {
                 ),
             ),
         })
+    }
+
+    /// Idempotency keys: none twice in the batch, none naming another job.
+    async fn check_keys(&self, jobs: &[NewJob]) -> Result<(), AppError> {
+        let mut seen = std::collections::HashSet::new();
+        for (index, job) in jobs.iter().enumerate() {
+            if let Some(key) = &job.idempotency_key {
+                if !seen.insert(key.as_str()) {
+                    return Err(AppError::Invalid {
+                        index,
+                        error: FieldError::new(
+                            "idempotency_key",
+                            format!("idempotency key {key:?} appears twice in this batch"),
+                        ),
+                    });
+                }
+            }
+        }
+        let keyed: Vec<String> = jobs
+            .iter()
+            .filter_map(|j| j.idempotency_key.clone())
+            .collect();
+        if keyed.is_empty() {
+            return Ok(());
+        }
+        for existing in self.store.jobs_by_idempotency_keys(&keyed).await? {
+            if let Some((index, requested)) = jobs
+                .iter()
+                .enumerate()
+                .find(|(_, j)| j.idempotency_key == existing.idempotency_key)
+            {
+                check_replay(index, requested, &existing)?;
+            }
+        }
+        Ok(())
     }
 
     /// Admin retry of a dead job: Postgres first, then the index.
