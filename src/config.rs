@@ -162,8 +162,8 @@ pub struct SandboxSettings {
     /// How often containers of finished or abandoned jobs are removed.
     pub orphan_reap_interval_secs: u64,
     /// Lets `network = "egress"` sandboxes reach allowed hosts that resolve
-    /// to this machine or a private address (an LLM endpoint on the LAN;
-    /// tests). The host's own ports stay closed to them either way.
+    /// to a private address (an LLM endpoint on the LAN; tests). Never this
+    /// host, link-local or the metadata service, whatever this says.
     pub egress_allow_local: bool,
 }
 

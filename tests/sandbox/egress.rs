@@ -117,7 +117,10 @@ impl HostListener {
     }
 }
 
-fn workers_dir(allowed: &str) -> tempfile::TempDir {
+/// The kind under test: the httpd container, plus two entries that name
+/// this host (a bridge gateway of the host, and localhost), which the
+/// proxy must refuse by address even with `egress_allow_local`.
+fn workers_dir(allowed: &str, host_gateway: &str, listener: u16) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("egress-agent");
     std::fs::create_dir_all(&path).expect("mkdir");
@@ -125,7 +128,7 @@ fn workers_dir(allowed: &str) -> tempfile::TempDir {
         path.join("worker.toml"),
         format!(
             "image = \"orchestrator/script-agent:latest\"\ncommand = [\"sh\", \"-c\", \"{{script}}\"]\n\
-             network = \"egress\"\negress = [\"{allowed}:80\", \"api.example.invalid\"]\n\
+             network = \"egress\"\negress = [\"{allowed}:80\", \"api.example.invalid\", \"{host_gateway}:{listener}\", \"localhost:{listener}\"]\n\
              timeout_secs = 120\nstop_grace_secs = 2\n"
         ),
     )
@@ -134,13 +137,13 @@ fn workers_dir(allowed: &str) -> tempfile::TempDir {
 }
 
 /// The probe the agent runs: every line it prints is `what:result`.
-fn probe(allowed_ip: &str, listener: u16, valkey: u16) -> String {
+fn probe(allowed_ip: &str, host_gateway: &str, listener: u16, valkey: u16) -> String {
     format!(
         r#"p=${{HTTPS_PROXY#http://}}; cred=${{p%@*}}; hp=${{p##*@}}; ph=${{hp%:*}}; pp=${{hp##*:}}
 auth=$(printf %s "$cred" | base64)
 connect() {{ printf 'CONNECT %s HTTP/1.1\r\nHost: %s\r\nProxy-Authorization: Basic %s\r\n\r\nGET /m.txt HTTP/1.0\r\n\r\n' "$1" "$1" "$auth" | timeout 10 nc "$ph" "$pp"; }}
 r=$(connect {allowed_ip}:80); case "$r" in *{MARKER}*) echo "allowed:reached";; *) echo "allowed:failed";; esac
-for t in "$ph:{listener}" "127.0.0.1:{listener}" "127.0.0.1:{valkey}" "$ph:{valkey}" 169.254.169.254:80 {allowed_ip}:81 localhost:{listener}; do
+for t in "$ph:{listener}" "127.0.0.1:{listener}" "127.0.0.1:{valkey}" "$ph:{valkey}" 169.254.169.254:80 {allowed_ip}:81 localhost:{listener} {host_gateway}:{listener}; do
   echo "proxy:$t:$(connect "$t" | head -n 1 | tr -d '\r')"
 done
 r=$(printf 'CONNECT {allowed_ip}:80 HTTP/1.1\r\n\r\n' | timeout 5 nc "$ph" "$pp" | head -n 1 | tr -d '\r'); echo "noauth:$r"
@@ -149,6 +152,7 @@ for t in "$ph {listener}" "$ph {valkey}" "169.254.169.254 80" "{allowed_ip} 80";
   if timeout 3 nc $t </dev/null >/dev/null 2>&1; then echo "direct:$t:reached"; else echo "direct:$t:blocked"; fi
 done
 if nslookup example.com >/dev/null 2>&1; then echo "dns:resolved"; else echo "dns:none"; fi
+echo "env-proxy=$HTTPS_PROXY"
 echo done
 "#
     )
@@ -189,7 +193,7 @@ async fn an_egress_sandbox_reaches_its_allowlist_and_nothing_else() {
         "the control container reached the host"
     );
 
-    let dir = workers_dir(&allowed.ip);
+    let dir = workers_dir(&allowed.ip, &allowed.gateway, listener.port);
     let workers = dir.path().to_owned();
     // The allowed host is on a private address (a container of ours).
     let env = TestEnv::with_settings(move |s| {
@@ -202,7 +206,7 @@ async fn an_egress_sandbox_reaches_its_allowlist_and_nothing_else() {
     let mut r = request(
         "egress-agent",
         &queue,
-        json!({ "script": probe(&allowed.ip, listener.port, valkey) }),
+        json!({ "script": probe(&allowed.ip, &allowed.gateway, listener.port, valkey) }),
     );
     r.max_attempts = Some(1);
     let job = env.enqueue(vec![r]).await.remove(0);
@@ -229,7 +233,7 @@ async fn an_egress_sandbox_reaches_its_allowlist_and_nothing_else() {
     assert_eq!(line("done").len(), 1, "the probe ran to its end: {log:?}");
     assert_eq!(line("allowed:"), vec!["allowed:reached"], "{log:?}");
     let proxied = line("proxy:");
-    assert_eq!(proxied.len(), 7, "{log:?}");
+    assert_eq!(proxied.len(), 8, "{log:?}");
     for l in &proxied {
         assert!(l.ends_with("HTTP/1.1 403 Forbidden"), "{l}");
     }
@@ -265,10 +269,72 @@ async fn an_egress_sandbox_reaches_its_allowlist_and_nothing_else() {
         "127.0.0.1:".to_owned() + &listener.port.to_string(),
         "169.254.169.254:80".to_owned(),
         format!("{}:81", allowed.ip),
+        format!("localhost:{} (resolves to a local address)", listener.port),
+        format!(
+            "{}:{} (resolves to a local address)",
+            allowed.gateway, listener.port
+        ),
     ] {
         assert!(targets.iter().any(|v| v == &json!(t)), "{t} in {targets:?}");
     }
-    // The proxy's token is not in the trail.
+    // The agent printed its HTTPS_PROXY: masked, so the token is nowhere
+    // in the trail.
+    assert_eq!(line("env-proxy="), vec!["env-proxy=***"], "{log:?}");
     let trail = serde_json::to_string(&events).expect("json");
-    assert!(!trail.contains("HTTPS_PROXY=http"), "{trail}");
+    let token = regex::Regex::new("orch:[0-9a-f]{32}").expect("regex");
+    assert!(!token.is_match(&trail), "a proxy token in the trail");
+
+    // A firewall reload (here: the chain flushed and the jump deleted)
+    // is repaired before the next sandbox gets its grant.
+    iptables(&["-F", "ORCH-EGRESS"]);
+    iptables(&["-D", "INPUT", "-i", "orch-egress0", "-j", "ORCH-EGRESS"]);
+    let pool = env.start_pool(env.pool_config(&queue, 1));
+    let mut r = request(
+        "egress-agent",
+        &queue,
+        json!({ "script": format!(
+            "p=${{HTTPS_PROXY##*@}}; if timeout 3 nc ${{p%:*}} {} </dev/null >/dev/null 2>&1; then echo direct:reached; else echo direct:blocked; fi",
+            listener.port
+        ) }),
+    );
+    r.max_attempts = Some(1);
+    let job = env.enqueue(vec![r]).await.remove(0);
+    let again = env
+        .wait_terminal(&[job.id], Duration::from_secs(120))
+        .await
+        .remove(0);
+    pool.shutdown().await;
+    assert_eq!(again.status, Status::Succeeded, "{:?}", again.last_error);
+    let events = env
+        .app
+        .store()
+        .job_events(again.id, None)
+        .await
+        .expect("events");
+    let said: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "log")
+        .filter_map(|e| e.data["line"].as_str())
+        .collect();
+    assert_eq!(said, vec!["direct:blocked"], "after the flush");
+    assert_eq!(
+        listener.heard(),
+        1,
+        "the host listener heard only the control container"
+    );
+    let input = iptables(&["-S", "INPUT"]);
+    assert_eq!(
+        input.lines().find(|l| l.starts_with("-A ")),
+        Some("-A INPUT -i orch-egress0 -j ORCH-EGRESS"),
+        "{input}"
+    );
+}
+
+fn iptables(args: &[&str]) -> String {
+    let out = Command::new("iptables")
+        .arg("-w")
+        .args(args)
+        .output()
+        .expect("iptables");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

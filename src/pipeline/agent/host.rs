@@ -19,6 +19,8 @@ pub enum Unavailable {
     NoDocker(#[source] SandboxError),
     #[error("network = \"egress\" cannot be set up on this worker: {0}; its jobs are refused until it can (the worker needs Docker and iptables, as root or with CAP_NET_ADMIN)")]
     NoEgress(#[source] SandboxError),
+    #[error("network = \"egress\" needs the docker runtime: under sandbox.runtime = \"local\" the agent would have the host's whole network")]
+    LocalEgress,
 }
 
 /// How a worker runs sandboxes (from `[sandbox]` in the settings).
@@ -39,9 +41,9 @@ pub struct SandboxHost {
     /// is asked again by the next job.
     runtime: Arc<OnceCell<Runtime>>,
     choice: RuntimeChoice,
-    /// The egress proxy, started by the first `network = "egress"` job
-    /// (and, like the runtime, asked again after a failure).
-    egress: Arc<OnceCell<EgressProxy>>,
+    /// The egress proxy, started by the first `network = "egress"` job;
+    /// dropped and made again when its checks fail.
+    egress: Arc<tokio::sync::Mutex<Option<Arc<EgressProxy>>>>,
     egress_allow_local: bool,
     /// The secret rules, applied to every line of output before it is
     /// stored or streamed.
@@ -63,7 +65,7 @@ impl SandboxHost {
         SandboxHost {
             runtime: Arc::new(OnceCell::new()),
             choice: settings.runtime,
-            egress: Arc::new(OnceCell::new()),
+            egress: Arc::new(tokio::sync::Mutex::new(None)),
             egress_allow_local: settings.egress_allow_local,
             redactor: None,
             deployment: deployment.to_owned(),
@@ -91,27 +93,38 @@ impl SandboxHost {
     }
 
     /// A grant through this worker's egress proxy for one sandbox of `job`,
-    /// the proxy started on first use; `None` under the local runtime,
-    /// which has no network isolation to begin with. Fails closed: no
-    /// proxy, no sandbox.
+    /// the proxy started on first use. Fails closed: no proxy (or one whose
+    /// network or firewall is no longer right), no sandbox; a proxy that
+    /// fails its checks is dropped (its rule removed) and made again for
+    /// the next job. The local runtime is refused: it has no network
+    /// isolation, so an allowlist would mean nothing.
     pub(super) async fn egress_grant(
         &self,
         job: JobId,
         allow: &Arc<Allowlist>,
-    ) -> Result<Option<EgressGrant>, Unavailable> {
+    ) -> Result<EgressGrant, Unavailable> {
         let Runtime::Docker(docker) = self.runtime().await? else {
-            return Ok(None);
+            return Err(Unavailable::LocalEgress);
         };
-        let allow_local = self.egress_allow_local;
-        let proxy = self
-            .egress
-            .get_or_try_init(|| async move {
-                EgressProxy::start(docker.client(), allow_local)
+        let mut cell = self.egress.lock().await;
+        let proxy = match cell.as_ref() {
+            Some(proxy) => proxy.clone(),
+            None => {
+                let proxy = EgressProxy::start(docker.client(), self.egress_allow_local)
                     .await
-                    .map_err(Unavailable::NoEgress)
-            })
-            .await?;
-        Ok(Some(proxy.grant(job, allow.clone())))
+                    .map_err(Unavailable::NoEgress)?;
+                let proxy = Arc::new(proxy);
+                *cell = Some(proxy.clone());
+                proxy
+            }
+        };
+        match proxy.grant(job, allow.clone()).await {
+            Ok(grant) => Ok(grant),
+            Err(err) => {
+                *cell = None;
+                Err(Unavailable::NoEgress(err))
+            }
+        }
     }
 
     /// Redacts output with the secret rules (the same as the diff's).

@@ -126,12 +126,10 @@ async fn with_egress(
         .egress_grant(ctx.job.id, &def.egress)
         .await
         .map_err(|e| JobError::Failed(e.to_string()))?;
-    if let Some(grant) = &grant {
-        for var in ["HTTPS_PROXY", "https_proxy"] {
-            secrets.insert(var.to_owned(), Secret::new(grant.proxy_url()));
-        }
+    for var in ["HTTPS_PROXY", "https_proxy"] {
+        secrets.insert(var.to_owned(), Secret::new(grant.proxy_url()));
     }
-    Ok(grant)
+    Ok(Some(grant))
 }
 
 /// Ends a sandbox's grant (cutting any tunnel left) and records what the
