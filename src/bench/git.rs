@@ -43,7 +43,7 @@ fn git(dir: &Path, args: &[&str]) -> Result<(), GitError> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(GitError::Lock(format!(
+        Err(GitError::Command(format!(
             "git {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         )))

@@ -72,7 +72,7 @@ pub enum GitError {
     #[error("push of {refname} was rejected: {reason}")]
     PushRejected { refname: String, reason: String },
     #[error("cannot lock the mirror: {0}")]
-    Lock(String),
+    Lock(#[source] nix::errno::Errno),
     #[error("repository refused: {0}")]
     Refused(String),
     /// A URL or branch name the policy refuses.
@@ -244,7 +244,7 @@ impl GitStage {
         let file = File::create(mirror.with_extension("lock"))?;
         Flock::lock(file, FlockArg::LockExclusive)
             .map(MirrorLock)
-            .map_err(|(_, e)| GitError::Lock(e.to_string()))
+            .map_err(|(_, e)| GitError::Lock(e))
     }
 
     /// Fetches `refspecs` of `url` into `repo`: the URL as validated (its
