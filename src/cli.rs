@@ -215,7 +215,11 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Worker(args) => {
             let app = connect_migrated(settings).await?;
             let stop = shutdown_signal();
-            app.pool(pool_config(&app, &args)?).run(stop).await;
+            let pool = app.pool(pool_config(&app, &args)?);
+            let served = serve_observability(&app, stop.clone()).await?;
+            pool.run(stop.clone()).await;
+            stop.cancel();
+            served.await.context("metrics server task failed")??;
         }
         Command::Serve => {
             let app = connect_migrated(settings).await?;
@@ -360,6 +364,27 @@ fn shutdown_signal() -> CancellationToken {
         fire.cancel();
     });
     token
+}
+
+/// `/metrics`, `/healthz` and `/readyz` of a worker, on `metrics_addr`,
+/// until `stop` fires.
+async fn serve_observability(
+    app: &App,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let handle = orchestrator::metrics::install().context("installing the metrics recorder")?;
+    let addr = app.settings().metrics_addr.clone();
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set ORCH_METRICS_ADDR)"))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness listening");
+    let mut state = ApiState::new(app.clone(), handle);
+    state.runs_agents = true;
+    Ok(tokio::spawn(api::serve(
+        listener,
+        api::observability_router(state),
+        stop,
+    )))
 }
 
 /// `runs_agents`: workers run in this process too, so `/readyz` needs a

@@ -20,12 +20,13 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 14] = [
+const SETTINGS_KEYS: [&str; 15] = [
     "admin_token",
     "api",
     "database_url",
     "valkey_url",
     "http_addr",
+    "metrics_addr",
     "key_prefix",
     "database",
     "worker",
@@ -59,6 +60,10 @@ pub struct Settings {
     pub valkey_url: Secret,
     /// HTTP listen address (`ORCH_HTTP_ADDR`).
     pub http_addr: String,
+    /// Where `orchestrator worker` serves `/metrics`, `/healthz` and
+    /// `/readyz` (`ORCH_METRICS_ADDR`); `serve` and `run` serve them on
+    /// the API's address.
+    pub metrics_addr: String,
     /// Prefix of every Valkey key; lets several deployments share a server.
     pub key_prefix: String,
     /// A token with every scope, named `admin` (`ORCH_ADMIN_TOKEN`).

@@ -140,6 +140,19 @@ pub fn count_cancel(queue: &str, stage: &str) {
         .increment(1);
 }
 
+/// Records a queue's depth (the same value from every process that reads
+/// it: aggregate with `max by (queue, state)`, never `sum`).
+pub fn set_queue_depth(queue: &str, pending: u64, delayed: u64, active: u64) {
+    for (state, value) in [
+        ("pending", pending),
+        ("delayed", delayed),
+        ("active", active),
+    ] {
+        metrics::gauge!(QUEUE_DEPTH, "queue" => queue.to_owned(), "state" => state)
+            .set(value as f64);
+    }
+}
+
 /// Records how many worker slots are busy.
 pub fn set_busy(busy: usize) {
     metrics::gauge!(WORKER_SLOTS_BUSY).set(busy as f64);

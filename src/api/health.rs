@@ -63,11 +63,18 @@ pub async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Respo
             return unauthorized.into_response();
         }
     }
-    // The engaged gauge must be right in a server that runs no workers
-    // (whose heartbeats refresh it) even if the CLI engaged the switch.
-    let read = tokio::time::timeout(Duration::from_millis(250), state.app.kill_switch());
-    if !matches!(read.await, Ok(Ok(_))) {
-        tracing::debug!("cannot read the kill switch for the gauge; it keeps its last value");
+    // Read at scrape time, within 250 ms: the kill switch's gauge (right in
+    // a server that runs no workers, whose heartbeats would refresh it,
+    // even if the CLI engaged the switch) and every queue's depth (so a
+    // Prometheus scraping only the API sees every queue). What cannot be
+    // read in time keeps its last value.
+    let fresh = tokio::time::timeout(Duration::from_millis(250), async {
+        let (switch, depths) =
+            tokio::join!(state.app.kill_switch(), state.app.sample_queue_depths());
+        switch.map(drop).and(depths)
+    });
+    if !matches!(fresh.await, Ok(Ok(()))) {
+        tracing::debug!("cannot read the kill switch or queue depths for the metrics; they keep their last values");
     }
     (
         [(

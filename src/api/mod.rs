@@ -88,6 +88,18 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// What a process without the API serves (`orchestrator worker` on
+/// `metrics_addr`): `/metrics`, `/healthz` and `/readyz` only.
+pub fn observability_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
 /// Serves until `stop` fires; bind first (port 0 works in tests).
 pub async fn serve(
     listener: TcpListener,

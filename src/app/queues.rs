@@ -75,6 +75,20 @@ impl App {
         Ok(queues)
     }
 
+    /// Sets `orchestrator_queue_depth` for every known queue from Valkey.
+    pub async fn sample_queue_depths(&self) -> Result<(), AppError> {
+        for queue in self.queue.known_queues().await? {
+            let depth = self.queue.depth(&queue).await?;
+            crate::metrics::set_queue_depth(
+                queue.as_str(),
+                depth.pending(),
+                depth.delayed,
+                depth.active,
+            );
+        }
+        Ok(())
+    }
+
     /// Pauses or resumes a queue (registering it, so it is listed and held
     /// by a kill switch), on behalf of `actor`.
     pub async fn set_paused(

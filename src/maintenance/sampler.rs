@@ -8,15 +8,7 @@ impl Maintenance {
     pub async fn sample_once(&self) -> Result<(), MaintenanceError> {
         for queue in &self.queues {
             let depth = self.valkey.depth(queue).await?;
-            let name = queue.to_string();
-            for (state, value) in [
-                ("pending", depth.pending()),
-                ("delayed", depth.delayed),
-                ("active", depth.active),
-            ] {
-                metrics::gauge!(m::QUEUE_DEPTH, "queue" => name.clone(), "state" => state)
-                    .set(value as f64);
-            }
+            m::set_queue_depth(queue.as_str(), depth.pending(), depth.delayed, depth.active);
         }
         Ok(())
     }

@@ -7,5 +7,6 @@ mod endpoints;
 mod fuzz;
 mod killswitch;
 mod logs;
+mod prometheus;
 #[path = "../support/mod.rs"]
 mod support;

@@ -56,6 +56,8 @@ impl WorkerProcess {
             .env("ORCH_RETRY__BACKOFF_BASE_MS", "100")
             .env("ORCH_RETRY__BACKOFF_CAP_MS", "1000")
             .env("ORCH_LOG", "warn")
+            // Several workers run at once here: each its own metrics port.
+            .env("ORCH_METRICS_ADDR", "127.0.0.1:0")
             .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

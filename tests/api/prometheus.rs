@@ -1,0 +1,254 @@
+//! A real Prometheus server (Debian's `prometheus`) scraping the API and
+//! two `orchestrator worker` processes, each on its own `metrics_addr`:
+//! PromQL sees queue depth (from the API alone, read at scrape time),
+//! throughput, the wait-time p99 and busy slots per worker.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::api::TestApi;
+use crate::support::{free_port, request, unique_queue, WorkerProcess};
+
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+
+/// A Prometheus server scraping `targets` (job name → addresses) every
+/// second; killed on drop.
+struct Prometheus {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[(&str, Vec<String>)]) -> Prometheus {
+        assert!(
+            std::path::Path::new(PROMETHEUS).exists(),
+            "{PROMETHEUS} is missing: scripts/test.sh installs Debian's prometheus package"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
+        );
+        for (job, addrs) in targets {
+            let list: Vec<String> = addrs.iter().map(|a| format!("'{a}'")).collect();
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                list.join(", ")
+            ));
+        }
+        let file = dir.path().join("prometheus.yml");
+        std::fs::write(&file, config).expect("write config");
+        let port = free_port();
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        Prometheus {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    /// The instant vector `query` evaluates to: (labels, value) pairs.
+    async fn query(&self, client: &reqwest::Client, query: &str) -> Vec<(serde_json::Value, f64)> {
+        let Ok(response) = client
+            .get(format!("{}/api/v1/query", self.base))
+            .query(&[("query", query)])
+            .send()
+            .await
+        else {
+            return Vec::new();
+        };
+        let Ok(body) = response.json::<serde_json::Value>().await else {
+            return Vec::new();
+        };
+        assert_ne!(body["status"], "error", "{query}: {body}");
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|r| {
+                let value = r["value"][1].as_str()?.parse::<f64>().ok()?;
+                Some((r["metric"].clone(), value))
+            })
+            .collect()
+    }
+
+    /// Polls `query` until `done` holds for its result (within `limit`).
+    async fn until(
+        &self,
+        client: &reqwest::Client,
+        query: &str,
+        limit: Duration,
+        done: impl Fn(&[(serde_json::Value, f64)]) -> bool,
+    ) -> Vec<(serde_json::Value, f64)> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let result = self.query(client, query).await;
+            if done(&result) {
+                return result;
+            }
+            assert!(Instant::now() < deadline, "{query} never held: {result:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn prometheus_sees_depth_throughput_wait_time_and_busy_slots() {
+    let api = TestApi::spawn().await;
+    let q = unique_queue();
+    let ports = [free_port(), free_port()];
+    let _workers: Vec<WorkerProcess> = ports
+        .iter()
+        .map(|p| {
+            WorkerProcess::spawn_with(
+                &api.env,
+                &q,
+                2,
+                &[("ORCH_METRICS_ADDR", &format!("127.0.0.1:{p}"))],
+            )
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    // Each worker answers on its own address.
+    for port in ports {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = client
+                .get(format!("http://127.0.0.1:{port}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker on {port} never served /healthz"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let ready = client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let body: serde_json::Value = ready.json().await.expect("json");
+        assert_eq!(body["checks"]["postgres"], "ok", "{body}");
+    }
+    let api_addr = api.base.trim_start_matches("http://").to_owned();
+    let prometheus = Prometheus::start(&[
+        ("api", vec![api_addr]),
+        (
+            "workers",
+            ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+        ),
+    ]);
+
+    let limit = Duration::from_secs(60);
+    // Every target scraped before any job runs, so rates see them move.
+    prometheus
+        .until(&client, "sum(up)", limit, |r| {
+            r.first().is_some_and(|(_, v)| *v == 3.0)
+        })
+        .await;
+
+    // Five jobs wait an hour (delayed depth); twelve run a second each.
+    let mut delayed = Vec::new();
+    for _ in 0..5 {
+        let mut r = request("noop", &q, serde_json::json!({}));
+        r.delay_secs = Some(3600);
+        delayed.push(r);
+    }
+    api.env.enqueue(delayed).await;
+    let running: Vec<_> = (0..12)
+        .map(|_| request("sleep", &q, serde_json::json!({ "ms": 1000 })))
+        .collect();
+    let ids: Vec<_> = api
+        .env
+        .enqueue(running)
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    api.env.wait_terminal(&ids, Duration::from_secs(60)).await;
+
+    // Depth from the API alone, which runs no worker: read at scrape time.
+    prometheus
+        .until(
+            &client,
+            &format!("orchestrator_queue_depth{{job=\"api\",queue=\"{q}\",state=\"delayed\"}}"),
+            limit,
+            |r| r.len() == 1 && r[0].1 == 5.0,
+        )
+        .await;
+    // Every process reports the same global depth: `max`, not `sum`.
+    prometheus
+        .until(
+            &client,
+            &format!("max by (queue, state) (orchestrator_queue_depth{{queue=\"{q}\",state=\"delayed\"}})"),
+            limit,
+            |r| r.len() == 1 && r[0].1 == 5.0,
+        )
+        .await;
+    let finished = prometheus
+        .until(
+            &client,
+            &format!("sum(max_over_time(orchestrator_jobs_finished_total{{queue=\"{q}\",outcome=\"succeeded\"}}[5m]))"),
+            limit,
+            |r| r.first().is_some_and(|(_, v)| *v == 12.0),
+        )
+        .await;
+    assert_eq!(finished[0].1, 12.0, "throughput counts every job once");
+    prometheus
+        .until(
+            &client,
+            &format!("sum(rate(orchestrator_jobs_finished_total{{queue=\"{q}\"}}[1m]))"),
+            limit,
+            |r| r.first().is_some_and(|(_, v)| *v > 0.0),
+        )
+        .await;
+    let p99 = prometheus
+        .until(
+            &client,
+            &format!("histogram_quantile(0.99, sum by (le) (rate(orchestrator_job_wait_seconds_bucket{{queue=\"{q}\"}}[1m])))"),
+            limit,
+            |r| r.first().is_some_and(|(_, v)| v.is_finite() && *v >= 0.0),
+        )
+        .await;
+    assert!(p99[0].1 < 60.0, "wait p99 {}", p99[0].1);
+    let busy = prometheus
+        .until(
+            &client,
+            "max by (instance) (max_over_time(orchestrator_worker_slots_busy{job=\"workers\"}[5m]))",
+            limit,
+            |r| r.len() == 2 && r.iter().all(|(_, v)| *v >= 1.0),
+        )
+        .await;
+    assert!(
+        busy.iter().all(|(_, v)| *v <= 2.0),
+        "at most 2 slots each: {busy:?}"
+    );
+    let slots = prometheus
+        .query(&client, "orchestrator_worker_slots{job=\"workers\"}")
+        .await;
+    assert_eq!(slots.len(), 2, "{slots:?}");
+    assert!(slots.iter().all(|(_, v)| *v == 2.0), "{slots:?}");
+}
