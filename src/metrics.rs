@@ -24,6 +24,9 @@ pub const JOBS_DEAD: &str = "orchestrator_jobs_dead_total";
 pub const JOB_WAIT_SECONDS: &str = "orchestrator_job_wait_seconds";
 /// Histogram {queue, kind}: run time of an attempt, seconds.
 pub const JOB_RUN_SECONDS: &str = "orchestrator_job_run_seconds";
+/// Histogram {queue, kind, stage, outcome}: how long an agent job's
+/// lifecycle stage took (spawn, git, gates, complete), seconds.
+pub const STAGE_SECONDS: &str = "orchestrator_stage_duration_seconds";
 /// Counter {queue}: leases that expired and were reaped.
 pub const LEASE_EXPIRATIONS: &str = "orchestrator_lease_expirations_total";
 /// Counter {queue}: completions refused because the lease was no longer current.
@@ -108,6 +111,11 @@ fn describe() {
     describe_counter!(LEASE_EXPIRATIONS, "Leases that expired and were reaped.");
     describe_counter!(STALE_COMPLETIONS, "Completions refused for a stale lease.");
     describe_gauge!(WORKER_SLOTS_BUSY, "Worker slots running a job.");
+    describe_histogram!(
+        STAGE_SECONDS,
+        Unit::Seconds,
+        "How long an agent job's lifecycle stage took."
+    );
     describe_gauge!(WORKER_SLOTS, "Worker slots in all.");
     describe_gauge!(QUEUE_DEPTH, "Jobs in a queue by state, sampled.");
     describe_counter!(

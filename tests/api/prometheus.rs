@@ -252,3 +252,102 @@ async fn prometheus_sees_depth_throughput_wait_time_and_busy_slots() {
     assert_eq!(slots.len(), 2, "{slots:?}");
     assert!(slots.iter().all(|(_, v)| *v == 2.0), "{slots:?}");
 }
+
+fn deploy(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(path)
+}
+
+fn promtool(args: &[&str]) -> std::process::Output {
+    let promtool = std::env::var("ORCH_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    Command::new(promtool)
+        .args(args)
+        .output()
+        .expect("run promtool (scripts/test.sh installs it)")
+}
+
+#[test]
+fn the_alert_rules_are_valid_and_every_rule_is_unit_tested() {
+    let rules = deploy("prometheus/alerts.yml");
+    let checked = promtool(&["check", "rules", rules.to_str().expect("utf-8")]);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+    let tests = deploy("prometheus/alerts_test.yml");
+    let tested = promtool(&["test", "rules", tests.to_str().expect("utf-8")]);
+    assert!(
+        tested.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&tested.stdout),
+        String::from_utf8_lossy(&tested.stderr)
+    );
+    // Every rule has a case in the tests.
+    let rules_text = std::fs::read_to_string(&rules).expect("read rules");
+    let tests_text = std::fs::read_to_string(&tests).expect("read tests");
+    let names: Vec<&str> = rules_text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+    for name in names {
+        assert!(
+            tests_text.contains(&format!("alertname: {name}")),
+            "{name} has no test"
+        );
+    }
+    let config = deploy("prometheus/prometheus.yml");
+    let checked = promtool(&["check", "config", config.to_str().expect("utf-8")]);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+}
+
+#[tokio::test]
+async fn every_dashboard_query_runs_against_a_real_prometheus() {
+    let api = TestApi::spawn().await;
+    let prometheus = Prometheus::start(&[(
+        "orchestrator-api",
+        vec![api.base.trim_start_matches("http://").to_owned()],
+    )]);
+    let client = reqwest::Client::new();
+    prometheus
+        .until(&client, "sum(up)", Duration::from_secs(60), |r| {
+            r.first().is_some_and(|(_, v)| *v == 1.0)
+        })
+        .await;
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy("grafana/orchestrator.json")).expect("read dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 12, "{} panels", panels.len());
+    let mut queries = 0;
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            // Grafana's own variable, as Grafana would fill it in.
+            let expr = expr.replace("$__rate_interval", "1m");
+            let response: serde_json::Value = client
+                .get(format!("{}/api/v1/query", prometheus.base))
+                .query(&[("query", expr.as_str())])
+                .send()
+                .await
+                .expect("query")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(
+                response["status"], "success",
+                "panel {:?}: {expr}: {response}",
+                panel["title"]
+            );
+            queries += 1;
+        }
+    }
+    assert!(queries >= panels.len());
+}

@@ -470,7 +470,16 @@ async fn stage_end(
     ok: bool,
     stages: &mut Map<String, Value>,
 ) {
-    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let elapsed = started.elapsed();
+    metrics::histogram!(
+        crate::metrics::STAGE_SECONDS,
+        "queue" => ctx.job.queue.to_string(),
+        "kind" => ctx.job.kind.to_string(),
+        "stage" => stage,
+        "outcome" => if ok { "ok" } else { "failed" }
+    )
+    .record(elapsed.as_secs_f64());
+    let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     stages.insert(format!("{stage}_ms"), json!(ms));
     record(
         ctx,
