@@ -269,6 +269,47 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Incremented by every write to the job.
+    pub version: i64,
+    /// What the job's agent last reported (`::progress::<0-100> <message>`).
+    pub progress: Option<Progress>,
+}
+
+/// A job's progress, as its agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Progress {
+    /// 0 to 100.
+    pub percent: u8,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The line prefix an agent prints to report progress.
+pub const PROGRESS_PREFIX: &str = "::progress::";
+/// Longest progress message kept (longer ones are cut at a char boundary).
+pub const MAX_PROGRESS_MESSAGE: usize = 500;
+
+impl Progress {
+    /// Parses `::progress::<0-100> <message>`; `None` for any other line
+    /// (a malformed progress line is an ordinary log line).
+    pub fn parse(line: &str, at: DateTime<Utc>) -> Option<Progress> {
+        let rest = line.strip_prefix(PROGRESS_PREFIX)?;
+        let (number, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        if number.is_empty() || number.len() > 3 || !number.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let percent: u8 = number.parse().ok().filter(|p| *p <= 100)?;
+        let message = message.trim();
+        let mut end = message.len().min(MAX_PROGRESS_MESSAGE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        Some(Progress {
+            percent,
+            message: message[..end].to_owned(),
+            at,
+        })
+    }
 }
 
 impl Job {
@@ -308,6 +349,32 @@ pub struct CancelRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_parse_and_anything_else_is_a_log_line() {
+        let at = Utc::now();
+        let p = Progress::parse("::progress::42 running the tests", at).expect("progress");
+        assert_eq!((p.percent, p.message.as_str()), (42, "running the tests"));
+        assert_eq!(
+            Progress::parse("::progress::100", at).map(|p| p.percent),
+            Some(100)
+        );
+        for line in [
+            "::progress::101 too far",
+            "::progress::-1 x",
+            "::progress:: 5 x",
+            "::progress::5x y",
+            "progress::5 x",
+            " ::progress::5 x",
+            "::progress::0042 x",
+            "",
+        ] {
+            assert!(Progress::parse(line, at).is_none(), "{line:?}");
+        }
+        let long = format!("::progress::7 {}", "é".repeat(400));
+        let p = Progress::parse(&long, at).expect("progress");
+        assert!(p.message.len() <= MAX_PROGRESS_MESSAGE && p.message.chars().all(|c| c == 'é'));
+    }
 
     #[test]
     fn queue_names_reject_key_breaking_characters() {

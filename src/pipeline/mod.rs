@@ -62,6 +62,17 @@ impl JobContext {
         self.bounded(write).await.map(drop)
     }
 
+    /// Records the job's progress (optimistic, fenced by its lease).
+    pub async fn set_progress(
+        &self,
+        progress: &crate::job::Progress,
+    ) -> Result<crate::store::ProgressWrite, RecordError> {
+        let write =
+            self.store
+                .set_progress(self.job.id, self.job.lease_id, progress, &self.worker_id);
+        self.bounded(write).await
+    }
+
     /// Records the stage the job is in (in memory, then in Postgres).
     pub async fn set_stage(&self, stage: &'static str) -> Result<(), RecordError> {
         self.stage.set(stage);

@@ -7,7 +7,24 @@ use uuid::Uuid;
 
 use super::rows::{EventRow, JobRow, JOB_COLUMNS};
 use super::{Store, StoreError};
-use crate::job::{Job, JobEvent, JobFilter, JobId, NewJob, QueueName, Status};
+use crate::job::{Job, JobEvent, JobFilter, JobId, NewJob, Progress, QueueName, Status};
+
+/// Attempts of an optimistic progress write before it gives up.
+const PROGRESS_RETRIES: usize = 5;
+
+/// What [`Store::set_progress`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressWrite {
+    /// Recorded; the row is now at `version`.
+    Written { version: i64 },
+    /// The job no longer runs under that lease (finished, cancelled,
+    /// reaped): nothing written.
+    NotRunning,
+    /// A newer progress is recorded already: nothing written.
+    Older,
+    /// Lost the race every time it was tried.
+    Contended,
+}
 
 /// What the index needs to know about a job to repair its Valkey entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +247,63 @@ impl Store {
 
     /// Appends events to a running job's trail, only while `lease_id` is its
     /// current lease. Returns how many were written (0: the lease is gone).
+    /// Records a running job's progress, optimistically: the write holds
+    /// only if the row's `version` is still the one read, the job still
+    /// runs under `lease_id`, and no newer progress is recorded. A write
+    /// that lost a race re-reads and retries, a bounded number of times. A
+    /// `progress` event is appended in the same transaction. Never moves a
+    /// job out of a terminal state.
+    pub async fn set_progress(
+        &self,
+        id: JobId,
+        lease_id: i64,
+        progress: &Progress,
+        actor: &str,
+    ) -> Result<ProgressWrite, StoreError> {
+        let value = serde_json::to_value(progress)
+            .map_err(|e| StoreError::Corrupt(format!("progress: {e}")))?;
+        for _ in 0..PROGRESS_RETRIES {
+            let row: Option<(i64, String, i64, Option<serde_json::Value>)> = sqlx::query_as(
+                "SELECT version, status, lease_id, progress FROM jobs WHERE id = $1",
+            )
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+            let (version, status, current_lease, recorded) = row.ok_or(StoreError::NotFound(id))?;
+            if status != Status::Running.as_str() || current_lease != lease_id {
+                return Ok(ProgressWrite::NotRunning);
+            }
+            let newer = recorded
+                .and_then(|r| serde_json::from_value::<Progress>(r).ok())
+                .is_some_and(|r| r.at > progress.at);
+            if newer {
+                return Ok(ProgressWrite::Older);
+            }
+            let written: Option<i64> = sqlx::query_scalar(
+                "WITH updated AS (
+                    UPDATE jobs SET progress = $3
+                    WHERE id = $1 AND version = $2
+                    RETURNING version
+                 ), logged AS (
+                    INSERT INTO job_events (job_id, type, actor, data)
+                    SELECT $1, 'progress', $4, $3 FROM updated
+                 )
+                 SELECT version FROM updated",
+            )
+            .bind(id.0)
+            .bind(version)
+            .bind(&value)
+            .bind(actor)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(version) = written {
+                return Ok(ProgressWrite::Written { version });
+            }
+            // Another write came first: read again.
+        }
+        Ok(ProgressWrite::Contended)
+    }
+
     pub async fn append_events(
         &self,
         id: JobId,

@@ -10,7 +10,7 @@ use crate::job::{Job, JobEvent, JobId, JobKind, QueueName, Status};
 pub const JOB_COLUMNS: &str = "id, queue, kind, status, stage, priority, payload, attempt, \
     max_attempts, backoff_base_ms, backoff_cap_ms, timeout_secs, lease_id, worker_id, \
     lease_expires_at, run_at, idempotency_key, last_error, result, created_at, updated_at, \
-    started_at, finished_at";
+    started_at, finished_at, version, progress";
 
 #[derive(sqlx::FromRow)]
 pub struct JobRow {
@@ -37,6 +37,8 @@ pub struct JobRow {
     updated_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    version: i64,
+    progress: Option<serde_json::Value>,
 }
 
 /// A queue name as stored: written validated, so a bad one is corruption.
@@ -85,6 +87,13 @@ impl TryFrom<JobRow> for Job {
             updated_at: r.updated_at,
             started_at: r.started_at,
             finished_at: r.finished_at,
+            version: r.version,
+            // Written only by `Store::set_progress`; unreadable is corrupt.
+            progress: r
+                .progress
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("jobs.progress: {e}")))?,
         })
     }
 }

@@ -6,6 +6,7 @@ mod frontends;
 mod index;
 mod killswitch;
 mod ordering;
+mod progress;
 mod race;
 mod recovery;
 mod retry;

@@ -476,3 +476,44 @@ async fn an_agent_past_its_timeout_fails_and_leaves_no_container_or_worktree() {
         .expect("list");
     assert!(left.is_empty(), "containers left: {left:?}");
 }
+
+#[tokio::test]
+async fn progress_lines_become_the_jobs_progress_not_log_lines() {
+    let f = fixture().await;
+    let done = f
+        .run(json!({
+            "script": "echo '::progress::10 cloning'; echo working; echo '::progress::abc not progress'; \
+                       sleep 1.2; echo '::progress::60 tests pass'; echo '::progress::90 almost'",
+        }))
+        .await;
+    assert_eq!(done.status, Status::Succeeded, "{:?}", done.last_error);
+    let progress = done.progress.clone().expect("progress recorded");
+    assert_eq!(progress.percent, 90, "the last report is always kept");
+    assert_eq!(progress.message, "almost");
+    let events = f
+        .env
+        .app
+        .store()
+        .job_events(done.id, None)
+        .await
+        .expect("events");
+    let logged: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "log")
+        .filter_map(|e| e.data["line"].as_str())
+        .collect();
+    assert_eq!(logged, vec!["working", "::progress::abc not progress"]);
+    let reported: Vec<u64> = events
+        .iter()
+        .filter(|e| e.kind == "progress")
+        .filter_map(|e| e.data["percent"].as_u64())
+        .collect();
+    // Coalesced to one write a second: 10 at once, then (after the pause)
+    // 60 or straight to 90, and 90 last.
+    assert_eq!(reported.first(), Some(&10), "{reported:?}");
+    assert_eq!(reported.last(), Some(&90), "{reported:?}");
+    assert!(reported.len() <= 3, "{reported:?}");
+    let view = serde_json::to_value(&done).expect("json");
+    assert_eq!(view["progress"]["percent"], 90);
+    assert!(view["version"].as_i64().is_some_and(|v| v > 0), "{view}");
+}

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::host::SandboxHost;
+use crate::job::Progress;
 use crate::pipeline::gates::{GateDef, GateType};
 use crate::pipeline::kinds::{KindDef, SCRIPT_PLACEHOLDER, TASK_PLACEHOLDER};
 use crate::pipeline::{JobContext, JobError};
@@ -18,6 +19,7 @@ use crate::sandbox::{
     BindMount, Finished, LogCap, LogLine, Network, Outcome, Owner, RunOptions, SandboxSpec,
 };
 use crate::secret::Secret;
+use crate::store::ProgressWrite;
 
 /// Log events are written in batches of this many lines, or sooner.
 const LOG_BATCH: usize = 200;
@@ -281,11 +283,17 @@ async fn write_logs(
 ) -> Value {
     let mut batch: Vec<(&'static str, Value)> = Vec::new();
     let mut ticker = tokio::time::interval(LOG_FLUSH);
+    let mut progress = Coalesced::default();
     loop {
         tokio::select! {
             line = rx.recv() => match line {
                 Some(mut line) => {
                     host.redact(&mut line);
+                    // `::progress::<0-100> <message>` is progress, not a log line.
+                    if let Some(p) = Progress::parse(&line.text, chrono::Utc::now()) {
+                        progress.latest = Some(p);
+                        continue;
+                    }
                     if let Some(line) = cap.accept(line) {
                         batch.push(("log", json!({ "stream": line.stream, "line": line.text })));
                     }
@@ -295,10 +303,14 @@ async fn write_logs(
                 }
                 None => break,
             },
-            _ = ticker.tick() => flush(&ctx, &mut batch).await,
+            _ = ticker.tick() => {
+                flush(&ctx, &mut batch).await;
+                progress.write_if_due(&ctx, false).await;
+            }
         }
     }
     flush(&ctx, &mut batch).await;
+    progress.write_if_due(&ctx, true).await;
     let summary = cap.finish();
     if summary.dropped_bytes > 0 || !summary.tail.is_empty() {
         let event = json!({
@@ -310,6 +322,43 @@ async fn write_logs(
         flush(&ctx, &mut batch).await;
     }
     json!({ "emitted_bytes": summary.emitted_bytes, "dropped_bytes": summary.dropped_bytes })
+}
+
+/// Progress writes, coalesced: at most one per [`PROGRESS_EVERY`], and the
+/// last report always written.
+#[derive(Default)]
+struct Coalesced {
+    latest: Option<Progress>,
+    written_at: Option<tokio::time::Instant>,
+}
+
+/// Least time between two progress writes of one job.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+impl Coalesced {
+    async fn write_if_due(&mut self, ctx: &JobContext, last: bool) {
+        let due = self
+            .written_at
+            .is_none_or(|at| at.elapsed() >= PROGRESS_EVERY);
+        if !(due || last) {
+            return;
+        }
+        let Some(progress) = self.latest.take() else {
+            return;
+        };
+        self.written_at = Some(tokio::time::Instant::now());
+        match ctx.set_progress(&progress).await {
+            Ok(
+                ProgressWrite::Written { .. } | ProgressWrite::NotRunning | ProgressWrite::Older,
+            ) => {}
+            Ok(ProgressWrite::Contended) => {
+                tracing::debug!(job.id = %ctx.job.id, "progress not recorded: the row kept changing");
+            }
+            Err(err) => {
+                tracing::warn!(job.id = %ctx.job.id, error = %err, "could not record progress");
+            }
+        }
+    }
 }
 
 async fn flush(ctx: &JobContext, batch: &mut Vec<(&'static str, Value)>) {
