@@ -241,12 +241,14 @@ impl App {
         self.check_queue_cap(jobs).await?;
         let stored = self.store.insert_jobs(jobs).await?;
         // A key written by a concurrent request between the check and the
-        // insert comes back as a replay: it must still be the same job.
-        for (index, ((job, created), requested)) in stored.iter().zip(jobs).enumerate() {
-            if !created {
-                check_replay(index, requested, job)?;
-            }
-        }
+        // insert comes back as a replay: it must still be the same job. The
+        // rest of the batch is stored by then, so it is indexed first.
+        let reused = stored
+            .iter()
+            .zip(jobs)
+            .enumerate()
+            .filter(|(_, ((_, created), _))| !created)
+            .find_map(|(index, ((job, _), requested))| check_replay(index, requested, job).err());
         let mut by_queue: BTreeMap<&QueueName, Vec<IndexEntry>> = BTreeMap::new();
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for (job, created) in &stored {
@@ -274,7 +276,10 @@ impl App {
         for ((queue, kind), n) in counts {
             metrics::counter!(m::JOBS_ENQUEUED, "queue" => queue.to_owned(), "kind" => kind.to_owned()).increment(n);
         }
-        Ok(stored)
+        match reused {
+            Some(err) => Err(err),
+            None => Ok(stored),
+        }
     }
 
     /// Refuses jobs for new queues past `api.max_queues`, naming the first
