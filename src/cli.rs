@@ -219,7 +219,9 @@ pub async fn run() -> anyhow::Result<()> {
             let served = serve_observability(&app, stop.clone()).await?;
             pool.run(stop.clone()).await;
             stop.cancel();
-            served.await.context("metrics server task failed")??;
+            if let Some(served) = served {
+                served.await.context("metrics server task failed")??;
+            }
         }
         Command::Serve => {
             let app = connect_migrated(settings).await?;
@@ -367,24 +369,30 @@ fn shutdown_signal() -> CancellationToken {
 }
 
 /// `/metrics`, `/healthz` and `/readyz` of a worker, on `metrics_addr`,
-/// until `stop` fires.
+/// until `stop` fires; `None` when `metrics_addr` is `off`. An address in
+/// use is an error naming the variable: a worker nobody can scrape or
+/// probe should not pass for a healthy one.
 async fn serve_observability(
     app: &App,
     stop: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let handle = orchestrator::metrics::install().context("installing the metrics recorder")?;
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
     let addr = app.settings().metrics_addr.clone();
+    if addr.trim().eq_ignore_ascii_case("off") {
+        tracing::warn!("metrics_addr = off: this worker serves no /metrics, /healthz or /readyz");
+        return Ok(None);
+    }
+    let handle = orchestrator::metrics::install().context("installing the metrics recorder")?;
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set ORCH_METRICS_ADDR)"))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness listening");
     let mut state = ApiState::new(app.clone(), handle);
     state.runs_agents = true;
-    Ok(tokio::spawn(api::serve(
+    Ok(Some(tokio::spawn(api::serve(
         listener,
         api::observability_router(state),
         stop,
-    )))
+    ))))
 }
 
 /// `runs_agents`: workers run in this process too, so `/readyz` needs a

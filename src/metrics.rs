@@ -74,6 +74,19 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     if metrics::set_global_recorder(recorder).is_ok() {
         describe();
         let _ = HANDLE.set(handle.clone());
+        // Histogram samples are folded only by upkeep (or a scrape): a
+        // process nobody scrapes must not buffer them without bound. A
+        // thread, so it runs whatever runtime (if any) the caller has.
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                upkeep.run_upkeep();
+            })
+            .map_err(|e| {
+                metrics_exporter_prometheus::BuildError::FailedToCreateHTTPListener(e.to_string())
+            })?;
         Ok(handle)
     } else {
         // Lost a race with another caller: use theirs.

@@ -111,6 +111,8 @@ pub struct App {
     registry: Registry,
     sandboxes: SandboxHost,
     git: GitHost,
+    /// When queue depths were last read for `/metrics`.
+    depth_sampled: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl App {
@@ -173,6 +175,7 @@ impl App {
             settings,
             store,
             queue,
+            depth_sampled: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
@@ -235,7 +238,10 @@ impl App {
     /// Idempotency keys are checked first, for every front end alike: a key
     /// twice in one batch is invalid, and a key that already names a job
     /// with another kind, queue or payload is refused; either way nothing
-    /// is written. A replay of the same job returns it, not created.
+    /// is written. A replay of the same job returns it, not created. One
+    /// race remains: a key first written by a concurrent request between
+    /// the check and the insert is refused too, but the other jobs of this
+    /// batch are stored (and indexed) by then.
     pub async fn enqueue(&self, jobs: &[NewJob]) -> Result<Vec<(Job, bool)>, AppError> {
         self.check_keys(jobs).await?;
         self.check_queue_cap(jobs).await?;

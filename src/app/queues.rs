@@ -75,8 +75,18 @@ impl App {
         Ok(queues)
     }
 
-    /// Sets `orchestrator_queue_depth` for every known queue from Valkey.
+    /// Sets `orchestrator_queue_depth` for every known queue from Valkey:
+    /// at most once a second however often `/metrics` is asked, and one
+    /// scrape at a time (a public `/metrics` must not multiply Valkey's
+    /// work).
     pub async fn sample_queue_depths(&self) -> Result<(), AppError> {
+        let Ok(mut last) = self.depth_sampled.try_lock() else {
+            return Ok(());
+        };
+        if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
+            return Ok(());
+        }
+        *last = Some(std::time::Instant::now());
         for queue in self.queue.known_queues().await? {
             let depth = self.queue.depth(&queue).await?;
             crate::metrics::set_queue_depth(

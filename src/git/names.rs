@@ -73,7 +73,7 @@ impl RepoUrl {
         }
         let addrs = resolve(host, *port)?;
         if addrs.is_empty() {
-            return Err(Refused::from(format!(
+            return Err(Refused::unresolved(format!(
                 "repo host {host} resolves to no address"
             )));
         }
@@ -91,7 +91,7 @@ fn refuse_local(host: &str, addrs: &[IpAddr]) -> Result<(), Refused> {
     }
 }
 
-fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, Refused> {
     use std::net::ToSocketAddrs;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = bare.parse::<IpAddr>() {
@@ -100,30 +100,50 @@ fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
     (host, port)
         .to_socket_addrs()
         .map(|a| a.map(|s| s.ip()).collect())
-        .map_err(|e| format!("repo host {host} cannot be resolved: {e}"))
+        .map_err(|e| Refused::unresolved(format!("repo host {host} cannot be resolved: {e}")))
 }
 
 /// Why a repository URL or a branch name was refused, in words a producer
 /// can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(String);
+#[error("{reason}")]
+pub struct Refused {
+    reason: String,
+    /// The host could not be resolved now: asking again later may work
+    /// (every other refusal is final).
+    unresolved: bool,
+}
 
 impl Refused {
     pub fn reason(&self) -> &str {
-        &self.0
+        &self.reason
+    }
+
+    /// Whether retrying later may help (a DNS failure, not a policy).
+    pub fn is_retryable(&self) -> bool {
+        self.unresolved
+    }
+
+    fn unresolved(reason: String) -> Self {
+        Refused {
+            reason,
+            unresolved: true,
+        }
     }
 }
 
 impl From<String> for Refused {
     fn from(reason: String) -> Self {
-        Refused(reason)
+        Refused {
+            reason,
+            unresolved: false,
+        }
     }
 }
 
 impl From<&str> for Refused {
     fn from(reason: &str) -> Self {
-        Refused(reason.to_owned())
+        Refused::from(reason.to_owned())
     }
 }
 

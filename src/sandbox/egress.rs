@@ -720,7 +720,8 @@ async fn resolve(target: &Target, reach: Reach) -> Result<SocketAddr, Refusal> {
         .collect(),
     };
     if reach != Reach::Anything {
-        let own = own_addresses();
+        // Without the host's own addresses nothing can be shown safe.
+        let own = own_addresses().ok_or(Refusal::Denied)?;
         let allow_local = reach == Reach::Private;
         if addrs.iter().any(|a| refused(a.ip(), allow_local, &own)) {
             return Err(Refusal::Denied);
@@ -760,18 +761,17 @@ fn refused(ip: IpAddr, allow_local: bool, own: &[IpAddr]) -> bool {
 
 /// The addresses of this host's interfaces (a name that resolves to one of
 /// them would reach the host's own listeners).
-fn own_addresses() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
+fn own_addresses() -> Option<Vec<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    let own = addrs
         .filter_map(|a| a.address)
         .filter_map(|a| {
             a.as_sockaddr_in()
                 .map(|v4| IpAddr::V4(v4.ip()))
                 .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
         })
-        .collect()
+        .collect();
+    Some(own)
 }
 
 /// Carries bytes both ways until either side closes, the sandbox ends, or

@@ -72,6 +72,13 @@ impl LineSplitter {
 
 fn line(stream: LogStream, bytes: &[u8]) -> LogLine {
     let text = String::from_utf8_lossy(bytes);
+    // Postgres refuses NUL in text and JSON: one would lose the whole batch
+    // of log lines (or a job's result) it travels in.
+    let text = if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        text
+    };
     let text = text.strip_suffix('\r').unwrap_or(&text);
     LogLine {
         stream,

@@ -282,7 +282,7 @@ impl Store {
             let written: Option<i64> = sqlx::query_scalar(
                 "WITH updated AS (
                     UPDATE jobs SET progress = $3
-                    WHERE id = $1 AND version = $2
+                    WHERE id = $1 AND version = $2 AND status = 'running' AND lease_id = $5
                     RETURNING version
                  ), logged AS (
                     INSERT INTO job_events (job_id, type, actor, data)
@@ -294,6 +294,7 @@ impl Store {
             .bind(version)
             .bind(&value)
             .bind(actor)
+            .bind(lease_id)
             .fetch_optional(&self.pool)
             .await?;
             if let Some(version) = written {

@@ -261,7 +261,10 @@ impl Store {
                 UPDATE jobs j SET status = 'running', attempt = j.attempt + 1,
                     lease_id = j.lease_id + 1, worker_id = $2,
                     lease_expires_at = now() + $3 * interval '1 millisecond',
-                    started_at = now(), updated_at = now(), stage = NULL
+                    started_at = now(), updated_at = now(), stage = NULL,
+                    -- Each attempt reports its own progress (and another
+                    -- worker's clock must not make it look older).
+                    progress = NULL
                 -- Rows by primary key, never a scan of the table.
                 WHERE j.id = ANY(ARRAY(SELECT id FROM locked))
                 RETURNING j.id, j.queue, j.kind, j.priority, j.payload, j.attempt,
@@ -537,6 +540,8 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
         let (status, queue, priority) = row.ok_or(StoreError::NotFound(id))?;
+        // Decoded before anything is written: a bad name changes nothing.
+        let queue = queue_name(queue)?;
         let from = parse_status(&status)?;
         if !from.can_transition_to(Status::Queued) || from != Status::Dead {
             return Err(StoreError::InvalidTransition {
@@ -547,7 +552,7 @@ impl Store {
         }
         sqlx::query(
             "UPDATE jobs SET status = 'queued', attempt = 0, run_at = now(), finished_at = NULL,
-                 updated_at = now()
+                 updated_at = now(), progress = NULL
              WHERE id = $1",
         )
         .bind(id.0)
@@ -562,7 +567,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok((queue_name(queue)?, priority.clamp(1, 10) as u8))
+        Ok((queue, priority.clamp(1, 10) as u8))
     }
 }
 

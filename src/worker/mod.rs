@@ -76,8 +76,6 @@ pub enum PoolError {
     Queue(#[from] crate::queue::QueueError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("sandbox runtime: {0}")]
-    Sandbox(String),
     #[error(transparent)]
     Maintenance(#[from] crate::maintenance::MaintenanceError),
 }

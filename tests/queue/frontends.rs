@@ -65,3 +65,31 @@ async fn pausing_a_new_queue_from_the_cli_registers_it_as_the_api_does() {
         "{q} is listed and paused: {queues:?}"
     );
 }
+
+#[tokio::test]
+async fn the_database_refuses_a_name_the_application_would_refuse() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let job = env
+        .enqueue(vec![crate::support::request(
+            "noop",
+            &q,
+            serde_json::json!({}),
+        )])
+        .await
+        .remove(0);
+    for (column, bad) in [
+        ("queue", "bad name"),
+        ("queue", ""),
+        ("kind", "-x"),
+        ("kind", "k\u{e9}"),
+    ] {
+        let refused = sqlx::query(&format!("UPDATE jobs SET {column} = $1 WHERE id = $2"))
+            .bind(bad)
+            .bind(job.id.0)
+            .execute(env.app.store().pool())
+            .await;
+        assert!(refused.is_err(), "{column} = {bad:?} was stored");
+    }
+    assert_eq!(env.job(job.id).await.queue, q, "nothing changed");
+}

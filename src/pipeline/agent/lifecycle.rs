@@ -60,7 +60,9 @@ pub(super) async fn run(
     let wt = blocking(move || stage.prepare(&name, &prep_url, base.as_deref(), &prep_branch))
         .await
         .map_err(|e| match e {
-            GitError::NoSuchBase(_) | GitError::Policy(_) => JobError::Fatal(e.to_string()),
+            GitError::NoSuchBase(_) => JobError::Fatal(e.to_string()),
+            // A refusal is final; a name that does not resolve now may later.
+            GitError::Policy(ref r) if !r.is_retryable() => JobError::Fatal(e.to_string()),
             e => JobError::Failed(format!("preparing the worktree failed: {e}")),
         })?;
 

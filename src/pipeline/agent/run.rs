@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::host::SandboxHost;
+use super::host::{SandboxHost, Unavailable};
 use crate::job::Progress;
 use crate::pipeline::gates::{GateDef, GateType};
 use crate::pipeline::kinds::{KindDef, SCRIPT_PLACEHOLDER, TASK_PLACEHOLDER};
@@ -127,7 +127,11 @@ async fn with_egress(
     let grant = host
         .egress_grant(ctx.job.id, &def.egress)
         .await
-        .map_err(|e| JobError::Failed(e.to_string()))?;
+        .map_err(|e| match e {
+            // Configuration, not a passing fault: retrying cannot help.
+            Unavailable::LocalEgress => JobError::Fatal(e.to_string()),
+            e => JobError::Failed(e.to_string()),
+        })?;
     for var in ["HTTPS_PROXY", "https_proxy"] {
         secrets.insert(var.to_owned(), Secret::new(grant.proxy_url()));
     }
@@ -330,22 +334,36 @@ async fn write_logs(
 struct Coalesced {
     latest: Option<Progress>,
     written_at: Option<tokio::time::Instant>,
+    /// What was written last (a repeat is not written again).
+    written: Option<(u8, String)>,
+    writes: usize,
 }
 
 /// Least time between two progress writes of one job.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Most progress writes (and `progress` events) per attempt before the
+/// last one; an agent cannot grow the trail by reporting forever.
+const MAX_PROGRESS_WRITES: usize = 1_000;
 
 impl Coalesced {
     async fn write_if_due(&mut self, ctx: &JobContext, last: bool) {
         let due = self
             .written_at
             .is_none_or(|at| at.elapsed() >= PROGRESS_EVERY);
-        if !(due || last) {
+        // The last report is always written; the others when due and
+        // under the cap.
+        if !last && (!due || self.writes >= MAX_PROGRESS_WRITES) {
             return;
         }
         let Some(progress) = self.latest.take() else {
             return;
         };
+        let key = (progress.percent, progress.message.clone());
+        if self.written.as_ref() == Some(&key) {
+            return;
+        }
+        self.written = Some(key);
+        self.writes += 1;
         self.written_at = Some(tokio::time::Instant::now());
         match ctx.set_progress(&progress).await {
             Ok(
