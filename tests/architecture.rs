@@ -102,14 +102,60 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The code of `text` without comments, with no whitespace around `::`
+/// (so `crate :: app` and a path split over lines read as one).
+fn code_of(text: &str) -> String {
+    let block = regex::Regex::new(r"(?s)/\*.*?\*/").expect("regex");
+    let line = regex::Regex::new(r"(?m)//.*$").expect("regex");
+    let colons = regex::Regex::new(r"\s*::\s*").expect("regex");
+    let text = block.replace_all(text, " ");
+    let text = line.replace_all(&text, "");
+    colons.replace_all(&text, "::").into_owned()
+}
+
+/// The first identifier of `s`.
+fn ident(s: &str) -> String {
+    s.trim_start()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// The top-level items of a `{…}` group (`s` starts after the `{`): each
+/// item's first identifier, nested groups skipped by depth.
+fn group_items(s: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                items.push(ident(&s[start..i]));
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(ident(&s[start..i]));
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.retain(|i| !i.is_empty());
+    items
+}
+
 /// The top-level modules `text` names after `prefix::`, comments left out.
+/// `use crate as …` (an alias the check could not follow) is reported as
+/// the module `crate as`, which no layer allows.
 fn imports(text: &str, prefix: &str) -> BTreeSet<String> {
-    let code: String = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let code = code_of(text);
     let mut found = BTreeSet::new();
+    let alias = regex::Regex::new(&format!(r"\b{prefix}\s+as\b")).expect("regex");
+    if alias.is_match(&code) {
+        found.insert(format!("{prefix} as"));
+    }
     let needle = format!("{prefix}::");
     let mut rest = code.as_str();
     while let Some(at) = rest.find(&needle) {
@@ -120,25 +166,34 @@ fn imports(text: &str, prefix: &str) -> BTreeSet<String> {
             continue;
         }
         if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            for item in group[..end].split(',') {
-                let name: String = item
-                    .trim()
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if !name.is_empty() {
-                    found.insert(name);
-                }
-            }
+            found.extend(group_items(group));
         } else {
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
+            let name = ident(rest);
             if !name.is_empty() {
                 found.insert(name);
             }
+        }
+    }
+    found.remove("self");
+    found
+}
+
+/// The top-level modules reached through `super::` paths that climb to the
+/// crate root from a module `depth` levels deep (`src/a/b.rs` is 2).
+fn super_imports(text: &str, depth: usize) -> BTreeSet<String> {
+    let code = code_of(text);
+    let chain = regex::Regex::new(r"\b((?:super::)+)(\{|[A-Za-z_])").expect("regex");
+    let mut found = BTreeSet::new();
+    for m in chain.captures_iter(&code) {
+        let supers = m[1].len() / "super::".len();
+        if supers < depth {
+            continue;
+        }
+        let after = &code[m.get(2).map_or(0, |g| g.start())..];
+        if let Some(group) = after.strip_prefix('{') {
+            found.extend(group_items(group));
+        } else {
+            found.insert(ident(after));
         }
     }
     found
@@ -167,7 +222,13 @@ fn edges(src: &Path) -> BTreeMap<(String, String), PathBuf> {
             "crate"
         };
         let text = std::fs::read_to_string(&file).expect("read");
-        for to in imports(&text, prefix) {
+        // How deep the file's module is: `src/a.rs` and `src/a/mod.rs` 1,
+        // `src/a/b.rs` 2.
+        let depth =
+            rel.components().count() - usize::from(rel.file_name().is_some_and(|n| n == "mod.rs"));
+        let mut named = imports(&text, prefix);
+        named.extend(super_imports(&text, depth));
+        for to in named {
             if to != module {
                 edges
                     .entry((module.clone(), to))
@@ -253,6 +314,20 @@ fn the_checker_sees_what_it_checks() {
         found.into_iter().collect::<Vec<_>>(),
         vec!["git", "job", "queue", "store"]
     );
+    // Forms a plain text search would miss.
+    let tricky = "use crate::{job::{JobId}, app::App};\nuse crate ::\n    api::X;\n/* crate::bench */ use crate::{worker /* } */, metrics};";
+    assert_eq!(
+        imports(tricky, "crate").into_iter().collect::<Vec<_>>(),
+        vec!["api", "app", "job", "metrics", "worker"]
+    );
+    assert!(imports("use crate as c; c::app::X;", "crate").contains("crate as"));
+    assert_eq!(
+        super_imports("use super::super::app::App; use super::x;", 2)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec!["app"]
+    );
+    assert!(super_imports("use super::super::app::App;", 3).is_empty());
     assert!(
         !allowed("store", "app"),
         "an adapter may not import the app"
