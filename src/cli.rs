@@ -386,8 +386,7 @@ async fn serve_observability(
         .await
         .with_context(|| format!("cannot listen on {addr} (set ORCH_METRICS_ADDR)"))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness listening");
-    let mut state = ApiState::new(app.clone(), handle);
-    state.runs_agents = true;
+    let state = ApiState::for_observability(app.clone(), handle);
     Ok(Some(tokio::spawn(api::serve(
         listener,
         api::observability_router(state),

@@ -45,10 +45,23 @@ pub struct ApiState {
 
 impl ApiState {
     pub fn new(app: App, metrics: PrometheusHandle) -> Self {
-        let tokens = Tokens::from_settings(app.settings());
-        if tokens.is_empty() {
+        let state = Self::quiet(app, metrics);
+        if state.tokens.is_empty() {
             tracing::warn!("no API tokens configured: every /v1 request will get 401; set ORCH_ADMIN_TOKEN or [[api.tokens]]");
         }
+        state
+    }
+
+    /// For a worker's `/metrics`, `/healthz` and `/readyz` (no `/v1`, so
+    /// no warning about tokens; `/metrics` still honours them).
+    pub fn for_observability(app: App, metrics: PrometheusHandle) -> Self {
+        let mut state = Self::quiet(app, metrics);
+        state.runs_agents = true;
+        state
+    }
+
+    fn quiet(app: App, metrics: PrometheusHandle) -> Self {
+        let tokens = Tokens::from_settings(app.settings());
         ApiState {
             body_limit: app.settings().api.body_limit_bytes,
             metrics_public: app.settings().api.metrics_public,

@@ -106,22 +106,34 @@ impl SandboxHost {
         let Runtime::Docker(docker) = self.runtime().await? else {
             return Err(Unavailable::LocalEgress);
         };
-        let mut cell = self.egress.lock().await;
-        let proxy = match cell.as_ref() {
-            Some(proxy) => proxy.clone(),
-            None => {
-                let proxy = EgressProxy::start(docker.client(), self.egress_allow_local)
-                    .await
-                    .map_err(Unavailable::NoEgress)?;
-                let proxy = Arc::new(proxy);
-                *cell = Some(proxy.clone());
-                proxy
+        // The lock covers starting the proxy, not each grant's checks:
+        // sandboxes start side by side.
+        let proxy = {
+            let mut cell = self.egress.lock().await;
+            match cell.as_ref() {
+                Some(proxy) => proxy.clone(),
+                None => {
+                    let proxy = EgressProxy::start(docker.client(), self.egress_allow_local)
+                        .await
+                        .map_err(Unavailable::NoEgress)?;
+                    let proxy = Arc::new(proxy);
+                    *cell = Some(proxy.clone());
+                    proxy
+                }
             }
         };
         match proxy.grant(job, allow.clone()).await {
             Ok(grant) => Ok(grant),
             Err(err) => {
-                *cell = None;
+                // A failed check (the network replaced, the firewall beyond
+                // repair) retires the proxy; a Docker API hiccup does not,
+                // or every running sandbox would lose its tunnels.
+                if matches!(err, SandboxError::Spec(_)) {
+                    let mut cell = self.egress.lock().await;
+                    if cell.as_ref().is_some_and(|p| Arc::ptr_eq(p, &proxy)) {
+                        *cell = None;
+                    }
+                }
                 Err(Unavailable::NoEgress(err))
             }
         }
