@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use futures_util::StreamExt;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -87,8 +88,22 @@ impl App {
             return Ok(());
         }
         *last = Some(std::time::Instant::now());
-        for queue in self.queue.known_queues().await? {
-            let depth = self.queue.depth(&queue).await?;
+        let queues = self.queue.known_queues().await?;
+        // Side by side: the multiplexed connection pipelines them, so a
+        // thousand queues cost a few round trips, not a thousand.
+        let depths: Vec<_> = futures_util::stream::iter(queues)
+            .map(|queue| {
+                let valkey = self.queue.clone();
+                async move {
+                    let depth = valkey.depth(&queue).await;
+                    (queue, depth)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        for (queue, depth) in depths {
+            let depth = depth?;
             crate::metrics::set_queue_depth(
                 queue.as_str(),
                 depth.pending(),
