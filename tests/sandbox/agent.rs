@@ -513,6 +513,8 @@ async fn progress_lines_become_the_jobs_progress_not_log_lines() {
     assert_eq!(reported.first(), Some(&10), "{reported:?}");
     assert_eq!(reported.last(), Some(&90), "{reported:?}");
     assert!(reported.len() <= 3, "{reported:?}");
+    let result = done.result.clone().expect("result");
+    assert_eq!(result["log"]["progress_lines"], 3, "{result}");
     let view = serde_json::to_value(&done).expect("json");
     assert_eq!(view["progress"]["percent"], 90);
     assert!(view["version"].as_i64().is_some_and(|v| v > 0), "{view}");

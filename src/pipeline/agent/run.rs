@@ -296,6 +296,8 @@ async fn write_logs(
                     // `::progress::<0-100> <message>` is progress, not a log line.
                     if let Some(p) = Progress::parse(&line.text, chrono::Utc::now()) {
                         progress.latest = Some(p);
+                        progress.lines += 1;
+                        progress.bytes += line.text.len() as u64;
                         continue;
                     }
                     if let Some(line) = cap.accept(line) {
@@ -325,7 +327,12 @@ async fn write_logs(
         batch.push(("log_truncated", event));
         flush(&ctx, &mut batch).await;
     }
-    json!({ "emitted_bytes": summary.emitted_bytes, "dropped_bytes": summary.dropped_bytes })
+    json!({
+        "emitted_bytes": summary.emitted_bytes,
+        "dropped_bytes": summary.dropped_bytes,
+        "progress_lines": progress.lines,
+        "progress_bytes": progress.bytes,
+    })
 }
 
 /// Progress writes, coalesced: at most one per [`PROGRESS_EVERY`], and the
@@ -337,6 +344,10 @@ struct Coalesced {
     /// What was written last (a repeat is not written again).
     written: Option<(u8, String)>,
     writes: usize,
+    /// Progress lines seen, and their bytes: they are not log lines, so the
+    /// log summary says how much output went this way.
+    lines: u64,
+    bytes: u64,
 }
 
 /// Least time between two progress writes of one job.
