@@ -1485,8 +1485,8 @@ mod tests {
         assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
-    #[tokio::test]
-    async fn one_sandbox_cannot_hold_every_tunnel() {
+    /// An upstream that accepts, never answers and never closes.
+    async fn silent_upstream() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let upstream = listener.local_addr().expect("addr");
         tokio::spawn(async move {
@@ -1495,6 +1495,29 @@ mod tests {
                 held.push(s);
             }
         });
+        upstream
+    }
+
+    /// A tunnel to `upstream` through `proxy` under `grant`, its 200 read.
+    async fn open_tunnel(
+        proxy: &EgressProxy,
+        upstream: SocketAddr,
+        grant: &EgressGrant,
+    ) -> TcpStream {
+        let mut stream = TcpStream::connect(proxy.addr()).await.expect("connect");
+        stream
+            .write_all(&connect_request(&upstream.to_string(), grant, ""))
+            .await
+            .expect("write");
+        let mut head = [0u8; 39];
+        stream.read_exact(&mut head).await.expect("200");
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+        stream
+    }
+
+    #[tokio::test]
+    async fn one_sandbox_cannot_hold_every_tunnel() {
+        let upstream = silent_upstream().await;
         let proxy = proxy(None).await;
         let allow = Arc::new(list(&[&upstream.to_string()]));
         let hog = proxy
@@ -1503,56 +1526,24 @@ mod tests {
             .expect("grant");
         let mut open = Vec::new();
         for _ in 0..MAX_TUNNELS_PER_GRANT {
-            let mut stream = TcpStream::connect(proxy.addr()).await.expect("connect");
-            stream
-                .write_all(&connect_request(&upstream.to_string(), &hog, ""))
-                .await
-                .expect("write");
-            let mut head = [0u8; 39];
-            stream.read_exact(&mut head).await.expect("200");
-            assert!(head.starts_with(b"HTTP/1.1 200"));
-            open.push(stream);
+            open.push(open_tunnel(&proxy, upstream, &hog).await);
         }
         let refused = ask(&proxy, connect_request(&upstream.to_string(), &hog, "")).await;
         assert!(refused.starts_with("HTTP/1.1 429 "), "{refused}");
         let other = proxy.grant(JobId::new(), allow).await.expect("grant");
-        let mut stream = TcpStream::connect(proxy.addr()).await.expect("connect");
-        stream
-            .write_all(&connect_request(&upstream.to_string(), &other, ""))
-            .await
-            .expect("write");
-        let mut head = [0u8; 39];
-        stream
-            .read_exact(&mut head)
-            .await
-            .expect("another sandbox still gets through");
-        assert!(head.starts_with(b"HTTP/1.1 200"));
+        // Another sandbox still gets through.
+        open_tunnel(&proxy, upstream, &other).await;
     }
 
     #[tokio::test]
     async fn ending_a_grant_cuts_its_open_tunnels() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let upstream = listener.local_addr().expect("addr");
-        // An upstream that never answers and never closes.
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = listener.accept().await {
-                held.push(s);
-            }
-        });
+        let upstream = silent_upstream().await;
         let proxy = proxy(None).await;
         let grant = proxy
             .grant(JobId::new(), Arc::new(list(&[&upstream.to_string()])))
             .await
             .expect("grant");
-        let mut stream = TcpStream::connect(proxy.addr()).await.expect("connect");
-        stream
-            .write_all(&connect_request(&upstream.to_string(), &grant, ""))
-            .await
-            .expect("write");
-        let mut head = [0u8; 39];
-        stream.read_exact(&mut head).await.expect("200");
-        assert!(head.starts_with(b"HTTP/1.1 200"));
+        let mut stream = open_tunnel(&proxy, upstream, &grant).await;
         drop(grant);
         let mut rest = Vec::new();
         let read =

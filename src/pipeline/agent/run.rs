@@ -60,7 +60,6 @@ pub(super) async fn run_sandbox(
             }
         })
         .collect();
-    let now = chrono::Utc::now();
     let timeout = Duration::from_secs(def.timeout_secs.min(u64::from(job.timeout_secs)));
     let grace = Duration::from_secs(def.stop_grace_secs);
     let spec = SandboxSpec {
@@ -73,16 +72,7 @@ pub(super) async fn run_sandbox(
         mounts: Vec::new(),
         limits: def.limits,
         network: def.network,
-        owner: Owner {
-            deployment: host.deployment.clone(),
-            job_id: job.id,
-            attempt: job.attempt,
-            worker_id: ctx.worker_id.to_string(),
-            created_at: now,
-            expires_at: now
-                + chrono::Duration::from_std(timeout + grace * 2 + Duration::from_secs(60))
-                    .unwrap_or(chrono::Duration::hours(24)),
-        },
+        owner: owner(host, ctx, timeout + grace * 2),
     };
     let runtime = host
         .runtime()
@@ -110,6 +100,22 @@ pub(super) async fn run_sandbox(
     report_egress(ctx, grant).await;
     let finished = finished.map_err(|e| JobError::Failed(format!("sandbox failed: {e}")))?;
     Ok((finished, log, runtime.name()))
+}
+
+/// Who a sandbox of this job belongs to; it counts as an orphan once
+/// `runs_for` (its timeout and stop grace) and a minute more have passed.
+fn owner(host: &SandboxHost, ctx: &JobContext, runs_for: Duration) -> Owner {
+    let now = chrono::Utc::now();
+    Owner {
+        deployment: host.deployment.clone(),
+        job_id: ctx.job.id,
+        attempt: ctx.job.attempt,
+        worker_id: ctx.worker_id.to_string(),
+        created_at: now,
+        expires_at: now
+            + chrono::Duration::from_std(runs_for + Duration::from_secs(60))
+                .unwrap_or(chrono::Duration::hours(24)),
+    }
 }
 
 /// For a `network = "egress"` sandbox: a proxy grant, its URL passed in as
@@ -186,7 +192,6 @@ pub(super) async fn run_gate(
         Network::None
     };
     let grant = with_egress(def, host, ctx, network, &mut secrets).await?;
-    let now = chrono::Utc::now();
     let grace = Duration::from_secs(def.stop_grace_secs);
     let spec = SandboxSpec {
         name: format!("orch-{}-{}-gate{index}", job.id, job.attempt),
@@ -201,16 +206,7 @@ pub(super) async fn run_gate(
         mounts,
         limits: def.limits,
         network,
-        owner: Owner {
-            deployment: host.deployment.clone(),
-            job_id: job.id,
-            attempt: job.attempt,
-            worker_id: ctx.worker_id.to_string(),
-            created_at: now,
-            expires_at: now
-                + chrono::Duration::from_std(gate.timeout() + grace * 2 + Duration::from_secs(60))
-                    .unwrap_or(chrono::Duration::hours(24)),
-        },
+        owner: owner(host, ctx, gate.timeout() + grace * 2),
     };
     let runtime = host
         .runtime()
