@@ -29,14 +29,7 @@ pub struct GitBench {
 
 fn git(dir: &Path, args: &[&str]) -> Result<(), GitError> {
     let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=bench",
-            "-c",
-            "user.email=bench@localhost",
-            "-c",
-            "init.defaultBranch=main",
-        ])
+        .args(super::GIT_IDENTITY)
         .args(args)
         .current_dir(dir)
         .output()?;

@@ -61,14 +61,7 @@ pub async fn run(mut settings: Settings, runs: usize) -> Result<LifecycleBench, 
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let root = tmp.path();
     let git = |args: &[&str]| {
-        let mut a = vec![
-            "-c",
-            "user.name=bench",
-            "-c",
-            "user.email=bench@localhost",
-            "-c",
-            "init.defaultBranch=main",
-        ];
+        let mut a = super::GIT_IDENTITY.to_vec();
         a.extend_from_slice(args);
         sh(root, "git", &a)
     };

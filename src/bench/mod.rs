@@ -22,6 +22,16 @@ use crate::app::{App, AppError};
 use crate::job::{JobId, JobKind, NewJob, Priority, QueueName, Status};
 use crate::worker::PoolEvent;
 
+/// The identity and default branch the benchmarks' own git runs use.
+const GIT_IDENTITY: [&str; 6] = [
+    "-c",
+    "user.name=bench",
+    "-c",
+    "user.email=bench@localhost",
+    "-c",
+    "init.defaultBranch=main",
+];
+
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     /// No-op jobs enqueued in bulk, then drained.
