@@ -235,6 +235,10 @@ pub struct ApiSettings {
     /// Most distinct queues a deployment accepts: a producer cannot grow
     /// memory, metric labels or kill-all's work by inventing names.
     pub max_queues: u64,
+    /// How long a dashboard login lasts.
+    pub ui_session_secs: u64,
+    /// Mark the dashboard's session cookie `Secure` (behind TLS).
+    pub ui_secure_cookie: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -351,6 +355,12 @@ impl Settings {
             return Err(invalid(
                 "api.body_limit_bytes",
                 "must be between 1024 and 67108864",
+            ));
+        }
+        if api.ui_session_secs < 60 || api.ui_session_secs > 30 * 86_400 {
+            return Err(invalid(
+                "api.ui_session_secs",
+                "must be between 60 and 2592000 (30 days)",
             ));
         }
         let weak = |t: &Secret| {

@@ -67,6 +67,51 @@ impl Tokens {
     }
 }
 
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+fn mac(secret: &[u8], message: &[u8]) -> HmacSha256 {
+    use hmac::Mac;
+    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(secret).expect("HMAC accepts any key length");
+    mac.update(message);
+    mac
+}
+
+impl Tokens {
+    /// Logs in with a presented token: its caller, and a MAC of `message`
+    /// under the token's secret. A session stores the MAC, never the token,
+    /// and [`Tokens::resume`] checks it against the token configured now, so
+    /// rotating or removing a token ends the sessions it opened.
+    pub(super) fn login(&self, presented: &[u8], message: &[u8]) -> Option<(Caller, Vec<u8>)> {
+        use hmac::Mac;
+        let token = self.find(presented)?;
+        let tag = mac(&token.secret, message).finalize().into_bytes().to_vec();
+        Some((token.caller(), tag))
+    }
+
+    /// The caller of a session opened by the token named `name`, if `tag`
+    /// is still that token's MAC of `message` (checked in constant time).
+    pub(super) fn resume(&self, name: &str, message: &[u8], tag: &[u8]) -> Option<Caller> {
+        use hmac::Mac;
+        let mut found = None;
+        for token in self.0.iter().filter(|t| t.name == name) {
+            if mac(&token.secret, message).verify_slice(tag).is_ok() {
+                found = Some(token.caller());
+            }
+        }
+        found
+    }
+}
+
+impl Token {
+    fn caller(&self) -> Caller {
+        Caller {
+            name: self.name.clone(),
+            scopes: self.scopes.clone(),
+        }
+    }
+}
+
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -75,8 +120,13 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether this caller may do what `scope` allows.
+    pub fn can(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin)
+    }
+
     pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin) {
+        if self.can(scope) {
             Ok(())
         } else {
             Err(ApiError::new(
@@ -118,10 +168,7 @@ pub fn authenticate(tokens: &Tokens, headers: &header::HeaderMap) -> Result<Call
     let token = tokens
         .find(presented)
         .ok_or(Unauthorized("the bearer token is not valid"))?;
-    Ok(Caller {
-        name: token.name.clone(),
-        scopes: token.scopes.clone(),
-    })
+    Ok(token.caller())
 }
 
 impl FromRequestParts<ApiState> for Caller {

@@ -57,37 +57,51 @@ pub async fn events(
         let events = state.app.job_events(id, None).await?;
         return Ok(Json(EventList { events }).into_response());
     }
-    let after = match headers.get("last-event-id") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request("Last-Event-ID must be an event id")
-                        .field("Last-Event-ID")
-                })?,
-        ),
-    };
+    let after = last_event_id(&headers)?;
+    Ok(stream(state.app.clone(), id, after, true))
+}
+
+/// The `Last-Event-ID` a reconnecting client sends, if any.
+pub(super) fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    match headers.get("last-event-id") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::bad_request("Last-Event-ID must be an event id").field("Last-Event-ID")
+            }),
+    }
+}
+
+/// A job's events after `after` as a live stream that ends once the job
+/// finished and all were sent. `named` gives each SSE event its type as
+/// the event name; otherwise the type is only in the data (what a browser's
+/// `EventSource` wants, since it cannot listen for names it does not know).
+pub(super) fn stream(app: App, job: JobId, after: Option<i64>, named: bool) -> Response {
     let feed = Feed {
-        app: state.app.clone(),
-        job: id,
+        app,
+        job,
         after,
+        named,
         ready: VecDeque::new(),
         finished: false,
     };
     let stream = stream::unfold(feed, |mut feed| async move {
         feed.next().await.map(|e| (Ok::<_, Infallible>(e), feed))
     });
-    Ok(Sse::new(stream)
+    Sse::new(stream)
         .keep_alive(KeepAlive::default())
-        .into_response())
+        .into_response()
 }
 
 struct Feed {
     app: App,
     job: JobId,
     after: Option<i64>,
+    named: bool,
     ready: VecDeque<JobEvent>,
     /// The job was seen finished: send what is left, then end.
     finished: bool,
@@ -99,12 +113,12 @@ impl Feed {
             if let Some(e) = self.ready.pop_front() {
                 self.after = Some(e.id);
                 let data = serde_json::to_string(&e).unwrap_or_default();
-                return Some(
-                    Event::default()
-                        .id(e.id.to_string())
-                        .event(e.kind.clone())
-                        .data(data),
-                );
+                let event = Event::default().id(e.id.to_string()).data(data);
+                return Some(if self.named {
+                    event.event(e.kind.clone())
+                } else {
+                    event
+                });
             }
             if self.finished {
                 return None;

@@ -251,6 +251,17 @@ pub async fn list(
 ) -> Result<Json<JobPage>, ApiError> {
     caller.require(Scope::Read)?;
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let filter = job_filter(p)?;
+    let limit = filter.limit;
+    let jobs = state.app.jobs(&filter).await?;
+    let next_cursor = (jobs.len() == limit as usize)
+        .then(|| jobs.last().map(|j| j.id.to_string()))
+        .flatten();
+    Ok(Json(JobPage { jobs, next_cursor }))
+}
+
+/// A list's filter and page from its query, each bad part named.
+pub(super) fn job_filter(p: ListParams) -> Result<JobFilter, ApiError> {
     let status = match p.status.as_deref() {
         None => None,
         Some(s) => Some(
@@ -282,18 +293,13 @@ pub async fn list(
         JobKind::parse(k.as_str())
             .map_err(|e| ApiError::bad_request(e.to_string()).field("kind"))?;
     }
-    let filter = JobFilter {
+    Ok(JobFilter {
         status,
         queue: p.queue,
         kind: p.kind,
         before,
         limit,
-    };
-    let jobs = state.app.jobs(&filter).await?;
-    let next_cursor = (jobs.len() == limit as usize)
-        .then(|| jobs.last().map(|j| j.id.to_string()))
-        .flatten();
-    Ok(Json(JobPage { jobs, next_cursor }))
+    })
 }
 
 /// Cancel a job. A queued or scheduled job is cancelled at once (200); a

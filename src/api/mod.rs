@@ -12,6 +12,7 @@ mod jobs;
 mod killswitch;
 pub mod openapi;
 mod queues;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -95,6 +96,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track))

@@ -34,7 +34,9 @@ pub async fn list(
     Ok(Json(QueueList { queues }))
 }
 
-fn parse_queue(path: Result<Path<String>, PathRejection>) -> Result<QueueName, ApiError> {
+pub(super) fn parse_queue(
+    path: Result<Path<String>, PathRejection>,
+) -> Result<QueueName, ApiError> {
     let Path(raw) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
     QueueName::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()).field("name"))
 }

@@ -1,10 +1,12 @@
 //! The application: connections, the handler registry, and the operations
 //! every front end (CLI, HTTP API, bench) shares.
 
+mod dashboard;
 mod error;
 mod killswitch;
 mod queues;
 
+pub use dashboard::{Finished, Overview, WorkerInfo, THROUGHPUT_WINDOW};
 pub use error::{AppError, ErrorClass};
 pub use queues::QueueInfo;
 // What `App::pool` takes and gives, for front ends that run workers.

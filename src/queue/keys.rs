@@ -71,6 +71,12 @@ impl Keys {
         format!("{}:workers", self.prefix)
     }
 
+    /// hash: a dashboard session, keyed by the SHA-256 of its cookie (so
+    /// Valkey never holds a usable session id).
+    pub fn ui_session(&self, id_hash: &str) -> String {
+        format!("{}:ui:session:{}", self.prefix, id_hash)
+    }
+
     /// hash: what a worker told the registry about itself.
     pub fn worker_info(&self, worker_id: &str) -> String {
         format!("{}:worker:{}", self.prefix, worker_id)

@@ -7,6 +7,8 @@
 mod control;
 mod keys;
 mod scripts;
+mod sessions;
+mod workers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,8 @@ use crate::job::{JobId, QueueName};
 pub use control::{Control, KillSwitchState};
 pub use keys::{Keys, QueueKeys};
 pub use scripts::Scripts;
+pub use sessions::SESSION_FIELDS;
+pub use workers::{WorkerEntry, WORKER_FORGET};
 
 /// Return codes shared by the Lua scripts and this module.
 mod codes {
@@ -466,8 +470,9 @@ impl ValkeyQueue {
         Ok(())
     }
 
-    /// Records a worker's heartbeat in the registry; entries of workers that
-    /// stopped beating expire on their own.
+    /// Records a worker's heartbeat in the registry. A worker that stopped
+    /// beating stays listed (as missing) for [`WORKER_FORGET`], then is
+    /// forgotten.
     pub async fn worker_heartbeat(
         &self,
         worker_id: &str,
@@ -477,15 +482,16 @@ impl ValkeyQueue {
         let mut conn = self.conn.clone();
         let now_ms = chrono::Utc::now().timestamp_millis();
         let info_key = self.keys.worker_info(worker_id);
+        let forget = WORKER_FORGET.max(ttl).as_millis() as i64;
         let mut pipe = redis::pipe();
         pipe.zadd(self.keys.workers(), worker_id, now_ms)
             .ignore()
-            .zrembyscore(self.keys.workers(), "-inf", now_ms - ttl.as_millis() as i64)
+            .zrembyscore(self.keys.workers(), "-inf", now_ms - forget)
             .ignore();
         if !info.is_empty() {
             pipe.hset_multiple(&info_key, info).ignore();
         }
-        pipe.pexpire(&info_key, ttl.as_millis() as i64).ignore();
+        pipe.pexpire(&info_key, forget).ignore();
         let _: () = pipe.query_async(&mut conn).await?;
         Ok(())
     }

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::rows::{EventRow, JobRow, JOB_COLUMNS};
 use super::{Store, StoreError};
-use crate::job::{Job, JobEvent, JobFilter, JobId, NewJob, Progress, QueueName, Status};
+use crate::job::{Job, JobEvent, JobFilter, JobId, JobKind, NewJob, Progress, QueueName, Status};
 
 /// Attempts of an optimistic progress write before it gives up.
 const PROGRESS_RETRIES: usize = 5;
@@ -24,6 +24,20 @@ pub enum ProgressWrite {
     Older,
     /// Lost the race every time it was tried.
     Contended,
+}
+
+/// A failed attempt, as the audit trail recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub event_id: i64,
+    pub job_id: JobId,
+    pub at: DateTime<Utc>,
+    /// The job went to the dead-letter state (otherwise it is retried).
+    pub dead: bool,
+    pub queue: QueueName,
+    pub kind: JobKind,
+    pub attempt: Option<u32>,
+    pub error: String,
 }
 
 /// What the index needs to know about a job to repair its Valkey entry.
@@ -449,6 +463,70 @@ impl Store {
     }
 
     /// Live jobs per queue and status.
+    /// Jobs finished since `since`, per queue and terminal status (the
+    /// dashboard's throughput; `jobs_finished_at_idx` serves it).
+    pub async fn finished_counts(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<QueueCounts>, StoreError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT queue, status, count(*) FROM jobs
+             WHERE finished_at IS NOT NULL AND finished_at >= $1
+             GROUP BY queue, status ORDER BY queue, status",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(queue, status, count)| {
+                Ok(QueueCounts {
+                    queue: super::rows::queue_name(queue)?,
+                    status: super::rows::parse_status(&status)?,
+                    count,
+                })
+            })
+            .collect()
+    }
+
+    /// The last `limit` failed attempts (retried or dead), newest first.
+    pub async fn recent_failures(&self, limit: u32) -> Result<Vec<Failure>, StoreError> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            id: i64,
+            job_id: Uuid,
+            at: DateTime<Utc>,
+            kind: String,
+            queue: String,
+            job_kind: String,
+            attempt: Option<i32>,
+            error: Option<String>,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT e.id, e.job_id, e.at, e.type AS kind, j.queue, j.kind AS job_kind,
+                    (e.data->>'attempt')::int AS attempt, e.data->>'error' AS error
+             FROM job_events e JOIN jobs j ON j.id = e.job_id
+             WHERE e.type IN ('failed', 'dead')
+             ORDER BY e.id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Failure {
+                    event_id: r.id,
+                    job_id: JobId(r.job_id),
+                    at: r.at,
+                    dead: r.kind == "dead",
+                    queue: super::rows::queue_name(r.queue)?,
+                    kind: super::rows::job_kind(r.job_kind)?,
+                    attempt: r.attempt.and_then(|a| u32::try_from(a).ok()),
+                    error: r.error.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
     pub async fn queue_counts(&self) -> Result<Vec<QueueCounts>, StoreError> {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT queue, status, count(*) FROM jobs

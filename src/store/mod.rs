@@ -18,7 +18,7 @@ use sqlx::PgPool;
 
 use crate::job::{JobId, Status};
 pub use control::{ControlEvent, ControlKind, ControlRow};
-pub use jobs::{IndexState, LeaseHolder, ProgressWrite, QueueCounts};
+pub use jobs::{Failure, IndexState, LeaseHolder, ProgressWrite, QueueCounts};
 pub use transitions::{ClaimedJob, Finish, FinishOutcome, Reaped};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -17,8 +17,13 @@ use crate::metrics as m;
 pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let interval = shared.cfg.lease / 3;
     let started_at = chrono::Utc::now().to_rfc3339();
+    // Shown on the dashboard: which machine a worker runs on.
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
     loop {
-        beat(&shared, &started_at).await;
+        beat(&shared, &started_at, &host).await;
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
@@ -26,7 +31,7 @@ pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-async fn beat(shared: &Shared, started_at: &str) {
+async fn beat(shared: &Shared, started_at: &str, host: &str) {
     let cfg = &shared.cfg;
     let info = [
         (
@@ -40,6 +45,7 @@ async fn beat(shared: &Shared, started_at: &str) {
         ("concurrency", cfg.concurrency.to_string()),
         ("busy", shared.busy_slots().to_string()),
         ("pid", std::process::id().to_string()),
+        ("host", host.to_owned()),
         ("started_at", started_at.to_owned()),
     ];
     if let Err(err) = shared

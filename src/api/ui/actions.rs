@@ -1,0 +1,184 @@
+//! The dashboard's actions: each a form post that needs the session's CSRF
+//! token and the same scope as its `/v1` twin, does what the API does
+//! through the same `App` operation (so the audit trail names the token),
+//! and redirects back to the page it came from.
+
+use axum::extract::rejection::{FormRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Form;
+use serde::Deserialize;
+
+use super::super::error::ApiError;
+use super::super::jobs::{parse_job_id, valid_reason};
+use super::super::queues::parse_queue;
+use super::super::ApiState;
+use super::session::Session;
+use super::UiError;
+use crate::auth::Scope;
+
+/// What a person types to confirm kill-all.
+pub const KILL_CONFIRMATION: &str = "kill all";
+
+#[derive(Deserialize)]
+pub struct ActionForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+/// The checks every action starts with: a well-formed form, a request from
+/// this site with this session's CSRF token, and the scope.
+fn admit(
+    session: &Session,
+    headers: &HeaderMap,
+    form: Result<Form<ActionForm>, FormRejection>,
+    scope: Scope,
+) -> Result<ActionForm, UiError> {
+    let form = form.map(|Form(f)| f);
+    // The CSRF check comes first, so a forged post learns nothing else.
+    session.check(
+        headers,
+        form.as_ref().map(|f| f.csrf.as_str()).unwrap_or(""),
+    )?;
+    let form = form.map_err(|e| UiError::new(headers, ApiError::bad_request(e.body_text())))?;
+    session
+        .caller
+        .require(scope)
+        .map_err(|e| UiError::new(headers, e))?;
+    Ok(form)
+}
+
+fn back_to(location: &str) -> Response {
+    let location = HeaderValue::from_str(location).unwrap_or(HeaderValue::from_static("/ui/"));
+    (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response()
+}
+
+pub async fn cancel(
+    State(state): State<ApiState>,
+    session: Session,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    form: Result<Form<ActionForm>, FormRejection>,
+) -> Result<Response, UiError> {
+    let form = admit(&session, &headers, form, Scope::Cancel)?;
+    let err = |e: ApiError| UiError::new(&headers, e);
+    let id = parse_job_id(path).map_err(err)?;
+    let reason = valid_reason(&form.reason).map_err(err)?;
+    state
+        .app
+        .cancel(id, &session.caller.name, reason)
+        .await
+        .map_err(|e| err(e.into()))?;
+    Ok(back_to(&format!("/ui/jobs/{id}")))
+}
+
+pub async fn retry(
+    State(state): State<ApiState>,
+    session: Session,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    form: Result<Form<ActionForm>, FormRejection>,
+) -> Result<Response, UiError> {
+    admit(&session, &headers, form, Scope::Admin)?;
+    let err = |e: ApiError| UiError::new(&headers, e);
+    let id = parse_job_id(path).map_err(err)?;
+    state
+        .app
+        .retry_dead(id, &session.caller.name)
+        .await
+        .map_err(|e| err(e.into()))?;
+    Ok(back_to(&format!("/ui/jobs/{id}")))
+}
+
+pub async fn pause(
+    state: State<ApiState>,
+    session: Session,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    form: Result<Form<ActionForm>, FormRejection>,
+) -> Result<Response, UiError> {
+    set_paused(state, session, headers, path, form, true).await
+}
+
+pub async fn resume(
+    state: State<ApiState>,
+    session: Session,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    form: Result<Form<ActionForm>, FormRejection>,
+) -> Result<Response, UiError> {
+    set_paused(state, session, headers, path, form, false).await
+}
+
+async fn set_paused(
+    State(state): State<ApiState>,
+    session: Session,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    form: Result<Form<ActionForm>, FormRejection>,
+    paused: bool,
+) -> Result<Response, UiError> {
+    admit(&session, &headers, form, Scope::Admin)?;
+    let queue = parse_queue(path).map_err(|e| UiError::new(&headers, e))?;
+    state
+        .app
+        .set_paused(&queue, paused, &session.caller.name)
+        .await
+        .map_err(|e| UiError::new(&headers, e))?;
+    Ok(back_to("/ui/"))
+}
+
+pub async fn kill_all(
+    State(state): State<ApiState>,
+    session: Session,
+    headers: HeaderMap,
+    form: Result<Form<ActionForm>, FormRejection>,
+) -> Result<Response, UiError> {
+    let form = admit(&session, &headers, form, Scope::Admin)?;
+    let err = |e: ApiError| UiError::new(&headers, e);
+    if form.confirm.trim() != KILL_CONFIRMATION {
+        return Err(err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("type {KILL_CONFIRMATION:?} to confirm kill-all"),
+        )
+        .field("confirm")));
+    }
+    let reason = valid_reason(&form.reason).map_err(err)?.to_owned();
+    let app = state.app.clone();
+    let actor = session.caller.name.clone();
+    // Its own task, as in the API: a browser that goes away must not cut a
+    // kill-all short.
+    tokio::spawn(async move { app.kill_all(&actor, &reason).await })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "kill switch task failed");
+            err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the kill switch task failed; see the server log",
+            ))
+        })?
+        .map_err(|e| err(e.into()))?;
+    Ok(back_to("/ui/"))
+}
+
+pub async fn lift(
+    State(state): State<ApiState>,
+    session: Session,
+    headers: HeaderMap,
+    form: Result<Form<ActionForm>, FormRejection>,
+) -> Result<Response, UiError> {
+    let form = admit(&session, &headers, form, Scope::Admin)?;
+    let err = |e: ApiError| UiError::new(&headers, e);
+    let reason = valid_reason(&form.reason).map_err(err)?;
+    state
+        .app
+        .resume(&session.caller.name, reason)
+        .await
+        .map_err(|e| err(e.into()))?;
+    Ok(back_to("/ui/"))
+}
