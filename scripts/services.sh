@@ -7,6 +7,7 @@
 # Options:
 #   --no-docker       do not install/start Docker (ORCH_DOCKER_AVAILABLE not set)
 #   --with-promtool   also install promtool (Debian's prometheus package)
+#   --with-browser    also install chromium and chromium-driver (dashboard tests)
 #   -h, --help        this text
 #
 # Messages go to stderr; stdout carries only the export lines. On failure it
@@ -19,7 +20,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 args=()
 for arg in "$@"; do
     case "$arg" in
-        --no-docker | --with-promtool) args+=("$arg") ;;
+        --no-docker | --with-promtool | --with-browser) args+=("$arg") ;;
         -h | --help)
             sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
             exit 0
@@ -45,7 +46,7 @@ if ! orch_services_up "${args[@]}"; then
     exit 1
 fi
 
-for var in ORCH_DATABASE_URL ORCH_VALKEY_URL ORCH_VALKEY_SERVER ORCH_DOCKER_AVAILABLE ORCH_PROMTOOL; do
+for var in ORCH_DATABASE_URL ORCH_VALKEY_URL ORCH_VALKEY_SERVER ORCH_DOCKER_AVAILABLE ORCH_PROMTOOL ORCH_CHROMIUM ORCH_CHROMEDRIVER; do
     if [[ -n "${!var:-}" ]]; then
         printf 'export %s=%q\n' "$var" "${!var}" >&3
     fi

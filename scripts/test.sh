@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/services.sh
 # shellcheck source=lib/images.sh
 source scripts/lib/images.sh
-orch_services_up --with-promtool
+orch_services_up --with-promtool --with-browser
 if [[ "${ORCH_DOCKER_AVAILABLE:-0}" == 1 ]]; then
   orch_images_up
 else

