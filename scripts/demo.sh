@@ -145,12 +145,20 @@ echo "== queues" >&2
 echo "== metrics (excerpt of http://$ORCH_HTTP_ADDR/metrics)" >&2
 curl -fsS "http://$ORCH_HTTP_ADDR/metrics" | grep -E '^orchestrator_jobs_(enqueued|finished)_total' || true
 
+echo "== the dashboard (http://$ORCH_HTTP_ADDR/ui/): log in with the token, open the agent's job" >&2
+jar="$(mktemp)"
+curl -fsS -c "$jar" -o /dev/null --data-urlencode "token=$ORCH_ADMIN_TOKEN" "http://$ORCH_HTTP_ADDR/ui/login"
+curl -fsS -b "$jar" "http://$ORCH_HTTP_ADDR/ui/jobs/$agent_id" |
+  python3 -c 'import re,sys; page=sys.stdin.read(); m=re.search(r"class=\"status status-(\w+)\"", page); print("  the agent job on its page:", m.group(1) if m else "no status shown"); sys.exit(0 if m else 1)'
+rm -f "$jar"
+
 cat >&2 <<TXT
 
 Done. Where to look:
   target/debug/orchestrator jobs list          recent jobs
   target/debug/orchestrator jobs show <id>     one job and its audit trail
   .data/demo.log                               the server's log
+  http://$ORCH_HTTP_ADDR/ui/                    the dashboard (log in with \$ORCH_ADMIN_TOKEN)
   http://$ORCH_HTTP_ADDR/v1/openapi.json        the API, described
   git --git-dir=$demo_repo log --all --stat   the agent's pushed branch
 Start it yourself with: ORCH_ADMIN_TOKEN=<16+ chars> target/debug/orchestrator run   (API on $ORCH_HTTP_ADDR)
