@@ -278,3 +278,82 @@ async fn hostile_form_input_gets_a_clear_error() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn the_overview_flags_a_missing_worker_and_lists_the_last_failures() {
+    let api = TestApi::spawn().await;
+    let (cookie, _, _) = login(&api, ADMIN, HeaderMap::new()).await;
+    let queue = crate::support::unique_queue();
+    // A live pool, and a worker that stopped beating two leases ago (as a
+    // SIGKILLed one leaves its entry).
+    let pool = api.env.start_pool(api.env.pool_config(&queue, 2));
+    let prefix = api.env.app.settings().key_prefix.clone();
+    let lease_ms = api.env.app.settings().worker.lease_ms as i64;
+    let mut conn = redis::Client::open(api.env.valkey_url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("valkey");
+    let _: () = redis::pipe()
+        .zadd(
+            format!("{prefix}:workers"),
+            "ghost-worker",
+            chrono::Utc::now().timestamp_millis() - 2 * lease_ms,
+        )
+        .hset_multiple(
+            format!("{prefix}:worker:ghost-worker"),
+            &[("host", "gone-host"), ("concurrency", "4"), ("busy", "3")],
+        )
+        .query_async(&mut conn)
+        .await
+        .expect("registry");
+    let mut flaky =
+        crate::support::request("flaky", &queue, serde_json::json!({ "fail_times": 5 }));
+    flaky.max_attempts = Some(1);
+    let job = api.env.enqueue(vec![flaky]).await.remove(0);
+    api.env
+        .wait_terminal(&[job.id], std::time::Duration::from_secs(30))
+        .await;
+
+    let page = client()
+        .get(format!("{}/ui/?fragment=1", api.base))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .expect("overview")
+        .text()
+        .await
+        .expect("html");
+    let ghost = page
+        .split("<tr")
+        .find(|row| row.contains("data-worker=\"ghost-worker\""))
+        .expect("the missing worker is listed");
+    assert!(
+        ghost.contains("class=\"missing\"") && ghost.contains(">missing<"),
+        "{ghost}"
+    );
+    assert!(
+        ghost.contains("gone-host") && ghost.contains("3 / 4"),
+        "{ghost}"
+    );
+    let live = page
+        .split("<tr")
+        .find(|row| row.contains("data-worker=") && !row.contains("ghost-worker"))
+        .expect("the live pool is listed");
+    assert!(!live.contains("class=\"missing\""), "{live}");
+    let failures = page
+        .split("id=\"failures\"")
+        .nth(1)
+        .expect("failures table");
+    assert!(
+        failures.contains(&format!("/ui/jobs/{}", job.id)),
+        "{failures}"
+    );
+    assert!(failures.contains("dead"), "{failures}");
+    let queue_row = page
+        .split("<tr")
+        .find(|row| row.contains(&format!("data-queue=\"{queue}\"")))
+        .expect("the queue is listed");
+    assert!(queue_row.contains("dead 1"), "{queue_row}");
+    pool.shutdown().await;
+}
