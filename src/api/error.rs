@@ -90,6 +90,9 @@ impl From<AppError> for ApiError {
         match e.class() {
             ErrorClass::NotFound(id) => ApiError::not_found(format!("job {id} does not exist")),
             ErrorClass::Conflict(detail) => ApiError::conflict(detail),
+            ErrorClass::PreconditionFailed(detail) => {
+                ApiError::new(StatusCode::PRECONDITION_FAILED, detail).field("If-Match")
+            }
             ErrorClass::ConflictingField {
                 index,
                 field,

@@ -2,7 +2,7 @@
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,8 @@ use super::ApiState;
 use crate::auth::Scope;
 use crate::job::JobFilter;
 use crate::job::{
-    validate_idempotency_key, Job, JobEvent, JobId, JobKind, JobRequest, NewJob, QueueName, Status,
+    validate_idempotency_key, Job, JobEvent, JobId, JobKind, JobPatch, JobRequest, NewJob,
+    QueueName, Status,
 };
 
 /// Most jobs in one batch request.
@@ -229,10 +230,76 @@ pub async fn get(
     State(state): State<ApiState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let id = parse_job_id(path)?;
-    Ok(Json(state.app.job(id).await?))
+    Ok(with_etag(state.app.job(id).await?))
+}
+
+/// A job as JSON with its version as a strong `ETag`.
+fn with_etag(job: Job) -> Response {
+    let etag = format!("\"{}\"", job.version);
+    ([(header::ETAG, etag)], Json(job)).into_response()
+}
+
+/// The version an `If-Match` header names: `"<version>"`, as `ETag` gave it.
+fn if_match(headers: &HeaderMap) -> Result<i64, ApiError> {
+    let value = headers.get(header::IF_MATCH).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "an edit needs If-Match: \"<version>\", the ETag of GET /v1/jobs/{id}",
+        )
+        .field("If-Match")
+    })?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().strip_prefix('"')?.strip_suffix('"')?.parse::<i64>().ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "If-Match must be one version in quotes, as the ETag gave it (\"12\"); weak or \"*\" are not accepted",
+            )
+            .field("If-Match")
+        })
+}
+
+/// Change a job that has not started (priority, run_at, max_attempts,
+/// metadata), if it is still at the version `If-Match` names.
+#[utoipa::path(patch, path = "/v1/jobs/{id}", tag = "jobs", request_body = JobPatch,
+    params(
+        ("id" = String, Path, format = Uuid, description = "job id (UUID)"),
+        ("If-Match" = String, Header, description = "the job's ETag: \"<version>\""),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "edited; the new version is the ETag", body = Job),
+        (status = 400, description = "not a job id, or a malformed If-Match", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks the enqueue scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the job is running or finished, or has used the attempts asked for", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "the job is no longer at that version", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field out of range, or nothing to change", body = Problem, content_type = "application/problem+json"),
+        (status = 428, description = "If-Match missing", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn edit(
+    State(state): State<ApiState>,
+    caller: Caller,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(patch): JsonBody<JobPatch>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Enqueue)?;
+    let id = parse_job_id(path)?;
+    let version = if_match(&headers)?;
+    let edit = patch
+        .validate(chrono::Utc::now())
+        .map_err(ApiError::invalid)?;
+    Ok(with_etag(
+        state.app.edit_job(id, version, &edit, &caller.name).await?,
+    ))
 }
 
 /// Jobs newest first, filtered, cursor-paginated.

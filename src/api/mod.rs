@@ -78,7 +78,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::create_batch))
-        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}", get(jobs::get).patch(jobs::edit))
         .route("/v1/jobs/{id}/events", get(events::events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))

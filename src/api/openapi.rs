@@ -4,20 +4,20 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{error, events, health, jobs, killswitch, queues};
-use crate::job::{Job, JobEvent, JobRequest, Status};
+use crate::job::{Job, JobEvent, JobPatch, JobRequest, Status};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "orchestrator", description = "A durable job queue for coding agents."),
     paths(
-        jobs::create, jobs::create_batch, jobs::get, jobs::list, jobs::cancel, jobs::retry,
+        jobs::create, jobs::create_batch, jobs::get, jobs::edit, jobs::list, jobs::cancel, jobs::retry,
         events::events,
         queues::list, queues::pause, queues::resume,
         killswitch::get, killswitch::engage, killswitch::lift, killswitch::events,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
-        Job, JobEvent, JobRequest, Status, error::Problem,
+        Job, JobEvent, JobPatch, JobRequest, Status, error::Problem,
         jobs::BatchRequest, jobs::JobList, jobs::JobPage, jobs::EventList, jobs::CancelRequest,
         crate::app::QueueInfo, queues::QueueList,
         killswitch::KillRequest, killswitch::ControlEventList, killswitch::ControlEventView,

@@ -53,6 +53,8 @@ pub enum ErrorClass<'a> {
     },
     /// A request was invalid: the job at `index` of the batch.
     Invalid { index: usize, error: &'a FieldError },
+    /// The caller's `If-Match` version is not the current one.
+    PreconditionFailed(String),
     /// A backing service is down or not ready; retrying later may work.
     Unavailable,
     /// A fault of ours; log it.
@@ -66,8 +68,13 @@ impl AppError {
             AppError::Store(StoreError::InvalidTransition { job, from, to }) => {
                 ErrorClass::Conflict(format!("job {job} is {from}; it cannot become {to}"))
             }
-            AppError::Store(e @ StoreError::StaleLease { .. }) => {
-                ErrorClass::Conflict(e.to_string())
+            AppError::Store(
+                e @ (StoreError::StaleLease { .. }
+                | StoreError::NotEditable { .. }
+                | StoreError::AttemptsUsed { .. }),
+            ) => ErrorClass::Conflict(e.to_string()),
+            AppError::Store(e @ StoreError::VersionMismatch { .. }) => {
+                ErrorClass::PreconditionFailed(e.to_string())
             }
             AppError::Store(e) if e.is_transient() => ErrorClass::Unavailable,
             AppError::Store(_) => ErrorClass::Internal,

@@ -22,7 +22,8 @@ use crate::config::Settings;
 use crate::git::repo::GitStage;
 use crate::git::secrets::Scanner;
 use crate::job::{
-    FieldError, Job, JobDefaults, JobEvent, JobFilter, JobId, JobRequest, NewJob, QueueName, Status,
+    FieldError, Job, JobDefaults, JobEdit, JobEvent, JobFilter, JobId, JobRequest, NewJob,
+    QueueName, Status,
 };
 use crate::metrics as m;
 use crate::pipeline::kinds::KindDef;
@@ -361,6 +362,30 @@ impl App {
     }
 
     /// Admin retry of a dead job: Postgres first, then the index.
+    /// Edits a job that has not started (`PATCH /v1/jobs/{id}`), if it is
+    /// still at `version`; then moves it in the index if it still waits.
+    pub async fn edit_job(
+        &self,
+        id: JobId,
+        version: i64,
+        edit: &JobEdit,
+        actor: &str,
+    ) -> Result<Job, AppError> {
+        let job = self.store.edit_job(id, version, edit, actor).await?;
+        let entry = IndexEntry {
+            id,
+            priority: job.priority,
+            due_ms: (job.status == Status::Scheduled).then(|| job.run_at.timestamp_millis()),
+        };
+        if let Err(err) = self.queue.reindex(&job.queue, &[entry]).await {
+            // The edit is committed. The old place may stay: claims check
+            // Postgres (a job moved later is refused until due), and the
+            // job runs once, perhaps at its old priority.
+            tracing::warn!(job.id = %id, error = %err, "edited job not yet moved in the index");
+        }
+        Ok(job)
+    }
+
     pub async fn retry_dead(&self, id: JobId, actor: &str) -> Result<Job, AppError> {
         let (queue, priority) = self.store.retry_dead(id, actor).await?;
         let entry = IndexEntry {

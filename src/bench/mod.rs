@@ -99,6 +99,7 @@ fn noop_jobs(queue: &QueueName, n: usize) -> Vec<NewJob> {
             idempotency_key: None,
             actor: "bench".to_owned(),
             yolo: false,
+            metadata: serde_json::json!({}),
         })
         .collect()
 }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use request::{
-    validate_idempotency_key, FieldError, JobDefaults, JobRequest, PayloadError, MAX_PAYLOAD_BYTES,
-    MAX_PAYLOAD_DEPTH,
+    validate_idempotency_key, validate_metadata, FieldError, JobDefaults, JobEdit, JobPatch,
+    JobRequest, PayloadError, MAX_METADATA_BYTES, MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError, MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
 pub use status::{Status, UnknownStatus};
@@ -236,6 +236,8 @@ pub struct NewJob {
     /// Its quality gates are skipped or some required ones left out (YOLO):
     /// marked in its `enqueued` event.
     pub yolo: bool,
+    /// The producer's labels (a checked JSON object).
+    pub metadata: serde_json::Value,
 }
 
 /// A job as stored in Postgres.
@@ -273,6 +275,9 @@ pub struct Job {
     pub version: i64,
     /// What the job's agent last reported (`::progress::<0-100> <message>`).
     pub progress: Option<Progress>,
+    /// The producer's labels.
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
 }
 
 /// A job's progress, as its agent reported it.

@@ -14,6 +14,8 @@ pub const MAX_PAYLOAD_DEPTH: usize = 32;
 /// Serialized payloads larger than this are refused.
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// Serialized metadata larger than this is refused.
+pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// `run_at` may lie this far in the past (clock skew), no further.
 pub const MAX_PAST_RUN_AT: Duration = Duration::hours(1);
 /// `run_at` may lie this far in the future, no further.
@@ -50,6 +52,11 @@ pub struct JobRequest {
     pub delay_secs: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The producer's own labels: a JSON object of at most 8 KiB, shown
+    /// with the job and editable until it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// What a deployment fills in when a request leaves a field out.
@@ -242,6 +249,10 @@ impl JobRequest {
             None => None,
             Some(k) => Some(validate_idempotency_key(&k)?),
         };
+        let metadata = match self.metadata {
+            None => serde_json::json!({}),
+            Some(m) => validate_metadata(m)?,
+        };
         Ok(NewJob {
             id: JobId::new(),
             queue,
@@ -254,6 +265,123 @@ impl JobRequest {
             idempotency_key,
             actor: actor.to_owned(),
             yolo: false,
+            metadata,
+        })
+    }
+}
+
+/// A job's metadata: an object, nested at most [`MAX_PAYLOAD_DEPTH`]
+/// levels, at most [`MAX_METADATA_BYTES`] serialized, and no NUL in any
+/// string (Postgres cannot store it in `jsonb`).
+pub fn validate_metadata(value: serde_json::Value) -> Result<serde_json::Value, FieldError> {
+    fn has_nul(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().any(has_nul),
+            serde_json::Value::Object(map) => {
+                map.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+            }
+            _ => false,
+        }
+    }
+    if !value.is_object() {
+        return Err(FieldError::new("metadata", "must be a JSON object"));
+    }
+    if depth(&value) > MAX_PAYLOAD_DEPTH {
+        return Err(FieldError::new(
+            "metadata",
+            format!("is nested deeper than {MAX_PAYLOAD_DEPTH} levels"),
+        ));
+    }
+    let size = serde_json::to_vec(&value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_METADATA_BYTES {
+        return Err(FieldError::new(
+            "metadata",
+            format!("is {size} bytes; at most {MAX_METADATA_BYTES} are allowed"),
+        ));
+    }
+    if has_nul(&value) {
+        return Err(FieldError::new(
+            "metadata",
+            "must not contain NUL characters",
+        ));
+    }
+    Ok(value)
+}
+
+/// `PATCH /v1/jobs/{id}`: what may change before a job starts. Absent
+/// fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobPatch {
+    /// 1 (lowest) to 10 (highest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10)]
+    pub priority: Option<i64>,
+    /// When to run (RFC 3339): now or earlier runs it as soon as a worker
+    /// is free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Above the attempts the job has used already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<i64>,
+    /// Replaces the job's metadata (an object, at most 8 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A checked [`JobPatch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEdit {
+    pub priority: Option<Priority>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub max_attempts: Option<u32>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl JobPatch {
+    pub fn validate(self, now: DateTime<Utc>) -> Result<JobEdit, FieldError> {
+        if self == JobPatch::default() {
+            return Err(FieldError::new(
+                "priority",
+                "nothing to change: give priority, run_at, max_attempts or metadata",
+            ));
+        }
+        let priority = self
+            .priority
+            .map(Priority::new)
+            .transpose()
+            .map_err(|e| FieldError::new("priority", e.to_string()))?;
+        if let Some(t) = self.run_at {
+            if t < now - MAX_PAST_RUN_AT || t > now + MAX_FUTURE_RUN_AT {
+                return Err(FieldError::new(
+                    "run_at",
+                    format!(
+                        "{} is more than an hour in the past or 365 days in the future",
+                        t.to_rfc3339()
+                    ),
+                ));
+            }
+        }
+        let max_attempts = match self.max_attempts {
+            None => None,
+            Some(n) if (1..=i64::from(MAX_ATTEMPTS_LIMIT)).contains(&n) => Some(n as u32),
+            Some(n) => {
+                return Err(FieldError::new(
+                    "max_attempts",
+                    format!("must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {n}"),
+                ))
+            }
+        };
+        let metadata = self.metadata.map(validate_metadata).transpose()?;
+        Ok(JobEdit {
+            priority,
+            run_at: self.run_at,
+            max_attempts,
+            metadata,
         })
     }
 }

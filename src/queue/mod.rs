@@ -145,14 +145,33 @@ impl ValkeyQueue {
         queue: &QueueName,
         entries: &[IndexEntry],
     ) -> Result<u64, QueueError> {
+        self.place(&self.scripts.enqueue, queue, entries).await
+    }
+
+    /// Moves edited jobs that still wait to their new priority and due
+    /// time (see `reindex-5.lua`); returns how many moved. Call only after
+    /// Postgres committed the edit.
+    pub async fn reindex(
+        &self,
+        queue: &QueueName,
+        entries: &[IndexEntry],
+    ) -> Result<u64, QueueError> {
+        self.place(&self.scripts.reindex, queue, entries).await
+    }
+
+    /// Runs `enqueue` or `reindex` (same keys and arguments) in chunks.
+    async fn place(
+        &self,
+        script: &scripts::LuaScript,
+        queue: &QueueName,
+        entries: &[IndexEntry],
+    ) -> Result<u64, QueueError> {
         let k = self.keys.queue(queue);
         let mut conn = self.conn.clone();
-        let mut added = 0;
+        let mut placed = 0;
         for chunk in entries.chunks(CHUNK) {
             let args = entry_args(&k.wake, chunk);
-            added += self
-                .scripts
-                .enqueue
+            placed += script
                 .call::<u64>(
                     &mut conn,
                     &[&k.pending, &k.delayed, &k.active, &k.prio, &k.seq],
@@ -160,7 +179,7 @@ impl ValkeyQueue {
                 )
                 .await?;
         }
-        Ok(added)
+        Ok(placed)
     }
 
     /// The ids this queue does not index anywhere (read-only).

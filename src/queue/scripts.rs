@@ -87,6 +87,7 @@ fn parse_file_name(file: &'static str) -> (&'static str, usize) {
 
 pub struct Scripts {
     pub enqueue: LuaScript,
+    pub reindex: LuaScript,
     pub claim: LuaScript,
     pub heartbeat: LuaScript,
     pub ack: LuaScript,
@@ -106,6 +107,7 @@ impl Scripts {
     pub fn new() -> Self {
         Scripts {
             enqueue: LuaScript::new("enqueue-5.lua", lua!("enqueue-5.lua")),
+            reindex: LuaScript::new("reindex-5.lua", lua!("reindex-5.lua")),
             claim: LuaScript::new("claim-8.lua", lua!("claim-8.lua")),
             heartbeat: LuaScript::new("heartbeat-1.lua", lua!("heartbeat-1.lua")),
             ack: LuaScript::new("ack-1.lua", lua!("ack-1.lua")),
@@ -125,9 +127,10 @@ impl Scripts {
         }
     }
 
-    pub fn all(&self) -> [&LuaScript; 14] {
+    pub fn all(&self) -> [&LuaScript; 15] {
         [
             &self.enqueue,
+            &self.reindex,
             &self.claim,
             &self.heartbeat,
             &self.ack,

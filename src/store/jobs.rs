@@ -7,7 +7,9 @@ use uuid::Uuid;
 
 use super::rows::{EventRow, JobRow, JOB_COLUMNS};
 use super::{Store, StoreError};
-use crate::job::{Job, JobEvent, JobFilter, JobId, JobKind, NewJob, Progress, QueueName, Status};
+use crate::job::{
+    Job, JobEdit, JobEvent, JobFilter, JobId, JobKind, NewJob, Progress, QueueName, Status,
+};
 
 /// Attempts of an optimistic progress write before it gives up.
 const PROGRESS_RETRIES: usize = 5;
@@ -120,6 +122,7 @@ impl Store {
         let mut keys: Vec<Option<String>> = Vec::with_capacity(n);
         let mut actors = Vec::with_capacity(n);
         let mut yolos = Vec::with_capacity(n);
+        let mut metadata = Vec::with_capacity(n);
         for j in jobs {
             ids.push(j.id.0);
             queues.push(j.queue.as_str().to_owned());
@@ -134,22 +137,23 @@ impl Store {
             keys.push(j.idempotency_key.clone());
             actors.push(j.actor.clone());
             yolos.push(j.yolo);
+            metadata.push(j.metadata.clone());
         }
         let sql = format!(
             "WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[],
                     $6::int[], $7::bigint[], $8::bigint[], $9::int[], $10::timestamptz[], $11::text[],
-                    $12::text[], $13::bool[])
+                    $12::text[], $13::bool[], $14::jsonb[])
                 AS t(id, queue, kind, priority, payload, max_attempts, backoff_base_ms,
-                     backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor, yolo)
+                     backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor, yolo, metadata)
             ),
             ins AS (
                 INSERT INTO jobs (id, queue, kind, status, priority, payload, max_attempts,
-                    backoff_base_ms, backoff_cap_ms, timeout_secs, run_at, idempotency_key)
+                    backoff_base_ms, backoff_cap_ms, timeout_secs, run_at, idempotency_key, metadata)
                 SELECT id, queue, kind,
                     CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
                     priority, payload, max_attempts, backoff_base_ms, backoff_cap_ms,
-                    timeout_secs, COALESCE(run_at, now()), idempotency_key
+                    timeout_secs, COALESCE(run_at, now()), idempotency_key, metadata
                 FROM input
                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING {JOB_COLUMNS}
@@ -181,6 +185,7 @@ impl Store {
             .bind(&keys)
             .bind(&actors)
             .bind(&yolos)
+            .bind(&metadata)
             .fetch_all(&self.pool)
             .await?;
         let mut inserted: HashMap<Uuid, Job> = HashMap::with_capacity(rows.len());
@@ -463,6 +468,112 @@ impl Store {
     }
 
     /// Live jobs per queue and status.
+    /// Edits a job that has not started, if it is still at
+    /// `expected_version`: one transaction holding the row lock, so a claim
+    /// sees the job wholly before or wholly after the edit. A changed
+    /// `run_at` makes it `scheduled` (future) or `queued` (due). The edit is
+    /// recorded as an `edited` event with what changed, from and to.
+    pub async fn edit_job(
+        &self,
+        id: JobId,
+        expected_version: i64,
+        edit: &JobEdit,
+        actor: &str,
+    ) -> Result<Job, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<JobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let before = Job::try_from(row.ok_or(StoreError::NotFound(id))?)?;
+        if !matches!(before.status, Status::Queued | Status::Scheduled) {
+            return Err(StoreError::NotEditable {
+                job: id,
+                status: before.status,
+            });
+        }
+        if before.version != expected_version {
+            return Err(StoreError::VersionMismatch {
+                job: id,
+                expected: expected_version,
+                current: before.version,
+            });
+        }
+        let used = before.attempt;
+        if let Some(asked) = edit.max_attempts {
+            if asked <= used {
+                return Err(StoreError::AttemptsUsed {
+                    job: id,
+                    used,
+                    asked,
+                });
+            }
+        }
+        let mut changes = serde_json::Map::new();
+        let mut change = |field: &str, from: serde_json::Value, to: serde_json::Value| {
+            if from != to {
+                changes.insert(
+                    field.to_owned(),
+                    serde_json::json!({ "from": from, "to": to }),
+                );
+            }
+        };
+        if let Some(p) = edit.priority {
+            change("priority", before.priority.into(), p.get().into());
+        }
+        if let Some(t) = edit.run_at {
+            change(
+                "run_at",
+                serde_json::json!(before.run_at),
+                serde_json::json!(t),
+            );
+        }
+        if let Some(n) = edit.max_attempts {
+            change("max_attempts", before.max_attempts.into(), n.into());
+        }
+        if let Some(m) = &edit.metadata {
+            change("metadata", before.metadata.clone(), m.clone());
+        }
+        let row: JobRow = sqlx::query_as(&format!(
+            "UPDATE jobs SET
+                 priority = COALESCE($2, priority),
+                 run_at = COALESCE($3, run_at),
+                 status = CASE WHEN $3::timestamptz IS NULL THEN status
+                               WHEN $3 > now() THEN 'scheduled' ELSE 'queued' END,
+                 max_attempts = COALESCE($4, max_attempts),
+                 metadata = COALESCE($5, metadata),
+                 updated_at = now()
+             WHERE id = $1
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(id.0)
+        .bind(edit.priority.map(|p| i16::from(p.get())))
+        .bind(edit.run_at)
+        .bind(edit.max_attempts.map(|n| n as i32))
+        .bind(&edit.metadata)
+        .fetch_one(&mut *tx)
+        .await?;
+        let job = Job::try_from(row)?;
+        sqlx::query(
+            "INSERT INTO job_events (job_id, type, actor, data)
+             VALUES ($1, 'edited', $2, $3)",
+        )
+        .bind(id.0)
+        .bind(actor)
+        .bind(serde_json::json!({
+            "changes": changes,
+            "from_version": before.version,
+            "version": job.version,
+            "status": job.status,
+        }))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
     /// Jobs finished since `since`, per queue and terminal status (the
     /// dashboard's throughput; `jobs_finished_at_idx` serves it).
     pub async fn finished_counts(

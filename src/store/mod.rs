@@ -51,6 +51,18 @@ pub enum StoreError {
     StaleLease { job: JobId, lease_id: i64 },
     #[error("corrupt row in the database: {0}")]
     Corrupt(String),
+    /// An edit named a version the job is no longer at.
+    #[error("job {job} is at version {current}, not {expected}; read it again and retry")]
+    VersionMismatch {
+        job: JobId,
+        expected: i64,
+        current: i64,
+    },
+    /// Only a job that has not started may be edited.
+    #[error("job {job} is {status}; only a queued or scheduled job can be edited")]
+    NotEditable { job: JobId, status: Status },
+    #[error("job {job} has used {used} attempts; max_attempts must be above that, got {asked}")]
+    AttemptsUsed { job: JobId, used: u32, asked: u32 },
 }
 
 impl StoreError {

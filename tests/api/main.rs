@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod edit;
 mod endpoints;
 mod fuzz;
 mod killswitch;
