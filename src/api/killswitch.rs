@@ -98,7 +98,7 @@ pub async fn engage(
     Ok(Json(report))
 }
 
-fn task_failed(err: tokio::task::JoinError) -> ApiError {
+pub(super) fn task_failed(err: tokio::task::JoinError) -> ApiError {
     tracing::error!(error = %err, "kill switch task failed");
     ApiError::new(
         axum::http::StatusCode::INTERNAL_SERVER_ERROR,

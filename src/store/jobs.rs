@@ -92,7 +92,7 @@ pub struct LeaseHolder {
     pub lease_live: bool,
 }
 
-/// Live jobs per queue and status, from Postgres.
+/// Jobs per queue and status, from Postgres.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QueueCounts {
     pub queue: QueueName,
@@ -467,7 +467,6 @@ impl Store {
         rows.into_iter().map(IndexState::try_from).collect()
     }
 
-    /// Live jobs per queue and status.
     /// Edits a job that has not started, if it is still at
     /// `expected_version`: one transaction holding the row lock, so a claim
     /// sees the job wholly before or wholly after the edit. A changed
@@ -638,6 +637,7 @@ impl Store {
             .collect()
     }
 
+    /// Live jobs per queue and status.
     pub async fn queue_counts(&self) -> Result<Vec<QueueCounts>, StoreError> {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT queue, status, count(*) FROM jobs

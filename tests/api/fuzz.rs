@@ -10,11 +10,12 @@ use serde_json::json;
 use crate::support::api::{json, TestApi, ADMIN, ENQUEUE};
 
 /// The public contract: every route the server answers.
-const ROUTES: [(&str, &str); 17] = [
+const ROUTES: [(&str, &str); 18] = [
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs"),
     ("post", "/v1/jobs/batch"),
     ("get", "/v1/jobs/{id}"),
+    ("patch", "/v1/jobs/{id}"),
     ("get", "/v1/jobs/{id}/events"),
     ("post", "/v1/jobs/{id}/cancel"),
     ("post", "/v1/jobs/{id}/retry"),

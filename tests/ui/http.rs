@@ -182,9 +182,21 @@ async fn a_forged_post_without_the_csrf_token_is_refused_and_changes_nothing() {
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert!(!engaged(&api).await);
 
-    // The real form, from this site, works; logging out ends the session.
+    // A cookie of the same name planted next to the real one hides nothing.
+    let planted = format!("orch_session={}; {cookie}", "B".repeat(43));
+    let r = client()
+        .get(format!("{}/ui/?fragment=1", api.base))
+        .header(COOKIE, planted)
+        .send()
+        .await
+        .expect("overview");
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // The real form, from this site behind a proxy that rewrote Host,
+    // works; logging out ends the session.
     let r = post(kill(&csrf))
-        .header("origin", api.base.as_str())
+        .header("origin", "https://dash.example.com")
+        .header("x-forwarded-host", "dash.example.com")
         .send()
         .await
         .expect("post");

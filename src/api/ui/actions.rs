@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::super::error::ApiError;
 use super::super::jobs::{parse_job_id, valid_reason};
+use super::super::killswitch::task_failed;
 use super::super::queues::parse_queue;
 use super::super::ApiState;
 use super::session::Session;
@@ -167,13 +168,7 @@ pub async fn kill_all(
     // kill-all short.
     tokio::spawn(async move { app.kill_all(&actor, &reason).await })
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "kill switch task failed");
-            err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the kill switch task failed; see the server log",
-            ))
-        })?
+        .map_err(|e| err(task_failed(e)))?
         .map_err(|e| err(e.into()))?;
     Ok(back_to("/ui/"))
 }
@@ -186,11 +181,14 @@ pub async fn lift(
 ) -> Result<Response, UiError> {
     let form = admit(&session, &headers, form, Scope::Admin)?;
     let err = |e: ApiError| UiError::new(&headers, e);
-    let reason = valid_reason(&form.reason).map_err(err)?;
-    state
-        .app
-        .resume(&session.caller.name, reason)
+    let reason = valid_reason(&form.reason).map_err(err)?.to_owned();
+    let app = state.app.clone();
+    let actor = session.caller.name.clone();
+    // Its own task, like kill-all: a resume half done would leave some
+    // queues halted.
+    tokio::spawn(async move { app.resume(&actor, &reason).await })
         .await
+        .map_err(|e| err(task_failed(e)))?
         .map_err(|e| err(e.into()))?;
     Ok(back_to("/ui/"))
 }

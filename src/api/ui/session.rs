@@ -54,22 +54,27 @@ fn mac_message(id: &str) -> Vec<u8> {
     [MAC_CONTEXT, id.as_bytes()].concat()
 }
 
-/// The session id a request's cookies carry. Parsed by hand: one cookie,
+/// The session ids a request's cookies carry, well-formed ones only, at
+/// most four. All are tried: a cookie of the same name planted by a
+/// sibling domain must not hide the real one. Parsed by hand: one cookie,
 /// whose value we generated (base64url), is all we ever read.
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
+fn session_cookies(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
-        .map(|(_, value)| value.to_owned())
-        .filter(|v| {
-            v.len() == 43
-                && v.bytes()
+        .filter(|(name, value)| {
+            *name == COOKIE
+                && value.len() == 43
+                && value
+                    .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+        .map(|(_, value)| value.to_owned())
+        .take(4)
+        .collect()
 }
 
 fn cookie_header(state: &ApiState, headers: &HeaderMap, value: &str, max_age: u64) -> HeaderValue {
@@ -115,10 +120,16 @@ impl Session {
     }
 
     async fn load(state: &ApiState, headers: &HeaderMap) -> Result<Option<Session>, ApiError> {
-        let Some(id) = session_cookie(headers) else {
-            return Ok(None);
-        };
-        let hash = id_hash(&id);
+        for id in session_cookies(headers) {
+            if let Some(session) = Session::resume(state, &id).await? {
+                return Ok(Some(session));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn resume(state: &ApiState, id: &str) -> Result<Option<Session>, ApiError> {
+        let hash = id_hash(id);
         let Some(fields) = state.app.session(&hash).await? else {
             return Ok(None);
         };
@@ -132,7 +143,7 @@ impl Session {
         let Ok(tag) = URL_SAFE_NO_PAD.decode(binding) else {
             return Ok(None);
         };
-        match state.tokens.resume(name, &mac_message(&id), &tag) {
+        match state.tokens.resume(name, &mac_message(id), &tag) {
             Some(caller) => Ok(Some(Session {
                 caller,
                 csrf: csrf.clone(),
@@ -160,30 +171,43 @@ fn same_origin(headers: &HeaderMap) -> Result<(), UiError> {
             ),
         )
     };
+    // A browser that sends Sec-Fetch-Site says where the request came
+    // from, whatever a proxy did to Host: that is the answer.
     if let Some(site) = headers.get("sec-fetch-site") {
-        if !matches!(site.as_bytes(), b"same-origin" | b"none") {
-            return Err(refuse());
-        }
+        return match site.as_bytes() {
+            b"same-origin" | b"none" => Ok(()),
+            _ => Err(refuse()),
+        };
     }
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let host = headers.get(header::HOST).map(HeaderValue::as_bytes);
-        let origin_host = origin
-            .to_str()
-            .ok()
-            .and_then(|o| url::Url::parse(o).ok())
-            .and_then(|u| {
-                let host = u.host_str()?.to_owned();
-                Some(match u.port() {
-                    Some(port) => format!("{host}:{port}"),
-                    None => host,
-                })
-            });
-        match (origin_host, host) {
-            (Some(o), Some(h)) if o.as_bytes().eq_ignore_ascii_case(h) => {}
-            _ => return Err(refuse()),
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        // Not a browser, or one too old to say: the CSRF token decides.
+        return Ok(());
+    };
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| url::Url::parse(o).ok())
+        .and_then(|u| {
+            let host = u.host_str()?.to_owned();
+            Some(match u.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            })
+        });
+    // Behind a proxy that rewrites Host, the original is X-Forwarded-Host;
+    // a page elsewhere cannot set either on a form post.
+    let ours = [headers.get("x-forwarded-host"), headers.get(header::HOST)];
+    match origin_host {
+        Some(o)
+            if ours
+                .iter()
+                .flatten()
+                .any(|h| o.as_bytes().eq_ignore_ascii_case(h.as_bytes())) =>
+        {
+            Ok(())
         }
+        _ => Err(refuse()),
     }
-    Ok(())
 }
 
 /// What a page does without a session: a browser asking for a page goes
@@ -270,6 +294,14 @@ pub async fn login(
         let page = views::login_page(Some("That token is not valid."));
         return Ok((StatusCode::UNAUTHORIZED, Html(page.into_string())).into_response());
     };
+    // A new login replaces whatever session this browser had.
+    for old in session_cookies(&headers) {
+        state
+            .app
+            .end_session(&id_hash(&old))
+            .await
+            .map_err(|e| UiError::new(&headers, e))?;
+    }
     let csrf = random_token().map_err(|e| UiError::new(&headers, e))?;
     let ttl = Duration::from_secs(state.app.settings().api.ui_session_secs);
     let fields = [

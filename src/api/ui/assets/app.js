@@ -34,11 +34,13 @@
     if (!(every > 0)) {
       return;
     }
-    window.setInterval(function () {
-      if (!document.hidden) {
-        refresh(el);
-      }
-    }, every);
+    // The next fetch waits for the last one, so a slow answer can never
+    // overwrite a newer one.
+    function tick() {
+      var done = document.hidden ? Promise.resolve() : refresh(el);
+      done.then(function () { window.setTimeout(tick, every); });
+    }
+    window.setTimeout(tick, every);
   }
 
   function cell(row, text) {
@@ -53,10 +55,14 @@
     var trail = document.querySelector("#events tbody");
     var source = new EventSource(log.dataset.events);
     var pending = null;
+    // Set when the stream carried the job's last event: the server ends
+    // the stream then, and it must not be reopened (even if the summary
+    // could not be refreshed because someone is typing in it).
+    var ended = false;
 
     function finished() {
       var summary = live && live.querySelector(".summary");
-      return summary && summary.dataset.terminal === "true";
+      return ended || (summary && summary.dataset.terminal === "true");
     }
 
     function update() {
@@ -65,11 +71,10 @@
       }
       pending = window.setTimeout(function () {
         pending = null;
-        refresh(live).then(function () {
-          if (finished()) {
-            source.close();
-          }
-        });
+        // Not closed here even when the summary says finished: the
+        // stream may still carry the last events, and the server ends it
+        // once they are sent.
+        refresh(live);
       }, 150);
     }
 
@@ -105,10 +110,10 @@
         data.appendChild(code);
         trail.appendChild(row);
       }
-      update();
       if (TERMINAL[event.type]) {
-        update();
+        ended = true;
       }
+      update();
     };
     source.onerror = function () {
       // The server ends the stream once the job has finished; otherwise
