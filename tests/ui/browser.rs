@@ -70,7 +70,10 @@ async fn a_job_appears_progresses_and_finishes_live() {
     .await;
     // Busy slots are as of the worker's last heartbeat; the total is fixed.
     let workers = b.text_of("#workers").await;
-    assert!(workers.contains(&f.queue) && workers.contains(" / 2"), "{workers}");
+    assert!(
+        workers.contains(&f.queue) && workers.contains(" / 2"),
+        "{workers}"
+    );
     assert!(!workers.contains("missing"), "{workers}");
     assert_eq!(b.text_of("#killswitch-state").await, "off");
     b.screenshot(&docs_dir().join("dashboard-overview.png"))
