@@ -28,6 +28,19 @@ pub enum ProgressWrite {
     Contended,
 }
 
+/// `(queue, status, count)` rows, decoded.
+fn counts(rows: Vec<(String, String, i64)>) -> Result<Vec<QueueCounts>, StoreError> {
+    rows.into_iter()
+        .map(|(queue, status, count)| {
+            Ok(QueueCounts {
+                queue: super::rows::queue_name(queue)?,
+                status: super::rows::parse_status(&status)?,
+                count,
+            })
+        })
+        .collect()
+}
+
 /// A failed attempt, as the audit trail recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -587,15 +600,7 @@ impl Store {
         .bind(since)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|(queue, status, count)| {
-                Ok(QueueCounts {
-                    queue: super::rows::queue_name(queue)?,
-                    status: super::rows::parse_status(&status)?,
-                    count,
-                })
-            })
-            .collect()
+        counts(rows)
     }
 
     /// The last `limit` failed attempts (retried or dead), newest first.
@@ -646,14 +651,6 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|(queue, status, count)| {
-                Ok(QueueCounts {
-                    queue: super::rows::queue_name(queue)?,
-                    status: super::rows::parse_status(&status)?,
-                    count,
-                })
-            })
-            .collect()
+        counts(rows)
     }
 }

@@ -16,7 +16,7 @@ use super::super::killswitch::task_failed;
 use super::super::queues::parse_queue;
 use super::super::ApiState;
 use super::session::Session;
-use super::UiError;
+use super::{OrUi, UiError};
 use crate::auth::Scope;
 
 /// What a person types to confirm kill-all.
@@ -58,11 +58,10 @@ fn admit(
         headers,
         form.as_ref().map(|f| f.csrf.as_str()).unwrap_or(""),
     )?;
-    let form = form.map_err(|e| UiError::new(headers, ApiError::bad_request(e.body_text())))?;
-    session
-        .caller
-        .require(scope)
-        .map_err(|e| UiError::new(headers, e))?;
+    let form = form
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+        .or_ui(headers)?;
+    session.caller.require(scope).or_ui(headers)?;
     Ok(form)
 }
 
@@ -79,14 +78,13 @@ pub async fn cancel(
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Response, UiError> {
     let form = admit(&session, &headers, form, Scope::Cancel)?;
-    let err = |e: ApiError| UiError::new(&headers, e);
-    let id = parse_job_id(path).map_err(err)?;
-    let reason = valid_reason(&form.reason).map_err(err)?;
+    let id = parse_job_id(path).or_ui(&headers)?;
+    let reason = valid_reason(&form.reason).or_ui(&headers)?;
     state
         .app
         .cancel(id, &session.caller.name, reason)
         .await
-        .map_err(|e| err(e.into()))?;
+        .or_ui(&headers)?;
     Ok(back_to(&format!("/ui/jobs/{id}")))
 }
 
@@ -98,13 +96,12 @@ pub async fn retry(
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Response, UiError> {
     admit(&session, &headers, form, Scope::Admin)?;
-    let err = |e: ApiError| UiError::new(&headers, e);
-    let id = parse_job_id(path).map_err(err)?;
+    let id = parse_job_id(path).or_ui(&headers)?;
     state
         .app
         .retry_dead(id, &session.caller.name)
         .await
-        .map_err(|e| err(e.into()))?;
+        .or_ui(&headers)?;
     Ok(back_to(&format!("/ui/jobs/{id}")))
 }
 
@@ -137,12 +134,12 @@ async fn set_paused(
     paused: bool,
 ) -> Result<Response, UiError> {
     admit(&session, &headers, form, Scope::Admin)?;
-    let queue = parse_queue(path).map_err(|e| UiError::new(&headers, e))?;
+    let queue = parse_queue(path).or_ui(&headers)?;
     state
         .app
         .set_paused(&queue, paused, &session.caller.name)
         .await
-        .map_err(|e| UiError::new(&headers, e))?;
+        .or_ui(&headers)?;
     Ok(back_to("/ui/"))
 }
 
@@ -153,23 +150,26 @@ pub async fn kill_all(
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Response, UiError> {
     let form = admit(&session, &headers, form, Scope::Admin)?;
-    let err = |e: ApiError| UiError::new(&headers, e);
     if form.confirm.trim() != KILL_CONFIRMATION {
-        return Err(err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("type {KILL_CONFIRMATION:?} to confirm kill-all"),
-        )
-        .field("confirm")));
+        return Err(UiError::new(
+            &headers,
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("type {KILL_CONFIRMATION:?} to confirm kill-all"),
+            )
+            .field("confirm"),
+        ));
     }
-    let reason = valid_reason(&form.reason).map_err(err)?.to_owned();
+    let reason = valid_reason(&form.reason).or_ui(&headers)?.to_owned();
     let app = state.app.clone();
     let actor = session.caller.name.clone();
     // Its own task, as in the API: a browser that goes away must not cut a
     // kill-all short.
     tokio::spawn(async move { app.kill_all(&actor, &reason).await })
         .await
-        .map_err(|e| err(task_failed(e)))?
-        .map_err(|e| err(e.into()))?;
+        .map_err(task_failed)
+        .or_ui(&headers)?
+        .or_ui(&headers)?;
     Ok(back_to("/ui/"))
 }
 
@@ -180,15 +180,15 @@ pub async fn lift(
     form: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Response, UiError> {
     let form = admit(&session, &headers, form, Scope::Admin)?;
-    let err = |e: ApiError| UiError::new(&headers, e);
-    let reason = valid_reason(&form.reason).map_err(err)?.to_owned();
+    let reason = valid_reason(&form.reason).or_ui(&headers)?.to_owned();
     let app = state.app.clone();
     let actor = session.caller.name.clone();
     // Its own task, like kill-all: a resume half done would leave some
     // queues halted.
     tokio::spawn(async move { app.resume(&actor, &reason).await })
         .await
-        .map_err(|e| err(task_failed(e)))?
-        .map_err(|e| err(e.into()))?;
+        .map_err(task_failed)
+        .or_ui(&headers)?
+        .or_ui(&headers)?;
     Ok(back_to("/ui/"))
 }

@@ -104,14 +104,29 @@ pub struct UiError {
 
 impl UiError {
     fn new(headers: &HeaderMap, error: impl Into<ApiError>) -> Self {
-        let html = headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.contains("text/html"));
         UiError {
             error: error.into(),
-            html,
+            html: wants_html(headers),
         }
+    }
+}
+
+/// Whether the client asked for HTML (a browser), not JSON.
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"))
+}
+
+/// Any error the API knows, answered as a dashboard error for this request.
+trait OrUi<T> {
+    fn or_ui(self, headers: &HeaderMap) -> Result<T, UiError>;
+}
+
+impl<T, E: Into<ApiError>> OrUi<T> for Result<T, E> {
+    fn or_ui(self, headers: &HeaderMap) -> Result<T, UiError> {
+        self.map_err(|e| UiError::new(headers, e))
     }
 }
 

@@ -12,9 +12,9 @@ use super::super::events::{last_event_id, stream};
 use super::super::jobs::{job_filter, parse_job_id, ListParams};
 use super::super::ApiState;
 use super::session::Session;
-use super::{views, UiError};
+use super::{views, OrUi, UiError};
 use crate::auth::Scope;
-use crate::job::JobId;
+use crate::job::{Job, JobEvent, JobId};
 
 /// Jobs per page of the list.
 const PAGE: u32 = 50;
@@ -33,10 +33,11 @@ pub async fn overview(
     headers: HeaderMap,
     query: Result<Query<FragmentQuery>, QueryRejection>,
 ) -> Result<Html<String>, UiError> {
-    let err = |e: ApiError| UiError::new(&headers, e);
-    session.caller.require(Scope::Read).map_err(err)?;
-    let Query(q) = query.map_err(|e| err(ApiError::bad_request(e.body_text())))?;
-    let overview = state.app.overview().await.map_err(|e| err(e.into()))?;
+    session.caller.require(Scope::Read).or_ui(&headers)?;
+    let Query(q) = query
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+        .or_ui(&headers)?;
+    let overview = state.app.overview().await.or_ui(&headers)?;
     Ok(Html(
         if q.fragment.is_some() {
             views::overview_live(&overview, &session)
@@ -77,15 +78,19 @@ pub async fn jobs(
     headers: HeaderMap,
     query: Result<Query<JobsQuery>, QueryRejection>,
 ) -> Result<Response, UiError> {
-    let err = |e: ApiError| UiError::new(&headers, e);
-    session.caller.require(Scope::Read).map_err(err)?;
-    let Query(q) = query.map_err(|e| err(ApiError::bad_request(e.body_text())))?;
+    session.caller.require(Scope::Read).or_ui(&headers)?;
+    let Query(q) = query
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+        .or_ui(&headers)?;
     if let Some(id) = non_empty(&q.id) {
-        let id: JobId = id.parse().map_err(|_| {
-            err(ApiError::bad_request(format!("{id:?} is not a job id (a UUID)")).field("id"))
-        })?;
+        let id: JobId = id
+            .parse()
+            .map_err(|_| {
+                ApiError::bad_request(format!("{id:?} is not a job id (a UUID)")).field("id")
+            })
+            .or_ui(&headers)?;
         // 404 here, rather than on the page it would lead to.
-        state.app.job(id).await.map_err(|e| err(e.into()))?;
+        state.app.job(id).await.or_ui(&headers)?;
         return Ok(Redirect::to(&format!("/ui/jobs/{id}")).into_response());
     }
     let filter = job_filter(ListParams {
@@ -95,15 +100,15 @@ pub async fn jobs(
         limit: Some(PAGE),
         cursor: non_empty(&q.cursor),
     })
-    .map_err(err)?;
-    let jobs = state.app.jobs(&filter).await.map_err(|e| err(e.into()))?;
+    .or_ui(&headers)?;
+    let jobs = state.app.jobs(&filter).await.or_ui(&headers)?;
     let next = (jobs.len() == PAGE as usize)
         .then(|| jobs.last().map(|j| j.id))
         .flatten();
     let markup = if q.fragment.is_some() {
         views::job_rows(&jobs)
     } else {
-        let queues = state.app.queues().await.map_err(|e| err(e.into()))?;
+        let queues = state.app.queues().await.or_ui(&headers)?;
         let names: Vec<String> = queues.into_iter().map(|q| q.name).collect();
         views::jobs_page(&session, &q, &names, &jobs, next)
     };
@@ -111,39 +116,37 @@ pub async fn jobs(
 }
 
 pub async fn job(
-    State(state): State<ApiState>,
+    state: State<ApiState>,
     session: Session,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Html<String>, UiError> {
-    let err = |e: ApiError| UiError::new(&headers, e);
-    session.caller.require(Scope::Read).map_err(err)?;
-    let id = parse_job_id(path).map_err(err)?;
-    let job = state.app.job(id).await.map_err(|e| err(e.into()))?;
-    let events = state
-        .app
-        .job_events(id, None)
-        .await
-        .map_err(|e| err(e.into()))?;
+    let (job, events) = job_with_events(state, &session, &headers, path).await?;
     Ok(Html(views::job_page(&session, &job, &events).into_string()))
 }
 
 pub async fn job_summary(
-    State(state): State<ApiState>,
+    state: State<ApiState>,
     session: Session,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Html<String>, UiError> {
-    let err = |e: ApiError| UiError::new(&headers, e);
-    session.caller.require(Scope::Read).map_err(err)?;
-    let id = parse_job_id(path).map_err(err)?;
-    let job = state.app.job(id).await.map_err(|e| err(e.into()))?;
-    let events = state
-        .app
-        .job_events(id, None)
-        .await
-        .map_err(|e| err(e.into()))?;
+    let (job, events) = job_with_events(state, &session, &headers, path).await?;
     Ok(Html(views::job_live(&session, &job, &events).into_string()))
+}
+
+/// What a job's page and its live part both show: the job and its trail.
+async fn job_with_events(
+    State(state): State<ApiState>,
+    session: &Session,
+    headers: &HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<(Job, Vec<JobEvent>), UiError> {
+    session.caller.require(Scope::Read).or_ui(headers)?;
+    let id = parse_job_id(path).or_ui(headers)?;
+    let job = state.app.job(id).await.or_ui(headers)?;
+    let events = state.app.job_events(id, None).await.or_ui(headers)?;
+    Ok((job, events))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,13 +166,14 @@ pub async fn job_events(
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, UiError> {
-    let err = |e: ApiError| UiError::new(&headers, e);
-    session.caller.require(Scope::Read).map_err(err)?;
-    let id = parse_job_id(path).map_err(err)?;
-    let Query(q) = query.map_err(|e| err(ApiError::bad_request(e.body_text())))?;
-    state.app.job(id).await.map_err(|e| err(e.into()))?;
+    session.caller.require(Scope::Read).or_ui(&headers)?;
+    let id = parse_job_id(path).or_ui(&headers)?;
+    let Query(q) = query
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+        .or_ui(&headers)?;
+    state.app.job(id).await.or_ui(&headers)?;
     // A reconnecting EventSource says where it got to; that wins over the
     // id the page was rendered with.
-    let after = last_event_id(&headers).map_err(err)?.or(q.after);
+    let after = last_event_id(&headers).or_ui(&headers)?.or(q.after);
     Ok(stream(state.app.clone(), id, after, false))
 }

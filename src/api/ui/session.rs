@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 use super::super::auth::Caller;
 use super::super::error::ApiError;
 use super::super::ApiState;
-use super::{to_login, views, UiError};
+use super::{to_login, views, wants_html, OrUi, UiError};
 
 const COOKIE: &str = "orch_session";
 /// What the session MAC covers, besides the id: a MAC made for anything
@@ -232,11 +232,7 @@ impl FromRequestParts<ApiState> for Session {
             Ok(Some(session)) => Ok(session),
             Ok(None) => {
                 let page = parts.method == Method::GET
-                    && parts
-                        .headers
-                        .get(header::ACCEPT)
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|v| v.contains("text/html"))
+                    && wants_html(&parts.headers)
                     && parts.headers.get("x-orch-fragment").is_none();
                 if page {
                     Err(NoSession(to_login()))
@@ -276,20 +272,15 @@ pub async fn login(
     // A login from another site would log a person into someone else's
     // session: refused like any cross-site action.
     same_origin(&headers)?;
-    let Form(form) =
-        form.map_err(|e| UiError::new(&headers, ApiError::bad_request(e.body_text())))?;
+    let Form(form) = form
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+        .or_ui(&headers)?;
     let presented = form.token.trim();
+    let id = random_token().or_ui(&headers)?;
     let login = (presented.len() <= MAX_TOKEN_LEN)
-        .then(random_token)
-        .transpose()
-        .map_err(|e| UiError::new(&headers, e))?
-        .and_then(|id| {
-            state
-                .tokens
-                .login(presented.as_bytes(), &mac_message(&id))
-                .map(|(caller, tag)| (id, caller, tag))
-        });
-    let Some((id, caller, tag)) = login else {
+        .then(|| state.tokens.login(presented.as_bytes(), &mac_message(&id)))
+        .flatten();
+    let Some((caller, tag)) = login else {
         tracing::info!("dashboard login refused: unknown token");
         let page = views::login_page(Some("That token is not valid."));
         return Ok((StatusCode::UNAUTHORIZED, Html(page.into_string())).into_response());
@@ -300,9 +291,9 @@ pub async fn login(
             .app
             .end_session(&id_hash(&old))
             .await
-            .map_err(|e| UiError::new(&headers, e))?;
+            .or_ui(&headers)?;
     }
-    let csrf = random_token().map_err(|e| UiError::new(&headers, e))?;
+    let csrf = random_token().or_ui(&headers)?;
     let ttl = Duration::from_secs(state.app.settings().api.ui_session_secs);
     let fields = [
         ("name", caller.name.clone()),
@@ -317,7 +308,7 @@ pub async fn login(
         .app
         .put_session(&id_hash(&id), &fields, ttl)
         .await
-        .map_err(|e| UiError::new(&headers, e))?;
+        .or_ui(&headers)?;
     tracing::info!(actor = %caller.name, "dashboard login");
     let cookie = cookie_header(&state, &headers, &id, ttl.as_secs());
     Ok((
@@ -348,7 +339,7 @@ pub async fn logout(
         .app
         .end_session(&session.id_hash)
         .await
-        .map_err(|e| UiError::new(&headers, e))?;
+        .or_ui(&headers)?;
     let cookie = cookie_header(&state, &headers, "", 0);
     Ok((
         StatusCode::SEE_OTHER,
