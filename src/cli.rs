@@ -66,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Webhook subscriptions, and a secret to sign them with.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Queue depths; pause or resume a queue.
     Queues {
         #[command(subcommand)]
@@ -110,6 +115,9 @@ struct EnqueueArgs {
     run_at: Option<String>,
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Where the job's events go as signed webhooks.
+    #[arg(long)]
+    callback_url: Option<String>,
     /// Wait until the job is finished, then print it.
     #[arg(long)]
     wait: bool,
@@ -138,6 +146,36 @@ enum JobsCommand {
     Show { id: String },
     /// Put a dead job back in its queue with a fresh set of attempts.
     Retry { id: String },
+    /// A job's webhook deliveries and their attempts.
+    Deliveries { id: String },
+    /// Send a delivered or dead delivery again (same webhook-id).
+    Redeliver { id: String, delivery: i64 },
+}
+
+#[derive(Subcommand)]
+enum WebhooksCommand {
+    /// Subscribe a URL to events.
+    Add {
+        url: String,
+        /// Comma-separated: started, progress, succeeded, failed, dead,
+        /// cancelled, engaged, lifted.
+        #[arg(long, value_delimiter = ',', required = true)]
+        events: Vec<String>,
+        /// Only these queues (default: all).
+        #[arg(long, value_delimiter = ',')]
+        queues: Vec<String>,
+        /// Only these kinds (default: all).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Every subscription.
+    List,
+    /// Unsubscribe; what it had left to send is dropped.
+    Remove { id: String },
+    /// Print a new random secret for ORCH_WEBHOOK_SECRET.
+    Secret,
 }
 
 #[derive(Subcommand)]
@@ -226,7 +264,13 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Serve => {
             let app = connect_migrated(settings).await?;
             let stop = shutdown_signal();
-            serve_http(&app, stop, false).await?;
+            let deliverer = app.clone();
+            let until = stop.clone();
+            let delivering = tokio::spawn(async move { deliverer.deliver_webhooks(until).await });
+            let served = serve_http(&app, stop.clone(), false).await;
+            stop.cancel();
+            delivering.await.context("webhook deliverer task failed")?;
+            served?;
         }
         Command::Run(args) => {
             let app = App::connect(settings).await?;
@@ -252,6 +296,7 @@ pub async fn run() -> anyhow::Result<()> {
             )?)?;
         }
         Command::Queues { command } => queues(settings, command).await?,
+        Command::Webhooks { command } => webhooks(settings, command).await?,
         Command::Bench {
             what: BenchCommand::Lifecycle { runs },
         } => {
@@ -433,6 +478,7 @@ async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         run_at,
         delay_secs: args.delay_secs,
         idempotency_key: args.idempotency_key,
+        callback_url: args.callback_url,
         ..JobRequest::default()
     };
     let jobs = app.validate(vec![request], CLI_ACTOR)?;
@@ -516,6 +562,53 @@ async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
             let job = app.retry_dead(parse_id(&id)?, CLI_ACTOR).await?;
             out(&serde_json::to_string_pretty(&job)?)?;
         }
+        JobsCommand::Deliveries { id } => {
+            let deliveries = app.deliveries(parse_id(&id)?).await?;
+            out(&serde_json::to_string_pretty(&deliveries)?)?;
+        }
+        JobsCommand::Redeliver { id, delivery } => {
+            let again = app.redeliver(parse_id(&id)?, delivery, CLI_ACTOR).await?;
+            out(&serde_json::to_string_pretty(&again)?)?;
+        }
+    }
+    Ok(())
+}
+
+async fn webhooks(settings: Settings, command: WebhooksCommand) -> anyhow::Result<()> {
+    if let WebhooksCommand::Secret = command {
+        let secret = orchestrator::webhook::new_secret()
+            .map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+        return out(&secret);
+    }
+    let app = connect_migrated(settings).await?;
+    let some = |list: Vec<String>| (!list.is_empty()).then_some(list);
+    match command {
+        WebhooksCommand::Add {
+            url,
+            events,
+            queues,
+            kinds,
+            description,
+        } => {
+            let request = orchestrator::job::WebhookRequest {
+                url,
+                events,
+                queues: some(queues),
+                kinds: some(kinds),
+                description,
+            };
+            let hook = app.create_webhook(request, CLI_ACTOR).await?;
+            out(&serde_json::to_string_pretty(&hook)?)?;
+        }
+        WebhooksCommand::List => {
+            out(&serde_json::to_string_pretty(&app.webhooks().await?)?)?;
+        }
+        WebhooksCommand::Remove { id } => {
+            let id: uuid::Uuid = id.parse().context("not a webhook id (a UUID)")?;
+            let dropped = app.delete_webhook(id, CLI_ACTOR).await?;
+            eprintln!("webhook {id} removed; {dropped} pending deliveries dropped");
+        }
+        WebhooksCommand::Secret => {}
     }
     Ok(())
 }

@@ -3,10 +3,11 @@
 //! (`ORCH_DATABASE_URL`, `ORCH_WORKER__CONCURRENCY`, …: `__` separates
 //! sections).
 
-use crate::maintenance::MaintenanceConfig;
+use crate::maintenance::{DeliveryConfig, MaintenanceConfig, RESPONSE_LIMIT};
 use crate::pipeline::{AdmissionSettings, NoChanges};
 use crate::sandbox::RuntimeChoice;
 use crate::secret::Secret;
+use crate::webhook::{Client, Signer};
 use crate::worker::PoolConfig;
 use std::path::Path;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 15] = [
+const SETTINGS_KEYS: [&str; 17] = [
     "admin_token",
     "api",
     "database_url",
@@ -36,6 +37,8 @@ const SETTINGS_KEYS: [&str; 15] = [
     "sandbox",
     "git",
     "admission",
+    "webhooks",
+    "gates",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,109 @@ pub struct Settings {
     pub git: GitSettings,
     pub admission: AdmissionSettings,
     pub kill_switch: KillSwitchSettings,
+    pub webhooks: WebhookSettings,
+    #[serde(default)]
+    pub gates: GateSettings,
+}
+
+/// The quality gates' deployment-wide settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateSettings {
+    /// Where `http` gates that name no `url` send the change
+    /// (`ORCH_GATES__COORDINATOR_URL`).
+    pub coordinator_url: Option<String>,
+}
+
+/// The most of a coordinator's answer that is read (a larger one fails
+/// the gate).
+const GATE_ANSWER_LIMIT: usize = 64 * 1024;
+
+/// Webhooks and the `http` gate's signature.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Standard Webhooks secrets (`whsec_<base64>`), the newest first.
+    /// Every one signs every message, so a rotation lists two for a while.
+    /// `ORCH_WEBHOOK_SECRET` (one, or two separated by a space) replaces them.
+    pub secrets: Vec<Secret>,
+    /// Attempts per delivery before it is dead.
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// Each request's timeout.
+    pub timeout_ms: u64,
+    /// Requests in flight at once, per replica.
+    pub concurrency: usize,
+    /// How often an idle deliverer looks at the outbox.
+    pub poll_interval_ms: u64,
+    /// Let callback and subscription URLs (and coordinators) be on this
+    /// machine or a private network: for tests and local use.
+    pub allow_local: bool,
+}
+
+impl WebhookSettings {
+    pub fn signer(&self) -> Result<Signer, ConfigError> {
+        Signer::new(&self.secrets).map_err(|e| ConfigError::Invalid {
+            field: "webhooks.secrets",
+            message: e.to_string(),
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// What `http` gates call, with `default_url` for gates that name none.
+    pub fn coordinator(
+        &self,
+        default_url: Option<String>,
+    ) -> Result<crate::pipeline::gates::Coordinator, ConfigError> {
+        // Each gate bounds its own call (its timeout_secs); the client's
+        // bound is the longest a gate may have.
+        let client = Client::new(
+            Duration::from_secs(86_400),
+            self.allow_local,
+            GATE_ANSWER_LIMIT,
+        )
+        .map_err(|e| ConfigError::Invalid {
+            field: "webhooks",
+            message: e.to_string(),
+        })?;
+        Ok(crate::pipeline::gates::Coordinator {
+            client,
+            signer: self.signer()?,
+            default_url,
+        })
+    }
+
+    /// How this replica delivers, or `None` when no secret is configured
+    /// (nothing is sent unsigned; the outbox waits).
+    pub fn delivery(&self) -> Result<Option<DeliveryConfig>, ConfigError> {
+        let signer = self.signer()?;
+        if signer.is_empty() {
+            return Ok(None);
+        }
+        let client =
+            Client::new(self.timeout(), self.allow_local, RESPONSE_LIMIT).map_err(|e| {
+                ConfigError::Invalid {
+                    field: "webhooks",
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(Some(DeliveryConfig {
+            client,
+            signer,
+            concurrency: self.concurrency,
+            retry: RetryPolicy {
+                max_attempts: self.max_attempts,
+                backoff_base_ms: self.backoff_base_ms,
+                backoff_cap_ms: self.backoff_cap_ms,
+            },
+            timeout: self.timeout(),
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -327,6 +433,10 @@ impl Settings {
         if std::env::var("ORCH_GIT_ALLOW_LOCAL").is_ok_and(|v| v == "true" || v == "1") {
             settings.git.allow_local = true;
         }
+        // The variable the issue names: one secret, or two during a rotation.
+        if let Ok(secrets) = std::env::var("ORCH_WEBHOOK_SECRET") {
+            settings.webhooks.secrets = secrets.split_whitespace().map(Secret::new).collect();
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -431,6 +541,45 @@ impl Settings {
             || m.flush_check_interval_ms == 0
         {
             return Err(invalid("maintenance", "every interval must be positive"));
+        }
+        let h = &self.webhooks;
+        if h.secrets.len() > 2 {
+            return Err(invalid(
+                "webhooks.secrets",
+                "at most two: the new one and, during a rotation, the old one",
+            ));
+        }
+        h.signer()?;
+        if let Some(url) = &self.gates.coordinator_url {
+            crate::net::HttpUrl::parse(url, h.allow_local).map_err(|e| ConfigError::Invalid {
+                field: "gates.coordinator_url",
+                message: e,
+            })?;
+        }
+        RetryPolicy {
+            max_attempts: h.max_attempts,
+            backoff_base_ms: h.backoff_base_ms,
+            backoff_cap_ms: h.backoff_cap_ms,
+        }
+        .validate()
+        .map_err(|e| ConfigError::Invalid {
+            field: "webhooks",
+            message: e.to_string(),
+        })?;
+        if !(100..=300_000).contains(&h.timeout_ms) {
+            return Err(invalid(
+                "webhooks.timeout_ms",
+                "must be between 100 and 300000",
+            ));
+        }
+        if h.concurrency == 0 || h.concurrency > 1_000 {
+            return Err(invalid(
+                "webhooks.concurrency",
+                "must be between 1 and 1000",
+            ));
+        }
+        if h.poll_interval_ms == 0 {
+            return Err(invalid("webhooks.poll_interval_ms", "must be positive"));
         }
         Ok(())
     }

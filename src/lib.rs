@@ -21,4 +21,5 @@ pub mod sandbox;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;
 pub mod worker;

@@ -54,6 +54,13 @@ pub const CANCEL_SECONDS: &str = "orchestrator_cancel_duration_seconds";
 pub const CANCELLATIONS: &str = "orchestrator_cancellations_total";
 /// Gauge: 1 while the kill switch is engaged (as this process last saw it).
 pub const KILL_SWITCH_ENGAGED: &str = "orchestrator_kill_switch_engaged";
+/// Counter {outcome}: webhook attempts, by what came of them (delivered,
+/// retried, dead).
+pub const WEBHOOK_DELIVERIES: &str = "orchestrator_webhook_deliveries_total";
+/// Histogram: from a webhook's transition to its delivery, seconds.
+pub const WEBHOOK_DELIVERY_SECONDS: &str = "orchestrator_webhook_delivery_latency_seconds";
+/// Gauge: how long the oldest undelivered webhook has waited, seconds.
+pub const WEBHOOK_OLDEST_UNDELIVERED: &str = "orchestrator_webhook_oldest_undelivered_age_seconds";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -117,6 +124,20 @@ fn describe() {
     );
     describe_counter!(CANCELLATIONS, "Jobs cancelled, by stage.");
     describe_gauge!(KILL_SWITCH_ENGAGED, "1 while the kill switch is engaged.");
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook attempts, by outcome (delivered, retried, dead)."
+    );
+    describe_histogram!(
+        WEBHOOK_DELIVERY_SECONDS,
+        Unit::Seconds,
+        "From a webhook's transition to its delivery."
+    );
+    describe_gauge!(
+        WEBHOOK_OLDEST_UNDELIVERED,
+        Unit::Seconds,
+        "How long the oldest undelivered webhook has waited."
+    );
     describe_counter!(JOB_RETRIES, "Failed attempts scheduled for a retry.");
     describe_counter!(JOBS_DEAD, "Jobs dead-lettered after their last attempt.");
     describe_histogram!(JOB_WAIT_SECONDS, Unit::Seconds, "Time from due to start.");

@@ -63,3 +63,106 @@ pub fn is_local_host(host: &str) -> bool {
     }
     bare.parse::<IpAddr>().is_ok_and(is_local_addr)
 }
+
+/// The longest URL a webhook or a coordinator may have.
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// An `http` or `https` URL a host sends requests to on someone's behalf (a
+/// job's `callback_url`, a webhook subscription, a coordinator): parsed once,
+/// and its canonical form (the `url` crate's, which the HTTP client uses
+/// too) is what is stored, checked and sent to. No credentials, no fragment,
+/// and no local host unless `allow_local`; a name that resolves to a local
+/// address is refused when it is resolved, not here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl(url::Url);
+
+impl HttpUrl {
+    pub fn parse(raw: &str, allow_local: bool) -> Result<HttpUrl, String> {
+        if raw.len() > MAX_URL_BYTES {
+            return Err(format!("must be at most {MAX_URL_BYTES} bytes"));
+        }
+        if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err("must not hold whitespace or control characters".into());
+        }
+        let url = url::Url::parse(raw).map_err(|e| format!("is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("scheme {:?} is not http or https", url.scheme()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("must not carry credentials (user:password@)".into());
+        }
+        if url.fragment().is_some() {
+            return Err("must not have a #fragment".into());
+        }
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_owned(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err("has no host".into()),
+        };
+        if !allow_local && is_local_host(&host) {
+            return Err(format!(
+                "host {host} is this machine or a private address; not allowed unless webhooks.allow_local"
+            ));
+        }
+        if url.as_str().len() > MAX_URL_BYTES {
+            return Err(format!(
+                "must be at most {MAX_URL_BYTES} bytes once normalised"
+            ));
+        }
+        Ok(HttpUrl(url))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn url(&self) -> &url::Url {
+        &self.0
+    }
+
+    /// The host as a name to resolve, or `None` for a literal address.
+    pub fn domain(&self) -> Option<&str> {
+        self.0.domain()
+    }
+}
+
+impl std::fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_urls_are_canonical_and_refuse_what_the_policy_forbids() {
+        let ok = HttpUrl::parse("https://Example.COM:443/hook?a=1", false).expect("valid");
+        assert_eq!(ok.as_str(), "https://example.com/hook?a=1");
+        for (raw, why) in [
+            ("ftp://example.com/", "scheme"),
+            ("https://user:pw@example.com/", "credentials"),
+            ("https://example.com/#frag", "fragment"),
+            ("http://127.0.0.1:9/", "this machine"),
+            // Two parsers could read these differently; ours normalises
+            // them to 127.0.0.1 before the check.
+            ("http://0x7f.1/", "this machine"),
+            ("http://2130706433/", "this machine"),
+            ("http://[::ffff:127.0.0.1]/", "this machine"),
+            ("http://169.254.169.254/latest/meta-data", "this machine"),
+            ("http://localhost./", "this machine"),
+            ("http://a.localhost/", "this machine"),
+            ("https://example.com/\u{0}", "control"),
+            ("https://exa mple.com/", "whitespace"),
+            ("notaurl", "not a URL"),
+        ] {
+            let err = HttpUrl::parse(raw, false).expect_err(raw);
+            assert!(err.contains(why), "{raw}: {err}");
+        }
+        assert!(HttpUrl::parse("http://127.0.0.1:9/", true).is_ok());
+        let long = format!("https://example.com/{}", "a".repeat(MAX_URL_BYTES));
+        assert!(HttpUrl::parse(&long, false).is_err());
+    }
+}

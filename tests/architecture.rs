@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("queue", 1),
     ("sandbox", 1),
     ("git", 1),
+    ("webhook", 1),
     ("worker", 2),
     ("maintenance", 2),
     ("pipeline", 2),

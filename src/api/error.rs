@@ -107,6 +107,8 @@ impl From<AppError> for ApiError {
                 api.index = Some(index);
                 api
             }
+            ErrorClass::InvalidField(error) => ApiError::invalid(error.clone()),
+            ErrorClass::Missing(detail) => ApiError::not_found(detail),
             ErrorClass::Unavailable => ApiError::unavailable(&e),
             ErrorClass::Internal => ApiError::internal(&e),
         }

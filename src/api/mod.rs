@@ -13,6 +13,7 @@ mod killswitch;
 pub mod openapi;
 mod queues;
 mod ui;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -82,6 +83,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}/events", get(events::events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/jobs/{id}/deliveries", get(webhooks::deliveries))
+        .route(
+            "/v1/jobs/{id}/deliveries/{delivery}/redeliver",
+            post(webhooks::redeliver),
+        )
+        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
+        .route("/v1/webhooks/{id}", axum::routing::delete(webhooks::delete))
         .route(
             "/v1/killswitch",
             get(killswitch::get)

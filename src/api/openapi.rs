@@ -3,8 +3,10 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, events, health, jobs, killswitch, queues};
-use crate::job::{Job, JobEvent, JobPatch, JobRequest, Status};
+use super::{error, events, health, jobs, killswitch, queues, webhooks};
+use crate::job::{
+    Delivery, DeliveryAttempt, Job, JobEvent, JobPatch, JobRequest, Status, Webhook, WebhookRequest,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +16,7 @@ use crate::job::{Job, JobEvent, JobPatch, JobRequest, Status};
         events::events,
         queues::list, queues::pause, queues::resume,
         killswitch::get, killswitch::engage, killswitch::lift, killswitch::events,
+        webhooks::create, webhooks::list, webhooks::delete, webhooks::deliveries, webhooks::redeliver,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
@@ -23,6 +26,8 @@ use crate::job::{Job, JobEvent, JobPatch, JobRequest, Status};
         killswitch::KillRequest, killswitch::ControlEventList, killswitch::ControlEventView,
         crate::app::KillSwitchStatus, crate::app::KillReport,
         crate::app::ResumeReport, crate::app::KilledJob, crate::app::KillOutcome,
+        Webhook, WebhookRequest, Delivery, DeliveryAttempt,
+        webhooks::WebhookList, webhooks::DeliveryList, webhooks::Deleted,
     )),
     modifiers(&BearerAuth),
 )]

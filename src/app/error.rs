@@ -27,6 +27,15 @@ pub enum AppError {
         key: String,
         job: JobId,
     },
+    /// A request other than a job's was invalid (a webhook subscription).
+    #[error("{0}")]
+    InvalidRequest(FieldError),
+    #[error("webhook {0} does not exist")]
+    NoSuchWebhook(uuid::Uuid),
+    #[error("job {job} has no delivery {delivery}")]
+    NoSuchDelivery { job: JobId, delivery: i64 },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("git stage: the secret rules: {0}")]
     SecretRules(#[from] crate::git::secrets::ScanError),
     #[error("git stage: git.data_dir {path:?}: {source}")]
@@ -53,6 +62,10 @@ pub enum ErrorClass<'a> {
     },
     /// A request was invalid: the job at `index` of the batch.
     Invalid { index: usize, error: &'a FieldError },
+    /// A request that is not a batch of jobs was invalid.
+    InvalidField(&'a FieldError),
+    /// Something other than a job does not exist.
+    Missing(String),
     /// The caller's `If-Match` version is not the current one.
     PreconditionFailed(String),
     /// A backing service is down or not ready; retrying later may work.
@@ -88,7 +101,12 @@ impl AppError {
                 index: *index,
                 error,
             },
+            AppError::InvalidRequest(error) => ErrorClass::InvalidField(error),
+            AppError::NoSuchWebhook(_) | AppError::NoSuchDelivery { .. } => {
+                ErrorClass::Missing(self.to_string())
+            }
             AppError::NotMigrated
+            | AppError::Config(_)
             | AppError::Kind(_)
             | AppError::SecretRules(_)
             | AppError::DataDir { .. } => ErrorClass::Unavailable,

@@ -5,6 +5,7 @@ mod dashboard;
 mod error;
 mod killswitch;
 mod queues;
+mod webhooks;
 
 pub use dashboard::{Finished, Overview, WorkerInfo, THROUGHPUT_WINDOW};
 pub use error::{AppError, ErrorClass};
@@ -114,6 +115,8 @@ pub struct App {
     registry: Registry,
     sandboxes: SandboxHost,
     git: GitHost,
+    /// How this replica delivers webhooks (`None`: no secret configured).
+    delivery: Option<crate::maintenance::DeliveryConfig>,
     /// When queue depths were last read for `/metrics`.
     depth_sampled: Arc<tokio::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -165,6 +168,11 @@ impl App {
             policy: settings.git.policy(),
             no_changes: settings.git.no_changes,
             yolo: settings.git.yolo,
+            coordinator: Some(
+                settings
+                    .webhooks
+                    .coordinator(settings.gates.coordinator_url.clone())?,
+            ),
         };
         if settings.git.yolo {
             tracing::warn!(
@@ -172,6 +180,7 @@ impl App {
             );
         }
         Ok(App {
+            delivery: settings.webhooks.delivery()?,
             registry: Registry::with_kinds(kinds, &sandboxes, Some(&git), &settings.admission),
             git,
             sandboxes,
@@ -246,6 +255,7 @@ impl App {
     /// the check and the insert is refused too, but the other jobs of this
     /// batch are stored (and indexed) by then.
     pub async fn enqueue(&self, jobs: &[NewJob]) -> Result<Vec<(Job, bool)>, AppError> {
+        self.check_callbacks(jobs).await?;
         self.check_keys(jobs).await?;
         self.check_queue_cap(jobs).await?;
         let stored = self.store.insert_jobs(jobs).await?;
@@ -528,5 +538,6 @@ impl App {
         )
         .with_sandboxes(self.sandboxes.clone())
         .with_git(self.git.stage.clone())
+        .with_webhooks(self.delivery.clone())
     }
 }

@@ -100,6 +100,7 @@ fn noop_jobs(queue: &QueueName, n: usize) -> Vec<NewJob> {
             actor: "bench".to_owned(),
             yolo: false,
             metadata: serde_json::json!({}),
+            callback_url: None,
         })
         .collect()
 }

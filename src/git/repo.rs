@@ -179,6 +179,17 @@ pub enum CommitOutcome {
     },
 }
 
+/// Diff stats and changed paths of a job's change.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DiffSummary {
+    pub files_changed: usize,
+    pub insertions: usize,
+    pub deletions: usize,
+    pub paths: Vec<String>,
+    /// More paths changed than are listed.
+    pub paths_truncated: bool,
+}
+
 /// A commit and what the host saw of git metadata in the workspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitReport {
@@ -535,6 +546,35 @@ impl GitStage {
             true
         })?;
         Ok(patch)
+    }
+
+    /// What the change touches (its base to its branch's head): counts and
+    /// the changed paths (at most `max_paths`, lossily decoded), for a
+    /// coordinator. Paths are data from the agent, never opened here.
+    pub fn diff_summary(&self, wt: &Worktree, max_paths: usize) -> Result<DiffSummary, GitError> {
+        let repo = Repository::open_bare(&wt.mirror)?;
+        let head = self.branch_head(&repo, wt)?.tree()?;
+        let base = repo.find_commit(wt.base_commit)?.tree()?;
+        let diff = repo.diff_tree_to_tree(Some(&base), Some(&head), None)?;
+        let stats = diff.stats()?;
+        let paths: Vec<String> = diff
+            .deltas()
+            .filter_map(|d| {
+                d.new_file()
+                    .path_bytes()
+                    .or(d.old_file().path_bytes())
+                    .map(<[u8]>::to_vec)
+            })
+            .take(max_paths)
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
+            .collect();
+        Ok(DiffSummary {
+            files_changed: stats.files_changed(),
+            insertions: stats.insertions(),
+            deletions: stats.deletions(),
+            paths_truncated: stats.files_changed() > paths.len(),
+            paths,
+        })
     }
 
     /// Fetches `target` (default: the remote's HEAD) and merges it with the

@@ -4,6 +4,7 @@
 mod request;
 mod retry;
 mod status;
+mod webhook;
 
 use std::fmt;
 use std::str::FromStr;
@@ -18,6 +19,9 @@ pub use request::{
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError, MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
 pub use status::{Status, UnknownStatus};
+pub use webhook::{
+    message_id, Delivery, DeliveryAttempt, NewWebhook, Webhook, WebhookRequest, WEBHOOK_EVENTS,
+};
 
 /// A job id: a UUIDv7, so ids sort by creation time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -238,6 +242,8 @@ pub struct NewJob {
     pub yolo: bool,
     /// The producer's labels (a checked JSON object).
     pub metadata: serde_json::Value,
+    /// Where its events go as webhooks (a canonical http/https URL).
+    pub callback_url: Option<String>,
 }
 
 /// A job as stored in Postgres.
@@ -278,6 +284,9 @@ pub struct Job {
     /// The producer's labels.
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
+    /// Where its events go as signed webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 /// A job's progress, as its agent reported it.

@@ -57,6 +57,12 @@ pub struct JobRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// An `http` or `https` URL that receives this job's events as signed
+    /// webhooks (`started`, `progress`, `succeeded`, `failed`, `dead`,
+    /// `cancelled`). Local and private addresses are refused unless the
+    /// deployment sets `webhooks.allow_local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 /// What a deployment fills in when a request leaves a field out.
@@ -253,6 +259,16 @@ impl JobRequest {
             None => serde_json::json!({}),
             Some(m) => validate_metadata(m)?,
         };
+        // The address policy (allow_local, what the name resolves to) is
+        // the application's to apply; here only the form is checked.
+        let callback_url = self
+            .callback_url
+            .map(|raw| {
+                crate::net::HttpUrl::parse(&raw, true)
+                    .map(|u| u.as_str().to_owned())
+                    .map_err(|e| FieldError::new("callback_url", e))
+            })
+            .transpose()?;
         Ok(NewJob {
             id: JobId::new(),
             queue,
@@ -266,6 +282,7 @@ impl JobRequest {
             actor: actor.to_owned(),
             yolo: false,
             metadata,
+            callback_url,
         })
     }
 }

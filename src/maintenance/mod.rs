@@ -4,6 +4,7 @@
 //! the depth sampler. Every one is idempotent and safe to run in every
 //! replica at once.
 
+mod deliverer;
 mod holds;
 mod outbox;
 mod promoter;
@@ -25,6 +26,7 @@ use crate::metrics as m;
 use crate::queue::ValkeyQueue;
 use crate::store::Store;
 
+pub use deliverer::{DeliveryConfig, RESPONSE_LIMIT};
 pub use reaper::ReapCounts;
 
 /// Called at the end of every full reconcile pass.
@@ -93,6 +95,7 @@ pub struct Maintenance {
     observer: Option<Observer>,
     sandboxes: Option<crate::pipeline::SandboxHost>,
     git: Option<crate::git::repo::GitStage>,
+    webhooks: Option<DeliveryConfig>,
 }
 
 impl Maintenance {
@@ -112,7 +115,14 @@ impl Maintenance {
             observer: None,
             sandboxes: None,
             git: None,
+            webhooks: None,
         }
+    }
+
+    /// Also delivers webhooks from the outbox.
+    pub fn with_webhooks(mut self, cfg: Option<DeliveryConfig>) -> Self {
+        self.webhooks = cfg;
+        self
     }
 
     /// Also reaps orphaned worktrees of `stage`.
@@ -221,6 +231,7 @@ impl Maintenance {
                 async move { m.sample_once().await }
             },
         ));
+        me.spawn_webhooks(&mut tasks, &stop);
         if me.sandboxes.is_some() || me.git.is_some() {
             let m = me.clone();
             tasks.spawn(periodic(
@@ -237,6 +248,35 @@ impl Maintenance {
             ));
         }
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+impl Maintenance {
+    /// Runs only the webhook deliverer and its sampler (a replica without
+    /// workers) until `stop` fires.
+    pub async fn run_webhooks(self, stop: CancellationToken) {
+        let mut tasks = JoinSet::new();
+        Arc::new(self).spawn_webhooks(&mut tasks, &stop);
+        while tasks.join_next().await.is_some() {}
+    }
+
+    fn spawn_webhooks(self: &Arc<Self>, tasks: &mut JoinSet<()>, stop: &CancellationToken) {
+        let Some(delivery) = self.webhooks.clone() else {
+            return;
+        };
+        let m = self.clone();
+        let until = stop.clone();
+        tasks.spawn(async move { m.deliver(delivery, until).await });
+        let m = self.clone();
+        tasks.spawn(periodic(
+            "webhook-sampler",
+            self.cfg.sample_interval,
+            stop.clone(),
+            move || {
+                let m = m.clone();
+                async move { m.sample_webhooks_once().await }
+            },
+        ));
     }
 }
 

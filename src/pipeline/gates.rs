@@ -1,10 +1,13 @@
 //! Quality gates: each runs in a fresh sandbox against the committed tree
 //! (mounted read-only), with its own timeout, and records name, passed,
-//! duration and an output tail. Three types: a command; a coverage gate (a
+//! duration and an output tail. Four types: a command; a coverage gate (a
 //! command whose coverage figure, from its output or a report file, must
 //! reach a threshold); an AI review gate (a reviewer container, never the
 //! agent's image, reads the diff and answers
-//! `{"approved": bool, "confidence": 0..1, "summary": "..."}`).
+//! `{"approved": bool, "confidence": 0..1, "summary": "..."}`); and an
+//! `http` gate, which runs no container: it POSTs the change to a
+//! coordinator, signed like a webhook, and takes its signed answer
+//! `{"pass": bool, "confidence": 0..1, "reason": "..."}`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,6 +28,7 @@ pub enum GateType {
     Command,
     Coverage,
     AiReview,
+    Http,
 }
 
 /// A gate as `worker.toml` defines it (`[[gates.gate]]`).
@@ -34,7 +38,9 @@ pub struct GateDef {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: GateType,
-    /// argv, run with the committed tree at /workspace (read-only).
+    /// argv, run with the committed tree at /workspace (read-only); none
+    /// for an `http` gate.
+    #[serde(default)]
     pub command: Vec<String>,
     /// Defaults to the kind's image; an AI review gate must name another.
     pub image: Option<String>,
@@ -47,9 +53,12 @@ pub struct GateDef {
     /// The profiles this gate belongs to.
     #[serde(default)]
     pub profiles: Vec<String>,
-    /// Coverage: the minimum percentage. AI review: the minimum confidence
-    /// (default 0.9).
+    /// Coverage: the minimum percentage. AI review and http: the minimum
+    /// confidence (default 0.9).
     pub threshold: Option<f64>,
+    /// http: the coordinator (default: the deployment's
+    /// `gates.coordinator_url`).
+    pub url: Option<String>,
     /// Coverage: a report file in the tree (lcov, Cobertura XML or a JSON
     /// summary); without it the figure is read from the output.
     pub report: Option<String>,
@@ -143,8 +152,21 @@ impl GatesFile {
             if !names.insert(g.name.clone()) {
                 return Err((field("name"), format!("{:?} appears twice", g.name)));
             }
-            if g.command.is_empty() {
+            if g.kind == GateType::Http {
+                if !g.command.is_empty() || g.image.is_some() || g.report.is_some() {
+                    return Err((
+                        field("command"),
+                        "an http gate runs no container: no command, image or report".into(),
+                    ));
+                }
+                if let Some(url) = &g.url {
+                    // The address policy is applied when it is called.
+                    crate::net::HttpUrl::parse(url, true).map_err(|e| (field("url"), e))?;
+                }
+            } else if g.command.is_empty() {
                 return Err((field("command"), "must be a non-empty argv array".into()));
+            } else if g.url.is_some() {
+                return Err((field("url"), "only an http gate has a url".into()));
             }
             if g.timeout_secs == 0 || g.timeout_secs > 86_400 {
                 return Err((field("timeout_secs"), "must be between 1 and 86400".into()));
@@ -162,6 +184,11 @@ impl GatesFile {
                             field("threshold"),
                             "a coverage gate needs a percentage from 0 to 100".into(),
                         ));
+                    }
+                }
+                GateType::Http => {
+                    if g.threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+                        return Err((field("threshold"), "a confidence from 0 to 1".into()));
                     }
                 }
                 GateType::AiReview => {
@@ -294,6 +321,8 @@ impl GateDef {
                     Err(e) => (false, e),
                 }
             }
+            // Judged by `Coordinator::ask`; it never runs a command.
+            GateType::Http => (false, "an http gate is judged by its coordinator".into()),
             GateType::AiReview => {
                 let threshold = self.threshold.unwrap_or(0.9);
                 match review_verdict(output) {
@@ -394,6 +423,138 @@ fn read_report(tree: &Path, report: &Path, limits: Limits) -> Result<f64, String
     Ok(hit as f64 * 100.0 / found as f64)
 }
 
+/// Where `http` gates go: the client (no redirects, the address policy,
+/// bounded answers), the webhook signer, and the deployment's default
+/// coordinator.
+#[derive(Clone, Debug)]
+pub struct Coordinator {
+    pub client: crate::webhook::Client,
+    pub signer: crate::webhook::Signer,
+    pub default_url: Option<String>,
+}
+
+/// The coordinator's answer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoordinatorVerdict {
+    pass: bool,
+    confidence: f64,
+    reason: String,
+}
+
+impl Coordinator {
+    /// POSTs `review` (JSON) for `gate`, then judges the answer. Fails
+    /// closed: no URL, no secret, a timeout, a non-2xx status, an answer
+    /// without a valid signature (under any configured secret), a cut-off
+    /// or unparsable body, or a confidence outside 0..1 all fail the gate.
+    pub async fn ask(&self, gate: &GateDef, message_id: &str, review: &Value) -> (bool, String) {
+        let Some(url) = gate.url.as_deref().or(self.default_url.as_deref()) else {
+            return (
+                false,
+                "no coordinator: the gate names no url and gates.coordinator_url is not set".into(),
+            );
+        };
+        if self.signer.is_empty() {
+            return (
+                false,
+                "no webhook secret (ORCH_WEBHOOK_SECRET): the request could not be signed".into(),
+            );
+        }
+        let body = serde_json::to_vec(review).unwrap_or_default();
+        let ask = self.client.post(url, &self.signer, message_id, body);
+        let answer = match tokio::time::timeout(gate.timeout(), ask).await {
+            Err(_) => {
+                return (
+                    false,
+                    format!(
+                        "the coordinator did not answer within {}s",
+                        gate.timeout_secs
+                    ),
+                )
+            }
+            Ok(Err(e)) => return (false, format!("the coordinator could not be reached: {e}")),
+            Ok(Ok(answer)) => answer,
+        };
+        self.judge(gate, message_id, &answer, chrono::Utc::now().timestamp())
+    }
+
+    fn judge(
+        &self,
+        gate: &GateDef,
+        message_id: &str,
+        answer: &crate::webhook::Answer,
+        now: i64,
+    ) -> (bool, String) {
+        if !(200..300).contains(&answer.status) {
+            return (
+                false,
+                format!("the coordinator answered HTTP {}", answer.status),
+            );
+        }
+        if answer.truncated {
+            return (false, "the coordinator's answer is too large".into());
+        }
+        if let Err(e) = self.signer.verify(
+            answer.webhook_id.as_deref(),
+            answer.webhook_timestamp.as_deref(),
+            answer.webhook_signature.as_deref(),
+            &answer.body,
+            now,
+        ) {
+            return (false, format!("rejected the coordinator's answer: {e}"));
+        }
+        // A signed answer to another request (replayed) is not an answer.
+        if answer.webhook_id.as_deref() != Some(message_id) {
+            return (
+                false,
+                format!("rejected the coordinator's answer: its webhook-id is not this request's ({message_id})"),
+            );
+        }
+        let verdict: CoordinatorVerdict = match serde_json::from_slice(&answer.body) {
+            Ok(v) => v,
+            Err(e) => {
+                return (
+                    false,
+                    format!("the coordinator's answer is not {{\"pass\": bool, \"confidence\": 0..1, \"reason\": \"...\"}}: {e}"),
+                )
+            }
+        };
+        if !(0.0..=1.0).contains(&verdict.confidence) {
+            return (
+                false,
+                format!(
+                    "the coordinator's confidence {} is not between 0 and 1",
+                    verdict.confidence
+                ),
+            );
+        }
+        let threshold = gate.threshold.unwrap_or(0.9);
+        let reason: String = verdict
+            .reason
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(2000)
+            .collect();
+        match (verdict.pass, verdict.confidence >= threshold) {
+            (true, true) => (
+                true,
+                format!("passed with confidence {:.2}: {reason}", verdict.confidence),
+            ),
+            (true, false) => (
+                false,
+                format!(
+                    "passed, but with confidence {:.2} below {threshold}: {reason}",
+                    verdict.confidence
+                ),
+            ),
+            (false, _) => (
+                false,
+                format!("failed (confidence {:.2}): {reason}", verdict.confidence),
+            ),
+        }
+    }
+}
+
 /// Gate results as the job's result and events show them.
 pub fn summary(results: &[GateResult]) -> BTreeMap<String, Value> {
     results
@@ -422,6 +583,7 @@ mod tests {
             profiles: vec!["standard".into()],
             threshold,
             report: report.map(str::to_owned),
+            url: None,
         }
     }
 

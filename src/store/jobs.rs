@@ -136,6 +136,7 @@ impl Store {
         let mut actors = Vec::with_capacity(n);
         let mut yolos = Vec::with_capacity(n);
         let mut metadata = Vec::with_capacity(n);
+        let mut callbacks: Vec<Option<&str>> = Vec::with_capacity(n);
         for j in jobs {
             ids.push(j.id.0);
             queues.push(j.queue.as_str().to_owned());
@@ -151,22 +152,25 @@ impl Store {
             actors.push(j.actor.clone());
             yolos.push(j.yolo);
             metadata.push(j.metadata.clone());
+            callbacks.push(j.callback_url.as_deref());
         }
         let sql = format!(
             "WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[],
                     $6::int[], $7::bigint[], $8::bigint[], $9::int[], $10::timestamptz[], $11::text[],
-                    $12::text[], $13::bool[], $14::jsonb[])
+                    $12::text[], $13::bool[], $14::jsonb[], $15::text[])
                 AS t(id, queue, kind, priority, payload, max_attempts, backoff_base_ms,
-                     backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor, yolo, metadata)
+                     backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor, yolo, metadata,
+                     callback_url)
             ),
             ins AS (
                 INSERT INTO jobs (id, queue, kind, status, priority, payload, max_attempts,
-                    backoff_base_ms, backoff_cap_ms, timeout_secs, run_at, idempotency_key, metadata)
+                    backoff_base_ms, backoff_cap_ms, timeout_secs, run_at, idempotency_key, metadata,
+                    callback_url)
                 SELECT id, queue, kind,
                     CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
                     priority, payload, max_attempts, backoff_base_ms, backoff_cap_ms,
-                    timeout_secs, COALESCE(run_at, now()), idempotency_key, metadata
+                    timeout_secs, COALESCE(run_at, now()), idempotency_key, metadata, callback_url
                 FROM input
                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING {JOB_COLUMNS}
@@ -199,6 +203,7 @@ impl Store {
             .bind(&actors)
             .bind(&yolos)
             .bind(&metadata)
+            .bind(&callbacks)
             .fetch_all(&self.pool)
             .await?;
         let mut inserted: HashMap<Uuid, Job> = HashMap::with_capacity(rows.len());

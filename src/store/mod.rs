@@ -10,6 +10,7 @@ mod control;
 mod jobs;
 mod rows;
 mod transitions;
+mod webhooks;
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use crate::job::{JobId, Status};
 pub use control::{ControlEvent, ControlKind, ControlRow};
 pub use jobs::{Failure, IndexState, LeaseHolder, ProgressWrite, QueueCounts};
 pub use transitions::{ClaimedJob, Finish, FinishOutcome, Reaped};
+pub use webhooks::{ClaimedDelivery, DeliveryOutcome};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

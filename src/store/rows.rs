@@ -10,7 +10,7 @@ use crate::job::{Job, JobEvent, JobId, JobKind, QueueName, Status};
 pub const JOB_COLUMNS: &str = "id, queue, kind, status, stage, priority, payload, attempt, \
     max_attempts, backoff_base_ms, backoff_cap_ms, timeout_secs, lease_id, worker_id, \
     lease_expires_at, run_at, idempotency_key, last_error, result, created_at, updated_at, \
-    started_at, finished_at, version, progress, metadata";
+    started_at, finished_at, version, progress, metadata, callback_url";
 
 #[derive(sqlx::FromRow)]
 pub struct JobRow {
@@ -40,6 +40,7 @@ pub struct JobRow {
     version: i64,
     progress: Option<serde_json::Value>,
     metadata: serde_json::Value,
+    callback_url: Option<String>,
 }
 
 /// A queue name as stored: written validated, so a bad one is corruption.
@@ -96,6 +97,7 @@ impl TryFrom<JobRow> for Job {
                 .transpose()
                 .map_err(|e| StoreError::Corrupt(format!("jobs.progress: {e}")))?,
             metadata: r.metadata,
+            callback_url: r.callback_url,
         })
     }
 }

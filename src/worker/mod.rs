@@ -97,7 +97,8 @@ async fn run_maintenance(shared: Arc<Shared>, stop: CancellationToken) {
     )
     .with_observer(observer)
     .with_sandboxes(shared.sandboxes.clone())
-    .with_git(shared.git.clone());
+    .with_git(shared.git.clone())
+    .with_webhooks(shared.webhooks.clone());
     maintenance.run(stop).await;
 }
 
@@ -164,6 +165,7 @@ struct Shared {
     /// For the orphan reapers.
     sandboxes: Option<crate::pipeline::SandboxHost>,
     git: Option<crate::git::repo::GitStage>,
+    webhooks: Option<crate::maintenance::DeliveryConfig>,
 }
 
 impl Shared {
@@ -207,6 +209,7 @@ impl Pool {
                 worker_id: Arc::from(cfg.worker_id.as_str()),
                 sandboxes: None,
                 git: None,
+                webhooks: None,
                 cfg,
             },
         }
@@ -227,6 +230,12 @@ impl Pool {
     /// Reaps orphaned worktrees of this git stage.
     pub fn with_git(mut self, stage: crate::git::repo::GitStage) -> Self {
         self.shared.git = Some(stage);
+        self
+    }
+
+    /// Delivers webhooks from the outbox (with the other maintenance).
+    pub fn with_webhooks(mut self, cfg: Option<crate::maintenance::DeliveryConfig>) -> Self {
+        self.shared.webhooks = cfg;
         self
     }
 

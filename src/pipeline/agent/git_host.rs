@@ -12,4 +12,6 @@ pub struct GitHost {
     pub no_changes: NoChanges,
     /// Skip every job's quality gates (`git.yolo`): loudly, in each trail.
     pub yolo: bool,
+    /// Where `http` gates send the change, and how they sign it.
+    pub coordinator: Option<crate::pipeline::gates::Coordinator>,
 }

@@ -232,7 +232,7 @@ async fn stages_after_prepare(
         Vec::new()
     } else {
         let started = stage_start(ctx, "gates").await;
-        let results = run_gates(def, host, git, ctx, wt, &gates).await;
+        let results = run_gates(def, host, git, ctx, wt, &sha, &gates).await;
         let passed = results
             .as_ref()
             .is_ok_and(|r| r.iter().all(|g| g.passed || !g.required));
@@ -287,6 +287,9 @@ async fn stages_after_prepare(
     }))
 }
 
+/// Most changed paths a coordinator is sent.
+const MAX_REVIEW_PATHS: usize = 1000;
+
 /// Runs `gates` in order; stops at the first required one that fails.
 async fn run_gates(
     def: &KindDef,
@@ -294,6 +297,7 @@ async fn run_gates(
     git: &GitHost,
     ctx: &JobContext,
     wt: &Worktree,
+    sha: &str,
     gates: &[GateDef],
 ) -> Result<Vec<GateResult>, JobError> {
     // A reviewer reads the diff, mounted read-only beside the tree.
@@ -316,13 +320,82 @@ async fn run_gates(
     let tree = blocking(move || stage.committed_tree(&tree_wt))
         .await
         .map_err(|e| JobError::Failed(format!("the committed tree for the gates: {e}")))?;
-    let mut results = Vec::with_capacity(gates.len());
+    // What a coordinator is shown: counts and paths, not the tree.
+    let diff = if gates.iter().any(|g| g.kind == GateType::Http) {
+        let stage = git.stage.clone();
+        let diff_wt = wt.clone();
+        let summary = blocking(move || stage.diff_summary(&diff_wt, MAX_REVIEW_PATHS))
+            .await
+            .map_err(|e| JobError::Failed(format!("diff for the coordinator: {e}")))?;
+        Some(summary)
+    } else {
+        None
+    };
+    let mut results: Vec<GateResult> = Vec::with_capacity(gates.len());
     for (index, gate) in gates.iter().enumerate() {
         if ctx.cancel.is_cancelled() {
             let _ = std::fs::remove_dir_all(&review_dir);
             return Err(JobError::Interrupted);
         }
         let started = Instant::now();
+        if gate.kind == GateType::Http {
+            let review = json!({
+                "job": {
+                    "id": ctx.job.id, "queue": ctx.job.queue.as_str(), "kind": ctx.job.kind.as_str(),
+                    "attempt": ctx.job.attempt, "payload": ctx.job.payload,
+                },
+                "gate": gate.name,
+                "commit": sha,
+                "branch": wt.branch.as_str(),
+                "diff": diff,
+                "gates": results,
+            });
+            let (passed, detail) = match &git.coordinator {
+                Some(coordinator) => {
+                    // One message id per job, attempt and gate: a retry of
+                    // the job asks again under a new one.
+                    let id = format!(
+                        "gate_{}_{}_{}",
+                        ctx.job.id.0.simple(),
+                        ctx.job.attempt,
+                        gate.name
+                    );
+                    tokio::select! {
+                        verdict = coordinator.ask(gate, &id, &review) => verdict,
+                        () = ctx.cancel.cancelled() => {
+                            let _ = std::fs::remove_dir_all(&review_dir);
+                            return Err(JobError::Interrupted);
+                        }
+                    }
+                }
+                None => (
+                    false,
+                    "no coordinator is configured for http gates".to_owned(),
+                ),
+            };
+            let result = GateResult {
+                name: gate.name.clone(),
+                kind: gate.kind,
+                image: String::new(),
+                required: gate.required,
+                passed,
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                detail,
+                output_tail: Vec::new(),
+            };
+            record(
+                ctx,
+                "gate_finished",
+                serde_json::to_value(&result).unwrap_or_default(),
+            )
+            .await;
+            let stop = result.required && !result.passed;
+            results.push(result);
+            if stop {
+                break;
+            }
+            continue;
+        }
         let workspace = BindMount {
             host: tree.clone(),
             target: WORKSPACE.to_owned(),

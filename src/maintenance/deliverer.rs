@@ -1,0 +1,196 @@
+//! The webhook deliverer: claims due outbox rows (`FOR UPDATE SKIP LOCKED`,
+//! so every replica runs one and none sends a row another holds), POSTs
+//! each with its Standard Webhooks signature, at most `concurrency` at
+//! once, and records every attempt. A failed attempt is retried with the
+//! jobs' backoff (exponential, jittered by the `backoff` crate) until
+//! `max_attempts`, then the row is dead. Outcomes are written in batches;
+//! should a deliverer die first, its rows are claimable again once their
+//! claim runs out, and the receiver sees the same `webhook-id` again.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{error_backoff, Maintenance, MaintenanceError};
+use crate::job::{RetryDecision, RetryPolicy};
+use crate::metrics as m;
+use crate::store::{ClaimedDelivery, DeliveryOutcome};
+use crate::webhook::{Client, SendError, Signer};
+
+/// The most of an answer that is kept.
+pub const RESPONSE_LIMIT: usize = 1024;
+
+/// How a replica delivers webhooks.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub client: Client,
+    pub signer: Signer,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Attempts, and the delays between them.
+    pub retry: RetryPolicy,
+    /// Each request's timeout (the client's); a claim lasts a little longer.
+    pub timeout: Duration,
+    /// How often the outbox is looked at while it is empty.
+    pub poll_interval: Duration,
+}
+
+impl DeliveryConfig {
+    fn lease(&self) -> Duration {
+        self.timeout + Duration::from_secs(30)
+    }
+}
+
+impl Maintenance {
+    /// Delivers until `stop` fires, then waits for the requests in flight
+    /// (bounded by their timeout) and records them.
+    pub(super) async fn deliver(&self, cfg: DeliveryConfig, stop: CancellationToken) {
+        let mut inflight: JoinSet<DeliveryOutcome> = JoinSet::new();
+        let mut done = Vec::new();
+        let mut failures = 0u32;
+        let mut stopping = false;
+        loop {
+            let free = cfg.concurrency.saturating_sub(inflight.len());
+            let mut claimed = 0;
+            if free > 0 && !stopping {
+                match self
+                    .store
+                    .claim_deliveries(u32::try_from(free).unwrap_or(u32::MAX), cfg.lease())
+                    .await
+                {
+                    Ok(batch) => {
+                        failures = 0;
+                        claimed = batch.len();
+                        for delivery in batch {
+                            inflight.spawn(send(cfg.clone(), delivery));
+                        }
+                    }
+                    Err(err) => {
+                        failures += 1;
+                        metrics::counter!(m::LOOP_ERRORS, "task" => "webhooks").increment(1);
+                        tracing::warn!(error = %err, "cannot claim webhook deliveries");
+                    }
+                }
+            }
+            if stopping && inflight.is_empty() {
+                break;
+            }
+            // Wait for a request to end, or for the next look at the
+            // outbox (new rows while slow receivers hold some slots).
+            let pause = if failures > 0 {
+                error_backoff(failures)
+            } else if claimed == free && free > 0 {
+                Duration::ZERO
+            } else {
+                cfg.poll_interval
+            };
+            tokio::select! {
+                () = stop.cancelled(), if !stopping => stopping = true,
+                Some(joined) = inflight.join_next(), if !inflight.is_empty() => {
+                    done.extend(joined.ok());
+                }
+                () = tokio::time::sleep(pause) => {}
+            }
+            while let Some(joined) = inflight.try_join_next() {
+                done.extend(joined.ok());
+            }
+            if !done.is_empty() {
+                match self.store.record_deliveries(&done).await {
+                    Ok(()) => count(&done),
+                    // Their rows stay claimed until the claim runs out, then
+                    // are sent again with the same webhook-id.
+                    Err(err) => {
+                        metrics::counter!(m::LOOP_ERRORS, "task" => "webhooks").increment(1);
+                        tracing::warn!(error = %err, deliveries = done.len(), "webhook outcomes not recorded; they will be sent again");
+                    }
+                }
+                done.clear();
+            }
+        }
+    }
+
+    /// Samples the age of the oldest undelivered row.
+    pub async fn sample_webhooks_once(&self) -> Result<(), MaintenanceError> {
+        let age = self.store.oldest_undelivered().await?;
+        metrics::gauge!(m::WEBHOOK_OLDEST_UNDELIVERED).set(age.as_secs_f64());
+        Ok(())
+    }
+}
+
+fn count(done: &[DeliveryOutcome]) {
+    for o in done {
+        let outcome = match (o.delivered, o.retry_in) {
+            (true, _) => "delivered",
+            (false, Some(_)) => "retried",
+            (false, None) => "dead",
+        };
+        metrics::counter!(m::WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
+    }
+}
+
+/// One attempt of one row.
+async fn send(cfg: DeliveryConfig, d: ClaimedDelivery) -> DeliveryOutcome {
+    let started = Instant::now();
+    let sent = cfg
+        .client
+        .post(&d.url, &cfg.signer, &d.message_id, d.body.into_bytes())
+        .await;
+    let duration_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+    let (status, error, response) = match sent {
+        Ok(answer) => {
+            let text = String::from_utf8_lossy(&answer.body);
+            // A cut at the byte limit can split a character; the lossy
+            // decoding's replacement must not push it past the limit.
+            let mut kept: String = text.chars().filter(|c| *c != '\0').collect();
+            while kept.len() > RESPONSE_LIMIT {
+                kept.pop();
+            }
+            let error =
+                (!(200..300).contains(&answer.status)).then(|| format!("HTTP {}", answer.status));
+            (Some(answer.status), error, Some(kept))
+        }
+        Err(err) => {
+            let error = match &err {
+                SendError::Refused(_) => format!("{err}"),
+                _ => format!("no answer: {err}"),
+            };
+            (None, Some(error), None)
+        }
+    };
+    let delivered = status.is_some_and(|s| (200..300).contains(&s));
+    let retry_in = if delivered {
+        None
+    } else {
+        match cfg.retry.after_failure(d.attempt) {
+            RetryDecision::RetryAfter(delay) => Some(delay),
+            RetryDecision::Dead => None,
+        }
+    };
+    if delivered {
+        let waited = (chrono::Utc::now() - d.created_at)
+            .to_std()
+            .unwrap_or_default();
+        metrics::histogram!(m::WEBHOOK_DELIVERY_SECONDS).record(waited.as_secs_f64());
+    } else {
+        tracing::info!(
+            job.id = %d.job_id,
+            delivery = d.id,
+            event = d.event,
+            attempt = d.attempt,
+            error = error.as_deref().unwrap_or_default(),
+            dead = retry_in.is_none(),
+            "webhook delivery failed"
+        );
+    }
+    DeliveryOutcome {
+        id: d.id,
+        attempt: d.attempt,
+        status,
+        error,
+        response,
+        duration_ms,
+        delivered,
+        retry_in,
+    }
+}
