@@ -38,7 +38,7 @@ pub struct DeliveryConfig {
 
 impl DeliveryConfig {
     fn lease(&self) -> Duration {
-        self.timeout + Duration::from_secs(30)
+        self.timeout + Duration::from_secs(5)
     }
 }
 

@@ -11,3 +11,4 @@ mod logs;
 mod prometheus;
 #[path = "../support/mod.rs"]
 mod support;
+mod webhooks;

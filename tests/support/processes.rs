@@ -34,15 +34,31 @@ impl WorkerProcess {
         concurrency: usize,
         vars: &[(&str, &str)],
     ) -> WorkerProcess {
-        let s = &env.app.settings();
-        let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
-            .args([
+        Self::spawn_args(
+            env,
+            &[
                 "worker",
                 "--queues",
                 queue,
                 "--concurrency",
                 &concurrency.to_string(),
-            ])
+            ],
+            vars,
+        )
+    }
+
+    /// `orchestrator serve` on `addr`, with extra environment variables.
+    pub fn serve(env: &TestEnv, addr: &str, vars: &[(&str, &str)]) -> WorkerProcess {
+        let mut all = vec![("ORCH_HTTP_ADDR", addr)];
+        all.extend_from_slice(vars);
+        Self::spawn_args(env, &["serve"], &all)
+    }
+
+    /// Any command of the binary, with `env`'s services and test timings.
+    pub fn spawn_args(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> WorkerProcess {
+        let s = &env.app.settings();
+        let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args(args)
             .env("ORCH_DATABASE_URL", &env.database_url)
             .env("ORCH_VALKEY_URL", &env.valkey_url)
             .env("ORCH_KEY_PREFIX", &s.key_prefix)

@@ -1,0 +1,674 @@
+//! Webhooks end to end: the outbox, signatures checked by an independent
+//! implementation, retries through failures and an outage, order per job,
+//! crash recovery with stable webhook-ids, and the address policy.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use orchestrator::config::Settings;
+use orchestrator::job::{JobId, JobRequest, Status};
+use orchestrator::secret::Secret;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::api::{json as body_of, problem, TestApi, ADMIN, ENQUEUE, READ};
+use crate::support::receiver::{Received, Receiver};
+use crate::support::{free_port, request, unique_queue, TestEnv, WorkerProcess};
+
+/// The job events webhooks report.
+const REPORTED: [&str; 6] = [
+    "started",
+    "progress",
+    "succeeded",
+    "failed",
+    "dead",
+    "cancelled",
+];
+
+fn webhooks_on(s: &mut Settings, secret: &str) {
+    s.webhooks.secrets = vec![Secret::new(secret)];
+    s.webhooks.allow_local = true;
+    s.webhooks.max_attempts = 40;
+    s.webhooks.backoff_base_ms = 100;
+    s.webhooks.backoff_cap_ms = 1_000;
+    s.webhooks.timeout_ms = 2_000;
+    s.webhooks.poll_interval_ms = 50;
+}
+
+/// The same settings for a process of the binary.
+fn webhook_vars(secret: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ORCH_WEBHOOK_SECRET", secret.to_owned()),
+        ("ORCH_WEBHOOKS__ALLOW_LOCAL", "true".to_owned()),
+        ("ORCH_WEBHOOKS__MAX_ATTEMPTS", "40".to_owned()),
+        ("ORCH_WEBHOOKS__BACKOFF_BASE_MS", "100".to_owned()),
+        ("ORCH_WEBHOOKS__BACKOFF_CAP_MS", "1000".to_owned()),
+        ("ORCH_WEBHOOKS__TIMEOUT_MS", "3000".to_owned()),
+        ("ORCH_WEBHOOKS__POLL_INTERVAL_MS", "50".to_owned()),
+    ]
+}
+
+fn secret() -> String {
+    orchestrator::webhook::new_secret().expect("randomness")
+}
+
+async fn scalar(env: &TestEnv, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(env.app.store().pool())
+        .await
+        .expect(sql)
+}
+
+/// Waits until the outbox has nothing left to send.
+async fn wait_outbox_empty(env: &TestEnv, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = scalar(
+            env,
+            "SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending')",
+        )
+        .await;
+        if left == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} deliveries still undelivered after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The reported events of `id` in the audit trail, in order.
+async fn reported_events(env: &TestEnv, id: JobId) -> Vec<String> {
+    env.app
+        .job_events(id, None)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter(|e| REPORTED.contains(&e.kind.as_str()))
+        .map(|e| e.kind)
+        .collect()
+}
+
+/// Checks what one receiver got for `jobs`: every signature valid, every
+/// reported event delivered once at least, and per job no event's first
+/// arrival before the last attempt of the one it follows.
+async fn check_receiver(env: &TestEnv, rx: &Receiver, jobs: &[JobId]) -> Vec<Received> {
+    let got = rx.received();
+    assert!(got.iter().all(|r| r.valid), "an invalid signature arrived");
+    for id in jobs {
+        let expected = reported_events(env, *id).await;
+        let mine: Vec<&Received> = got
+            .iter()
+            .filter(|r| r.body["data"]["id"] == json!(id.to_string()))
+            .collect();
+        // Distinct messages, by first arrival.
+        let mut order = Vec::new();
+        let mut seen = HashSet::new();
+        for r in &mine {
+            if seen.insert(r.id.clone()) {
+                order.push(r.id.clone());
+            }
+        }
+        let types: Vec<String> = order
+            .iter()
+            .map(|id| {
+                let first = mine.iter().find(|r| &r.id == id).expect("arrived");
+                first.body["type"]
+                    .as_str()
+                    .expect("type")
+                    .trim_start_matches("job.")
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(types, expected, "job {id}: events in trail order");
+        // No overtaking: once message k+1 arrived, message k never again.
+        let position: HashMap<&str, usize> = order
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), i))
+            .collect();
+        let mut highest = 0;
+        for r in &mine {
+            let p = position[r.id.as_str()];
+            assert!(
+                p >= highest,
+                "job {id}: message {p} arrived after message {highest}"
+            );
+            highest = highest.max(p);
+        }
+        // Each message was answered 200 at least once.
+        for m in &order {
+            assert!(
+                mine.iter().any(|r| &r.id == m && r.answered == 200),
+                "job {id}: message {m} was never accepted"
+            );
+        }
+    }
+    got
+}
+
+async fn enqueue_mix(api: &TestApi, q: &str, callback: &str) -> Vec<JobId> {
+    let mut requests: Vec<JobRequest> = Vec::new();
+    for _ in 0..3 {
+        requests.push(request("noop", q, json!({})));
+    }
+    for _ in 0..3 {
+        let mut r = request("flaky", q, json!({ "fail_times": 1 }));
+        r.max_attempts = Some(3);
+        requests.push(r);
+    }
+    for _ in 0..2 {
+        let mut r = request("flaky", q, json!({ "fail_times": 5 }));
+        r.max_attempts = Some(2);
+        requests.push(r);
+    }
+    for r in &mut requests {
+        r.callback_url = Some(callback.to_owned());
+    }
+    let mut ids = Vec::new();
+    for r in requests {
+        let (status, job) = body_of(
+            api.post_json("/v1/jobs", ENQUEUE, serde_json::to_value(&r).expect("json"))
+                .await,
+        )
+        .await;
+        assert_eq!(status, 201, "{job}");
+        assert_eq!(job["callback_url"], json!(callback));
+        ids.push(job["id"].as_str().expect("id").parse().expect("uuid"));
+    }
+    ids
+}
+
+#[tokio::test]
+async fn every_event_arrives_signed_and_in_order_through_failures_and_an_outage() {
+    let secret = secret();
+    let api = TestApi::spawn_with(|s| webhooks_on(s, &secret)).await;
+    let q = unique_queue();
+    // The job's own callback: fails twice, then goes down for ten seconds.
+    let callback = Receiver::start(&secret).await;
+    callback.fail_first(2);
+    callback.down_after(8, Duration::from_secs(10));
+    // A subscription for the queue's every job event.
+    let subscriber = Receiver::start(&secret).await;
+    let (status, hook) = body_of(
+        api.post_json(
+            "/v1/webhooks",
+            ADMIN,
+            json!({ "url": subscriber.url, "events": REPORTED, "queues": [q] }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 201, "{hook}");
+    // Another queue's subscription gets none of these.
+    let elsewhere = Receiver::start(&secret).await;
+    let (status, _) = body_of(
+        api.post_json(
+            "/v1/webhooks",
+            ADMIN,
+            json!({ "url": elsewhere.url, "events": REPORTED, "queues": [unique_queue()] }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    let mut ids = enqueue_mix(&api, &q, &callback.url).await;
+    // Two cancelled while waiting.
+    for _ in 0..2 {
+        let mut r = request("noop", &q, json!({}));
+        r.delay_secs = Some(3_600);
+        r.callback_url = Some(callback.url.clone());
+        let (_, job) = body_of(
+            api.post_json("/v1/jobs", ENQUEUE, serde_json::to_value(&r).expect("json"))
+                .await,
+        )
+        .await;
+        let id: JobId = job["id"].as_str().expect("id").parse().expect("uuid");
+        let r = api
+            .post_json(
+                &format!("/v1/jobs/{id}/cancel"),
+                ADMIN,
+                json!({ "reason": "not needed" }),
+            )
+            .await;
+        assert!(r.status().is_success(), "{}", r.status());
+        ids.push(id);
+    }
+    let pool = api.env.start_pool(api.env.pool_config(&q, 4));
+    let done = api.env.wait_terminal(&ids, Duration::from_secs(60)).await;
+    assert!(done.iter().any(|j| j.status == Status::Dead));
+    assert!(done.iter().any(|j| j.status == Status::Cancelled));
+    wait_outbox_empty(&api.env, Duration::from_secs(120)).await;
+    pool.shutdown().await;
+
+    let got = check_receiver(&api.env, &callback, &ids).await;
+    check_receiver(&api.env, &subscriber, &ids).await;
+    assert!(
+        elsewhere.received().is_empty(),
+        "another queue's subscription got events"
+    );
+    // Distinct messages are exactly the outbox rows, and those exactly the
+    // reported events.
+    let mut reported = 0;
+    for id in &ids {
+        reported += reported_events(&api.env, *id).await.len();
+    }
+    let distinct: HashSet<&str> = got.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(distinct.len(), reported);
+    assert!(
+        got.len() > distinct.len(),
+        "the failures and the outage caused retries"
+    );
+    assert!(got.iter().filter(|r| r.answered == 500).count() >= 2);
+
+    // The retries are recorded, with status codes and errors.
+    let mut statuses = HashSet::new();
+    let mut no_answer = 0;
+    for id in &ids {
+        let (status, list) =
+            body_of(api.get(&format!("/v1/jobs/{id}/deliveries"), READ).await).await;
+        assert_eq!(status, 200, "{list}");
+        for d in list["deliveries"].as_array().expect("deliveries") {
+            assert_eq!(d["state"], "delivered", "{d}");
+            assert_eq!(
+                d["attempts"].as_u64(),
+                Some(d["attempt_log"].as_array().expect("log").len() as u64)
+            );
+            assert!(d["message_id"].as_str().expect("id").starts_with("msg_"));
+            for a in d["attempt_log"].as_array().expect("log") {
+                match a["status"].as_u64() {
+                    Some(s) => {
+                        statuses.insert(s);
+                    }
+                    None => {
+                        no_answer += 1;
+                        assert!(
+                            a["error"].as_str().expect("error").contains("no answer"),
+                            "{a}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        statuses.contains(&500) && statuses.contains(&204),
+        "{statuses:?}"
+    );
+    assert!(no_answer > 0, "the outage left no failed attempt");
+    // The body has what a control plane needs.
+    let succeeded = got
+        .iter()
+        .find(|r| r.body["type"] == "job.succeeded")
+        .expect("a success");
+    for field in [
+        "id", "queue", "kind", "status", "stage", "attempt", "version", "result",
+    ] {
+        assert!(
+            succeeded.body["data"].get(field).is_some(),
+            "{field} missing: {}",
+            succeeded.body
+        );
+    }
+    assert_eq!(succeeded.body["data"]["status"], "succeeded");
+    let failed = got
+        .iter()
+        .find(|r| r.body["type"] == "job.failed")
+        .expect("a retry");
+    assert_eq!(failed.body["data"]["status"], "scheduled");
+    assert!(failed.body["data"]["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("flaky")));
+
+    // Redelivery: the same message id, once more.
+    let id = ids[0];
+    let (_, list) = body_of(api.get(&format!("/v1/jobs/{id}/deliveries"), READ).await).await;
+    let first = &list["deliveries"][0];
+    let before = callback.received().len();
+    let r = api
+        .post_json(
+            &format!("/v1/jobs/{id}/deliveries/{}/redeliver", first["id"]),
+            ADMIN,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let pool = api.env.start_pool(api.env.pool_config(&q, 1));
+    wait_outbox_empty(&api.env, Duration::from_secs(30)).await;
+    pool.shutdown().await;
+    let again = &callback.received()[before..];
+    assert_eq!(again.len(), 1, "one redelivery");
+    assert_eq!(again[0].id, first["message_id"].as_str().expect("id"));
+    // Redelivering a pending one, or another job's, is refused.
+    problem(
+        api.post_json(
+            &format!("/v1/jobs/{}/deliveries/{}/redeliver", ids[1], first["id"]),
+            ADMIN,
+            json!({}),
+        )
+        .await,
+        404,
+    )
+    .await;
+    problem(
+        api.post_json(
+            &format!("/v1/jobs/{id}/deliveries/{}/redeliver", first["id"]),
+            READ,
+            json!({}),
+        )
+        .await,
+        403,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_kill_switch_is_reported_to_subscribers_and_a_deleted_subscription_gets_nothing_more() {
+    let secret = secret();
+    let api = TestApi::spawn_with(|s| webhooks_on(s, &secret)).await;
+    let rx = Receiver::start(&secret).await;
+    let (status, hook) = body_of(
+        api.post_json(
+            "/v1/webhooks",
+            ADMIN,
+            json!({ "url": rx.url, "events": ["engaged", "lifted"] }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 201, "{hook}");
+    let (_, listed) = body_of(api.get("/v1/webhooks", ADMIN).await).await;
+    assert_eq!(listed["webhooks"][0]["id"], hook["id"]);
+    problem(api.get("/v1/webhooks", READ).await, 403).await;
+
+    let q = unique_queue();
+    let pool = api.env.start_pool(api.env.pool_config(&q, 1));
+    let r = api
+        .post_json("/v1/killswitch", ADMIN, json!({ "reason": "drill" }))
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = api
+        .request(
+            reqwest::Method::DELETE,
+            "/v1/killswitch?reason=over",
+            Some(ADMIN),
+        )
+        .send()
+        .await
+        .expect("lift");
+    assert_eq!(r.status(), 200);
+    // The audit records may reach Postgres through the Valkey outbox.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scalar(&api.env, "SELECT count(*) FROM webhook_deliveries").await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the kill switch's events were not queued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_outbox_empty(&api.env, Duration::from_secs(30)).await;
+    let types: Vec<Value> = rx
+        .received()
+        .iter()
+        .map(|r| r.body["type"].clone())
+        .collect();
+    assert_eq!(
+        types,
+        [json!("killswitch.engaged"), json!("killswitch.lifted")]
+    );
+    assert_eq!(rx.received()[0].body["data"]["reason"], "drill");
+
+    // Deleted: the next engagement is not sent to it.
+    let r = api
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1/webhooks/{}", hook["id"].as_str().expect("id")),
+            Some(ADMIN),
+        )
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 200);
+    let r = api
+        .post_json("/v1/killswitch", ADMIN, json!({ "reason": "again" }))
+        .await;
+    assert_eq!(r.status(), 200);
+    let rows = scalar(&api.env, "SELECT count(*) FROM webhook_deliveries").await;
+    assert_eq!(rows, 2, "no row for a deleted subscription");
+    problem(
+        api.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/webhooks/{}", hook["id"].as_str().expect("id")),
+            Some(ADMIN),
+        )
+        .send()
+        .await
+        .expect("delete"),
+        404,
+    )
+    .await;
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crash_between_commit_and_delivery_loses_nothing_and_duplicates_share_their_id() {
+    let secret = secret();
+    let env = TestEnv::with_settings(|s| webhooks_on(s, &secret)).await;
+    let q = unique_queue();
+    let rx = Receiver::start(&secret).await;
+    // Requests are held unanswered: whatever is being sent when the
+    // processes die is in flight.
+    rx.hold(true);
+    env.app
+        .create_webhook(
+            serde_json::from_value(
+                json!({ "url": rx.url, "events": ["started", "succeeded"], "queues": [q] }),
+            )
+            .expect("request"),
+            "test",
+        )
+        .await
+        .expect("subscription");
+    let owned = webhook_vars(&secret);
+    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut serve = WorkerProcess::serve(&env, &addr, &vars);
+    let mut worker = WorkerProcess::spawn_with(&env, &q, 4, &vars);
+    let jobs = env
+        .enqueue((0..20).map(|_| request("noop", &q, json!({}))).collect())
+        .await;
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    env.wait_terminal(&ids, Duration::from_secs(60)).await;
+    // Both deliverers hold requests in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rx.received().len() < 2 {
+        assert!(Instant::now() < deadline, "no delivery was attempted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.kill9();
+    serve.kill9();
+    let in_flight = scalar(
+        &env,
+        "SELECT count(*) FROM webhook_deliveries WHERE state = 'sending'",
+    )
+    .await;
+    assert!(
+        in_flight > 0,
+        "nothing was in flight when the processes died"
+    );
+    let rows = scalar(&env, "SELECT count(*) FROM webhook_deliveries").await;
+    assert_eq!(
+        rows, 40,
+        "one row per started and succeeded event, committed with it"
+    );
+
+    // The API comes back (a new process), and so does a worker.
+    rx.hold(false);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _serve = WorkerProcess::serve(&env, &addr, &vars);
+    let _worker = WorkerProcess::spawn_with(&env, &q, 4, &vars);
+    wait_outbox_empty(&env, Duration::from_secs(90)).await;
+
+    let got = check_receiver(&env, &rx, &ids).await;
+    let mut bodies: HashMap<&str, &Value> = HashMap::new();
+    for r in &got {
+        if let Some(body) = bodies.insert(r.id.as_str(), &r.body) {
+            assert_eq!(body, &r.body, "a redelivery carries the same message");
+        }
+    }
+    assert_eq!(bodies.len(), 40, "distinct webhook-ids equal the events");
+    assert!(
+        got.len() > bodies.len(),
+        "the messages in flight were sent again"
+    );
+    let delivered = scalar(
+        &env,
+        "SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'",
+    )
+    .await;
+    assert_eq!(delivered, 40);
+}
+
+#[tokio::test]
+async fn local_and_hostile_callback_urls_are_refused_at_enqueue_and_nothing_is_sent() {
+    let secret = secret();
+    let api = TestApi::spawn_with(|s| {
+        s.webhooks.secrets = vec![Secret::new(secret.clone())];
+    })
+    .await;
+    let rx = Receiver::start(&secret).await;
+    let before = api.footprint().await;
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    for url in [
+        rx.url.clone(),
+        "http://localhost:9/".to_owned(),
+        "http://0x7f.1/hook".to_owned(),
+        "http://2130706433/".to_owned(),
+        "http://[::1]/".to_owned(),
+        "http://[::ffff:127.0.0.1]/".to_owned(),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://10.0.0.1/".to_owned(),
+        format!("http://{host}:{}/hook", free_port()),
+        "file:///etc/passwd".to_owned(),
+        "http://user:pw@example.com/".to_owned(),
+        "https://example.com/#frag".to_owned(),
+        "https://exa\u{0}mple.com/".to_owned(),
+        "https://example.com/a b".to_owned(),
+        format!("https://example.com/{}", "a".repeat(3000)),
+    ] {
+        let body = json!({ "kind": "noop", "callback_url": url });
+        let p = problem(api.post_json("/v1/jobs", ENQUEUE, body).await, 422).await;
+        assert_eq!(p["field"], "callback_url", "{url}: {p}");
+        let p = problem(
+            api.post_json(
+                "/v1/webhooks",
+                ADMIN,
+                json!({ "url": url, "events": ["started"] }),
+            )
+            .await,
+            422,
+        )
+        .await;
+        assert_eq!(p["field"], "url", "{url}: {p}");
+    }
+    // In a batch: all or nothing.
+    let batch = json!({ "jobs": [
+        { "kind": "noop" },
+        { "kind": "noop", "callback_url": rx.url },
+    ]});
+    let p = problem(api.post_json("/v1/jobs/batch", ENQUEUE, batch).await, 422).await;
+    assert_eq!(p["index"], 1, "{p}");
+    assert_eq!(
+        api.footprint().await,
+        before,
+        "a refused enqueue changed something"
+    );
+    assert_eq!(scalar(&api.env, "SELECT count(*) FROM webhooks").await, 0);
+    assert!(rx.received().is_empty(), "something was sent");
+}
+
+#[tokio::test]
+async fn without_a_secret_nothing_is_taken_that_would_need_signing() {
+    let api = TestApi::spawn_with(|s| s.webhooks.allow_local = true).await;
+    let p = problem(
+        api.post_json(
+            "/v1/jobs",
+            ENQUEUE,
+            json!({ "kind": "noop", "callback_url": "http://127.0.0.1:9/" }),
+        )
+        .await,
+        422,
+    )
+    .await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("no webhook secret"),
+        "{p}"
+    );
+    problem(
+        api.post_json(
+            "/v1/webhooks",
+            ADMIN,
+            json!({ "url": "http://127.0.0.1:9/", "events": ["started"] }),
+        )
+        .await,
+        422,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_policy_is_checked_again_at_send() {
+    // Taken while local addresses were allowed; sent by a deliverer whose
+    // policy no longer allows them.
+    let secret = secret();
+    let env = TestEnv::with_settings(|s| {
+        webhooks_on(s, &secret);
+        s.webhooks.max_attempts = 2;
+    })
+    .await;
+    let rx = Receiver::start(&secret).await;
+    let q = unique_queue();
+    let mut r = request("noop", &q, json!({}));
+    r.callback_url = Some(rx.url.clone());
+    r.delay_secs = Some(3_600);
+    let job = env.enqueue(vec![r]).await.remove(0);
+    env.app
+        .cancel(job.id, "test", "so that one event is reported")
+        .await
+        .expect("cancel");
+    let mut strict = env.app.settings().webhooks.clone();
+    strict.allow_local = false;
+    let delivery = strict.delivery().expect("config").expect("a secret");
+    let stop = CancellationToken::new();
+    let deliverer = tokio::spawn(
+        env.maintenance(&q)
+            .with_webhooks(Some(delivery))
+            .run_webhooks(stop.clone()),
+    );
+    wait_outbox_empty(&env, Duration::from_secs(30)).await;
+    stop.cancel();
+    deliverer.await.expect("deliverer");
+    let deliveries = env.app.deliveries(job.id).await.expect("deliveries");
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].state, "dead");
+    for a in &deliveries[0].attempt_log {
+        assert!(
+            a.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("address policy"),
+            "{a:?}"
+        );
+        assert_eq!(a.status, None);
+    }
+    assert!(rx.received().is_empty(), "a refused URL was sent to");
+}
