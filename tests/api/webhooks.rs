@@ -314,6 +314,15 @@ async fn every_event_arrives_signed_and_in_order_through_failures_and_an_outage(
         );
     }
     assert_eq!(succeeded.body["data"]["status"], "succeeded");
+    // The trigger sees each job row as its transition's statement left it.
+    for started in got.iter().filter(|r| r.body["type"] == "job.started") {
+        assert_eq!(
+            started.body["data"]["status"], "running",
+            "{}",
+            started.body
+        );
+        assert!(started.body["data"]["attempt"].as_u64() >= Some(1));
+    }
     let failed = got
         .iter()
         .find(|r| r.body["type"] == "job.failed")
