@@ -1,6 +1,8 @@
 //! Quality gates through the real lifecycle: fresh sandboxes on the
 //! committed tree, required and advisory gates, coverage, and an AI review
-//! gate run by a reviewer image (a MOCK standing in for a hosted LLM).
+//! gate run by a reviewer image (a MOCK standing in for a hosted LLM), and
+//! an `http` gate asking a coordinator on 127.0.0.1 (a test receiver
+//! standing in for the control plane).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use orchestrator::job::{Job, Status};
 use serde_json::{json, Value};
 
+use crate::support::receiver::{Answer, Receiver, Signing};
 use crate::support::{request, unique_queue, TestEnv};
 
 const KIND: &str = r#"
@@ -292,4 +295,220 @@ async fn yolo_skips_the_gates_loudly() {
         .expect("a gates_skipped event");
     assert_eq!(skipped.data["gates"], json!(["tests", "style"]));
     assert!(!events.iter().any(|e| e.kind == "gate_finished"));
+}
+
+/// A kind whose one gate is an `http` gate asking `url`.
+const COORDINATED: &str = r#"
+image = "orchestrator/script-agent:latest"
+command = ["sh", "-c", "{script}"]
+timeout_secs = 60
+stop_grace_secs = 2
+
+[gates]
+default_profile = "standard"
+
+[[gates.gate]]
+name = "coordinator"
+type = "http"
+url = "{url}"
+timeout_secs = 5
+threshold = 0.8
+profiles = ["standard"]
+"#;
+
+async fn coordinated(url: &str, secret: &str) -> Fixture {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bare = crate::support::git::bare_origin(tmp.path(), &[("README.md", "# app\n")]);
+    let workers = tmp.path().join("workers");
+    std::fs::create_dir_all(workers.join("gated-agent")).expect("mkdir");
+    std::fs::write(
+        workers.join("gated-agent").join("worker.toml"),
+        COORDINATED.replace("{url}", url),
+    )
+    .expect("kind");
+    let data = tmp.path().join("git-data");
+    let secret = secret.to_owned();
+    let env = TestEnv::with_settings(move |s| {
+        s.git.allow_local = true;
+        s.git.data_dir = data;
+        s.sandbox.workers_dir = workers;
+        s.webhooks.secrets = vec![orchestrator::secret::Secret::new(secret)];
+        s.webhooks.allow_local = true;
+    })
+    .await;
+    Fixture {
+        env,
+        bare,
+        _tmp: tmp,
+        queue: unique_queue(),
+    }
+}
+
+fn verdict(pass: bool, confidence: f64, sign: Signing) -> Answer {
+    Answer::Body {
+        body: json!({ "pass": pass, "confidence": confidence, "reason": "checked by the test coordinator" }),
+        sign,
+        delay: Duration::ZERO,
+        status: 200,
+    }
+}
+
+#[tokio::test]
+async fn an_http_gate_sends_the_change_signed_and_takes_only_a_signed_answer() {
+    let secret = orchestrator::webhook::new_secret().expect("randomness");
+    let rx = Receiver::start(&secret).await;
+    rx.answer(verdict(true, 0.95, Signing::Good));
+    let f = coordinated(&rx.url, &secret).await;
+    let done = f.run("echo hello > hello.txt", None).await;
+    assert_eq!(done.status, Status::Succeeded, "{:?}", done.last_error);
+    let result = done.result.as_ref().expect("result");
+    let gate = &result["gates"]["coordinator"];
+    assert_eq!(gate["passed"], true, "{gate}");
+    assert_eq!(gate["type"], "http");
+    assert!(gate["detail"].as_str().expect("detail").contains("0.95"));
+    assert!(f.pushed(&done));
+    // What the coordinator was sent, checked with the receiver's own
+    // implementation of the signature.
+    let asked = rx.received();
+    assert_eq!(asked.len(), 1);
+    assert!(asked[0].valid, "the request was not signed");
+    let review = &asked[0].body;
+    assert_eq!(review["commit"], result["commit"]);
+    assert_eq!(review["diff"]["paths"], json!(["hello.txt"]));
+    assert_eq!(review["diff"]["files_changed"], 1);
+    assert_eq!(review["diff"]["insertions"], 1);
+    assert_eq!(review["job"]["id"], json!(done.id.to_string()));
+    assert_eq!(review["job"]["payload"]["script"], "echo hello > hello.txt");
+    assert_eq!(review["gates"], json!([]), "no gate ran before it");
+
+    // A forged answer (another secret) fails the required gate: nothing is
+    // pushed.
+    rx.answer(verdict(
+        true,
+        0.99,
+        Signing::Forged(orchestrator::webhook::new_secret().expect("randomness")),
+    ));
+    let done = f.run("echo hello > hello.txt", None).await;
+    assert_eq!(done.status, Status::Dead);
+    let error = done.last_error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("gate_failed: coordinator") && error.contains("no signature"),
+        "{error}"
+    );
+    assert!(!f.pushed(&done));
+}
+
+#[tokio::test]
+async fn an_http_gate_fails_closed_on_every_bad_answer() {
+    let secret = orchestrator::webhook::new_secret().expect("randomness");
+    let rx = Receiver::start(&secret).await;
+    let env = TestEnv::with_settings(|s| {
+        s.webhooks.secrets = vec![orchestrator::secret::Secret::new(secret.clone())];
+        s.webhooks.allow_local = true;
+    })
+    .await;
+    let coordinator = env
+        .app
+        .settings()
+        .webhooks
+        .coordinator(None)
+        .expect("coordinator");
+    let gate: orchestrator::pipeline::gates::GateDef = serde_json::from_value(json!({
+        "name": "coordinator", "type": "http", "url": rx.url, "timeout_secs": 1, "threshold": 0.8,
+    }))
+    .expect("gate");
+    let review = json!({ "commit": "abc" });
+    let body = |pass: bool, confidence: f64| json!({ "pass": pass, "confidence": confidence, "reason": "r" });
+    let cases: Vec<(&str, Answer, &str)> = vec![
+        (
+            "passes",
+            verdict(true, 0.9, Signing::Good),
+            "passed with confidence 0.90",
+        ),
+        (
+            "fails",
+            verdict(false, 0.9, Signing::Good),
+            "failed (confidence 0.90)",
+        ),
+        (
+            "below the threshold",
+            verdict(true, 0.5, Signing::Good),
+            "below 0.8",
+        ),
+        (
+            "forged",
+            verdict(
+                true,
+                0.9,
+                Signing::Forged(orchestrator::webhook::new_secret().expect("randomness")),
+            ),
+            "no signature",
+        ),
+        ("unsigned", verdict(true, 0.9, Signing::None), "not signed"),
+        (
+            "replayed",
+            verdict(true, 0.9, Signing::OtherId),
+            "not this request's",
+        ),
+        (
+            "times out",
+            Answer::Body {
+                body: body(true, 0.9),
+                sign: Signing::Good,
+                delay: Duration::from_secs(3),
+                status: 200,
+            },
+            "did not answer within 1s",
+        ),
+        (
+            "non-2xx",
+            Answer::Body {
+                body: body(true, 0.9),
+                sign: Signing::Good,
+                delay: Duration::ZERO,
+                status: 503,
+            },
+            "HTTP 503",
+        ),
+        (
+            "garbled",
+            Answer::Body {
+                body: json!({ "pass": "yes" }),
+                sign: Signing::Good,
+                delay: Duration::ZERO,
+                status: 200,
+            },
+            "is not {\"pass\"",
+        ),
+        (
+            "confidence out of range",
+            verdict(true, 1.5, Signing::Good),
+            "not between 0 and 1",
+        ),
+    ];
+    for (i, (case, answer, expected)) in cases.into_iter().enumerate() {
+        rx.answer(answer);
+        let (passed, detail) = coordinator
+            .ask(&gate, &format!("gate_test_{i}"), &review)
+            .await;
+        assert_eq!(passed, case == "passes", "{case}: {detail}");
+        assert!(detail.contains(expected), "{case}: {detail}");
+    }
+    assert!(
+        rx.received().iter().all(|r| r.valid),
+        "a request was not signed"
+    );
+    // Nowhere to ask, or nothing to sign with: fails too.
+    let mut nowhere = gate.clone();
+    nowhere.url = None;
+    let (passed, detail) = coordinator.ask(&nowhere, "gate_x", &review).await;
+    assert!(!passed && detail.contains("no coordinator"), "{detail}");
+    let mut unsigned = env.app.settings().webhooks.clone();
+    unsigned.secrets.clear();
+    let (passed, detail) = unsigned
+        .coordinator(None)
+        .expect("coordinator")
+        .ask(&gate, "gate_y", &review)
+        .await;
+    assert!(!passed && detail.contains("no webhook secret"), "{detail}");
 }
