@@ -208,6 +208,14 @@ enum BenchCommand {
         #[arg(long, default_value = "orchestrator/script-agent:latest")]
         image: String,
     },
+    /// No-op throughput with a webhook for every job event against none,
+    /// rounds alternating in one sitting (a receiver on 127.0.0.1).
+    Webhooks {
+        #[command(flatten)]
+        queue: BenchArgs,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Cancel latency (request to sandbox gone) and kill-all wall time with
     /// running `sleep` agents, against `docker rm -f` of as many containers.
     Cancel {
@@ -330,18 +338,21 @@ pub async fn run() -> anyhow::Result<()> {
             out(&serde_json::to_string(&report)?)?;
         }
         Command::Bench {
+            what:
+                BenchCommand::Webhooks {
+                    queue: args,
+                    rounds,
+                },
+        } => {
+            let opts = bench_options(&args);
+            let report = orchestrator::bench::webhooks::run(settings, &opts, rounds.max(1)).await?;
+            out(&serde_json::to_string(&report)?)?;
+        }
+        Command::Bench {
             what: BenchCommand::Queue(args),
         } => {
             let app = connect_migrated(settings).await?;
-            let opts = BenchOptions {
-                jobs: args.jobs,
-                concurrency: args.concurrency,
-                prefetch: args.prefetch,
-                enqueue_batch: args.enqueue_batch,
-                latency_jobs: args.latency_jobs,
-                latency_rate: args.latency_rate,
-                keep: args.keep,
-            };
+            let opts = bench_options(&args);
             let report = bench::run(&app, &opts).await?;
             let expected = (opts.jobs + opts.latency_jobs) as i64;
             if report.verified_succeeded != expected || report.verified_events != expected * 3 {
@@ -355,6 +366,18 @@ pub async fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn bench_options(args: &BenchArgs) -> BenchOptions {
+    BenchOptions {
+        jobs: args.jobs,
+        concurrency: args.concurrency,
+        prefetch: args.prefetch,
+        enqueue_batch: args.enqueue_batch,
+        latency_jobs: args.latency_jobs,
+        latency_rate: args.latency_rate,
+        keep: args.keep,
+    }
 }
 
 async fn connect_migrated(settings: Settings) -> anyhow::Result<App> {

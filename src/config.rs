@@ -21,7 +21,7 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 17] = [
+const SETTINGS_KEYS: [&str; 18] = [
     "admin_token",
     "api",
     "database_url",
@@ -39,6 +39,7 @@ const SETTINGS_KEYS: [&str; 17] = [
     "admission",
     "webhooks",
     "gates",
+    "kill_switch",
 ];
 
 #[derive(Debug, thiserror::Error)]

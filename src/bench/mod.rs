@@ -1,5 +1,5 @@
 //! Benchmarks, one `orchestrator bench <what>` each: `queue` (here),
-//! `lifecycle`, `git`, `sandbox` and `cancel` (the submodules). They are a
+//! `lifecycle`, `git`, `sandbox`, `cancel` and `webhooks` (the submodules). They are a
 //! front end: they drive the app, and the adapters they measure.
 //!
 //! `orchestrator bench queue`: throughput and latency through the real path
@@ -10,6 +10,7 @@ pub mod cancel;
 pub mod git;
 pub mod lifecycle;
 pub mod sandbox;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -72,6 +73,8 @@ pub enum BenchError {
     App(#[from] AppError),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    #[error("bench setup: {0}")]
+    Setup(String),
     #[error("bench stalled: {done} of {expected} jobs finished after {waited:?}")]
     Stalled {
         done: usize,

@@ -160,6 +160,7 @@ pub struct Delivery {
     pub finished_at: Option<DateTime<Utc>>,
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
+    /// The message as sent (null until its first attempt).
     #[schema(value_type = Object)]
     pub body: serde_json::Value,
     pub attempt_log: Vec<DeliveryAttempt>,

@@ -75,7 +75,7 @@ impl From<WebhookRow> for Webhook {
 struct DeliveryRow {
     id: i64,
     message_id: Uuid,
-    webhook_id: Option<Uuid>,
+    webhook_id: Uuid,
     event: String,
     url: String,
     state: String,
@@ -85,7 +85,7 @@ struct DeliveryRow {
     finished_at: Option<DateTime<Utc>>,
     last_status: Option<i32>,
     last_error: Option<String>,
-    body: serde_json::Value,
+    body: Option<sqlx::types::Json<serde_json::Value>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -148,7 +148,7 @@ impl Store {
         }
         let dropped = sqlx::query(
             "UPDATE webhook_deliveries SET state = 'dropped', finished_at = now()
-             WHERE webhook_id = $1 AND state IN ('pending', 'sending')",
+             WHERE state IN ('pending', 'sending') AND webhook_id = $1",
         )
         .bind(id)
         .execute(&mut *tx)
@@ -159,7 +159,7 @@ impl Store {
 
     /// Claims up to `limit` due deliveries for `lease` (after which they
     /// are claimable again: at-least-once). A row is due only when no
-    /// earlier row of its stream (job and URL) is still undelivered, so a
+    /// earlier row of its stream (the job, and the subscription or the job's callback) is still undelivered, so a
     /// later event never overtakes an earlier one. A row another deliverer
     /// is claiming right now is skipped (`SKIP LOCKED`); the rows behind it
     /// in its stream wait, because it is still pending or sending.
@@ -175,14 +175,45 @@ impl Store {
                 WHERE d.state IN ('pending', 'sending') AND d.next_at <= now()
                   AND NOT EXISTS (
                       SELECT 1 FROM webhook_deliveries e
-                      WHERE e.job_id = d.job_id AND e.url = d.url AND e.id < d.id
+                      WHERE e.job_id = d.job_id AND e.webhook_id = d.webhook_id AND e.id < d.id
                         AND e.state IN ('pending', 'sending'))
                 ORDER BY d.next_at, d.id
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
             )
             UPDATE webhook_deliveries d SET state = 'sending', attempts = d.attempts + 1,
-                next_at = now() + $2 * interval '1 millisecond'
+                next_at = now() + $2 * interval '1 millisecond',
+                body = COALESCE(d.body, (
+                    -- The Standard Webhooks envelope {type, timestamp, data},
+                    -- from what cannot change: the event's row, the status
+                    -- and version the transition left, and the job's fixed
+                    -- parts (its result only once it is final).
+                    SELECT json_build_object(
+                        'type', 'job.' || e.type,
+                        'timestamp', e.at,
+                        'data', json_build_object(
+                            'id', d.job_id, 'queue', j.queue, 'kind', j.kind,
+                            'status', d.status, 'stage', e.data->>'stage',
+                            'attempt', COALESCE((e.data->>'attempt')::int, j.attempt),
+                            'max_attempts', j.max_attempts, 'version', d.version,
+                            'metadata', j.metadata,
+                            'progress', CASE WHEN e.type = 'progress' THEN e.data END,
+                            'retry_at', e.data->'retry_at',
+                            'error', CASE WHEN e.type = 'cancelled' THEN e.data->>'reason'
+                                          ELSE left(e.data->>'error', 2000) END,
+                            -- A result summary: the result while it is
+                            -- small, else its outcome.
+                            'result', CASE
+                                WHEN j.result IS NULL OR e.type NOT IN ('succeeded', 'dead') THEN NULL
+                                WHEN octet_length(j.result::text) <= 4096 THEN j.result
+                                ELSE jsonb_build_object('outcome', j.result->'outcome', 'truncated', true)
+                            END))
+                    FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id
+                    WHERE e.job_id = d.job_id AND e.id = d.event_id
+                ), json_build_object(
+                    -- The event is gone (retention): what the row knows.
+                    'type', 'job.' || d.event,
+                    'data', json_build_object('id', d.job_id, 'status', d.status, 'version', d.version)))
             FROM due WHERE d.id = due.id
             RETURNING d.id, d.job_id, d.message_id, d.url, d.event, d.body::text, d.attempts, d.created_at",
         )
@@ -304,7 +335,8 @@ impl Store {
                 attempt_log: by_delivery.remove(&r.id).unwrap_or_default(),
                 id: r.id,
                 message_id: message_id(r.message_id),
-                webhook_id: r.webhook_id,
+                // The nil UUID marks the job's own callback_url.
+                webhook_id: (!r.webhook_id.is_nil()).then_some(r.webhook_id),
                 event: r.event,
                 url: r.url,
                 state: r.state,
@@ -314,7 +346,8 @@ impl Store {
                 finished_at: r.finished_at,
                 last_status: status(r.last_status),
                 last_error: r.last_error,
-                body: r.body,
+                // Written at the first claim; null until then.
+                body: r.body.map(|b| b.0).unwrap_or(serde_json::Value::Null),
             })
             .collect())
     }

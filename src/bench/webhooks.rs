@@ -1,0 +1,192 @@
+//! `orchestrator bench webhooks`: what webhooks cost the queue. Rounds of
+//! `bench queue` (no-op jobs) alternate without a subscription and with one
+//! for every job event (two deliveries per job: `started` and
+//! `succeeded`), in one sitting, against one receiver on 127.0.0.1 that
+//! answers 204. The figure is the ratio of the median throughputs; beside
+//! it, how many webhooks were still in the outbox when the jobs were done,
+//! and how long the outbox then took to empty.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{round, BenchError, BenchOptions};
+use crate::app::App;
+use crate::config::Settings;
+use crate::job::WebhookRequest;
+use crate::secret::Secret;
+
+#[derive(Debug, Serialize)]
+pub struct WebhookBench {
+    pub rounds: usize,
+    pub jobs: usize,
+    /// Processed per second, each round, in the order they ran.
+    pub without_per_s: Vec<f64>,
+    pub with_per_s: Vec<f64>,
+    pub without_median_per_s: f64,
+    pub with_median_per_s: f64,
+    /// with / without (the goal: at least 0.85).
+    pub ratio: f64,
+    /// Webhooks sent in all the rounds with a subscription.
+    pub delivered: i64,
+    /// Still undelivered when each round's last job had finished.
+    pub backlog_at_drain: Vec<i64>,
+    /// From then until the outbox was empty, seconds.
+    pub outbox_empty_after_s: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        0.0
+    } else {
+        s[s.len() / 2]
+    }
+}
+
+async fn undelivered(app: &App) -> Result<i64, BenchError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending')",
+    )
+    .fetch_one(app.store().pool())
+    .await?)
+}
+
+/// A receiver that answers 204 to every POST, counting them.
+async fn receiver(
+    stop: CancellationToken,
+) -> std::io::Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let count = std::sync::Arc::new(AtomicU64::new(0));
+    let seen = count.clone();
+    let app = axum::Router::new().fallback(move || {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, Ordering::Relaxed);
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    });
+    Ok((url, count))
+}
+
+/// Runs `rounds` pairs; `settings` name the services. A secret is made for
+/// the run when none is configured, and local receivers are allowed (the
+/// receiver is on this host).
+pub async fn run(
+    mut settings: Settings,
+    opts: &BenchOptions,
+    rounds: usize,
+) -> Result<WebhookBench, BenchError> {
+    if settings.webhooks.secrets.is_empty() {
+        let secret = crate::webhook::new_secret()
+            .map_err(|e| BenchError::Setup(format!("no randomness for a webhook secret: {e}")))?;
+        settings.webhooks.secrets = vec![Secret::new(secret)];
+    }
+    settings.webhooks.allow_local = true;
+    let app = App::connect(settings).await?;
+    app.ensure_migrated().await?;
+    let stop = CancellationToken::new();
+    let (url, received) = receiver(stop.clone())
+        .await
+        .map_err(|e| BenchError::Setup(format!("the receiver: {e}")))?;
+    // A second deliverer, as an API replica would run, which also empties
+    // the outbox after each round's pool has stopped.
+    let deliverer = {
+        let app = app.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { app.deliver_webhooks(stop).await })
+    };
+    let mut report = WebhookBench {
+        rounds,
+        jobs: opts.jobs,
+        without_per_s: Vec::new(),
+        with_per_s: Vec::new(),
+        without_median_per_s: 0.0,
+        with_median_per_s: 0.0,
+        ratio: 0.0,
+        delivered: 0,
+        backlog_at_drain: Vec::new(),
+        outbox_empty_after_s: Vec::new(),
+    };
+    for round_no in 0..rounds * 2 {
+        // Alternate which goes first, so neither always runs on a warmer
+        // (or more fragmented) database.
+        let with = (round_no % 2 == 0) == (round_no / 2 % 2 == 0);
+        let hook = if with {
+            let request = WebhookRequest {
+                url: url.clone(),
+                events: [
+                    "started",
+                    "progress",
+                    "succeeded",
+                    "failed",
+                    "dead",
+                    "cancelled",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+                queues: None,
+                kinds: None,
+                description: Some("bench webhooks".into()),
+            };
+            Some(app.create_webhook(request, "bench").await?)
+        } else {
+            None
+        };
+        let ran = super::run(&app, opts).await?;
+        match hook {
+            Some(hook) => {
+                report.with_per_s.push(ran.process_per_s);
+                report.backlog_at_drain.push(undelivered(&app).await?);
+                let t = Instant::now();
+                let deadline = t + Duration::from_secs(600);
+                while undelivered(&app).await? > 0 {
+                    if Instant::now() > deadline {
+                        return Err(BenchError::Setup(
+                            "the outbox did not empty within 10 minutes".into(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                report
+                    .outbox_empty_after_s
+                    .push(round(t.elapsed().as_secs_f64()));
+                app.delete_webhook(hook.id, "bench").await?;
+            }
+            None => report.without_per_s.push(ran.process_per_s),
+        }
+        tracing::info!(
+            round = round_no,
+            with,
+            per_s = ran.process_per_s,
+            "bench webhooks round"
+        );
+    }
+    report.delivered =
+        i64::try_from(received.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX);
+    // The bench's own rows go; nothing else is touched.
+    sqlx::query(
+        "DELETE FROM webhook_attempts WHERE delivery_id IN
+             (SELECT id FROM webhook_deliveries WHERE body->'data'->>'queue' LIKE 'bench-%')",
+    )
+    .execute(app.store().pool())
+    .await?;
+    sqlx::query("DELETE FROM webhook_deliveries WHERE body->'data'->>'queue' LIKE 'bench-%'")
+        .execute(app.store().pool())
+        .await?;
+    stop.cancel();
+    let _ = deliverer.await;
+    report.without_median_per_s = median(&report.without_per_s);
+    report.with_median_per_s = median(&report.with_per_s);
+    report.ratio = super::ratio(report.with_median_per_s, report.without_median_per_s);
+    Ok(report)
+}
