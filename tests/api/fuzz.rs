@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::support::api::{json, TestApi, ADMIN, ENQUEUE};
 
 /// The public contract: every route the server answers.
-const ROUTES: [(&str, &str); 18] = [
+const ROUTES: [(&str, &str); 23] = [
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs"),
     ("post", "/v1/jobs/batch"),
@@ -19,6 +19,11 @@ const ROUTES: [(&str, &str); 18] = [
     ("get", "/v1/jobs/{id}/events"),
     ("post", "/v1/jobs/{id}/cancel"),
     ("post", "/v1/jobs/{id}/retry"),
+    ("get", "/v1/jobs/{id}/deliveries"),
+    ("post", "/v1/jobs/{id}/deliveries/{delivery}/redeliver"),
+    ("post", "/v1/webhooks"),
+    ("get", "/v1/webhooks"),
+    ("delete", "/v1/webhooks/{id}"),
     ("get", "/v1/queues"),
     ("post", "/v1/queues/{name}/pause"),
     ("post", "/v1/queues/{name}/resume"),
