@@ -599,7 +599,7 @@ async fn jobs(settings: Settings, command: JobsCommand) -> anyhow::Result<()> {
 
 async fn webhooks(settings: Settings, command: WebhooksCommand) -> anyhow::Result<()> {
     if let WebhooksCommand::Secret = command {
-        let secret = orchestrator::webhook::new_secret()
+        let secret = orchestrator::app::new_webhook_secret()
             .map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
         return out(&secret);
     }

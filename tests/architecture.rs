@@ -34,6 +34,8 @@ const LAYERS: &[(&str, u8)] = &[
 /// Imports within one layer that are part of the design (never the other
 /// way round: the cycle check below keeps them one-way).
 const SAME_LAYER: &[(&str, &str)] = &[
+    // Callback and webhook URLs are parsed by the address policy's type.
+    ("job", "net"),
     // The worker runs the pipeline's handlers and the maintenance services.
     ("worker", "pipeline"),
     ("worker", "maintenance"),

@@ -11,6 +11,9 @@ pub use dashboard::{Finished, Overview, WorkerInfo, THROUGHPUT_WINDOW};
 pub use error::{AppError, ErrorClass};
 pub use queues::QueueInfo;
 // What `App::pool` takes and gives, for front ends that run workers.
+/// A new random webhook secret (`whsec_…`), for `webhooks secret` and the
+/// webhook bench.
+pub use crate::webhook::new_secret as new_webhook_secret;
 pub use crate::worker::{Pool, PoolConfig};
 pub use killswitch::{KillOutcome, KillReport, KillSwitchStatus, KilledJob, ResumeReport};
 

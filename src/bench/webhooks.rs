@@ -87,7 +87,7 @@ pub async fn run(
     rounds: usize,
 ) -> Result<WebhookBench, BenchError> {
     if settings.webhooks.secrets.is_empty() {
-        let secret = crate::webhook::new_secret()
+        let secret = crate::app::new_webhook_secret()
             .map_err(|e| BenchError::Setup(format!("no randomness for a webhook secret: {e}")))?;
         settings.webhooks.secrets = vec![Secret::new(secret)];
     }
