@@ -53,7 +53,11 @@ impl Maintenance {
         loop {
             let free = cfg.concurrency.saturating_sub(inflight.len());
             let mut claimed = 0;
-            if free > 0 && !stopping {
+            // Claim in batches of at least half the slots (or whatever is
+            // free when nothing is in flight): under load, a claim and a
+            // record per finished request cost more than the requests.
+            let worth_claiming = free > 0 && (inflight.is_empty() || free * 2 >= cfg.concurrency);
+            if worth_claiming && !stopping {
                 match self
                     .store
                     .claim_deliveries(u32::try_from(free).unwrap_or(u32::MAX), cfg.lease())
