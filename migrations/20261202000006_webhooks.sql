@@ -92,24 +92,32 @@ CREATE TABLE webhook_attempts (
 -- cancels, the reaper, progress) is covered without being told. It runs
 -- after the statement, so it sees the job rows as the statement left them.
 -- No statement writes two reported events of one job, so the rows need no
--- order here; a stream's order is the order of its statements.
+-- order here; a stream's order is the order of its statements. An expired
+-- lease (the reaper's `lease_expired`) is reported as what it led to: a
+-- retry (`failed`) or `dead`.
+-- Subscriptions are read without a lock: a row written for one deleted
+-- meanwhile is skipped by the claim and dropped by the deliverers.
 CREATE FUNCTION job_events_to_webhooks() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO webhook_deliveries (job_id, webhook_id, event, url, event_id, status, version)
-    SELECT e.job_id, t.webhook_id, e.type, t.url, e.id, j.status, j.version
+    SELECT e.job_id, t.webhook_id, r.type, t.url, e.id, j.status, j.version
     FROM new_events e
     JOIN jobs j ON j.id = e.job_id
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN e.type <> 'lease_expired' THEN e.type
+                    WHEN j.status = 'dead' THEN 'dead' ELSE 'failed' END AS type
+    ) r
     CROSS JOIN LATERAL (
         SELECT '00000000-0000-0000-0000-000000000000'::uuid AS webhook_id, j.callback_url AS url
         WHERE j.callback_url IS NOT NULL
         UNION ALL
         SELECT w.id, w.url
         FROM webhooks w
-        WHERE e.type = ANY (w.events)
+        WHERE r.type = ANY (w.events)
           AND (w.queues IS NULL OR j.queue = ANY (w.queues))
           AND (w.kinds IS NULL OR j.kind = ANY (w.kinds))
     ) t
-    WHERE e.type IN ('started', 'progress', 'succeeded', 'failed', 'dead', 'cancelled');
+    WHERE r.type IN ('started', 'progress', 'succeeded', 'failed', 'dead', 'cancelled');
     RETURN NULL;
 END;
 $$;

@@ -98,6 +98,12 @@ pub struct GateSettings {
     /// Where `http` gates that name no `url` send the change
     /// (`ORCH_GATES__COORDINATOR_URL`).
     pub coordinator_url: Option<String>,
+    /// The secrets (`whsec_…`) the change is signed with and the answer
+    /// must be signed with (`ORCH_COORDINATOR_SECRET`). Not the webhook
+    /// secrets: every webhook receiver knows those, and could forge a
+    /// coordinator's answer.
+    #[serde(default)]
+    pub coordinator_secrets: Vec<Secret>,
 }
 
 /// The most of a coordinator's answer that is read (a larger one fails
@@ -139,10 +145,11 @@ impl WebhookSettings {
         Duration::from_millis(self.timeout_ms)
     }
 
-    /// What `http` gates call, with `default_url` for gates that name none.
+    /// What `http` gates call, as `gates` says (the default URL, the
+    /// coordinator's own secrets), under this section's address policy.
     pub fn coordinator(
         &self,
-        default_url: Option<String>,
+        gates: &GateSettings,
     ) -> Result<crate::pipeline::gates::Coordinator, ConfigError> {
         // Each gate bounds its own call (its timeout_secs); the client's
         // bound is the longest a gate may have.
@@ -155,10 +162,14 @@ impl WebhookSettings {
             field: "webhooks",
             message: e.to_string(),
         })?;
+        let signer = Signer::new(&gates.coordinator_secrets).map_err(|e| ConfigError::Invalid {
+            field: "gates.coordinator_secrets",
+            message: e.to_string(),
+        })?;
         Ok(crate::pipeline::gates::Coordinator {
             client,
-            signer: self.signer()?,
-            default_url,
+            signer,
+            default_url: gates.coordinator_url.clone(),
         })
     }
 
@@ -438,6 +449,10 @@ impl Settings {
         if let Ok(secrets) = std::env::var("ORCH_WEBHOOK_SECRET") {
             settings.webhooks.secrets = secrets.split_whitespace().map(Secret::new).collect();
         }
+        if let Ok(secrets) = std::env::var("ORCH_COORDINATOR_SECRET") {
+            settings.gates.coordinator_secrets =
+                secrets.split_whitespace().map(Secret::new).collect();
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -551,6 +566,16 @@ impl Settings {
             ));
         }
         h.signer()?;
+        if self.gates.coordinator_secrets.len() > 2 {
+            return Err(invalid(
+                "gates.coordinator_secrets",
+                "at most two: the new one and, during a rotation, the old one",
+            ));
+        }
+        Signer::new(&self.gates.coordinator_secrets).map_err(|e| ConfigError::Invalid {
+            field: "gates.coordinator_secrets",
+            message: e.to_string(),
+        })?;
         if let Some(url) = &self.gates.coordinator_url {
             crate::net::HttpUrl::parse(url, h.allow_local).map_err(|e| ConfigError::Invalid {
                 field: "gates.coordinator_url",

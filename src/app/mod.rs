@@ -171,11 +171,7 @@ impl App {
             policy: settings.git.policy(),
             no_changes: settings.git.no_changes,
             yolo: settings.git.yolo,
-            coordinator: Some(
-                settings
-                    .webhooks
-                    .coordinator(settings.gates.coordinator_url.clone())?,
-            ),
+            coordinator: Some(settings.webhooks.coordinator(&settings.gates)?),
         };
         if settings.git.yolo {
             tracing::warn!(

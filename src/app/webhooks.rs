@@ -65,7 +65,9 @@ impl App {
             .await
             .map_err(AppError::InvalidRequest)?;
         let created = self.store.create_webhook(&hook).await?;
-        tracing::info!(webhook = %created.id, url = created.url, events = ?created.events, actor, "webhook subscription created");
+        // The host only: a URL may carry a token.
+        let host = hook.url.url().host_str().unwrap_or_default().to_owned();
+        tracing::info!(webhook = %created.id, host, events = ?created.events, actor, "webhook subscription created");
         Ok(created)
     }
 
@@ -102,7 +104,7 @@ impl App {
             Some(false) => {
                 return Err(AppError::InvalidRequest(FieldError::new(
                     "delivery",
-                    format!("delivery {delivery} is still pending or being sent; it will be sent without being asked"),
+                    format!("delivery {delivery} is pending, being sent, or dropped with its subscription; only a delivered or dead one is sent again"),
                 )))
             }
             Some(true) => {}

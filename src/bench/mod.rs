@@ -53,6 +53,8 @@ pub struct BenchOptions {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// The queue it ran on (its own, made for the run).
+    pub queue: String,
     pub jobs: usize,
     pub concurrency: usize,
     pub prefetch: usize,
@@ -245,20 +247,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     .fetch_one(app.store().pool())
     .await?;
     if !opts.keep {
-        sqlx::query(
-            "DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE queue = $1)",
-        )
-        .bind(queue.as_str())
-        .execute(app.store().pool())
-        .await?;
-        sqlx::query("DELETE FROM jobs WHERE queue = $1")
-            .bind(queue.as_str())
-            .execute(app.store().pool())
-            .await?;
-        app.queue()
-            .drop_queue(&queue)
-            .await
-            .map_err(AppError::from)?;
+        remove_queue(app, &queue).await?;
     }
     tracing::info!(
         total,
@@ -267,6 +256,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
         "bench verified against Postgres"
     );
     Ok(BenchReport {
+        queue: queue.as_str().to_owned(),
         jobs: opts.jobs,
         concurrency: opts.concurrency,
         prefetch: opts.prefetch,
@@ -277,6 +267,38 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
         verified_succeeded: succeeded,
         verified_events: events_count,
     })
+}
+
+/// Removes a bench queue's jobs, their events and webhook rows, and its
+/// Valkey keys.
+pub(crate) async fn remove_queue(app: &App, queue: &QueueName) -> Result<(), BenchError> {
+    let pool = app.store().pool();
+    sqlx::query(
+        "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT d.id FROM webhook_deliveries d
+             JOIN jobs j ON j.id = d.job_id WHERE j.queue = $1)",
+    )
+    .bind(queue.as_str())
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "DELETE FROM webhook_deliveries WHERE job_id IN (SELECT id FROM jobs WHERE queue = $1)",
+    )
+    .bind(queue.as_str())
+    .execute(pool)
+    .await?;
+    sqlx::query("DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE queue = $1)")
+        .bind(queue.as_str())
+        .execute(pool)
+        .await?;
+    sqlx::query("DELETE FROM jobs WHERE queue = $1")
+        .bind(queue.as_str())
+        .execute(pool)
+        .await?;
+    app.queue()
+        .drop_queue(queue)
+        .await
+        .map_err(AppError::from)?;
+    Ok(())
 }
 
 /// Rounded to two decimals, for reports.

@@ -142,7 +142,13 @@ pub async fn run(
         } else {
             None
         };
-        let ran = super::run(&app, opts).await?;
+        // The jobs stay until their webhooks are out: a message is written
+        // from its job and event at its first claim.
+        let keep = BenchOptions {
+            keep: true,
+            ..opts.clone()
+        };
+        let ran = super::run(&app, &keep).await?;
         match hook {
             Some(hook) => {
                 report.with_per_s.push(ran.process_per_s);
@@ -164,6 +170,11 @@ pub async fn run(
             }
             None => report.without_per_s.push(ran.process_per_s),
         }
+        if !opts.keep {
+            let queue = crate::job::QueueName::parse(ran.queue.as_str())
+                .map_err(|e| BenchError::Setup(e.to_string()))?;
+            super::remove_queue(&app, &queue).await?;
+        }
         tracing::info!(
             round = round_no,
             with,
@@ -173,16 +184,6 @@ pub async fn run(
     }
     report.delivered =
         i64::try_from(received.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX);
-    // The bench's own rows go; nothing else is touched.
-    sqlx::query(
-        "DELETE FROM webhook_attempts WHERE delivery_id IN
-             (SELECT id FROM webhook_deliveries WHERE body->'data'->>'queue' LIKE 'bench-%')",
-    )
-    .execute(app.store().pool())
-    .await?;
-    sqlx::query("DELETE FROM webhook_deliveries WHERE body->'data'->>'queue' LIKE 'bench-%'")
-        .execute(app.store().pool())
-        .await?;
     stop.cancel();
     let _ = deliverer.await;
     report.without_median_per_s = median(&report.without_per_s);

@@ -50,13 +50,18 @@ impl Maintenance {
         let mut done = Vec::new();
         let mut failures = 0u32;
         let mut stopping = false;
+        // Whether the last wait ended on the poll tick rather than on a
+        // finished request.
+        let mut ticked = true;
         loop {
             let free = cfg.concurrency.saturating_sub(inflight.len());
             let mut claimed = 0;
-            // Claim in batches of at least half the slots (or whatever is
-            // free when nothing is in flight): under load, a claim and a
-            // record per finished request cost more than the requests.
-            let worth_claiming = free > 0 && (inflight.is_empty() || free * 2 >= cfg.concurrency);
+            // After a finished request, claim only once half the slots are
+            // free (under load, a claim per finished request cost more than
+            // the requests); on the poll tick, whatever is free, so that
+            // slow receivers holding most slots do not hold up the rest.
+            let worth_claiming =
+                free > 0 && (ticked || inflight.is_empty() || free * 2 >= cfg.concurrency);
             if worth_claiming && !stopping {
                 match self
                     .store
@@ -89,12 +94,13 @@ impl Maintenance {
             } else {
                 cfg.poll_interval
             };
+            ticked = false;
             tokio::select! {
                 () = stop.cancelled(), if !stopping => stopping = true,
                 Some(joined) = inflight.join_next(), if !inflight.is_empty() => {
                     done.extend(joined.ok());
                 }
-                () = tokio::time::sleep(pause) => {}
+                () = tokio::time::sleep(pause) => ticked = true,
             }
             while let Some(joined) = inflight.try_join_next() {
                 done.extend(joined.ok());
@@ -114,8 +120,13 @@ impl Maintenance {
         }
     }
 
-    /// Samples the age of the oldest undelivered row.
+    /// Samples the age of the oldest undelivered row, and drops the rows of
+    /// subscriptions deleted while those rows were being written.
     pub async fn sample_webhooks_once(&self) -> Result<(), MaintenanceError> {
+        let dropped = self.store.drop_orphan_deliveries().await?;
+        if dropped > 0 {
+            tracing::info!(dropped, "webhook rows of deleted subscriptions dropped");
+        }
         let age = self.store.oldest_undelivered().await?;
         metrics::gauge!(m::WEBHOOK_OLDEST_UNDELIVERED).set(age.as_secs_f64());
         Ok(())
@@ -159,7 +170,8 @@ async fn send(cfg: DeliveryConfig, d: ClaimedDelivery) -> DeliveryOutcome {
                 SendError::Refused(_) => format!("{err}"),
                 _ => format!("no answer: {err}"),
             };
-            (None, Some(error), None)
+            // Postgres takes no NUL in text; one would fail the whole batch.
+            (None, Some(error.replace('\0', "")), None)
         }
     };
     let delivered = status.is_some_and(|s| (200..300).contains(&s));

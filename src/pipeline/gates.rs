@@ -424,7 +424,8 @@ fn read_report(tree: &Path, report: &Path, limits: Limits) -> Result<f64, String
 }
 
 /// Where `http` gates go: the client (no redirects, the address policy,
-/// bounded answers), the webhook signer, and the deployment's default
+/// bounded answers), the coordinator's own signer (never the webhooks':
+/// their receivers could forge answers), and the deployment's default
 /// coordinator.
 #[derive(Clone, Debug)]
 pub struct Coordinator {
@@ -457,7 +458,7 @@ impl Coordinator {
         if self.signer.is_empty() {
             return (
                 false,
-                "no webhook secret (ORCH_WEBHOOK_SECRET): the request could not be signed".into(),
+                "no coordinator secret (ORCH_COORDINATOR_SECRET or gates.coordinator_secrets): the request could not be signed".into(),
             );
         }
         let body = serde_json::to_vec(review).unwrap_or_default();

@@ -173,6 +173,9 @@ impl Store {
             "WITH due AS (
                 SELECT d.id FROM webhook_deliveries d
                 WHERE d.state IN ('pending', 'sending') AND d.next_at <= now()
+                  -- A subscription deleted while its row was being written.
+                  AND (d.webhook_id = '00000000-0000-0000-0000-000000000000'
+                       OR EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id))
                   AND NOT EXISTS (
                       SELECT 1 FROM webhook_deliveries e
                       WHERE e.job_id = d.job_id AND e.webhook_id = d.webhook_id AND e.id < d.id
@@ -189,7 +192,7 @@ impl Store {
                     -- and version the transition left, and the job's fixed
                     -- parts (its result only once it is final).
                     SELECT json_build_object(
-                        'type', 'job.' || e.type,
+                        'type', 'job.' || d.event,
                         'timestamp', e.at,
                         'data', json_build_object(
                             'id', d.job_id, 'queue', j.queue, 'kind', j.kind,
@@ -197,14 +200,14 @@ impl Store {
                             'attempt', COALESCE((e.data->>'attempt')::int, j.attempt),
                             'max_attempts', j.max_attempts, 'version', d.version,
                             'metadata', j.metadata,
-                            'progress', CASE WHEN e.type = 'progress' THEN e.data END,
+                            'progress', CASE WHEN d.event = 'progress' THEN e.data END,
                             'retry_at', e.data->'retry_at',
-                            'error', CASE WHEN e.type = 'cancelled' THEN e.data->>'reason'
+                            'error', CASE WHEN d.event = 'cancelled' THEN e.data->>'reason'
                                           ELSE left(e.data->>'error', 2000) END,
                             -- A result summary: the result while it is
                             -- small, else its outcome.
                             'result', CASE
-                                WHEN j.result IS NULL OR e.type NOT IN ('succeeded', 'dead') THEN NULL
+                                WHEN j.result IS NULL OR d.event NOT IN ('succeeded', 'dead') THEN NULL
                                 WHEN octet_length(j.result::text) <= 4096 THEN j.result
                                 ELSE jsonb_build_object('outcome', j.result->'outcome', 'truncated', true)
                             END))
@@ -295,7 +298,41 @@ impl Store {
         .bind(&retry_ms)
         .execute(&self.pool)
         .await?;
+        // The rows behind a retried one wait at least as long: left due,
+        // every claim would read them again and find them blocked.
+        let retried: Vec<i64> = outcomes
+            .iter()
+            .filter(|o| !o.delivered && o.retry_in.is_some())
+            .map(|o| o.id)
+            .collect();
+        if !retried.is_empty() {
+            sqlx::query(
+                "UPDATE webhook_deliveries later SET next_at = first.next_at
+                 FROM webhook_deliveries first
+                 WHERE first.id = ANY($1) AND first.state = 'pending'
+                   AND later.job_id = first.job_id AND later.webhook_id = first.webhook_id
+                   AND later.id > first.id AND later.state = 'pending'
+                   AND later.next_at < first.next_at",
+            )
+            .bind(&retried)
+            .execute(&self.pool)
+            .await?;
+        }
         Ok(())
+    }
+
+    /// Drops the undelivered rows of subscriptions deleted while the rows
+    /// were being written; returns how many.
+    pub async fn drop_orphan_deliveries(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries d SET state = 'dropped', finished_at = now()
+             WHERE d.state IN ('pending', 'sending')
+               AND d.webhook_id <> '00000000-0000-0000-0000-000000000000'
+               AND NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id)",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// A job's deliveries in order, each with its attempts.

@@ -27,6 +27,8 @@ use crate::secret::Secret;
 const SECRET_PREFIX: &str = "whsec_";
 /// The fewest key bytes a secret may decode to.
 const MIN_KEY_BYTES: usize = 24;
+/// The longest a name may take to resolve at enqueue.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How far an answer's timestamp may be from this host's clock.
 pub const TIMESTAMP_TOLERANCE_SECS: i64 = 300;
 
@@ -140,7 +142,8 @@ fn decode_secret(raw: &str) -> Result<Vec<u8>, String> {
     )?;
     let key = base64::engine::general_purpose::STANDARD
         .decode(b64)
-        .map_err(|e| format!("the part after whsec_ is not base64: {e}"))?;
+        // The decoder's error names a character of the secret: not shown.
+        .map_err(|_| "the part after whsec_ is not valid base64".to_owned())?;
     if key.len() < MIN_KEY_BYTES {
         return Err(format!(
             "decodes to {} bytes; at least {MIN_KEY_BYTES} are needed",
@@ -258,7 +261,7 @@ impl Client {
             .body(body)
             .send()
             .await;
-        let mut response = sent.map_err(|e| self.failure(&e))?;
+        let mut response = sent.map_err(|e| self.failure(e))?;
         let header = |name: &str| {
             response
                 .headers()
@@ -287,7 +290,7 @@ impl Client {
                     bytes.extend_from_slice(&chunk);
                 }
                 Ok(None) => break,
-                Err(e) => return Err(self.failure(&e)),
+                Err(e) => return Err(self.failure(e)),
             }
         }
         Ok(Answer {
@@ -301,12 +304,15 @@ impl Client {
         })
     }
 
-    fn failure(&self, err: &reqwest::Error) -> SendError {
+    fn failure(&self, err: reqwest::Error) -> SendError {
         if err.is_timeout() {
             return SendError::Timeout(self.timeout);
         }
+        // A URL can carry a credential (a token in its path or query):
+        // errors that are logged and stored name no URL.
+        let err = err.without_url();
         // The resolver's refusal is the innermost cause.
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
         let mut chain = Vec::new();
         while let Some(e) = source {
             if let Some(refused) = e.downcast_ref::<Refused>() {
@@ -362,8 +368,10 @@ pub async fn check_resolves(url: &HttpUrl, allow_local: bool) -> Result<(), Stri
         return Ok(());
     }
     let port = url.url().port_or_known_default().unwrap_or(443);
-    let addrs = tokio::net::lookup_host((host, port))
+    let lookup = tokio::net::lookup_host((host, port));
+    let addrs = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
         .await
+        .map_err(|_| format!("host {host} did not resolve within {RESOLVE_TIMEOUT:?}"))?
         .map_err(|e| format!("host {host} does not resolve: {e}"))?;
     for addr in addrs {
         if is_local_addr(addr.ip()) {

@@ -49,7 +49,7 @@ fn webhook_vars(secret: &str) -> Vec<(&'static str, String)> {
 }
 
 fn secret() -> String {
-    orchestrator::webhook::new_secret().expect("randomness")
+    orchestrator::app::new_webhook_secret().expect("randomness")
 }
 
 async fn scalar(env: &TestEnv, sql: &str) -> i64 {
@@ -680,4 +680,54 @@ async fn the_policy_is_checked_again_at_send() {
         assert_eq!(a.status, None);
     }
     assert!(rx.received().is_empty(), "a refused URL was sent to");
+}
+
+#[tokio::test]
+async fn a_job_whose_worker_died_is_reported_as_what_its_expired_lease_led_to() {
+    let secret = secret();
+    let env = TestEnv::with_settings(|s| webhooks_on(s, &secret)).await;
+    let q = unique_queue();
+    let rx = Receiver::start(&secret).await;
+    let mut r = request("sleep", &q, json!({ "ms": 60_000 }));
+    r.max_attempts = Some(1);
+    r.callback_url = Some(rx.url.clone());
+    let job = env.enqueue(vec![r]).await.remove(0);
+    let owned = webhook_vars(&secret);
+    let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut worker = WorkerProcess::spawn_with(&env, &q, 1, &vars);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.job(job.id).await.status != Status::Running {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.kill9();
+    // Another replica's reaper finds the expired lease: the last attempt
+    // is used up, so the job is dead.
+    let pool = env.start_pool(env.pool_config(&q, 1));
+    let done = env.wait_terminal(&[job.id], Duration::from_secs(60)).await;
+    assert_eq!(done[0].status, Status::Dead);
+    wait_outbox_empty(&env, Duration::from_secs(30)).await;
+    pool.shutdown().await;
+    // Distinct messages (the killed worker's deliverer may have sent the
+    // first one without recording it: it comes again, with its id).
+    let mut seen = HashSet::new();
+    let types: Vec<Value> = rx
+        .received()
+        .iter()
+        .filter(|r| r.answered == 200 && seen.insert(r.id.clone()))
+        .map(|r| r.body["type"].clone())
+        .collect();
+    assert_eq!(types, [json!("job.started"), json!("job.dead")]);
+    let dead = rx
+        .received()
+        .into_iter()
+        .find(|r| r.body["type"] == "job.dead")
+        .expect("dead");
+    assert!(
+        dead.body["data"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("lease expired")),
+        "{}",
+        dead.body
+    );
 }

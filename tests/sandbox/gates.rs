@@ -332,7 +332,7 @@ async fn coordinated(url: &str, secret: &str) -> Fixture {
         s.git.allow_local = true;
         s.git.data_dir = data;
         s.sandbox.workers_dir = workers;
-        s.webhooks.secrets = vec![orchestrator::secret::Secret::new(secret)];
+        s.gates.coordinator_secrets = vec![orchestrator::secret::Secret::new(secret)];
         s.webhooks.allow_local = true;
     })
     .await;
@@ -355,7 +355,7 @@ fn verdict(pass: bool, confidence: f64, sign: Signing) -> Answer {
 
 #[tokio::test]
 async fn an_http_gate_sends_the_change_signed_and_takes_only_a_signed_answer() {
-    let secret = orchestrator::webhook::new_secret().expect("randomness");
+    let secret = orchestrator::app::new_webhook_secret().expect("randomness");
     let rx = Receiver::start(&secret).await;
     rx.answer(verdict(true, 0.95, Signing::Good));
     let f = coordinated(&rx.url, &secret).await;
@@ -386,7 +386,7 @@ async fn an_http_gate_sends_the_change_signed_and_takes_only_a_signed_answer() {
     rx.answer(verdict(
         true,
         0.99,
-        Signing::Forged(orchestrator::webhook::new_secret().expect("randomness")),
+        Signing::Forged(orchestrator::app::new_webhook_secret().expect("randomness")),
     ));
     let done = f.run("echo hello > hello.txt", None).await;
     assert_eq!(done.status, Status::Dead);
@@ -400,18 +400,22 @@ async fn an_http_gate_sends_the_change_signed_and_takes_only_a_signed_answer() {
 
 #[tokio::test]
 async fn an_http_gate_fails_closed_on_every_bad_answer() {
-    let secret = orchestrator::webhook::new_secret().expect("randomness");
+    let secret = orchestrator::app::new_webhook_secret().expect("randomness");
     let rx = Receiver::start(&secret).await;
     let env = TestEnv::with_settings(|s| {
-        s.webhooks.secrets = vec![orchestrator::secret::Secret::new(secret.clone())];
+        s.gates.coordinator_secrets = vec![orchestrator::secret::Secret::new(secret.clone())];
+        // The webhook secret is not the coordinator's: an answer signed
+        // with it is forged.
+        s.webhooks.secrets = vec![orchestrator::secret::Secret::new(
+            orchestrator::app::new_webhook_secret().expect("randomness"),
+        )];
         s.webhooks.allow_local = true;
     })
     .await;
-    let coordinator = env
-        .app
-        .settings()
+    let settings = env.app.settings();
+    let coordinator = settings
         .webhooks
-        .coordinator(None)
+        .coordinator(&settings.gates)
         .expect("coordinator");
     let gate: orchestrator::pipeline::gates::GateDef = serde_json::from_value(json!({
         "name": "coordinator", "type": "http", "url": rx.url, "timeout_secs": 1, "threshold": 0.8,
@@ -440,7 +444,7 @@ async fn an_http_gate_fails_closed_on_every_bad_answer() {
             verdict(
                 true,
                 0.9,
-                Signing::Forged(orchestrator::webhook::new_secret().expect("randomness")),
+                Signing::Forged(orchestrator::app::new_webhook_secret().expect("randomness")),
             ),
             "no signature",
         ),
@@ -503,12 +507,22 @@ async fn an_http_gate_fails_closed_on_every_bad_answer() {
     nowhere.url = None;
     let (passed, detail) = coordinator.ask(&nowhere, "gate_x", &review).await;
     assert!(!passed && detail.contains("no coordinator"), "{detail}");
-    let mut unsigned = env.app.settings().webhooks.clone();
-    unsigned.secrets.clear();
-    let (passed, detail) = unsigned
-        .coordinator(None)
+    // A coordinator answering with the webhook secret (which every webhook
+    // receiver knows) is refused.
+    let webhook_secret = settings.webhooks.secrets[0].expose().to_owned();
+    rx.answer(verdict(true, 0.99, Signing::Forged(webhook_secret)));
+    let (passed, detail) = coordinator.ask(&gate, "gate_w", &review).await;
+    assert!(!passed && detail.contains("no signature"), "{detail}");
+    let mut unsigned = settings.gates.clone();
+    unsigned.coordinator_secrets.clear();
+    let (passed, detail) = settings
+        .webhooks
+        .coordinator(&unsigned)
         .expect("coordinator")
         .ask(&gate, "gate_y", &review)
         .await;
-    assert!(!passed && detail.contains("no webhook secret"), "{detail}");
+    assert!(
+        !passed && detail.contains("no coordinator secret"),
+        "{detail}"
+    );
 }

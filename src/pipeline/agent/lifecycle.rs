@@ -352,12 +352,13 @@ async fn run_gates(
             });
             let (passed, detail) = match &git.coordinator {
                 Some(coordinator) => {
-                    // One message id per job, attempt and gate: a retry of
-                    // the job asks again under a new one.
+                    // One message id per claim (its lease) and gate: a run
+                    // after a release or a retry asks under a new one, so
+                    // no answer to an earlier run is taken for this one.
                     let id = format!(
                         "gate_{}_{}_{}",
                         ctx.job.id.0.simple(),
-                        ctx.job.attempt,
+                        ctx.job.lease_id,
                         gate.name
                     );
                     tokio::select! {
