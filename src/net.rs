@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 /// Loopback, private, link-local (the cloud metadata service lives at
-/// 169.254.169.254), CGNAT, unspecified, broadcast and the IPv6
+/// 169.254.169.254), CGNAT, unspecified, multicast, reserved, broadcast and the IPv6
 /// equivalents, IPv4-mapped addresses included.
 pub fn is_local_addr(ip: IpAddr) -> bool {
     match ip {
@@ -21,7 +21,7 @@ pub fn is_local_addr(ip: IpAddr) -> bool {
                 || (a == 100 && (64..128).contains(&b))
                 || (a == 192 && b == 0 && c == 0)
                 || (a == 198 && (b == 18 || b == 19))
-                || a >= 240
+                || a >= 224
         }
         IpAddr::V6(ip) => {
             if let Some(v4) = ip.to_ipv4_mapped() {
@@ -153,6 +153,7 @@ mod tests {
             ("http://[::ffff:127.0.0.1]/", "this machine"),
             ("http://169.254.169.254/latest/meta-data", "this machine"),
             ("http://localhost./", "this machine"),
+            ("http://224.0.0.251/", "this machine"),
             ("http://a.localhost/", "this machine"),
             ("https://example.com/\u{0}", "control"),
             ("https://exa mple.com/", "whitespace"),
