@@ -631,6 +631,7 @@ async fn webhooks(settings: Settings, command: WebhooksCommand) -> anyhow::Resul
             let dropped = app.delete_webhook(id, CLI_ACTOR).await?;
             eprintln!("webhook {id} removed; {dropped} pending deliveries dropped");
         }
+        // Answered above, before connecting.
         WebhooksCommand::Secret => {}
     }
     Ok(())

@@ -731,3 +731,75 @@ async fn a_job_whose_worker_died_is_reported_as_what_its_expired_lease_led_to() 
         dead.body
     );
 }
+
+#[tokio::test]
+async fn the_cli_makes_a_secret_manages_subscriptions_and_lists_deliveries() {
+    let secret = secret();
+    let env = TestEnv::with_settings(|s| webhooks_on(s, &secret)).await;
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args(args)
+            .env("ORCH_DATABASE_URL", &env.database_url)
+            .env("ORCH_VALKEY_URL", &env.valkey_url)
+            .env("ORCH_KEY_PREFIX", &env.app.settings().key_prefix)
+            .env("ORCH_WEBHOOK_SECRET", &secret)
+            .env("ORCH_WEBHOOKS__ALLOW_LOCAL", "true")
+            .env("ORCH_LOG", "warn")
+            .output()
+            .expect("run the cli")
+    };
+    let made = run(&["webhooks", "secret"]);
+    assert!(made.status.success());
+    let made = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    assert!(made.starts_with("whsec_"), "{made}");
+    assert!(orchestrator::webhook::Signer::new(&[Secret::new(made)]).is_ok());
+
+    let rx = Receiver::start(&secret).await;
+    let added = run(&["webhooks", "add", &rx.url, "--events", "started,succeeded"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let hook: Value = serde_json::from_slice(&added.stdout).expect("json");
+    assert_eq!(hook["events"], json!(["started", "succeeded"]));
+    let refused = run(&["webhooks", "add", &rx.url, "--events", "finished"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("events"));
+    let listed: Value = serde_json::from_slice(&run(&["webhooks", "list"]).stdout).expect("json");
+    assert_eq!(listed[0]["id"], hook["id"]);
+
+    let enqueued = run(&[
+        "enqueue",
+        "noop",
+        "--queue",
+        "cli-hooks",
+        "--callback-url",
+        &rx.url,
+    ]);
+    assert!(
+        enqueued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enqueued.stderr)
+    );
+    let job: Value = serde_json::from_slice(&enqueued.stdout).expect("json");
+    let id: JobId = job["id"].as_str().expect("id").parse().expect("uuid");
+    let pool = env.start_pool(env.pool_config("cli-hooks", 1));
+    env.wait_terminal(&[id], Duration::from_secs(30)).await;
+    wait_outbox_empty(&env, Duration::from_secs(30)).await;
+    pool.shutdown().await;
+    let shown: Value =
+        serde_json::from_slice(&run(&["jobs", "deliveries", &id.to_string()]).stdout)
+            .expect("json");
+    // The callback and the subscription, each for started and succeeded.
+    assert_eq!(shown.as_array().map(Vec::len), Some(4), "{shown}");
+    assert!(shown
+        .as_array()
+        .expect("list")
+        .iter()
+        .all(|d| d["state"] == "delivered"));
+    let removed = run(&["webhooks", "remove", hook["id"].as_str().expect("id")]);
+    assert!(removed.status.success());
+    let listed: Value = serde_json::from_slice(&run(&["webhooks", "list"]).stdout).expect("json");
+    assert_eq!(listed, json!([]));
+}
