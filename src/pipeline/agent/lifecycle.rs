@@ -338,7 +338,9 @@ async fn run_gates(
             return Err(JobError::Interrupted);
         }
         let started = Instant::now();
-        if gate.kind == GateType::Http {
+        // Each kind comes to (image, passed, detail, output tail); `None`:
+        // the job was told to stop.
+        let ran = if gate.kind == GateType::Http {
             let review = json!({
                 "job": {
                     "id": ctx.job.id, "queue": ctx.job.queue.as_str(), "kind": ctx.job.kind.as_str(),
@@ -350,95 +352,25 @@ async fn run_gates(
                 "diff": diff,
                 "gates": results,
             });
-            let (passed, detail) = match &git.coordinator {
-                Some(coordinator) => {
-                    // One message id per claim (its lease) and gate: a run
-                    // after a release or a retry asks under a new one, so
-                    // no answer to an earlier run is taken for this one.
-                    let id = format!(
-                        "gate_{}_{}_{}",
-                        ctx.job.id.0.simple(),
-                        ctx.job.lease_id,
-                        gate.name
-                    );
-                    tokio::select! {
-                        verdict = coordinator.ask(gate, &id, &review) => verdict,
-                        () = ctx.cancel.cancelled() => {
-                            let _ = std::fs::remove_dir_all(&review_dir);
-                            return Err(JobError::Interrupted);
-                        }
-                    }
-                }
-                None => (
-                    false,
-                    "no coordinator is configured for http gates".to_owned(),
-                ),
-            };
-            let result = GateResult {
-                name: gate.name.clone(),
-                kind: gate.kind,
-                image: String::new(),
-                required: gate.required,
-                passed,
-                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                detail,
-                output_tail: Vec::new(),
-            };
-            record(
-                ctx,
-                "gate_finished",
-                serde_json::to_value(&result).unwrap_or_default(),
-            )
-            .await;
-            let stop = result.required && !result.passed;
-            results.push(result);
-            if stop {
-                break;
-            }
-            continue;
-        }
-        let workspace = BindMount {
-            host: tree.clone(),
-            target: WORKSPACE.to_owned(),
-            read_only: true,
-        };
-        let mounts = if gate.kind == GateType::AiReview {
-            vec![BindMount {
-                host: review_dir.clone(),
-                target: "/review".to_owned(),
-                read_only: true,
-            }]
+            ask_coordinator(git, ctx, gate, &review)
+                .await
+                .map(|(passed, detail)| (String::new(), passed, detail, Vec::new()))
         } else {
-            Vec::new()
+            run_sandboxed_gate(def, host, git, ctx, gate, index, &tree, &review_dir).await
         };
-        let ran = run_gate(def, host, ctx, gate, index, workspace, mounts).await;
-        let (passed, detail, tail) = match ran {
-            Ok((finished, output)) => {
-                let (passed, detail) = match finished.outcome {
-                    Outcome::Exited { code } => {
-                        gate.judge(code, &output, &tree, git.stage.limits())
-                    }
-                    Outcome::TimedOut => (false, format!("timed out after {}s", gate.timeout_secs)),
-                    Outcome::OomKilled => (false, "ran out of memory".to_owned()),
-                    Outcome::Stopped { .. } => {
-                        let _ = std::fs::remove_dir_all(&review_dir);
-                        return Err(JobError::Interrupted);
-                    }
-                };
-                let tail = output[output.len().saturating_sub(GATE_TAIL_LINES)..].to_vec();
-                (passed, detail, tail)
-            }
-            Err(e) => (false, e.to_string(), Vec::new()),
+        let Some((image, passed, detail, output_tail)) = ran else {
+            let _ = std::fs::remove_dir_all(&review_dir);
+            return Err(JobError::Interrupted);
         };
         let result = GateResult {
             name: gate.name.clone(),
             kind: gate.kind,
-            image: gate.image.clone().unwrap_or_else(|| def.image.clone()),
+            image,
             required: gate.required,
             passed,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             detail,
-            output_tail: tail,
+            output_tail,
         };
         record(
             ctx,
@@ -454,6 +386,80 @@ async fn run_gates(
     }
     let _ = std::fs::remove_dir_all(&review_dir);
     Ok(results)
+}
+
+/// An `http` gate's verdict from the coordinator; `None` when the job was
+/// told to stop meanwhile.
+async fn ask_coordinator(
+    git: &GitHost,
+    ctx: &JobContext,
+    gate: &GateDef,
+    review: &serde_json::Value,
+) -> Option<(bool, String)> {
+    let Some(coordinator) = &git.coordinator else {
+        return Some((
+            false,
+            "no coordinator is configured for http gates".to_owned(),
+        ));
+    };
+    // One message id per claim (its lease) and gate: a run after a release
+    // or a retry asks under a new one, so no answer to an earlier run is
+    // taken for this one.
+    let id = format!(
+        "gate_{}_{}_{}",
+        ctx.job.id.0.simple(),
+        ctx.job.lease_id,
+        gate.name
+    );
+    tokio::select! {
+        verdict = coordinator.ask(gate, &id, review) => Some(verdict),
+        () = ctx.cancel.cancelled() => None,
+    }
+}
+
+/// A gate run in a fresh sandbox on the committed tree: (image, passed,
+/// detail, output tail); `None` when the job was told to stop meanwhile.
+#[allow(clippy::too_many_arguments)]
+async fn run_sandboxed_gate(
+    def: &KindDef,
+    host: &SandboxHost,
+    git: &GitHost,
+    ctx: &JobContext,
+    gate: &GateDef,
+    index: usize,
+    tree: &std::path::Path,
+    review_dir: &std::path::Path,
+) -> Option<(String, bool, String, Vec<String>)> {
+    let workspace = BindMount {
+        host: tree.to_path_buf(),
+        target: WORKSPACE.to_owned(),
+        read_only: true,
+    };
+    let mounts = if gate.kind == GateType::AiReview {
+        vec![BindMount {
+            host: review_dir.to_path_buf(),
+            target: "/review".to_owned(),
+            read_only: true,
+        }]
+    } else {
+        Vec::new()
+    };
+    let image = gate.image.clone().unwrap_or_else(|| def.image.clone());
+    let (passed, detail, tail) =
+        match run_gate(def, host, ctx, gate, index, workspace, mounts).await {
+            Ok((finished, output)) => {
+                let (passed, detail) = match finished.outcome {
+                    Outcome::Exited { code } => gate.judge(code, &output, tree, git.stage.limits()),
+                    Outcome::TimedOut => (false, format!("timed out after {}s", gate.timeout_secs)),
+                    Outcome::OomKilled => (false, "ran out of memory".to_owned()),
+                    Outcome::Stopped { .. } => return None,
+                };
+                let tail = output[output.len().saturating_sub(GATE_TAIL_LINES)..].to_vec();
+                (passed, detail, tail)
+            }
+            Err(e) => (false, e.to_string(), Vec::new()),
+        };
+    Some((image, passed, detail, tail))
 }
 
 async fn check_conflicts(
