@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{round, BenchError, BenchOptions};
 use crate::app::App;
 use crate::config::Settings;
-use crate::job::WebhookRequest;
+use crate::job::{WebhookRequest, JOB_WEBHOOK_EVENTS};
 use crate::secret::Secret;
 
 #[derive(Debug, Serialize)]
@@ -124,16 +124,7 @@ pub async fn run(
         let hook = if with {
             let request = WebhookRequest {
                 url: url.clone(),
-                events: [
-                    "started",
-                    "progress",
-                    "succeeded",
-                    "failed",
-                    "dead",
-                    "cancelled",
-                ]
-                .map(str::to_owned)
-                .to_vec(),
+                events: JOB_WEBHOOK_EVENTS.iter().map(|e| (*e).to_owned()).collect(),
                 queues: None,
                 kinds: None,
                 description: Some("bench webhooks".into()),

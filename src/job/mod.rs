@@ -20,7 +20,8 @@ pub use request::{
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError, MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
 pub use status::{Status, UnknownStatus};
 pub use webhook::{
-    message_id, Delivery, DeliveryAttempt, NewWebhook, Webhook, WebhookRequest, WEBHOOK_EVENTS,
+    message_id, Delivery, DeliveryAttempt, NewWebhook, Webhook, WebhookRequest, JOB_WEBHOOK_EVENTS,
+    WEBHOOK_EVENTS,
 };
 
 /// A job id: a UUIDv7, so ids sort by creation time.

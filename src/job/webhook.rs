@@ -19,6 +19,10 @@ pub const WEBHOOK_EVENTS: [&str; 8] = [
     "lifted",
 ];
 
+/// The job's own events among [`WEBHOOK_EVENTS`] (the rest are the kill
+/// switch's): what a job's `callback_url` receives.
+pub const JOB_WEBHOOK_EVENTS: &[&str] = WEBHOOK_EVENTS.split_at(6).0;
+
 /// Most queues or kinds one subscription may name.
 const MAX_FILTER: usize = 100;
 
