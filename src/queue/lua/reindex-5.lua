@@ -26,8 +26,5 @@ for i = 2, #ARGV, 3 do
     end
   end
 end
-local ready = place(KEYS[1], KEYS[2], KEYS[4], KEYS[5], now_ms(), entries)
-if ready > 0 then
-  redis.call('PUBLISH', ARGV[1], ready)
-end
+place(KEYS[1], KEYS[2], KEYS[4], KEYS[5], now_ms(), entries, ARGV[1])
 return #entries / 3

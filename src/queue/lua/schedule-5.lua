@@ -23,8 +23,4 @@ redis.call('ZREM', KEYS[3], unpack(ids))
 -- An id moves wholly: out of whichever waiting set it may still be in.
 redis.call('ZREM', KEYS[1], unpack(ids))
 redis.call('ZREM', KEYS[2], unpack(ids))
-local ready = place(KEYS[1], KEYS[2], KEYS[4], KEYS[5], now_ms(), entries)
-if ready > 0 then
-  redis.call('PUBLISH', ARGV[1], ready)
-end
-return ready
+return place(KEYS[1], KEYS[2], KEYS[4], KEYS[5], now_ms(), entries, ARGV[1])

@@ -42,8 +42,9 @@ end
 
 -- Puts ids back to waiting: due ones pending (new FIFO position), others
 -- delayed with their priority kept aside. `entries` holds triples
--- (id, priority, due ms). Returns how many became pending.
-local function place(pending_key, delayed_key, prio_key, seq_key, now, entries)
+-- (id, priority, due ms). Publishes how many became pending on `wake`
+-- (when any did) and returns it.
+local function place(pending_key, delayed_key, prio_key, seq_key, now, entries, wake)
   local ready = {}
   for i = 1, #entries, 3 do
     local id, p, due = entries[i], tonumber(entries[i + 1]), tonumber(entries[i + 2])
@@ -65,6 +66,7 @@ local function place(pending_key, delayed_key, prio_key, seq_key, now, entries)
       args[#args + 1] = ready[i + 1]
     end
     redis.call('ZADD', pending_key, unpack(args))
+    redis.call('PUBLISH', wake, n)
   end
   return n
 end
