@@ -59,16 +59,26 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(KIND, |_| {}).await
+}
+
+/// A repository, the `gated-agent` kind defined by `kind`, and settings
+/// adjusted by `adjust`.
+async fn fixture_with(
+    kind: &str,
+    adjust: impl FnOnce(&mut orchestrator::config::Settings),
+) -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let bare = crate::support::git::bare_origin(tmp.path(), &[("README.md", "# app\n")]);
     let workers = tmp.path().join("workers");
     std::fs::create_dir_all(workers.join("gated-agent")).expect("mkdir");
-    std::fs::write(workers.join("gated-agent").join("worker.toml"), KIND).expect("kind");
+    std::fs::write(workers.join("gated-agent").join("worker.toml"), kind).expect("kind");
     let data = tmp.path().join("git-data");
     let env = TestEnv::with_settings(move |s| {
         s.git.allow_local = true;
         s.git.data_dir = data;
         s.sandbox.workers_dir = workers;
+        adjust(s);
     })
     .await;
     Fixture {
@@ -317,31 +327,12 @@ profiles = ["standard"]
 "#;
 
 async fn coordinated(url: &str, secret: &str) -> Fixture {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let bare = crate::support::git::bare_origin(tmp.path(), &[("README.md", "# app\n")]);
-    let workers = tmp.path().join("workers");
-    std::fs::create_dir_all(workers.join("gated-agent")).expect("mkdir");
-    std::fs::write(
-        workers.join("gated-agent").join("worker.toml"),
-        COORDINATED.replace("{url}", url),
-    )
-    .expect("kind");
-    let data = tmp.path().join("git-data");
     let secret = secret.to_owned();
-    let env = TestEnv::with_settings(move |s| {
-        s.git.allow_local = true;
-        s.git.data_dir = data;
-        s.sandbox.workers_dir = workers;
+    fixture_with(&COORDINATED.replace("{url}", url), move |s| {
         s.gates.coordinator_secrets = vec![orchestrator::secret::Secret::new(secret)];
         s.webhooks.allow_local = true;
     })
-    .await;
-    Fixture {
-        env,
-        bare,
-        _tmp: tmp,
-        queue: unique_queue(),
-    }
+    .await
 }
 
 fn verdict(pass: bool, confidence: f64, sign: Signing) -> Answer {
