@@ -12,7 +12,9 @@ use orchestrator::app::PoolConfig;
 use orchestrator::bench::{self, BenchOptions};
 use orchestrator::config::Settings;
 use orchestrator::job::JobFilter;
-use orchestrator::job::{JobId, JobRequest, QueueName, Status};
+use orchestrator::job::{
+    JobId, JobRequest, QueueName, ScheduleId, ScheduleRequest, Status, UniqueRequest,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -71,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         command: WebhooksCommand,
     },
+    /// Cron schedules that enqueue a job every tick.
+    Schedules {
+        #[command(subcommand)]
+        command: SchedulesCommand,
+    },
     /// Queue depths; pause or resume a queue.
     Queues {
         #[command(subcommand)]
@@ -118,6 +125,12 @@ struct EnqueueArgs {
     /// Where the job's events go as signed webhooks.
     #[arg(long)]
     callback_url: Option<String>,
+    /// At most one unfinished job with this key (see --unique-for-secs).
+    #[arg(long)]
+    unique_key: Option<String>,
+    /// How long the unique key holds.
+    #[arg(long, requires = "unique_key")]
+    unique_for_secs: Option<i64>,
     /// Wait until the job is finished, then print it.
     #[arg(long)]
     wait: bool,
@@ -179,6 +192,45 @@ enum WebhooksCommand {
 }
 
 #[derive(Subcommand)]
+enum SchedulesCommand {
+    /// Create a schedule.
+    Add {
+        name: String,
+        /// 5 fields (minute hour day-of-month month day-of-week), or 6 with
+        /// seconds first; quote it.
+        #[arg(long)]
+        cron: String,
+        /// An IANA time zone.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// The job, as POST /v1/jobs takes it (JSON).
+        #[arg(long)]
+        job: String,
+        /// skip (while the last job is unfinished) or allow.
+        #[arg(long, value_parser = ["skip", "allow"])]
+        overlap: Option<String>,
+        /// What missed ticks do: none, latest or all.
+        #[arg(long, value_parser = ["none", "latest", "all"])]
+        catch_up: Option<String>,
+        #[arg(long)]
+        catch_up_limit: Option<i64>,
+        /// Create it paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Every schedule.
+    List,
+    /// One schedule.
+    Show { id: String },
+    /// Stop a schedule's ticks.
+    Pause { id: String },
+    /// Start again from the next tick (what was missed is not caught up).
+    Resume { id: String },
+    /// Delete a schedule; its jobs stay.
+    Remove { id: String },
+}
+
+#[derive(Subcommand)]
 enum QueuesCommand {
     Pause { name: String },
     Resume { name: String },
@@ -215,6 +267,17 @@ enum BenchCommand {
         queue: BenchArgs,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// No-op throughput while retention prunes a million finished jobs,
+    /// against none, in one sitting.
+    Retention {
+        #[command(flatten)]
+        queue: BenchArgs,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Finished jobs written first, for the pruning rounds to delete.
+        #[arg(long, default_value_t = 1_000_000)]
+        seed_jobs: u64,
     },
     /// Cancel latency (request to sandbox gone) and kill-all wall time with
     /// running `sleep` agents, against `docker rm -f` of as many containers.
@@ -305,6 +368,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Queues { command } => queues(settings, command).await?,
         Command::Webhooks { command } => webhooks(settings, command).await?,
+        Command::Schedules { command } => schedules(settings, command).await?,
         Command::Bench {
             what: BenchCommand::Lifecycle { runs },
         } => {
@@ -346,6 +410,20 @@ pub async fn run() -> anyhow::Result<()> {
         } => {
             let opts = bench_options(&args);
             let report = orchestrator::bench::webhooks::run(settings, &opts, rounds.max(1)).await?;
+            out(&serde_json::to_string(&report)?)?;
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Retention {
+                    queue: args,
+                    rounds,
+                    seed_jobs,
+                },
+        } => {
+            let opts = bench_options(&args);
+            let report =
+                orchestrator::bench::retention::run(settings, &opts, rounds.max(1), seed_jobs)
+                    .await?;
             out(&serde_json::to_string(&report)?)?;
         }
         Command::Bench {
@@ -502,6 +580,11 @@ async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
         delay_secs: args.delay_secs,
         idempotency_key: args.idempotency_key,
         callback_url: args.callback_url,
+        unique: args.unique_key.map(|key| UniqueRequest {
+            key,
+            for_secs: args.unique_for_secs,
+            states: None,
+        }),
         ..JobRequest::default()
     };
     let jobs = app.validate(vec![request], CLI_ACTOR)?;
@@ -635,6 +718,69 @@ async fn webhooks(settings: Settings, command: WebhooksCommand) -> anyhow::Resul
         WebhooksCommand::Secret => {}
     }
     Ok(())
+}
+
+async fn schedules(settings: Settings, command: SchedulesCommand) -> anyhow::Result<()> {
+    let app = connect_migrated(settings).await?;
+    let id = |raw: &str| -> anyhow::Result<ScheduleId> {
+        Ok(ScheduleId(
+            raw.parse().context("not a schedule id (a UUID)")?,
+        ))
+    };
+    // "skip" and friends are checked by clap; as JSON strings they parse.
+    let policy = |raw: Option<String>| raw.map(serde_json::Value::String);
+    let schedule = match command {
+        SchedulesCommand::Add {
+            name,
+            cron,
+            timezone,
+            job,
+            overlap,
+            catch_up,
+            catch_up_limit,
+            paused,
+        } => {
+            let request = ScheduleRequest {
+                name: Some(name),
+                cron: Some(cron),
+                timezone: Some(timezone),
+                job: Some(
+                    serde_json::from_str(&job)
+                        .context("--job is not a valid job (JSON, as POST /v1/jobs takes)")?,
+                ),
+                paused: Some(paused),
+                overlap: policy(overlap).map(serde_json::from_value).transpose()?,
+                catch_up: policy(catch_up).map(serde_json::from_value).transpose()?,
+                catch_up_limit,
+            };
+            app.create_schedule(request, CLI_ACTOR).await?
+        }
+        SchedulesCommand::List => {
+            return out(&serde_json::to_string_pretty(&app.schedules().await?)?);
+        }
+        SchedulesCommand::Show { id: raw } => app.schedule(id(&raw)?).await?,
+        SchedulesCommand::Pause { id: raw } => {
+            let patch = ScheduleRequest {
+                paused: Some(true),
+                ..ScheduleRequest::default()
+            };
+            app.update_schedule(id(&raw)?, patch, CLI_ACTOR).await?
+        }
+        SchedulesCommand::Resume { id: raw } => {
+            let patch = ScheduleRequest {
+                paused: Some(false),
+                ..ScheduleRequest::default()
+            };
+            app.update_schedule(id(&raw)?, patch, CLI_ACTOR).await?
+        }
+        SchedulesCommand::Remove { id: raw } => {
+            let id = id(&raw)?;
+            app.delete_schedule(id).await?;
+            eprintln!("schedule {id} removed; the jobs it enqueued stay");
+            return Ok(());
+        }
+    };
+    out(&serde_json::to_string_pretty(&schedule)?)
 }
 
 /// What a resume records when no reason is given.

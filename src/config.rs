@@ -21,7 +21,7 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 18] = [
+const SETTINGS_KEYS: [&str; 19] = [
     "admin_token",
     "api",
     "database_url",
@@ -40,6 +40,7 @@ const SETTINGS_KEYS: [&str; 18] = [
     "webhooks",
     "gates",
     "kill_switch",
+    "retention",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +90,39 @@ pub struct Settings {
     pub webhooks: WebhookSettings,
     #[serde(default)]
     pub gates: GateSettings,
+    pub retention: RetentionSettings,
+}
+
+/// How long finished jobs (and their events, webhook rows and keys) are
+/// kept; 0 keeps them for ever.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    pub succeeded_secs: u64,
+    pub cancelled_secs: u64,
+    pub dead_secs: u64,
+    /// Jobs deleted per transaction.
+    pub batch: u32,
+    /// How often a replica looks for jobs to prune.
+    pub interval_ms: u64,
+}
+
+impl RetentionSettings {
+    /// `None` when every status is kept for ever.
+    pub fn config(&self) -> Option<crate::maintenance::RetentionConfig> {
+        let keep = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+        if self.succeeded_secs == 0 && self.cancelled_secs == 0 && self.dead_secs == 0 {
+            return None;
+        }
+        Some(crate::maintenance::RetentionConfig {
+            succeeded: keep(self.succeeded_secs),
+            cancelled: keep(self.cancelled_secs),
+            dead: keep(self.dead_secs),
+            batch: self.batch.max(1),
+            max_batches: 100,
+            interval: Duration::from_millis(self.interval_ms.max(1)),
+        })
+    }
 }
 
 /// The quality gates' deployment-wide settings.
@@ -415,6 +449,11 @@ pub struct MaintenanceSettings {
     /// Full index rebuild period (a lost index is detected sooner).
     pub reconcile_interval_secs: u64,
     pub flush_check_interval_ms: u64,
+    /// How often every replica looks for due schedules.
+    pub schedule_interval_ms: u64,
+    /// A tick older than this when a scheduler sees it was missed: the
+    /// schedule's `catch_up` decides whether it still runs.
+    pub schedule_grace_secs: u64,
 }
 
 impl Settings {
@@ -555,6 +594,8 @@ impl Settings {
             || m.lease_scan_interval_secs == 0
             || m.reconcile_interval_secs == 0
             || m.flush_check_interval_ms == 0
+            || m.schedule_interval_ms == 0
+            || m.schedule_grace_secs == 0
         {
             return Err(invalid("maintenance", "every interval must be positive"));
         }

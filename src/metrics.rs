@@ -59,6 +59,12 @@ pub const KILL_SWITCH_ENGAGED: &str = "orchestrator_kill_switch_engaged";
 pub const WEBHOOK_DELIVERIES: &str = "orchestrator_webhook_deliveries_total";
 /// Histogram: from a webhook's transition to its delivery, seconds.
 pub const WEBHOOK_DELIVERY_SECONDS: &str = "orchestrator_webhook_delivery_latency_seconds";
+/// Counter {outcome}: schedule ticks, by what came of them (enqueued,
+/// skipped_overlap, invalid).
+pub const SCHEDULE_TICKS: &str = "orchestrator_schedule_ticks_total";
+/// Counter {table, status}: rows retention deleted (jobs, job_events), by
+/// the status of their job.
+pub const RETENTION_PRUNED: &str = "orchestrator_retention_pruned_rows_total";
 /// Gauge: how long the oldest undelivered webhook has waited, seconds.
 pub const WEBHOOK_OLDEST_UNDELIVERED: &str = "orchestrator_webhook_oldest_undelivered_age_seconds";
 
@@ -124,6 +130,14 @@ fn describe() {
     );
     describe_counter!(CANCELLATIONS, "Jobs cancelled, by stage.");
     describe_gauge!(KILL_SWITCH_ENGAGED, "1 while the kill switch is engaged.");
+    describe_counter!(
+        RETENTION_PRUNED,
+        "Rows retention deleted, by table (jobs, job_events) and job status."
+    );
+    describe_counter!(
+        SCHEDULE_TICKS,
+        "Schedule ticks, by outcome (enqueued, skipped_overlap, invalid)."
+    );
     describe_counter!(
         WEBHOOK_DELIVERIES,
         "Webhook attempts, by outcome (delivered, retried, dead)."

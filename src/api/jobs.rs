@@ -129,13 +129,18 @@ fn require_admin_where_needed(
     Ok(())
 }
 
+/// On a 200 from `POST /v1/jobs`: what made it return an existing job
+/// (`idempotency_key` or `unique`).
+pub const DUPLICATE_HEADER: &str = "orchestrator-duplicate";
+
 /// Enqueue one job.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobRequest,
     params(("Idempotency-Key" = Option<String>, Header, description = "replays return the same job")),
     security(("bearer" = [])),
     responses(
         (status = 201, description = "created", body = Job),
-        (status = 200, description = "an idempotent replay: the job created before", body = Job),
+        (status = 200, description = "an idempotent replay, or a job holding its `unique` key: the existing job; the Orchestrator-Duplicate header says which", body = Job,
+            headers(("Orchestrator-Duplicate" = String, description = "`idempotency_key` or `unique`"))),
         (status = 400, description = "malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "the token lacks the enqueue scope", body = Problem, content_type = "application/problem+json"),
@@ -162,6 +167,7 @@ pub async fn create(
             e
         })?;
     require_admin_where_needed(&state, &caller, &jobs, false)?;
+    let requested_key = jobs.first().and_then(|j| j.idempotency_key.clone());
     let stored = state.app.enqueue(&jobs).await.map_err(|e| {
         let mut e = ApiError::from(e);
         e.index = None;
@@ -171,12 +177,17 @@ pub async fn create(
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "nothing was stored"))?;
-    let status = if created {
-        StatusCode::CREATED
+    if created {
+        return Ok((StatusCode::CREATED, Json(job)).into_response());
+    }
+    // Says why nothing was created: a replay of the idempotency key, or an
+    // existing job holding the `unique` key.
+    let why = if requested_key.is_some() && requested_key == job.idempotency_key {
+        "idempotency_key"
     } else {
-        StatusCode::OK
+        "unique"
     };
-    Ok((status, Json(job)).into_response())
+    Ok((StatusCode::OK, [(DUPLICATE_HEADER, why)], Json(job)).into_response())
 }
 
 /// Enqueue many jobs at once: all valid or none enqueued.

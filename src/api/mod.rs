@@ -12,6 +12,7 @@ mod jobs;
 mod killswitch;
 pub mod openapi;
 mod queues;
+mod schedules;
 mod ui;
 mod webhooks;
 
@@ -87,6 +88,16 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/jobs/{id}/deliveries/{delivery}/redeliver",
             post(webhooks::redeliver),
+        )
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/v1/schedules/{id}",
+            get(schedules::get)
+                .patch(schedules::edit)
+                .delete(schedules::delete),
         )
         .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
         .route("/v1/webhooks/{id}", axum::routing::delete(webhooks::delete))

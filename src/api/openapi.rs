@@ -3,9 +3,10 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, events, health, jobs, killswitch, queues, webhooks};
+use super::{error, events, health, jobs, killswitch, queues, schedules, webhooks};
 use crate::job::{
-    Delivery, DeliveryAttempt, Job, JobEvent, JobPatch, JobRequest, Status, Webhook, WebhookRequest,
+    CatchUp, Delivery, DeliveryAttempt, Job, JobEvent, JobPatch, JobRequest, Overlap, Schedule,
+    ScheduleRequest, Status, UniqueRequest, Webhook, WebhookRequest,
 };
 
 #[derive(OpenApi)]
@@ -17,6 +18,7 @@ use crate::job::{
         queues::list, queues::pause, queues::resume,
         killswitch::get, killswitch::engage, killswitch::lift, killswitch::events,
         webhooks::create, webhooks::list, webhooks::delete, webhooks::deliveries, webhooks::redeliver,
+        schedules::create, schedules::list, schedules::get, schedules::edit, schedules::delete,
         health::healthz, health::readyz, health::metrics,
     ),
     components(schemas(
@@ -28,6 +30,7 @@ use crate::job::{
         crate::app::ResumeReport, crate::app::KilledJob, crate::app::KillOutcome,
         Webhook, WebhookRequest, Delivery, DeliveryAttempt,
         webhooks::WebhookList, webhooks::DeliveryList, webhooks::Deleted,
+        Schedule, ScheduleRequest, Overlap, CatchUp, UniqueRequest, schedules::ScheduleList,
     )),
     modifiers(&BearerAuth),
 )]

@@ -32,6 +32,10 @@ pub enum AppError {
     InvalidRequest(FieldError),
     #[error("webhook {0} does not exist")]
     NoSuchWebhook(uuid::Uuid),
+    #[error("schedule {0} does not exist")]
+    NoSuchSchedule(crate::job::ScheduleId),
+    #[error("a schedule named {0:?} exists already")]
+    ScheduleNameTaken(String),
     #[error("job {job} has no delivery {delivery}")]
     NoSuchDelivery { job: JobId, delivery: i64 },
     #[error(transparent)]
@@ -102,9 +106,14 @@ impl AppError {
                 error,
             },
             AppError::InvalidRequest(error) => ErrorClass::InvalidField(error),
-            AppError::NoSuchWebhook(_) | AppError::NoSuchDelivery { .. } => {
-                ErrorClass::Missing(self.to_string())
-            }
+            AppError::ScheduleNameTaken(_) => ErrorClass::ConflictingField {
+                index: 0,
+                field: "name",
+                detail: self.to_string(),
+            },
+            AppError::NoSuchWebhook(_)
+            | AppError::NoSuchSchedule(_)
+            | AppError::NoSuchDelivery { .. } => ErrorClass::Missing(self.to_string()),
             AppError::NotMigrated
             | AppError::Config(_)
             | AppError::Kind(_)

@@ -5,6 +5,7 @@ mod dashboard;
 mod error;
 mod killswitch;
 mod queues;
+mod schedules;
 mod webhooks;
 
 pub use dashboard::{Finished, Overview, WorkerInfo, THROUGHPUT_WINDOW};
@@ -265,7 +266,13 @@ impl App {
             .iter()
             .zip(jobs)
             .enumerate()
-            .filter(|(_, ((_, created), _))| !created)
+            // A replay of the idempotency key, not a `unique` duplicate
+            // (which may differ from the request: that is its point).
+            .filter(|(_, ((job, created), requested))| {
+                !created
+                    && requested.idempotency_key.is_some()
+                    && job.idempotency_key == requested.idempotency_key
+            })
             .find_map(|(index, ((job, _), requested))| check_replay(index, requested, job).err());
         let mut by_queue: BTreeMap<&QueueName, Vec<IndexEntry>> = BTreeMap::new();
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
@@ -338,7 +345,19 @@ impl App {
     /// Idempotency keys: none twice in the batch, none naming another job.
     async fn check_keys(&self, jobs: &[NewJob]) -> Result<(), AppError> {
         let mut seen = std::collections::HashSet::new();
+        let mut unique = std::collections::HashSet::new();
         for (index, job) in jobs.iter().enumerate() {
+            if let Some(u) = &job.unique {
+                if !unique.insert(u.key.as_str()) {
+                    return Err(AppError::Invalid {
+                        index,
+                        error: FieldError::new(
+                            "unique.key",
+                            format!("unique key {:?} appears twice in this batch", u.key),
+                        ),
+                    });
+                }
+            }
             if let Some(key) = &job.idempotency_key {
                 if !seen.insert(key.as_str()) {
                     return Err(AppError::Invalid {
@@ -527,6 +546,18 @@ impl App {
         Ok(self.store.control_events(limit).await?)
     }
 
+    /// Maintenance over no queue: for the services that are not per queue
+    /// (retention, schedules), run by hand in benchmarks and tests.
+    pub fn maintenance(&self, actor: &str) -> crate::maintenance::Maintenance {
+        crate::maintenance::Maintenance::new(
+            self.store.clone(),
+            self.queue.clone(),
+            Vec::new(),
+            actor.to_owned(),
+            self.settings.pool_config().maintenance,
+        )
+    }
+
     /// A worker pool over this app's connections.
     pub fn pool(&self, cfg: PoolConfig) -> Pool {
         Pool::new(
@@ -538,5 +569,7 @@ impl App {
         .with_sandboxes(self.sandboxes.clone())
         .with_git(self.git.stage.clone())
         .with_webhooks(self.delivery.clone())
+        .with_schedules(Some(self.scheduler_config()))
+        .with_retention(self.settings.retention.config())
     }
 }

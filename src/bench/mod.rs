@@ -1,5 +1,5 @@
 //! Benchmarks, one `orchestrator bench <what>` each: `queue` (here),
-//! `lifecycle`, `git`, `sandbox`, `cancel` and `webhooks` (the submodules). They are a
+//! `lifecycle`, `git`, `sandbox`, `cancel`, `webhooks` and `retention` (the submodules). They are a
 //! front end: they drive the app, and the adapters they measure.
 //!
 //! `orchestrator bench queue`: throughput and latency through the real path
@@ -9,6 +9,7 @@
 pub mod cancel;
 pub mod git;
 pub mod lifecycle;
+pub mod retention;
 pub mod sandbox;
 pub mod webhooks;
 
@@ -106,6 +107,8 @@ fn noop_jobs(queue: &QueueName, n: usize) -> Vec<NewJob> {
             yolo: false,
             metadata: serde_json::json!({}),
             callback_url: None,
+            unique: None,
+            schedule: None,
         })
         .collect()
 }
@@ -286,10 +289,18 @@ pub(crate) async fn remove_queue(app: &App, queue: &QueueName) -> Result<(), Ben
     .bind(queue.as_str())
     .execute(pool)
     .await?;
+    // The trail is append-only but for pruning: a bench's own throwaway
+    // queue is pruned the way prune_finished_jobs() does it, in one
+    // transaction that says so.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('orchestrator.pruning', 'on', true)")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE queue = $1)")
         .bind(queue.as_str())
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     sqlx::query("DELETE FROM jobs WHERE queue = $1")
         .bind(queue.as_str())
         .execute(pool)

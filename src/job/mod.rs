@@ -3,6 +3,7 @@
 
 mod request;
 mod retry;
+mod schedule;
 mod status;
 mod webhook;
 
@@ -15,9 +16,14 @@ use uuid::Uuid;
 
 pub use request::{
     validate_idempotency_key, validate_metadata, FieldError, JobDefaults, JobEdit, JobPatch,
-    JobRequest, PayloadError, MAX_METADATA_BYTES, MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH,
+    JobRequest, PayloadError, Unique, UniqueRequest, MAX_METADATA_BYTES, MAX_PAYLOAD_BYTES,
+    MAX_PAYLOAD_DEPTH,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError, MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
+pub use schedule::{
+    due_ticks, CatchUp, CronSpec, NewSchedule, Overlap, Schedule, ScheduleRequest,
+    DEFAULT_CATCH_UP_LIMIT, MAX_CATCH_UP_LIMIT,
+};
 pub use status::{Status, UnknownStatus};
 pub use webhook::{
     message_id, Delivery, DeliveryAttempt, NewWebhook, Webhook, WebhookRequest, JOB_WEBHOOK_EVENTS,
@@ -52,6 +58,29 @@ impl FromStr for JobId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Uuid::parse_str(s).map(JobId)
+    }
+}
+
+/// A schedule id (UUIDv7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ScheduleId(pub Uuid);
+
+impl ScheduleId {
+    pub fn new() -> Self {
+        ScheduleId(Uuid::now_v7())
+    }
+}
+
+impl Default for ScheduleId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for ScheduleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
     }
 }
 
@@ -245,6 +274,10 @@ pub struct NewJob {
     pub metadata: serde_json::Value,
     /// Where its events go as webhooks (a canonical http/https URL).
     pub callback_url: Option<String>,
+    /// At most one such job in the given states within the window.
+    pub unique: Option<Unique>,
+    /// The schedule and tick that enqueued it.
+    pub schedule: Option<(ScheduleId, DateTime<Utc>)>,
 }
 
 /// A job as stored in Postgres.
@@ -288,6 +321,16 @@ pub struct Job {
     /// Where its events go as signed webhooks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// Its `unique.key`, while a duplicate may find it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_key: Option<String>,
+    /// The schedule that enqueued it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub schedule_id: Option<ScheduleId>,
+    /// The schedule's tick it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// A job's progress, as its agent reported it.

@@ -6,7 +6,8 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    JobId, JobKind, NewJob, Priority, QueueName, RetryPolicy, MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS,
+    JobId, JobKind, NewJob, Priority, QueueName, RetryPolicy, Status, MAX_ATTEMPTS_LIMIT,
+    MAX_BACKOFF_MS,
 };
 
 /// Payloads nested deeper than this are refused.
@@ -63,6 +64,101 @@ pub struct JobRequest {
     /// deployment sets `webhooks.allow_local`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// At most one job with this key in the given states within the
+    /// window: a duplicate gets the existing job back (200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique: Option<UniqueRequest>,
+}
+
+/// `unique` of a [`JobRequest`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UniqueRequest {
+    /// 1 to 255 bytes, no control characters.
+    pub key: String,
+    /// How long the key holds after a job took it; absent: for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_secs: Option<i64>,
+    /// The states in which an existing job counts; absent: the unfinished
+    /// ones (`queued`, `scheduled`, `running`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub states: Option<Vec<String>>,
+}
+
+/// A checked `unique`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unique {
+    pub key: String,
+    pub for_secs: Option<u64>,
+    pub states: Vec<Status>,
+}
+
+/// The longest `unique.for_secs`: a year.
+pub const MAX_UNIQUE_SECS: i64 = 366 * 86400;
+
+impl UniqueRequest {
+    fn validate(self) -> Result<Unique, FieldError> {
+        let key = validate_key("unique.key", &self.key, MAX_IDEMPOTENCY_KEY_LEN)?;
+        let for_secs = match self.for_secs {
+            None => None,
+            Some(s) if (1..=MAX_UNIQUE_SECS).contains(&s) => Some(s as u64),
+            Some(s) => {
+                return Err(FieldError::new(
+                    "unique.for_secs",
+                    format!("must be between 1 and {MAX_UNIQUE_SECS}, got {s}"),
+                ))
+            }
+        };
+        let states = match self.states {
+            None => vec![Status::Queued, Status::Scheduled, Status::Running],
+            Some(names) => {
+                if names.is_empty() {
+                    return Err(FieldError::new(
+                        "unique.states",
+                        "must name at least one state",
+                    ));
+                }
+                let mut states = Vec::with_capacity(names.len());
+                for name in &names {
+                    let status: Status = name.parse().map_err(|_| {
+                        FieldError::new(
+                            "unique.states",
+                            format!(
+                                "unknown state {name:?}; states are queued, scheduled, running, succeeded, dead, cancelled"
+                            ),
+                        )
+                    })?;
+                    if !states.contains(&status) {
+                        states.push(status);
+                    }
+                }
+                states
+            }
+        };
+        Ok(Unique {
+            key,
+            for_secs,
+            states,
+        })
+    }
+}
+
+/// A key producers choose: `max` bytes at most, not empty, no control
+/// characters (they end up in logs and the dashboard).
+fn validate_key(field: &str, key: &str, max: usize) -> Result<String, FieldError> {
+    if key.is_empty() || key.len() > max {
+        return Err(FieldError::new(
+            field,
+            format!("must be 1 to {max} bytes long"),
+        ));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(key.to_owned())
 }
 
 /// What a deployment fills in when a request leaves a field out.
@@ -269,6 +365,7 @@ impl JobRequest {
                     .map_err(|e| FieldError::new("callback_url", e))
             })
             .transpose()?;
+        let unique = self.unique.map(UniqueRequest::validate).transpose()?;
         Ok(NewJob {
             id: JobId::new(),
             queue,
@@ -283,6 +380,8 @@ impl JobRequest {
             yolo: false,
             metadata,
             callback_url,
+            unique,
+            schedule: None,
         })
     }
 }
@@ -404,19 +503,7 @@ impl JobPatch {
 }
 
 pub fn validate_idempotency_key(key: &str) -> Result<String, FieldError> {
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        return Err(FieldError::new(
-            "idempotency_key",
-            format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes long"),
-        ));
-    }
-    if key.chars().any(char::is_control) {
-        return Err(FieldError::new(
-            "idempotency_key",
-            "must not contain control characters",
-        ));
-    }
-    Ok(key.to_owned())
+    validate_key("idempotency_key", key, MAX_IDEMPOTENCY_KEY_LEN)
 }
 
 #[cfg(test)]

@@ -11,8 +11,10 @@ mod promoter;
 mod reaper;
 mod reconciler;
 pub(crate) mod repair;
+mod retention;
 mod sampler;
 mod sandboxes;
+mod scheduler;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,6 +30,8 @@ use crate::store::Store;
 
 pub use deliverer::{DeliveryConfig, RESPONSE_LIMIT};
 pub use reaper::ReapCounts;
+pub use retention::{PruneCounts, RetentionConfig};
+pub use scheduler::{JobFactory, SchedulerConfig};
 
 /// Called at the end of every full reconcile pass.
 pub type Observer = Arc<dyn Fn(ReconcileCounts) + Send + Sync>;
@@ -96,6 +100,8 @@ pub struct Maintenance {
     sandboxes: Option<crate::pipeline::SandboxHost>,
     git: Option<crate::git::repo::GitStage>,
     webhooks: Option<DeliveryConfig>,
+    schedules: Option<SchedulerConfig>,
+    retention: Option<RetentionConfig>,
 }
 
 impl Maintenance {
@@ -116,7 +122,21 @@ impl Maintenance {
             sandboxes: None,
             git: None,
             webhooks: None,
+            schedules: None,
+            retention: None,
         }
+    }
+
+    /// Also deletes finished jobs past their retention.
+    pub fn with_retention(mut self, cfg: Option<RetentionConfig>) -> Self {
+        self.retention = cfg;
+        self
+    }
+
+    /// Also enqueues the jobs of due schedules.
+    pub fn with_schedules(mut self, cfg: Option<SchedulerConfig>) -> Self {
+        self.schedules = cfg;
+        self
     }
 
     /// Also delivers webhooks from the outbox.
@@ -232,6 +252,32 @@ impl Maintenance {
             },
         ));
         me.spawn_webhooks(&mut tasks, &stop);
+        if let Some(sched) = me.schedules.clone() {
+            let m = me.clone();
+            tasks.spawn(periodic(
+                "scheduler",
+                sched.interval,
+                stop.clone(),
+                move || {
+                    let m = m.clone();
+                    let sched = sched.clone();
+                    async move { m.schedule_once(&sched).await.map(drop) }
+                },
+            ));
+        }
+        if let Some(retention) = me.retention.clone() {
+            let m = me.clone();
+            tasks.spawn(periodic(
+                "retention",
+                retention.interval,
+                stop.clone(),
+                move || {
+                    let m = m.clone();
+                    let retention = retention.clone();
+                    async move { m.prune_once(&retention).await.map(drop) }
+                },
+            ));
+        }
         if me.sandboxes.is_some() || me.git.is_some() {
             let m = me.clone();
             tasks.spawn(periodic(

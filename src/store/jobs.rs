@@ -114,63 +114,191 @@ pub struct QueueCounts {
 }
 
 impl Store {
-    /// Inserts jobs and their `enqueued` events in one statement. A job whose
-    /// idempotency key already exists is not inserted; the existing job is
-    /// returned in its place with `false`. Output order matches input order.
+    /// Inserts jobs and their `enqueued` events, in one transaction. A job
+    /// whose idempotency key already exists, or whose `unique` key an
+    /// existing job holds (in the named states, within the window), is not
+    /// inserted; the existing job is returned in its place with `false`.
+    /// Output order matches input order.
+    ///
+    /// Unique keys are serialised by a transaction-scoped advisory lock per
+    /// key, taken in key order (so two batches never deadlock): of any
+    /// number of concurrent requests with one key, exactly one inserts.
     pub async fn insert_jobs(&self, jobs: &[NewJob]) -> Result<Vec<(Job, bool)>, StoreError> {
-        if jobs.is_empty() {
-            return Ok(Vec::new());
+        let mut tx = self.pool.begin().await?;
+        let out = insert_jobs_on(&mut tx, jobs).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+/// [`Store::insert_jobs`] on a connection (in a transaction the caller
+/// commits): the scheduler enqueues a tick and moves its schedule on in one.
+pub(super) async fn insert_jobs_on(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[NewJob],
+) -> Result<Vec<(Job, bool)>, StoreError> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let duplicates = unique_duplicates(conn, jobs).await?;
+    let fresh: Vec<&NewJob> = jobs
+        .iter()
+        .filter(|j| !duplicates.contains_key(&j.id.0))
+        .collect();
+    let mut inserted = insert_fresh(conn, &fresh).await?;
+    let mut existing: HashMap<String, Job> = HashMap::new();
+    if inserted.len() < fresh.len() {
+        let wanted: Vec<String> = fresh
+            .iter()
+            .filter(|j| !inserted.contains_key(&j.id.0))
+            .filter_map(|j| j.idempotency_key.clone())
+            .collect();
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = ANY($1)");
+        let rows: Vec<JobRow> = sqlx::query_as(&sql)
+            .bind(&wanted)
+            .fetch_all(&mut *conn)
+            .await?;
+        for row in rows {
+            let job = Job::try_from(row)?;
+            if let Some(key) = job.idempotency_key.clone() {
+                existing.insert(key, job);
+            }
         }
-        let n = jobs.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut queues = Vec::with_capacity(n);
-        let mut kinds = Vec::with_capacity(n);
-        let mut priorities = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut max_attempts = Vec::with_capacity(n);
-        let mut bases = Vec::with_capacity(n);
-        let mut caps = Vec::with_capacity(n);
-        let mut timeouts = Vec::with_capacity(n);
-        let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
-        let mut keys: Vec<Option<String>> = Vec::with_capacity(n);
-        let mut actors = Vec::with_capacity(n);
-        let mut yolos = Vec::with_capacity(n);
-        let mut metadata = Vec::with_capacity(n);
-        let mut callbacks: Vec<Option<&str>> = Vec::with_capacity(n);
-        for j in jobs {
-            ids.push(j.id.0);
-            queues.push(j.queue.as_str().to_owned());
-            kinds.push(j.kind.as_str().to_owned());
-            priorities.push(i16::from(j.priority.get()));
-            payloads.push(j.payload.clone());
-            max_attempts.push(j.retry.max_attempts as i32);
-            bases.push(j.retry.backoff_base_ms as i64);
-            caps.push(j.retry.backoff_cap_ms as i64);
-            timeouts.push(j.timeout_secs as i32);
-            run_ats.push(j.run_at);
-            keys.push(j.idempotency_key.clone());
-            actors.push(j.actor.clone());
-            yolos.push(j.yolo);
-            metadata.push(j.metadata.clone());
-            callbacks.push(j.callback_url.as_deref());
+    }
+    jobs.iter()
+        .map(|j| {
+            if let Some(job) = duplicates.get(&j.id.0) {
+                return Ok((job.clone(), false));
+            }
+            if let Some(job) = inserted.remove(&j.id.0) {
+                return Ok((job, true));
+            }
+            j.idempotency_key
+                .as_ref()
+                .and_then(|k| existing.get(k).cloned())
+                .map(|job| (job, false))
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "job {} was neither inserted nor found by its key",
+                        j.id
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// For each job with a `unique` key another job holds, that job, by the
+/// new job's id. Locks every key first (see [`Store::insert_jobs`]).
+async fn unique_duplicates(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[NewJob],
+) -> Result<HashMap<Uuid, Job>, StoreError> {
+    let mut keyed: Vec<(&str, &NewJob)> = jobs
+        .iter()
+        .filter_map(|j| j.unique.as_ref().map(|u| (u.key.as_str(), j)))
+        .collect();
+    let mut found = HashMap::new();
+    if keyed.is_empty() {
+        return Ok(found);
+    }
+    keyed.sort_by(|a, b| a.0.cmp(b.0));
+    let keys: Vec<&str> = keyed.iter().map(|(k, _)| *k).collect();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('orchestrator.unique:' || k, 0))
+         FROM UNNEST($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+    )
+    .bind(&keys)
+    .execute(&mut *conn)
+    .await?;
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs
+         WHERE unique_key = $1 AND status = ANY($2)
+           AND ($3::bigint IS NULL OR created_at > now() - make_interval(secs => $3))
+         ORDER BY created_at DESC LIMIT 1"
+    );
+    for (key, job) in keyed {
+        let Some(unique) = &job.unique else { continue };
+        let states: Vec<&str> = unique.states.iter().map(|s| s.as_str()).collect();
+        let row: Option<JobRow> = sqlx::query_as(&sql)
+            .bind(key)
+            .bind(&states)
+            .bind(unique.for_secs.map(|s| s as i64))
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = row {
+            found.insert(job.id.0, Job::try_from(row)?);
         }
-        let sql = format!(
+    }
+    Ok(found)
+}
+
+/// Inserts jobs and their `enqueued` events in one statement, but not
+/// those whose idempotency key exists already. Returns the inserted ones.
+async fn insert_fresh(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[&NewJob],
+) -> Result<HashMap<Uuid, Job>, StoreError> {
+    if jobs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let n = jobs.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut queues = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut bases = Vec::with_capacity(n);
+    let mut caps = Vec::with_capacity(n);
+    let mut timeouts = Vec::with_capacity(n);
+    let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+    let mut keys: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut actors = Vec::with_capacity(n);
+    let mut yolos = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    let mut callbacks: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut unique_keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut schedule_ids: Vec<Option<Uuid>> = Vec::with_capacity(n);
+    let mut ticks: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+    for j in jobs {
+        ids.push(j.id.0);
+        queues.push(j.queue.as_str().to_owned());
+        kinds.push(j.kind.as_str().to_owned());
+        priorities.push(i16::from(j.priority.get()));
+        payloads.push(j.payload.clone());
+        max_attempts.push(j.retry.max_attempts as i32);
+        bases.push(j.retry.backoff_base_ms as i64);
+        caps.push(j.retry.backoff_cap_ms as i64);
+        timeouts.push(j.timeout_secs as i32);
+        run_ats.push(j.run_at);
+        keys.push(j.idempotency_key.clone());
+        actors.push(j.actor.clone());
+        yolos.push(j.yolo);
+        metadata.push(j.metadata.clone());
+        callbacks.push(j.callback_url.as_deref());
+        unique_keys.push(j.unique.as_ref().map(|u| u.key.as_str()));
+        schedule_ids.push(j.schedule.map(|(id, _)| id.0));
+        ticks.push(j.schedule.map(|(_, tick)| tick));
+    }
+    let sql = format!(
             "WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[],
                     $6::int[], $7::bigint[], $8::bigint[], $9::int[], $10::timestamptz[], $11::text[],
-                    $12::text[], $13::bool[], $14::jsonb[], $15::text[])
+                    $12::text[], $13::bool[], $14::jsonb[], $15::text[], $16::text[],
+                    $17::uuid[], $18::timestamptz[])
                 AS t(id, queue, kind, priority, payload, max_attempts, backoff_base_ms,
                      backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor, yolo, metadata,
-                     callback_url)
+                     callback_url, unique_key, schedule_id, scheduled_for)
             ),
             ins AS (
                 INSERT INTO jobs (id, queue, kind, status, priority, payload, max_attempts,
                     backoff_base_ms, backoff_cap_ms, timeout_secs, run_at, idempotency_key, metadata,
-                    callback_url)
+                    callback_url, unique_key, schedule_id, scheduled_for)
                 SELECT id, queue, kind,
                     CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
                     priority, payload, max_attempts, backoff_base_ms, backoff_cap_ms,
-                    timeout_secs, COALESCE(run_at, now()), idempotency_key, metadata, callback_url
+                    timeout_secs, COALESCE(run_at, now()), idempotency_key, metadata, callback_url,
+                    unique_key, schedule_id, scheduled_for
                 FROM input
                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING {JOB_COLUMNS}
@@ -188,67 +316,36 @@ impl Store {
             )
             SELECT {JOB_COLUMNS} FROM ins"
         );
-        let rows: Vec<JobRow> = sqlx::query_as(&sql)
-            .bind(&ids)
-            .bind(&queues)
-            .bind(&kinds)
-            .bind(&priorities)
-            .bind(&payloads)
-            .bind(&max_attempts)
-            .bind(&bases)
-            .bind(&caps)
-            .bind(&timeouts)
-            .bind(&run_ats)
-            .bind(&keys)
-            .bind(&actors)
-            .bind(&yolos)
-            .bind(&metadata)
-            .bind(&callbacks)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut inserted: HashMap<Uuid, Job> = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let job = Job::try_from(row)?;
-            inserted.insert(job.id.0, job);
-        }
-        let mut existing: HashMap<String, Job> = HashMap::new();
-        if inserted.len() < n {
-            let wanted: Vec<String> = jobs
-                .iter()
-                .filter(|j| !inserted.contains_key(&j.id.0))
-                .filter_map(|j| j.idempotency_key.clone())
-                .collect();
-            let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = ANY($1)");
-            let rows: Vec<JobRow> = sqlx::query_as(&sql)
-                .bind(&wanted)
-                .fetch_all(&self.pool)
-                .await?;
-            for row in rows {
-                let job = Job::try_from(row)?;
-                if let Some(key) = job.idempotency_key.clone() {
-                    existing.insert(key, job);
-                }
-            }
-        }
-        jobs.iter()
-            .map(|j| {
-                if let Some(job) = inserted.remove(&j.id.0) {
-                    return Ok((job, true));
-                }
-                j.idempotency_key
-                    .as_ref()
-                    .and_then(|k| existing.get(k).cloned())
-                    .map(|job| (job, false))
-                    .ok_or_else(|| {
-                        StoreError::Corrupt(format!(
-                            "job {} was neither inserted nor found by its key",
-                            j.id
-                        ))
-                    })
-            })
-            .collect()
+    let rows: Vec<JobRow> = sqlx::query_as(&sql)
+        .bind(&ids)
+        .bind(&queues)
+        .bind(&kinds)
+        .bind(&priorities)
+        .bind(&payloads)
+        .bind(&max_attempts)
+        .bind(&bases)
+        .bind(&caps)
+        .bind(&timeouts)
+        .bind(&run_ats)
+        .bind(&keys)
+        .bind(&actors)
+        .bind(&yolos)
+        .bind(&metadata)
+        .bind(&callbacks)
+        .bind(&unique_keys)
+        .bind(&schedule_ids)
+        .bind(&ticks)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut inserted: HashMap<Uuid, Job> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let job = Job::try_from(row)?;
+        inserted.insert(job.id.0, job);
     }
+    Ok(inserted)
+}
 
+impl Store {
     pub async fn lease_holders(&self, ids: &[JobId]) -> Result<Vec<LeaseHolder>, StoreError> {
         let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
         let rows: Vec<(Uuid, String, i32, Option<String>, bool)> = sqlx::query_as(
@@ -657,5 +754,42 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         counts(rows)
+    }
+}
+
+/// The advisory lock only the pruning replica holds (transaction-scoped).
+const RETENTION_LOCK: i64 = 0x6f72_6368_7072_756e; // "orchprun"
+
+impl Store {
+    /// Deletes up to `batch` jobs of `status` that finished more than
+    /// `keep` ago, with their events and webhook rows, through
+    /// `prune_finished_jobs()` (the only DELETE the trail's trigger
+    /// allows). Returns the jobs and events deleted, or `None` when another
+    /// replica holds the retention lock.
+    pub async fn prune_finished(
+        &self,
+        status: Status,
+        keep: std::time::Duration,
+        batch: u32,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RETENTION_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(None);
+        }
+        let (jobs, events): (i64, i64) = sqlx::query_as(
+            "SELECT pruned_jobs, pruned_events
+             FROM prune_finished_jobs($1, now() - make_interval(secs => $2), $3)",
+        )
+        .bind(status.as_str())
+        .bind(keep.as_secs_f64())
+        .bind(batch as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some((jobs.max(0) as u64, events.max(0) as u64)))
     }
 }

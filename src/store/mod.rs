@@ -9,6 +9,7 @@
 mod control;
 mod jobs;
 mod rows;
+mod schedules;
 mod transitions;
 mod webhooks;
 
@@ -20,6 +21,7 @@ use sqlx::PgPool;
 use crate::job::{JobId, Status};
 pub use control::{ControlEvent, ControlKind, ControlRow};
 pub use jobs::{Failure, IndexState, LeaseHolder, ProgressWrite, QueueCounts};
+pub use schedules::{ScheduleWriteError, TickRun};
 pub use transitions::{ClaimedJob, Finish, FinishOutcome, Reaped};
 pub use webhooks::{ClaimedDelivery, DeliveryOutcome};
 

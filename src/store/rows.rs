@@ -4,13 +4,14 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::job::{Job, JobEvent, JobId, JobKind, QueueName, Status};
+use crate::job::{Job, JobEvent, JobId, JobKind, QueueName, ScheduleId, Status};
 
 /// Every column of `jobs`, in the order of [`JOB_COLUMNS`].
 pub const JOB_COLUMNS: &str = "id, queue, kind, status, stage, priority, payload, attempt, \
     max_attempts, backoff_base_ms, backoff_cap_ms, timeout_secs, lease_id, worker_id, \
     lease_expires_at, run_at, idempotency_key, last_error, result, created_at, updated_at, \
-    started_at, finished_at, version, progress, metadata, callback_url";
+    started_at, finished_at, version, progress, metadata, callback_url, unique_key, \
+    schedule_id, scheduled_for";
 
 #[derive(sqlx::FromRow)]
 pub struct JobRow {
@@ -41,6 +42,9 @@ pub struct JobRow {
     progress: Option<serde_json::Value>,
     metadata: serde_json::Value,
     callback_url: Option<String>,
+    unique_key: Option<String>,
+    schedule_id: Option<Uuid>,
+    scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// A queue name as stored: written validated, so a bad one is corruption.
@@ -98,6 +102,9 @@ impl TryFrom<JobRow> for Job {
                 .map_err(|e| StoreError::Corrupt(format!("jobs.progress: {e}")))?,
             metadata: r.metadata,
             callback_url: r.callback_url,
+            unique_key: r.unique_key,
+            schedule_id: r.schedule_id.map(ScheduleId),
+            scheduled_for: r.scheduled_for,
         })
     }
 }

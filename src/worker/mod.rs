@@ -98,7 +98,9 @@ async fn run_maintenance(shared: Arc<Shared>, stop: CancellationToken) {
     .with_observer(observer)
     .with_sandboxes(shared.sandboxes.clone())
     .with_git(shared.git.clone())
-    .with_webhooks(shared.webhooks.clone());
+    .with_webhooks(shared.webhooks.clone())
+    .with_schedules(shared.schedules.clone())
+    .with_retention(shared.retention.clone());
     maintenance.run(stop).await;
 }
 
@@ -166,6 +168,8 @@ struct Shared {
     sandboxes: Option<crate::pipeline::SandboxHost>,
     git: Option<crate::git::repo::GitStage>,
     webhooks: Option<crate::maintenance::DeliveryConfig>,
+    schedules: Option<crate::maintenance::SchedulerConfig>,
+    retention: Option<crate::maintenance::RetentionConfig>,
 }
 
 impl Shared {
@@ -210,6 +214,8 @@ impl Pool {
                 sandboxes: None,
                 git: None,
                 webhooks: None,
+                schedules: None,
+                retention: None,
                 cfg,
             },
         }
@@ -230,6 +236,19 @@ impl Pool {
     /// Reaps orphaned worktrees of this git stage.
     pub fn with_git(mut self, stage: crate::git::repo::GitStage) -> Self {
         self.shared.git = Some(stage);
+        self
+    }
+
+    /// Deletes finished jobs past their retention (with the other
+    /// maintenance).
+    pub fn with_retention(mut self, cfg: Option<crate::maintenance::RetentionConfig>) -> Self {
+        self.shared.retention = cfg;
+        self
+    }
+
+    /// Enqueues the jobs of due schedules (with the other maintenance).
+    pub fn with_schedules(mut self, cfg: Option<crate::maintenance::SchedulerConfig>) -> Self {
+        self.shared.schedules = cfg;
         self
     }
 

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::support::api::{json, TestApi, ADMIN, ENQUEUE};
 
 /// The public contract: every route the server answers.
-const ROUTES: [(&str, &str); 23] = [
+const ROUTES: [(&str, &str); 28] = [
     ("post", "/v1/jobs"),
     ("get", "/v1/jobs"),
     ("post", "/v1/jobs/batch"),
@@ -24,6 +24,11 @@ const ROUTES: [(&str, &str); 23] = [
     ("post", "/v1/webhooks"),
     ("get", "/v1/webhooks"),
     ("delete", "/v1/webhooks/{id}"),
+    ("post", "/v1/schedules"),
+    ("get", "/v1/schedules"),
+    ("get", "/v1/schedules/{id}"),
+    ("patch", "/v1/schedules/{id}"),
+    ("delete", "/v1/schedules/{id}"),
     ("get", "/v1/queues"),
     ("post", "/v1/queues/{name}/pause"),
     ("post", "/v1/queues/{name}/resume"),

@@ -9,6 +9,7 @@ mod fuzz;
 mod killswitch;
 mod logs;
 mod prometheus;
+mod schedules;
 #[path = "../support/mod.rs"]
 mod support;
 mod webhooks;

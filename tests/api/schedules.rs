@@ -1,0 +1,270 @@
+//! `/v1/schedules` over HTTP, `unique` on `POST /v1/jobs`, and the CLI's
+//! `schedules` verbs.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::support::api::{json as body_of, problem, TestApi, ADMIN, ENQUEUE, READ};
+use crate::support::processes::cli;
+use crate::support::unique_queue;
+
+fn schedule(q: &str) -> Value {
+    json!({
+        "name": format!("nightly-{q}"),
+        "cron": "0 3 * * *",
+        "timezone": "Europe/Paris",
+        "job": { "kind": "noop", "queue": q },
+    })
+}
+
+#[tokio::test]
+async fn schedules_are_created_read_changed_and_deleted() {
+    let api = TestApi::spawn().await;
+    let q = unique_queue();
+    // Writing needs admin.
+    problem(
+        api.post_json("/v1/schedules", ENQUEUE, schedule(&q)).await,
+        403,
+    )
+    .await;
+    let (status, created) =
+        body_of(api.post_json("/v1/schedules", ADMIN, schedule(&q)).await).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["overlap"], "skip");
+    assert_eq!(created["catch_up"], "none");
+    assert_eq!(created["paused"], false);
+    // 03:00 in Paris is 01:00 or 02:00 UTC.
+    let next = created["next_tick"].as_str().expect("next tick");
+    assert!(
+        next.contains("T01:00:00") || next.contains("T02:00:00"),
+        "{next}"
+    );
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    // The same name again: 409, naming the field.
+    let p = problem(
+        api.post_json("/v1/schedules", ADMIN, schedule(&q)).await,
+        409,
+    )
+    .await;
+    assert_eq!(p["field"], "name", "{p}");
+
+    let (status, list) = body_of(api.get("/v1/schedules", READ).await).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["schedules"].as_array().map(Vec::len), Some(1));
+
+    let patch = |body: Value| {
+        api.request(Method::PATCH, &format!("/v1/schedules/{id}"), Some(ADMIN))
+            .json(&body)
+            .send()
+    };
+    let (status, paused) = body_of(
+        patch(json!({ "paused": true, "cron": "*/10 * * * * *" }))
+            .await
+            .expect("patch"),
+    )
+    .await;
+    assert_eq!(status, 200, "{paused}");
+    assert_eq!(paused["paused"], true);
+    assert_eq!(paused["cron"], "*/10 * * * * *");
+    assert_eq!(paused["timezone"], "Europe/Paris", "absent fields stay");
+    assert!(paused["version"].as_i64() > created["version"].as_i64());
+    let p = problem(
+        patch(json!({ "cron": "every day" })).await.expect("patch"),
+        422,
+    )
+    .await;
+    assert_eq!(p["field"], "cron", "{p}");
+    let (_, still) = body_of(api.get(&format!("/v1/schedules/{id}"), READ).await).await;
+    assert_eq!(
+        still["cron"], "*/10 * * * * *",
+        "a refused patch changes nothing"
+    );
+
+    let r = api
+        .request(Method::DELETE, &format!("/v1/schedules/{id}"), Some(ADMIN))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    problem(api.get(&format!("/v1/schedules/{id}"), READ).await, 404).await;
+    problem(api.get("/v1/schedules/not-a-uuid", READ).await, 400).await;
+}
+
+#[tokio::test]
+async fn bad_schedules_get_a_clear_error_and_create_nothing() {
+    let api = TestApi::spawn().await;
+    let q = unique_queue();
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({ "cron": "* * * *" }), "cron"),
+        (json!({ "cron": "* * * * * * *" }), "cron"),
+        (json!({ "cron": "61 * * * *" }), "cron"),
+        (json!({ "cron": "0 0 30 2 *" }), "cron"),
+        (json!({ "cron": "* * * * *\u{0}" }), "cron"),
+        (json!({ "timezone": "Mars/Olympus" }), "timezone"),
+        (json!({ "timezone": "../../etc/passwd" }), "timezone"),
+        (json!({ "name": "" }), "name"),
+        (json!({ "name": "a\u{7}b" }), "name"),
+        (json!({ "name": "x".repeat(201) }), "name"),
+        (
+            json!({ "job": { "kind": "no-such-kind", "queue": q } }),
+            "job.kind",
+        ),
+        (
+            json!({ "job": { "kind": "noop", "queue": "a b" } }),
+            "job.queue",
+        ),
+        (
+            json!({ "job": { "kind": "noop", "idempotency_key": "k" } }),
+            "job.idempotency_key",
+        ),
+        (
+            json!({ "job": { "kind": "noop", "delay_secs": 5 } }),
+            "job.delay_secs",
+        ),
+        (json!({ "catch_up_limit": 0 }), "catch_up_limit"),
+        (json!({ "catch_up_limit": 1001 }), "catch_up_limit"),
+    ];
+    for (change, field) in cases {
+        let mut body = schedule(&q);
+        for (k, v) in change.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let p = problem(
+            api.post_json("/v1/schedules", ADMIN, body.clone()).await,
+            422,
+        )
+        .await;
+        assert_eq!(p["field"], field, "{body}: {p}");
+    }
+    for body in [
+        json!({ "name": "x", "cron": "* * * * *", "job": { "kind": "noop" }, "overlap": "sometimes" }),
+        json!({ "name": "x", "cron": "* * * * *", "job": { "kind": "noop" }, "extra": 1 }),
+        json!({ "name": "x", "cron": "* * * * *", "job": { "kind": "noop" }, "catch_up": "ALL" }),
+    ] {
+        let r = api.post_json("/v1/schedules", ADMIN, body.clone()).await;
+        assert!(
+            matches!(r.status().as_u16(), 400 | 422),
+            "{body}: {}",
+            r.status()
+        );
+    }
+    let (_, list) = body_of(api.get("/v1/schedules", READ).await).await;
+    assert_eq!(list["schedules"], json!([]), "nothing was created");
+}
+
+#[tokio::test]
+async fn a_unique_duplicate_answers_200_with_the_existing_job_and_says_so() {
+    let api = TestApi::spawn().await;
+    let q = unique_queue();
+    let body =
+        json!({ "kind": "noop", "queue": q, "unique": { "key": "review:7", "for_secs": 600 } });
+    let (status, first) = body_of(api.post_json("/v1/jobs", ENQUEUE, body.clone()).await).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["unique_key"], "review:7");
+    let r = api
+        .post_json("/v1/jobs", ENQUEUE, json!({ "kind": "noop", "queue": q, "metadata": { "other": true }, "unique": { "key": "review:7" } }))
+        .await;
+    assert_eq!(
+        r.headers()
+            .get("orchestrator-duplicate")
+            .and_then(|v| v.to_str().ok()),
+        Some("unique")
+    );
+    let (status, dup) = body_of(r).await;
+    assert_eq!(status, 200);
+    assert_eq!(dup["id"], first["id"]);
+    // An idempotent replay says so too, differently.
+    let keyed = json!({ "kind": "noop", "queue": q, "idempotency_key": "k-1" });
+    assert_eq!(
+        api.post_json("/v1/jobs", ENQUEUE, keyed.clone())
+            .await
+            .status(),
+        201
+    );
+    let r = api.post_json("/v1/jobs", ENQUEUE, keyed).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("orchestrator-duplicate")
+            .and_then(|v| v.to_str().ok()),
+        Some("idempotency_key")
+    );
+    for (unique, field) in [
+        (json!({ "key": "" }), "unique.key"),
+        (json!({ "key": "a\u{0}" }), "unique.key"),
+        (json!({ "key": "k", "for_secs": 0 }), "unique.for_secs"),
+        (json!({ "key": "k", "states": [] }), "unique.states"),
+        (
+            json!({ "key": "k", "states": ["finished"] }),
+            "unique.states",
+        ),
+    ] {
+        let p = problem(
+            api.post_json(
+                "/v1/jobs",
+                ENQUEUE,
+                json!({ "kind": "noop", "queue": q, "unique": unique }),
+            )
+            .await,
+            422,
+        )
+        .await;
+        assert_eq!(p["field"], field, "{unique}: {p}");
+    }
+    // One key twice in a batch: refused, nothing stored.
+    let batch = json!({ "jobs": [
+        { "kind": "noop", "queue": q, "unique": { "key": "twice" } },
+        { "kind": "noop", "queue": q, "unique": { "key": "twice" } },
+    ]});
+    let p = problem(api.post_json("/v1/jobs/batch", ENQUEUE, batch).await, 422).await;
+    assert_eq!(p["field"], "unique.key", "{p}");
+}
+
+#[tokio::test]
+async fn the_cli_adds_lists_pauses_and_removes_schedules() {
+    let api = TestApi::spawn().await;
+    let q = unique_queue();
+    let job = json!({ "kind": "noop", "queue": q }).to_string();
+    let added = cli(
+        &api.env,
+        &[
+            "schedules",
+            "add",
+            "cli-nightly",
+            "--cron",
+            "30 2 * * 1-5",
+            "--job",
+            &job,
+            "--catch-up",
+            "latest",
+        ],
+    );
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let schedule: Value = serde_json::from_slice(&added.stdout).expect("json");
+    assert_eq!(schedule["catch_up"], "latest");
+    let id = schedule["id"].as_str().expect("id");
+    let paused = cli(&api.env, &["schedules", "pause", id]);
+    assert!(paused.status.success());
+    let shown: Value =
+        serde_json::from_slice(&cli(&api.env, &["schedules", "show", id]).stdout).expect("json");
+    assert_eq!(shown["paused"], true);
+    let bad = cli(
+        &api.env,
+        &["schedules", "add", "bad", "--cron", "nope", "--job", &job],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("cron"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(cli(&api.env, &["schedules", "remove", id]).status.success());
+    let list: Value =
+        serde_json::from_slice(&cli(&api.env, &["schedules", "list"]).stdout).expect("json");
+    assert_eq!(list, json!([]));
+}

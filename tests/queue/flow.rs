@@ -1,0 +1,396 @@
+//! Flow control and time: schedules across replicas, unique jobs under a
+//! race, and retention's pruning.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use orchestrator::job::{
+    CatchUp, JobId, JobRequest, Overlap, ScheduleRequest, Status, UniqueRequest,
+};
+use serde_json::json;
+
+use crate::support::processes::WorkerProcess;
+use crate::support::servers::ValkeyServer;
+use crate::support::{request, unique_queue, TestEnv};
+
+/// The ticks (`scheduled_for`) of every job the schedule enqueued, and
+/// how many jobs there are (more than ticks would be a duplicate).
+async fn ticks_of(env: &TestEnv, schedule: uuid::Uuid) -> (Vec<DateTime<Utc>>, i64) {
+    let ticks: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT scheduled_for FROM jobs WHERE schedule_id = $1 ORDER BY scheduled_for",
+    )
+    .bind(schedule)
+    .fetch_all(env.app.store().pool())
+    .await
+    .expect("ticks");
+    let n = ticks.len() as i64;
+    (ticks, n)
+}
+
+async fn wait_ticks(env: &TestEnv, schedule: uuid::Uuid, at_least: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (ticks, _) = ticks_of(env, schedule).await;
+        if ticks.len() >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} ticks enqueued after {limit:?}, waiting for {at_least}",
+            ticks.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_tick_yields_exactly_one_job_across_replicas_crashes_and_a_flush() {
+    let valkey = ValkeyServer::start();
+    let env = TestEnv::with_valkey(&valkey.url()).await;
+    let q = unique_queue();
+    let schedule = env
+        .app
+        .create_schedule(
+            ScheduleRequest {
+                name: Some("every-second".into()),
+                cron: Some("* * * * * *".into()),
+                job: Some(request("noop", &q, json!({}))),
+                overlap: Some(Overlap::Allow),
+                catch_up: Some(CatchUp::All),
+                ..ScheduleRequest::default()
+            },
+            "test",
+        )
+        .await
+        .expect("schedule");
+    let id = schedule.id.0;
+    let vars = [("ORCH_MAINTENANCE__SCHEDULE_INTERVAL_MS", "100")];
+    let mut workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::spawn_with(&env, &q, 4, &vars))
+        .collect();
+    wait_ticks(&env, id, 3, Duration::from_secs(30)).await;
+
+    // A replica dies (perhaps inside its scheduler's transaction), another
+    // takes its place.
+    workers[0].kill9();
+    workers[0] = WorkerProcess::spawn_with(&env, &q, 4, &vars);
+    let (before, _) = ticks_of(&env, id).await;
+    wait_ticks(&env, id, before.len() + 3, Duration::from_secs(30)).await;
+
+    // Valkey loses everything; the schedule lives in Postgres.
+    valkey.flushall().await;
+    let (before, _) = ticks_of(&env, id).await;
+    wait_ticks(&env, id, before.len() + 3, Duration::from_secs(30)).await;
+
+    // Two replicas die at once; the third carries on.
+    workers[1].kill9();
+    workers[2].kill9();
+    let (before, _) = ticks_of(&env, id).await;
+    wait_ticks(&env, id, before.len() + 2, Duration::from_secs(30)).await;
+
+    let paused = env
+        .app
+        .update_schedule(
+            schedule.id,
+            ScheduleRequest {
+                paused: Some(true),
+                ..ScheduleRequest::default()
+            },
+            "test",
+        )
+        .await
+        .expect("pause");
+    assert!(paused.paused);
+    // A pass that read the schedule before the pause may still commit: wait
+    // for the row lock to settle, then read.
+    sqlx::query("SELECT 1 FROM schedules WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(env.app.store().pool())
+        .await
+        .expect("lock");
+    let (ticks, jobs) = ticks_of(&env, id).await;
+    let distinct: BTreeSet<_> = ticks.iter().collect();
+    assert_eq!(
+        distinct.len() as i64,
+        jobs,
+        "a tick has two jobs: {ticks:?}"
+    );
+    // catch_up all: no second between the first and the last tick lacks
+    // its job, whoever was down.
+    let first = *ticks.first().expect("ticks");
+    let last = *ticks.last().expect("ticks");
+    let span = (last - first).num_seconds() + 1;
+    assert_eq!(span, jobs, "gaps between {first} and {last}: {ticks:?}");
+    for t in &ticks {
+        assert_eq!(t.timestamp_subsec_nanos(), 0, "ticks are whole seconds");
+    }
+    // Every job names its schedule and tick, and runs.
+    let ids: Vec<JobId> = sqlx::query_scalar("SELECT id FROM jobs WHERE schedule_id = $1")
+        .bind(id)
+        .fetch_all(env.app.store().pool())
+        .await
+        .expect("ids")
+        .into_iter()
+        .map(JobId)
+        .collect();
+    let job = env.job(ids[0]).await;
+    assert_eq!(job.schedule_id, Some(schedule.id));
+    assert!(job.scheduled_for.is_some());
+    let done = env.wait_terminal(&ids, Duration::from_secs(60)).await;
+    crate::support::assert_status(&done, Status::Succeeded);
+    let events: Vec<String> =
+        sqlx::query_scalar("SELECT actor FROM job_events WHERE job_id = $1 AND type = 'enqueued'")
+            .bind(ids[0].0)
+            .fetch_all(env.app.store().pool())
+            .await
+            .expect("events");
+    assert_eq!(events, vec!["schedule:every-second".to_owned()]);
+}
+
+#[tokio::test]
+async fn overlap_skip_waits_for_the_last_job_and_catch_up_none_drops_missed_ticks() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    // Nobody serves this queue: the first job stays queued, so with
+    // overlap skip no other tick enqueues.
+    let schedule = env
+        .app
+        .create_schedule(
+            ScheduleRequest {
+                name: Some("skip".into()),
+                cron: Some("* * * * * *".into()),
+                job: Some(request("noop", &q, json!({}))),
+                ..ScheduleRequest::default()
+            },
+            "test",
+        )
+        .await
+        .expect("schedule");
+    assert_eq!(schedule.overlap, Overlap::Skip);
+    assert_eq!(schedule.catch_up, CatchUp::None);
+    let maintenance = env.maintenance(&q);
+    let cfg = scheduler_config(&env);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks_of(&env, schedule.id.0).await.1 == 0 {
+        maintenance.schedule_once(&cfg).await.expect("pass");
+        assert!(Instant::now() < deadline, "no tick enqueued");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several seconds' ticks pass while the job is unfinished.
+    let first_next = env.app.schedule(schedule.id).await.expect("s").next_tick;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        maintenance.schedule_once(&cfg).await.expect("pass");
+        let s = env.app.schedule(schedule.id).await.expect("s");
+        if s.next_tick
+            .zip(first_next)
+            .is_some_and(|(a, b)| (a - b).num_seconds() >= 2)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the schedule did not move on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        ticks_of(&env, schedule.id.0).await.1,
+        1,
+        "skipped while unfinished"
+    );
+
+    // Downtime: the next tick lies an hour back. catch_up none runs none of
+    // the missed ticks, only what is within the grace.
+    sqlx::query("UPDATE schedules SET next_tick = now() - interval '1 hour' WHERE id = $1")
+        .bind(schedule.id.0)
+        .execute(env.app.store().pool())
+        .await
+        .expect("rewind");
+    sqlx::query("UPDATE schedules SET overlap = 'allow' WHERE id = $1")
+        .bind(schedule.id.0)
+        .execute(env.app.store().pool())
+        .await
+        .expect("allow");
+    maintenance.schedule_once(&cfg).await.expect("pass");
+    let (ticks, n) = ticks_of(&env, schedule.id.0).await;
+    let grace = env.app.settings().maintenance.schedule_grace_secs as i64;
+    assert!(
+        n >= 2 && n <= 2 + grace + 1,
+        "{n} jobs: the missed hour was caught up ({ticks:?})"
+    );
+    let oldest_new = ticks[1];
+    assert!(
+        Utc::now() - oldest_new <= chrono::Duration::seconds(grace + 2),
+        "a tick older than the grace ran: {oldest_new}"
+    );
+}
+
+fn scheduler_config(env: &TestEnv) -> orchestrator::maintenance::SchedulerConfig {
+    env.app.scheduler_config()
+}
+
+#[tokio::test]
+async fn twenty_racing_enqueues_with_one_unique_key_make_one_job() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let unique = |for_secs: Option<i64>| {
+        Some(UniqueRequest {
+            key: "review:repo-a:pr-7".into(),
+            for_secs,
+            states: None,
+        })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let app = env.app.clone();
+        let q = q.clone();
+        let unique = unique(Some(3600));
+        tasks.spawn(async move {
+            let r = JobRequest {
+                unique,
+                metadata: Some(json!({ "n": i })),
+                ..request("noop", &q, json!({}))
+            };
+            let jobs = app.validate(vec![r], "racer").expect("valid");
+            app.enqueue(&jobs).await.expect("enqueue").remove(0)
+        });
+    }
+    let mut created = 0;
+    let mut ids = BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        let (job, new) = r.expect("task");
+        created += usize::from(new);
+        ids.insert(job.id);
+    }
+    assert_eq!(created, 1, "exactly one enqueue created a job");
+    assert_eq!(ids.len(), 1, "every duplicate got the one job back");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1")
+        .bind(&q)
+        .fetch_one(env.app.store().pool())
+        .await
+        .expect("count");
+    assert_eq!(stored, 1);
+
+    // The key ends with the job's state: once it is cancelled (not one of
+    // the default states), the key is free again.
+    let id = *ids.first().expect("id");
+    env.app
+        .cancel(id, "test", "done with it")
+        .await
+        .expect("cancel");
+    let r = JobRequest {
+        unique: unique(Some(3600)),
+        ..request("noop", &q, json!({}))
+    };
+    let jobs = env.app.validate(vec![r], "test").expect("valid");
+    let (again, new) = env.app.enqueue(&jobs).await.expect("enqueue").remove(0);
+    assert!(new, "the key is free once its job finished");
+    assert_ne!(again.id, id);
+
+    // The window ends: a key held by a job created longer ago is free.
+    sqlx::query("UPDATE jobs SET created_at = now() - interval '2 hours' WHERE id = $1")
+        .bind(again.id.0)
+        .execute(env.app.store().pool())
+        .await
+        .expect("age");
+    let r = JobRequest {
+        unique: unique(Some(3600)),
+        ..request("noop", &q, json!({}))
+    };
+    let jobs = env.app.validate(vec![r], "test").expect("valid");
+    let (third, new) = env.app.enqueue(&jobs).await.expect("enqueue").remove(0);
+    assert!(new, "outside the window the key is free");
+    // Without a window it holds for ever (while the job is unfinished).
+    let r = JobRequest {
+        unique: unique(None),
+        ..request("noop", &q, json!({}))
+    };
+    let jobs = env.app.validate(vec![r], "test").expect("valid");
+    let (dup, new) = env.app.enqueue(&jobs).await.expect("enqueue").remove(0);
+    assert!(!new);
+    assert!(
+        dup.id == third.id || dup.id == again.id,
+        "an existing holder"
+    );
+}
+
+#[tokio::test]
+async fn retention_prunes_old_finished_jobs_and_only_it_may_delete_events() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let pool = env.app.store().pool();
+    let jobs = env
+        .enqueue((0..30).map(|_| request("noop", &q, json!({}))).collect())
+        .await;
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let running = env.start_pool(env.pool_config(&q, 4));
+    let done = env.wait_terminal(&ids, Duration::from_secs(30)).await;
+    running.shutdown().await;
+    crate::support::assert_status(&done, Status::Succeeded);
+    // Two thirds finished two days ago; the rest just now.
+    let old: Vec<uuid::Uuid> = ids[..20].iter().map(|i| i.0).collect();
+    sqlx::query("UPDATE jobs SET finished_at = now() - interval '2 days' WHERE id = ANY($1)")
+        .bind(&old)
+        .execute(pool)
+        .await
+        .expect("age");
+
+    // The trail refuses any other DELETE or TRUNCATE.
+    for sql in [
+        "DELETE FROM job_events WHERE job_id = ANY($1)",
+        "TRUNCATE job_events",
+    ] {
+        let err = sqlx::query(sql)
+            .bind(&old)
+            .execute(pool)
+            .await
+            .expect_err(sql);
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+
+    let cfg = orchestrator::maintenance::RetentionConfig {
+        batch: 7,
+        ..env
+            .app
+            .settings()
+            .retention
+            .config()
+            .expect("retention on by default")
+    };
+    let counts = env.maintenance(&q).prune_once(&cfg).await.expect("prune");
+    assert_eq!(counts.jobs, 20, "{counts:?}");
+    assert!(counts.events >= 20 * 3, "{counts:?}");
+    let left: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE queue = $1")
+        .bind(&q)
+        .fetch_all(pool)
+        .await
+        .expect("left");
+    let kept: BTreeSet<uuid::Uuid> = ids[20..].iter().map(|i| i.0).collect();
+    assert_eq!(left.into_iter().collect::<BTreeSet<_>>(), kept);
+    let orphans: i64 = sqlx::query_scalar("SELECT count(*) FROM job_events WHERE job_id = ANY($1)")
+        .bind(&old)
+        .fetch_one(pool)
+        .await
+        .expect("events");
+    assert_eq!(orphans, 0, "their trails went with them");
+    let again = env.maintenance(&q).prune_once(&cfg).await.expect("prune");
+    assert_eq!(again.jobs, 0, "idempotent");
+
+    // One replica at a time: while another holds the lock, a pass does
+    // nothing.
+    let mut holder = pool.begin().await.expect("tx");
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(0x6f72_6368_7072_756e_i64)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    sqlx::query("UPDATE jobs SET finished_at = now() - interval '2 days' WHERE queue = $1")
+        .bind(&q)
+        .execute(pool)
+        .await
+        .expect("age");
+    let blocked = env.maintenance(&q).prune_once(&cfg).await.expect("prune");
+    assert!(blocked.busy && blocked.jobs == 0, "{blocked:?}");
+    holder.rollback().await.expect("release");
+    let rest = env.maintenance(&q).prune_once(&cfg).await.expect("prune");
+    assert_eq!(rest.jobs, 10);
+}
