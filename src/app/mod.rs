@@ -12,6 +12,7 @@ pub use dashboard::{Finished, Overview, WorkerInfo, THROUGHPUT_WINDOW};
 pub use error::{AppError, ErrorClass};
 pub use queues::QueueInfo;
 // What `App::pool` takes and gives, for front ends that run workers.
+pub use crate::maintenance::{PruneCounts, RetentionConfig};
 /// A new random webhook secret (`whsec_…`), for `webhooks secret` and the
 /// webhook bench.
 pub use crate::webhook::new_secret as new_webhook_secret;
@@ -546,16 +547,13 @@ impl App {
         Ok(self.store.control_events(limit).await?)
     }
 
-    /// Maintenance over no queue: for the services that are not per queue
-    /// (retention, schedules), run by hand in benchmarks and tests.
-    pub fn maintenance(&self, actor: &str) -> crate::maintenance::Maintenance {
-        crate::maintenance::Maintenance::new(
-            self.store.clone(),
-            self.queue.clone(),
-            Vec::new(),
-            actor.to_owned(),
-            self.settings.pool_config().maintenance,
-        )
+    /// One retention pass with `cfg`, as the maintenance service runs it
+    /// (the benchmark drives it beside a queue run).
+    pub async fn prune_finished_jobs(
+        &self,
+        cfg: &RetentionConfig,
+    ) -> Result<PruneCounts, AppError> {
+        Ok(crate::maintenance::prune(&self.store, cfg).await?)
     }
 
     /// A worker pool over this app's connections.

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{round, BenchError, BenchOptions};
 use crate::app::App;
+use crate::app::RetentionConfig;
 use crate::config::Settings;
-use crate::maintenance::RetentionConfig;
 
 #[derive(Debug, Serialize)]
 pub struct RetentionBench {
@@ -100,7 +100,6 @@ pub async fn run(
         max_batches: 1,
         interval: Duration::from_millis(1),
     };
-    let maintenance = app.maintenance("bench");
     let mut report = RetentionBench {
         rounds,
         seeded,
@@ -120,13 +119,13 @@ pub async fn run(
         let with = (round_no % 2 == 0) == (round_no / 2 % 2 == 0);
         let stop = CancellationToken::new();
         let pruner = with.then(|| {
-            let m = maintenance.clone();
+            let app = app.clone();
             let cfg = cfg.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
                 let (mut jobs, mut events) = (0, 0);
                 while !stop.is_cancelled() {
-                    match m.prune_once(&cfg).await {
+                    match app.prune_finished_jobs(&cfg).await {
                         Ok(c) if c.jobs == 0 => break,
                         Ok(c) => {
                             jobs += c.jobs;
@@ -173,10 +172,7 @@ pub async fn run(
         batch: 5000,
         ..cfg
     };
-    maintenance
-        .prune_once(&all)
-        .await
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    app.prune_finished_jobs(&all).await?;
     report.without_median_per_s = median(&report.without_per_s);
     report.with_median_per_s = median(&report.with_per_s);
     report.ratio = super::ratio(report.with_median_per_s, report.without_median_per_s);

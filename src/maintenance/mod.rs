@@ -30,7 +30,7 @@ use crate::store::Store;
 
 pub use deliverer::{DeliveryConfig, RESPONSE_LIMIT};
 pub use reaper::ReapCounts;
-pub use retention::{PruneCounts, RetentionConfig};
+pub use retention::{prune, PruneCounts, RetentionConfig};
 pub use scheduler::{JobFactory, SchedulerConfig};
 
 /// Called at the end of every full reconcile pass.

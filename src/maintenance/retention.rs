@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::{Maintenance, MaintenanceError};
 use crate::job::Status;
 use crate::metrics as m;
+use crate::store::{Store, StoreError};
 
 /// How long finished jobs are kept, by status (`None`: for ever).
 #[derive(Debug, Clone)]
@@ -30,41 +31,44 @@ pub struct PruneCounts {
 }
 
 impl Maintenance {
-    /// One pass: for each status with a retention, batches of the oldest
-    /// finished jobs past it, until a batch comes back short.
+    /// One pass of [`prune`] over this maintenance's store.
     pub async fn prune_once(&self, cfg: &RetentionConfig) -> Result<PruneCounts, MaintenanceError> {
-        let mut counts = PruneCounts::default();
-        for (status, keep) in [
-            (Status::Succeeded, cfg.succeeded),
-            (Status::Cancelled, cfg.cancelled),
-            (Status::Dead, cfg.dead),
-        ] {
-            let Some(keep) = keep else { continue };
-            for _ in 0..cfg.max_batches {
-                let Some((jobs, events)) =
-                    self.store.prune_finished(status, keep, cfg.batch).await?
-                else {
-                    counts.busy = true;
-                    return Ok(counts);
-                };
-                counts.jobs += jobs;
-                counts.events += events;
-                if jobs > 0 {
-                    metrics::counter!(m::RETENTION_PRUNED, "table" => "jobs", "status" => status.as_str()).increment(jobs);
-                    metrics::counter!(m::RETENTION_PRUNED, "table" => "job_events", "status" => status.as_str()).increment(events);
-                }
-                if jobs < u64::from(cfg.batch) {
-                    break;
-                }
+        Ok(prune(&self.store, cfg).await?)
+    }
+}
+
+/// One pass: for each status with a retention, batches of the oldest
+/// finished jobs past it, until a batch comes back short.
+pub async fn prune(store: &Store, cfg: &RetentionConfig) -> Result<PruneCounts, StoreError> {
+    let mut counts = PruneCounts::default();
+    for (status, keep) in [
+        (Status::Succeeded, cfg.succeeded),
+        (Status::Cancelled, cfg.cancelled),
+        (Status::Dead, cfg.dead),
+    ] {
+        let Some(keep) = keep else { continue };
+        for _ in 0..cfg.max_batches {
+            let Some((jobs, events)) = store.prune_finished(status, keep, cfg.batch).await? else {
+                counts.busy = true;
+                return Ok(counts);
+            };
+            counts.jobs += jobs;
+            counts.events += events;
+            if jobs > 0 {
+                metrics::counter!(m::RETENTION_PRUNED, "table" => "jobs", "status" => status.as_str()).increment(jobs);
+                metrics::counter!(m::RETENTION_PRUNED, "table" => "job_events", "status" => status.as_str()).increment(events);
+            }
+            if jobs < u64::from(cfg.batch) {
+                break;
             }
         }
-        if counts.jobs > 0 {
-            tracing::info!(
-                jobs = counts.jobs,
-                events = counts.events,
-                "retention pruned finished jobs"
-            );
-        }
-        Ok(counts)
     }
+    if counts.jobs > 0 {
+        tracing::info!(
+            jobs = counts.jobs,
+            events = counts.events,
+            "retention pruned finished jobs"
+        );
+    }
+    Ok(counts)
 }

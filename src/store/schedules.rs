@@ -104,12 +104,20 @@ fn job_json(job: &JobRequest) -> Result<serde_json::Value, StoreError> {
 }
 
 impl Store {
+    /// Postgres' clock: the scheduler's, so a schedule written from a host
+    /// whose clock is off starts where the scheduler will look.
+    async fn db_now(&self) -> Result<DateTime<Utc>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     pub async fn create_schedule(
         &self,
         new: &NewSchedule,
         actor: &str,
     ) -> Result<Schedule, ScheduleWriteError> {
-        let next_tick = new.spec.next_after(Utc::now());
+        let next_tick = new.spec.next_after(self.db_now().await?);
         let sql = format!(
             "INSERT INTO schedules (id, name, cron, timezone, job, paused, overlap, catch_up,
                  catch_up_limit, next_tick, created_by)
@@ -142,7 +150,7 @@ impl Store {
         id: ScheduleId,
         new: &NewSchedule,
     ) -> Result<Schedule, ScheduleWriteError> {
-        let next_tick = new.spec.next_after(Utc::now());
+        let next_tick = new.spec.next_after(self.db_now().await?);
         let sql = format!(
             "UPDATE schedules SET name = $2, cron = $3, timezone = $4, job = $5, paused = $6,
                  overlap = $7, catch_up = $8, catch_up_limit = $9,
@@ -251,7 +259,20 @@ impl Store {
                 schedule.catch_up,
                 schedule.catch_up_limit,
             );
-            let mut due = due.into_iter();
+            // Ticks that have their job already are not enqueued again: a
+            // schedule moved back (a clock behind Postgres' when it was
+            // written, an operator's edit) must not fail its every pass on
+            // the unique index. Every insert for a schedule happens under
+            // its row lock, held here, so this read cannot race one.
+            let done: Vec<DateTime<Utc>> = sqlx::query_scalar(
+                "SELECT scheduled_for FROM jobs
+                 WHERE schedule_id = $1 AND scheduled_for = ANY($2)",
+            )
+            .bind(schedule.id.0)
+            .bind(&due)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut due = due.into_iter().filter(|t| !done.contains(t));
             let ticks: Vec<DateTime<Utc>> = match schedule.overlap {
                 Overlap::Allow => due.collect(),
                 Overlap::Skip => {
@@ -265,7 +286,7 @@ impl Store {
                     // One at most: the job it enqueues is unfinished for the
                     // ticks after it.
                     let first = if busy { None } else { due.next() };
-                    run.skipped_overlap += due.len() as u64;
+                    run.skipped_overlap += due.count() as u64;
                     first.into_iter().collect()
                 }
             };
