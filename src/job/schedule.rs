@@ -298,11 +298,18 @@ impl ScheduleRequest {
     }
 }
 
+/// Most ticks walked in one pass: a schedule every second down for 11
+/// days. Past it the walk starts again at the grace period, dropping
+/// missed ticks no `catch_up_limit` (at most 1000) would keep anyway
+/// unless the schedule ticks faster than that.
+const MAX_WALK: u32 = 1_000_000;
+
 /// The ticks due by `now`, from the first unhandled one (`next_tick`), and
 /// the tick to wait for after them. A tick older than `grace` is missed:
-/// `catch_up` says which missed ticks still run. Walked backwards from
-/// `now`, so a schedule every second after a day down costs no more than
-/// the ticks it keeps (at most `catch_up_limit` plus those in the grace).
+/// `catch_up` says which missed ticks still run (the most recent ones).
+/// Walked forward with croner, which places a tick that daylight saving
+/// skips at the first time after the change (as cron does), and runs a
+/// wall time that occurs twice once, the first time.
 pub fn due_ticks(
     spec: &CronSpec,
     next_tick: DateTime<Utc>,
@@ -311,29 +318,47 @@ pub fn due_ticks(
     catch_up: CatchUp,
     catch_up_limit: u32,
 ) -> (Vec<DateTime<Utc>>, Option<DateTime<Utc>>) {
-    if next_tick > now {
-        return (Vec::new(), Some(next_tick));
-    }
     let keep = match catch_up {
         CatchUp::None => 0,
         CatchUp::Latest => 1,
         CatchUp::All => catch_up_limit as usize,
     };
-    let mut due = Vec::new();
-    let mut missed = 0;
-    let mut t = spec.latest_at(now);
-    while let Some(tick) = t.filter(|t| *t >= next_tick) {
-        if tick < now - grace {
-            if missed >= keep {
-                break;
+    // The first tick at or after `next_tick` (it is one, unless edited).
+    let mut t = spec
+        .next_after(next_tick - chrono::Duration::seconds(1))
+        .and_then(|t| {
+            if t < next_tick {
+                spec.next_after(t)
+            } else {
+                Some(t)
             }
-            missed += 1;
+        });
+    let mut missed = std::collections::VecDeque::with_capacity(keep.min(1024));
+    let mut on_time = Vec::new();
+    let mut walked = 0;
+    while let Some(tick) = t.filter(|t| *t <= now) {
+        walked += 1;
+        if walked > MAX_WALK {
+            missed.clear();
+            t = spec.next_after(now - grace - chrono::Duration::seconds(1));
+            walked = 0;
+            continue;
         }
-        due.push(tick);
-        t = spec.previous_before(tick);
+        if tick < now - grace {
+            if keep > 0 {
+                if missed.len() == keep {
+                    missed.pop_front();
+                }
+                missed.push_back(tick);
+            }
+        } else {
+            on_time.push(tick);
+        }
+        t = spec.next_after(tick);
     }
-    due.reverse();
-    (due, spec.next_after(now))
+    let mut due: Vec<DateTime<Utc>> = missed.into_iter().collect();
+    due.extend(on_time);
+    (due, t)
 }
 
 #[cfg(test)]
@@ -425,6 +450,47 @@ mod tests {
         );
         assert!(due.is_empty());
         assert_eq!(next, Some(at(10, 11, 0)));
+    }
+
+    #[test]
+    fn daylight_saving_neither_loses_nor_doubles_a_daily_tick() {
+        let spec = CronSpec::parse("30 2 * * *", "Europe/Paris").expect("valid");
+        let grace = chrono::Duration::seconds(60);
+        // 2026-03-29: 02:00 CET jumps to 03:00 CEST; 02:30 does not exist.
+        let before = Utc
+            .with_ymd_and_hms(2026, 3, 29, 0, 0, 0)
+            .single()
+            .expect("t");
+        let next = spec.next_after(before).expect("a tick");
+        let after_change = Utc
+            .with_ymd_and_hms(2026, 3, 29, 1, 0, 30)
+            .single()
+            .expect("t");
+        let (due, _) = due_ticks(&spec, next, after_change, grace, CatchUp::None, 100);
+        assert_eq!(
+            due.len(),
+            1,
+            "the skipped 02:30 runs once after the change: {due:?}"
+        );
+        // 2026-10-25: 03:00 CEST falls back to 02:00 CET; 02:30 happens twice.
+        let before = Utc
+            .with_ymd_and_hms(2026, 10, 24, 23, 0, 0)
+            .single()
+            .expect("t");
+        let next = spec.next_after(before).expect("a tick");
+        let end = Utc
+            .with_ymd_and_hms(2026, 10, 25, 2, 0, 0)
+            .single()
+            .expect("t");
+        let (due, _) = due_ticks(
+            &spec,
+            next,
+            end,
+            chrono::Duration::hours(3),
+            CatchUp::None,
+            100,
+        );
+        assert_eq!(due.len(), 1, "a repeated 02:30 runs once: {due:?}");
     }
 
     #[test]

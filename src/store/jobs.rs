@@ -140,12 +140,24 @@ pub(super) async fn insert_jobs_on(
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    let duplicates = unique_duplicates(conn, jobs).await?;
+    let (duplicates, behind) = unique_duplicates(conn, jobs).await?;
     let fresh: Vec<&NewJob> = jobs
         .iter()
-        .filter(|j| !duplicates.contains_key(&j.id.0))
+        .filter(|j| !duplicates.contains_key(&j.id.0) && !behind.contains_key(&j.id.0))
         .collect();
     let mut inserted = insert_fresh(conn, &fresh).await?;
+    // A job whose unique key an earlier job of this call took gets that
+    // job back (or what that one got back).
+    let mut duplicates = duplicates;
+    for (dup, first) in behind {
+        let holder = inserted
+            .get(&first)
+            .or_else(|| duplicates.get(&first))
+            .cloned();
+        if let Some(job) = holder {
+            duplicates.insert(dup, job);
+        }
+    }
     let mut existing: HashMap<String, Job> = HashMap::new();
     if inserted.len() < fresh.len() {
         let wanted: Vec<String> = fresh
@@ -187,22 +199,44 @@ pub(super) async fn insert_jobs_on(
         .collect()
 }
 
-/// For each job with a `unique` key another job holds, that job, by the
-/// new job's id. Locks every key first (see [`Store::insert_jobs`]).
+/// Duplicates by `unique` key: for each new job whose key an existing job
+/// holds, that job; and for each whose key an earlier job of this call
+/// holds, that job's id. Locks every key first (see [`Store::insert_jobs`]).
+/// A job whose idempotency key exists already is a replay, left to the
+/// idempotency path: it must get back its own job, not the key's holder.
 async fn unique_duplicates(
     conn: &mut sqlx::PgConnection,
     jobs: &[NewJob],
-) -> Result<HashMap<Uuid, Job>, StoreError> {
+) -> Result<(HashMap<Uuid, Job>, HashMap<Uuid, Uuid>), StoreError> {
     let mut keyed: Vec<(&str, &NewJob)> = jobs
         .iter()
         .filter_map(|j| j.unique.as_ref().map(|u| (u.key.as_str(), j)))
         .collect();
     let mut found = HashMap::new();
+    let mut behind = HashMap::new();
     if keyed.is_empty() {
-        return Ok(found);
+        return Ok((found, behind));
     }
+    let replay_keys: Vec<&str> = keyed
+        .iter()
+        .filter_map(|(_, j)| j.idempotency_key.as_deref())
+        .collect();
+    if !replay_keys.is_empty() {
+        let replays: Vec<String> =
+            sqlx::query_scalar("SELECT idempotency_key FROM jobs WHERE idempotency_key = ANY($1)")
+                .bind(&replay_keys)
+                .fetch_all(&mut *conn)
+                .await?;
+        keyed.retain(|(_, j)| {
+            j.idempotency_key
+                .as_ref()
+                .is_none_or(|k| !replays.contains(k))
+        });
+    }
+    // Stable: of one key, the first in the call stays first.
     keyed.sort_by(|a, b| a.0.cmp(b.0));
-    let keys: Vec<&str> = keyed.iter().map(|(k, _)| *k).collect();
+    let mut keys: Vec<&str> = keyed.iter().map(|(k, _)| *k).collect();
+    keys.dedup();
     sqlx::query(
         "SELECT pg_advisory_xact_lock(hashtextextended('orchestrator.unique:' || k, 0))
          FROM UNNEST($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
@@ -216,7 +250,13 @@ async fn unique_duplicates(
            AND ($3::bigint IS NULL OR created_at > now() - make_interval(secs => $3))
          ORDER BY created_at DESC LIMIT 1"
     );
+    let mut first_of: HashMap<&str, Uuid> = HashMap::new();
     for (key, job) in keyed {
+        if let Some(first) = first_of.get(key) {
+            behind.insert(job.id.0, *first);
+            continue;
+        }
+        first_of.insert(key, job.id.0);
         let Some(unique) = &job.unique else { continue };
         let states: Vec<&str> = unique.states.iter().map(|s| s.as_str()).collect();
         let row: Option<JobRow> = sqlx::query_as(&sql)
@@ -229,7 +269,7 @@ async fn unique_duplicates(
             found.insert(job.id.0, Job::try_from(row)?);
         }
     }
-    Ok(found)
+    Ok((found, behind))
 }
 
 /// Inserts jobs and their `enqueued` events in one statement, but not

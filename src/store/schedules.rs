@@ -203,14 +203,16 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// One scheduler pass: takes up to `batch` due schedules (rows other
-    /// replicas hold are skipped), enqueues a job for each due tick that
-    /// `catch_up` and `overlap` let through, and moves each schedule to its
-    /// next tick, all in one transaction. Time is Postgres' clock, so every
-    /// replica agrees on what is due. A replica that dies mid-pass rolls
-    /// back and another takes the ticks; the unique index on
-    /// `(schedule_id, scheduled_for)` makes a second job for a tick
-    /// impossible whatever happens.
+    /// One scheduler pass: up to `batch` due schedules, each in its own
+    /// transaction: the schedule is taken `FOR UPDATE SKIP LOCKED` (rows
+    /// other replicas hold are skipped), a job is enqueued for each due tick
+    /// that `catch_up` and `overlap` let through, and the schedule moves to
+    /// its next tick. Time is Postgres' clock, so every replica agrees on
+    /// what is due. A replica that dies mid-pass rolls back and another
+    /// takes the ticks; the unique index on `(schedule_id, scheduled_for)`
+    /// makes a second job for a tick impossible whatever happens. One
+    /// transaction per schedule keeps one schedule's failure from holding
+    /// back the others, and holds at most one schedule's unique key.
     pub async fn run_due_schedules<F>(
         &self,
         batch: i64,
@@ -220,100 +222,139 @@ impl Store {
     where
         F: Fn(&Schedule, DateTime<Utc>) -> Result<NewJob, String>,
     {
-        let mut tx = self.pool.begin().await?;
-        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
-            .fetch_one(&mut *tx)
-            .await?;
-        let sql = format!(
-            "SELECT {SCHEDULE_COLUMNS} FROM schedules
-             WHERE NOT paused AND next_tick <= $1
-             ORDER BY next_tick LIMIT $2
-             FOR UPDATE SKIP LOCKED"
-        );
-        let rows: Vec<ScheduleRow> = sqlx::query_as(&sql)
-            .bind(now)
-            .bind(batch)
-            .fetch_all(&mut *tx)
-            .await?;
         let mut run = TickRun::default();
-        for row in rows {
-            let schedule = Schedule::try_from(row)?;
-            let Some(next_tick) = schedule.next_tick else {
-                continue;
-            };
-            let spec = match CronSpec::parse(&schedule.cron, &schedule.timezone) {
-                Ok(spec) => spec,
-                Err(e) => {
-                    // Checked when written: only a change of the crate or
-                    // the time zone database gets here. Stop the schedule.
-                    set_outcome(&mut tx, schedule.id, None, None, Some(e.to_string())).await?;
-                    run.invalid += 1;
-                    continue;
-                }
-            };
-            let (due, next) = due_ticks(
-                &spec,
-                next_tick,
-                now,
-                grace,
-                schedule.catch_up,
-                schedule.catch_up_limit,
+        for _ in 0..batch {
+            let mut tx = self.pool.begin().await?;
+            let sql = format!(
+                "SELECT {SCHEDULE_COLUMNS} FROM schedules
+                 WHERE NOT paused AND next_tick <= now()
+                 ORDER BY next_tick LIMIT 1
+                 FOR UPDATE SKIP LOCKED"
             );
-            // Ticks that have their job already are not enqueued again: a
-            // schedule moved back (a clock behind Postgres' when it was
-            // written, an operator's edit) must not fail its every pass on
-            // the unique index. Every insert for a schedule happens under
-            // its row lock, held here, so this read cannot race one.
-            let done: Vec<DateTime<Utc>> = sqlx::query_scalar(
-                "SELECT scheduled_for FROM jobs
-                 WHERE schedule_id = $1 AND scheduled_for = ANY($2)",
-            )
-            .bind(schedule.id.0)
-            .bind(&due)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut due = due.into_iter().filter(|t| !done.contains(t));
-            let ticks: Vec<DateTime<Utc>> = match schedule.overlap {
-                Overlap::Allow => due.collect(),
-                Overlap::Skip => {
-                    let busy: bool = sqlx::query_scalar(
-                        "SELECT EXISTS (SELECT 1 FROM jobs
-                                        WHERE schedule_id = $1 AND finished_at IS NULL)",
-                    )
-                    .bind(schedule.id.0)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    // One at most: the job it enqueues is unfinished for the
-                    // ticks after it.
-                    let first = if busy { None } else { due.next() };
-                    run.skipped_overlap += due.count() as u64;
-                    first.into_iter().collect()
-                }
+            let Some(row) = sqlx::query_as::<_, ScheduleRow>(&sql)
+                .fetch_optional(&mut *tx)
+                .await?
+            else {
+                break;
             };
-            let mut jobs = Vec::with_capacity(ticks.len());
-            let mut error = None;
-            for tick in ticks {
-                match make_job(&schedule, tick) {
-                    Ok(job) => jobs.push(job),
-                    Err(e) => {
-                        run.invalid += 1;
-                        error = Some(e);
-                    }
+            let id = ScheduleId(row.id);
+            let outcome = match Schedule::try_from(row) {
+                Ok(schedule) => tick(&mut tx, &schedule, grace, &make_job, &mut run).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => tx.commit().await?,
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    // A row that cannot be read or enqueued stops: it would
+                    // fail every pass, first in line. `last_error` says why.
+                    drop(tx);
+                    tracing::warn!(schedule.id = %id, error = %e, "schedule stopped");
+                    run.invalid += 1;
+                    sqlx::query(
+                        "UPDATE schedules SET next_tick = NULL, last_error = $2, updated_at = now()
+                         WHERE id = $1",
+                    )
+                    .bind(id.0)
+                    .bind(format!("stopped: {e}"))
+                    .execute(&self.pool)
+                    .await?;
                 }
             }
-            let stored = insert_jobs_on(&mut tx, &jobs).await?;
-            let last = stored.last().map(|(job, _)| (job.scheduled_for, job.id));
-            set_outcome(&mut tx, schedule.id, Some(next).flatten(), last, error).await?;
-            run.enqueued.extend(
-                stored
-                    .into_iter()
-                    .filter(|(_, created)| *created)
-                    .map(|(job, _)| job),
-            );
         }
-        tx.commit().await?;
         Ok(run)
     }
+}
+
+/// Enqueues a locked schedule's due ticks and moves it on.
+async fn tick<F>(
+    tx: &mut sqlx::PgConnection,
+    schedule: &Schedule,
+    grace: chrono::Duration,
+    make_job: &F,
+    run: &mut TickRun,
+) -> Result<(), StoreError>
+where
+    F: Fn(&Schedule, DateTime<Utc>) -> Result<NewJob, String>,
+{
+    let Some(next_tick) = schedule.next_tick else {
+        return Ok(());
+    };
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let spec = match CronSpec::parse(&schedule.cron, &schedule.timezone) {
+        Ok(spec) => spec,
+        // Checked when written: only a change of the crate or the time
+        // zone database gets here.
+        Err(e) => {
+            return Err(StoreError::Corrupt(format!(
+                "schedule {}: {e}",
+                schedule.id
+            )))
+        }
+    };
+    let (due, next) = due_ticks(
+        &spec,
+        next_tick,
+        now,
+        grace,
+        schedule.catch_up,
+        schedule.catch_up_limit,
+    );
+    // Ticks that have their job already are not enqueued again: a schedule
+    // moved back (an operator's edit, a clock change) must not fail on the
+    // unique index. Every insert for a schedule happens under its row lock,
+    // held here, so this read cannot race one.
+    let done: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT scheduled_for FROM jobs WHERE schedule_id = $1 AND scheduled_for = ANY($2)",
+    )
+    .bind(schedule.id.0)
+    .bind(&due)
+    .fetch_all(&mut *tx)
+    .await?;
+    let due: Vec<DateTime<Utc>> = due.into_iter().filter(|t| !done.contains(t)).collect();
+    let ticks: Vec<DateTime<Utc>> = match schedule.overlap {
+        Overlap::Allow => due,
+        Overlap::Skip => {
+            let busy: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE schedule_id = $1 AND finished_at IS NULL)",
+            )
+            .bind(schedule.id.0)
+            .fetch_one(&mut *tx)
+            .await?;
+            // One at most, the newest: its job is unfinished for the others.
+            let runs = usize::from(!busy && !due.is_empty());
+            run.skipped_overlap += (due.len() - runs) as u64;
+            due.last()
+                .filter(|_| runs == 1)
+                .copied()
+                .into_iter()
+                .collect()
+        }
+    };
+    let mut jobs = Vec::with_capacity(ticks.len());
+    let mut error = None;
+    for t in ticks {
+        match make_job(schedule, t) {
+            Ok(job) => jobs.push(job),
+            Err(e) => {
+                run.invalid += 1;
+                error = Some(e);
+            }
+        }
+    }
+    let stored = insert_jobs_on(&mut *tx, &jobs).await?;
+    // Only what this tick created: a `unique` duplicate is another's job.
+    let created: Vec<Job> = stored
+        .into_iter()
+        .filter(|(_, created)| *created)
+        .map(|(job, _)| job)
+        .collect();
+    let last = created.last().map(|job| (job.scheduled_for, job.id));
+    set_outcome(&mut *tx, schedule.id, next, last, error).await?;
+    run.enqueued.extend(created);
+    Ok(())
 }
 
 /// Moves a schedule on after a pass.
