@@ -1,13 +1,20 @@
--- Flow control and time: unique jobs, schedules, and the retention that
--- prunes finished jobs.
+-- Flow control and time: unique jobs, concurrency keys, schedules, and the
+-- retention that prunes finished jobs.
 
 -- `unique_key`: at most one job with this key in the states its request
 -- named, within its window (checked at enqueue under an advisory lock on
--- the key; see Store::insert_jobs). `schedule_id` and `scheduled_for`: the
+-- the key; see Store::insert_jobs). `concurrency_key`: jobs sharing one
+-- run at most `concurrency_limit` at once (the claim script enforces it;
+-- the columns rebuild it after Valkey lost its data). `schedule_id` and
+-- `scheduled_for`: the
 -- schedule and tick that enqueued the job. All nullable without defaults:
 -- catalogue-only changes.
 ALTER TABLE jobs
     ADD COLUMN unique_key text CHECK (unique_key IS NULL OR octet_length(unique_key) <= 255),
+    ADD COLUMN concurrency_key text
+        CHECK (concurrency_key IS NULL OR octet_length(concurrency_key) <= 1024),
+    ADD COLUMN concurrency_limit integer CHECK (concurrency_limit >= 1),
+    ADD CONSTRAINT jobs_concurrency CHECK ((concurrency_key IS NULL) = (concurrency_limit IS NULL)),
     ADD COLUMN schedule_id uuid,
     ADD COLUMN scheduled_for timestamptz,
     ADD CONSTRAINT jobs_schedule_tick CHECK ((schedule_id IS NULL) = (scheduled_for IS NULL));

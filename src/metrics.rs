@@ -198,11 +198,13 @@ pub fn count_cancel(queue: &str, stage: &str) {
 
 /// Records a queue's depth (the same value from every process that reads
 /// it: aggregate with `max by (queue, state)`, never `sum`).
-pub fn set_queue_depth(queue: &str, pending: u64, delayed: u64, active: u64) {
+/// `held`: waiting because their concurrency key is at its limit.
+pub fn set_queue_depth(queue: &str, pending: u64, delayed: u64, active: u64, held: u64) {
     for (state, value) in [
         ("pending", pending),
         ("delayed", delayed),
         ("active", active),
+        ("held", held),
     ] {
         metrics::gauge!(QUEUE_DEPTH, "queue" => queue.to_owned(), "state" => state)
             .set(value as f64);

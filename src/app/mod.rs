@@ -232,6 +232,22 @@ impl App {
                     })
                     .map_err(|error| AppError::Invalid { index, error })?;
                 job.yolo = self.privileges(&job).yolo;
+                let kind = self.registry.concurrency(job.kind.as_str(), &job.payload);
+                let key = job.concurrency.take().map(|(k, _)| k).or(kind.default_key);
+                job.concurrency = key.map(|k| {
+                    let limit = kind
+                        .max_per_key
+                        .or_else(|| {
+                            self.settings
+                                .admission
+                                .max_per_key
+                                .get(job.queue.as_str())
+                                .copied()
+                        })
+                        .unwrap_or(1)
+                        .max(1);
+                    (k, limit)
+                });
                 Ok(job)
             })
             .collect()
@@ -276,10 +292,17 @@ impl App {
             })
             .find_map(|(index, ((job, _), requested))| check_replay(index, requested, job).err());
         let mut by_queue: BTreeMap<&QueueName, Vec<IndexEntry>> = BTreeMap::new();
+        let mut keyed: BTreeMap<&QueueName, Vec<(JobId, u32, &str)>> = BTreeMap::new();
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for (job, created) in &stored {
             if !created {
                 continue;
+            }
+            if let (Some(key), Some(limit)) = (&job.concurrency_key, job.concurrency_limit) {
+                keyed
+                    .entry(&job.queue)
+                    .or_default()
+                    .push((job.id, limit, key.as_str()));
             }
             *counts
                 .entry((job.queue.as_str(), job.kind.as_str()))
@@ -291,8 +314,11 @@ impl App {
             });
         }
         for (queue, entries) in by_queue {
+            let keys = keyed.remove(queue).unwrap_or_default();
             let indexed = async {
                 self.queue.register_queues(&[queue]).await?;
+                // Keys first: no claim may see a keyed id without its key.
+                self.queue.set_concurrency(queue, &keys).await?;
                 self.queue.enqueue(queue, &entries).await
             };
             if let Err(err) = indexed.await {
@@ -417,15 +443,27 @@ impl App {
 
     pub async fn retry_dead(&self, id: JobId, actor: &str) -> Result<Job, AppError> {
         let (queue, priority) = self.store.retry_dead(id, actor).await?;
+        let job = self.store.get_job(id).await?;
         let entry = IndexEntry {
             id,
             priority,
             due_ms: None,
         };
-        if let Err(err) = self.queue.enqueue(&queue, &[entry]).await {
+        let keys: Vec<(JobId, u32, &str)> = job
+            .concurrency_key
+            .as_deref()
+            .zip(job.concurrency_limit)
+            .map(|(key, limit)| (id, limit, key))
+            .into_iter()
+            .collect();
+        let indexed = async {
+            self.queue.set_concurrency(&queue, &keys).await?;
+            self.queue.enqueue(&queue, &[entry]).await
+        };
+        if let Err(err) = indexed.await {
             tracing::warn!(job.id = %id, error = %err, "retried job not yet indexed; the reconciler will");
         }
-        Ok(self.store.get_job(id).await?)
+        Ok(job)
     }
 
     /// Cancels a queued or scheduled job: Postgres first, then its index

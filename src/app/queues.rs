@@ -109,6 +109,7 @@ impl App {
                 depth.pending(),
                 depth.delayed,
                 depth.active,
+                depth.held,
             );
         }
         Ok(())

@@ -108,6 +108,7 @@ fn noop_jobs(queue: &QueueName, n: usize) -> Vec<NewJob> {
             metadata: serde_json::json!({}),
             callback_url: None,
             unique: None,
+            concurrency: None,
             schedule: None,
         })
         .collect()

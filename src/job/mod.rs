@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 pub use request::{
     validate_idempotency_key, validate_metadata, FieldError, JobDefaults, JobEdit, JobPatch,
-    JobRequest, PayloadError, Unique, UniqueRequest, MAX_METADATA_BYTES, MAX_PAYLOAD_BYTES,
-    MAX_PAYLOAD_DEPTH,
+    JobRequest, PayloadError, Unique, UniqueRequest, MAX_CONCURRENCY_KEY_LEN, MAX_METADATA_BYTES,
+    MAX_PAYLOAD_BYTES, MAX_PAYLOAD_DEPTH,
 };
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError, MAX_ATTEMPTS_LIMIT, MAX_BACKOFF_MS};
 pub use schedule::{
@@ -276,6 +276,8 @@ pub struct NewJob {
     pub callback_url: Option<String>,
     /// At most one such job in the given states within the window.
     pub unique: Option<Unique>,
+    /// Its concurrency key and the most jobs of that key running at once.
+    pub concurrency: Option<(String, u32)>,
     /// The schedule and tick that enqueued it.
     pub schedule: Option<(ScheduleId, DateTime<Utc>)>,
 }
@@ -324,6 +326,11 @@ pub struct Job {
     /// Its `unique.key`, while a duplicate may find it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_key: Option<String>,
+    /// Jobs sharing it run at most `concurrency_limit` at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_limit: Option<u32>,
     /// The schedule that enqueued it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = Uuid)]

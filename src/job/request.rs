@@ -68,6 +68,12 @@ pub struct JobRequest {
     /// window: a duplicate gets the existing job back (200).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique: Option<UniqueRequest>,
+    /// Jobs sharing this key run at most `max_per_key` at once (the
+    /// kind's, else the queue's `admission.max_per_key`, else 1). Agent
+    /// kinds working on a repository default it to the repository and the
+    /// branch they push to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
 }
 
 /// `unique` of a [`JobRequest`].
@@ -93,6 +99,8 @@ pub struct Unique {
     pub states: Vec<Status>,
 }
 
+/// The longest `concurrency_key`, in bytes.
+pub const MAX_CONCURRENCY_KEY_LEN: usize = 1024;
 /// The longest `unique.for_secs`: a year.
 pub const MAX_UNIQUE_SECS: i64 = 366 * 86400;
 
@@ -366,6 +374,12 @@ impl JobRequest {
             })
             .transpose()?;
         let unique = self.unique.map(UniqueRequest::validate).transpose()?;
+        // Its limit is the application's to find (kind, queue); 1 until then.
+        let concurrency = self
+            .concurrency_key
+            .map(|k| validate_key("concurrency_key", &k, MAX_CONCURRENCY_KEY_LEN))
+            .transpose()?
+            .map(|k| (k, 1));
         Ok(NewJob {
             id: JobId::new(),
             queue,
@@ -381,6 +395,7 @@ impl JobRequest {
             metadata,
             callback_url,
             unique,
+            concurrency,
             schedule: None,
         })
     }

@@ -50,6 +50,13 @@ impl Maintenance {
             rebuilt: true,
             ..ReconcileCounts::default()
         };
+        // After a loss, running jobs with a concurrency key go back first,
+        // before any waiting job of their key can be indexed (and claimed)
+        // again. (Only then: a job that finished since this read would hold
+        // its key until its old lease ran out.)
+        if lost {
+            self.restore_running_keys().await?;
+        }
         let mut after = None;
         loop {
             let page = self
@@ -123,6 +130,29 @@ impl Maintenance {
         Ok(())
     }
 
+    /// Puts running jobs with a concurrency key back in their key's running
+    /// set (and the active set, where their heartbeat has not yet).
+    async fn restore_running_keys(&self) -> Result<(), MaintenanceError> {
+        let running = self.store.running_keyed_jobs().await?;
+        let mut by_queue: HashMap<&QueueName, Vec<(JobId, i64, u32, &str)>> = HashMap::new();
+        for job in &running {
+            let (Some((key, limit)), Some(deadline)) = (&job.concurrency, job.lease_expires_at)
+            else {
+                continue;
+            };
+            by_queue.entry(&job.queue).or_default().push((
+                job.id,
+                deadline.timestamp_millis(),
+                *limit,
+                key.as_str(),
+            ));
+        }
+        for (queue, entries) in by_queue {
+            self.valkey.restore_running(queue, &entries).await?;
+        }
+        Ok(())
+    }
+
     /// Indexes those of `ids` that Valkey lacks, after reading them again
     /// from Postgres: the page they came from may be stale by now (a job
     /// claimed and finished meanwhile must not be indexed again).
@@ -135,12 +165,21 @@ impl Maintenance {
         if missing.is_empty() {
             return Ok(0);
         }
-        let entries: Vec<IndexEntry> = self
+        let states: Vec<_> = self
             .store
             .index_states(&missing)
             .await?
             .into_iter()
             .filter(|s| s.queue == queue.as_str())
+            .collect();
+        let keys: Vec<(JobId, u32, &str)> = states
+            .iter()
+            .filter(|s| matches!(s.status, Status::Queued | Status::Scheduled))
+            .filter_map(|s| s.concurrency.as_ref().map(|(k, l)| (s.id, *l, k.as_str())))
+            .collect();
+        self.valkey.set_concurrency(queue, &keys).await?;
+        let entries: Vec<IndexEntry> = states
+            .iter()
             .filter_map(|s| {
                 let due_ms = match s.status {
                     Status::Queued => None,

@@ -66,7 +66,14 @@ impl Maintenance {
         }
         metrics::counter!(m::SCHEDULE_TICKS, "outcome" => "enqueued").increment(n as u64);
         let mut by_queue: BTreeMap<&QueueName, Vec<IndexEntry>> = BTreeMap::new();
+        let mut keyed: BTreeMap<&QueueName, Vec<(crate::job::JobId, u32, &str)>> = BTreeMap::new();
         for job in &run.enqueued {
+            if let (Some(key), Some(limit)) = (&job.concurrency_key, job.concurrency_limit) {
+                keyed
+                    .entry(&job.queue)
+                    .or_default()
+                    .push((job.id, limit, key.as_str()));
+            }
             tracing::info!(job.id = %job.id, schedule.id = ?job.schedule_id, tick = ?job.scheduled_for, "schedule enqueued a job");
             by_queue.entry(&job.queue).or_default().push(IndexEntry {
                 id: job.id,
@@ -75,8 +82,10 @@ impl Maintenance {
             });
         }
         for (queue, entries) in by_queue {
+            let keys = keyed.remove(queue).unwrap_or_default();
             let indexed = async {
                 self.valkey.register_queues(&[queue]).await?;
+                self.valkey.set_concurrency(queue, &keys).await?;
                 self.valkey.enqueue(queue, &entries).await
             };
             if let Err(err) = indexed.await {

@@ -53,6 +53,10 @@ pub struct KindFile {
     /// remote (the base branch included) without the admin scope.
     #[serde(default)]
     pub allow_existing_branch: bool,
+    /// Most jobs of this kind sharing a concurrency key (by default the
+    /// repository and the branch pushed to) that run at once.
+    #[serde(default)]
+    pub max_per_key: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -100,6 +104,7 @@ pub struct KindDef {
     pub stop_grace_secs: u64,
     pub gates: GatesFile,
     pub allow_existing_branch: bool,
+    pub max_per_key: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +178,9 @@ impl KindDef {
         if raw.timeout_secs == 0 || raw.timeout_secs > 86_400 {
             return Err(err(file, "timeout_secs", "must be between 1 and 86400"));
         }
+        if raw.max_per_key.is_some_and(|n| n == 0 || n > 10_000) {
+            return Err(err(file, "max_per_key", "must be between 1 and 10000"));
+        }
         if raw.stop_grace_secs == 0 || raw.stop_grace_secs > 600 {
             return Err(err(file, "stop_grace_secs", "must be between 1 and 600"));
         }
@@ -217,6 +225,7 @@ impl KindDef {
             stop_grace_secs: raw.stop_grace_secs,
             gates: raw.gates,
             allow_existing_branch: raw.allow_existing_branch,
+            max_per_key: raw.max_per_key,
         })
     }
 

@@ -168,7 +168,20 @@ pub trait Handler: Send + Sync + 'static {
         Privileges::default()
     }
 
+    /// The concurrency key a job of a valid payload has when it names none,
+    /// and the kind's `max_per_key` (none of either, by default).
+    fn concurrency(&self, _payload: &serde_json::Value) -> KindConcurrency {
+        KindConcurrency::default()
+    }
+
     fn run(&self, ctx: JobContext) -> HandlerFuture;
+}
+
+/// What a kind says about concurrency keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KindConcurrency {
+    pub default_key: Option<String>,
+    pub max_per_key: Option<u32>,
 }
 
 /// Handlers by job kind.
@@ -224,6 +237,14 @@ impl Registry {
         self.handlers
             .get(kind)
             .map(|h| h.privileges(payload))
+            .unwrap_or_default()
+    }
+
+    /// See [`Handler::concurrency`]; nothing for unknown kinds.
+    pub fn concurrency(&self, kind: &str, payload: &serde_json::Value) -> KindConcurrency {
+        self.handlers
+            .get(kind)
+            .map(|h| h.concurrency(payload))
             .unwrap_or_default()
     }
 

@@ -33,6 +33,15 @@ pub struct QueueKeys {
     pub limit: String,
     /// pub/sub channel: published to when ids become pending.
     pub wake: String,
+    /// hash: id -> `<limit>\t<tag>`, for ids with a concurrency key.
+    pub ckey: String,
+    /// zset: id -> pending score, ids held while their key is at its limit.
+    pub held: String,
+    /// hash: tag -> limit, the keys that hold ids.
+    pub heldkeys: String,
+    /// What the per-key keys start with (`<base>ck:<tag>`: running ids,
+    /// `<base>held:<tag>`: held ids), in the queue's slot.
+    pub base: String,
 }
 
 impl Keys {
@@ -58,6 +67,10 @@ impl Keys {
             halted: format!("{base}:halted"),
             limit: format!("{base}:limit"),
             wake: format!("{}:wake:{}", self.prefix, queue),
+            ckey: format!("{base}:ckey"),
+            held: format!("{base}:held"),
+            heldkeys: format!("{base}:heldkeys"),
+            base: format!("{base}:"),
         }
     }
 
@@ -129,6 +142,15 @@ impl Keys {
     }
 }
 
+/// The tag of a concurrency key in Valkey key names: the first 128 bits of
+/// its SHA-256, in hex. Keys are producers' strings of up to 1 KiB; the tag
+/// is short, fixed-size and cannot hold a brace or a separator.
+pub fn concurrency_tag(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,10 +160,24 @@ mod tests {
         let q = QueueName::parse("agents.high").expect("valid");
         let k = Keys::new("orch").queue(&q);
         for key in [
-            &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused, &k.halted,
+            &k.pending,
+            &k.delayed,
+            &k.active,
+            &k.prio,
+            &k.seq,
+            &k.paused,
+            &k.halted,
+            &k.ckey,
+            &k.held,
+            &k.heldkeys,
+            &k.base,
         ] {
             assert!(key.starts_with("orch:{q:agents.high}:"), "{key}");
         }
         assert_eq!(k.pending, "orch:{q:agents.high}:pending");
+        let tag = concurrency_tag("https://github.com/a/b.git#main {x}");
+        assert_eq!(tag.len(), 32);
+        assert!(tag.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(tag, concurrency_tag("https://github.com/a/b.git#dev"));
     }
 }

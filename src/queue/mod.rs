@@ -85,6 +85,8 @@ pub struct Depth {
     pub paused: bool,
     /// Held by the kill switch.
     pub halted: bool,
+    /// Ids waiting because their concurrency key is at its limit.
+    pub held: u64,
 }
 
 impl Depth {
@@ -145,7 +147,8 @@ impl ValkeyQueue {
         queue: &QueueName,
         entries: &[IndexEntry],
     ) -> Result<u64, QueueError> {
-        self.place(&self.scripts.enqueue, queue, entries).await
+        self.place(&self.scripts.enqueue, true, queue, entries)
+            .await
     }
 
     /// Moves edited jobs that still wait to their new priority and due
@@ -156,30 +159,88 @@ impl ValkeyQueue {
         queue: &QueueName,
         entries: &[IndexEntry],
     ) -> Result<u64, QueueError> {
-        self.place(&self.scripts.reindex, queue, entries).await
+        self.place(&self.scripts.reindex, false, queue, entries)
+            .await
     }
 
-    /// Runs `enqueue` or `reindex` (same keys and arguments) in chunks.
+    /// Runs `enqueue` (which also looks at the held ids) or `reindex`
+    /// (same arguments) in chunks.
     async fn place(
         &self,
         script: &scripts::LuaScript,
+        with_held: bool,
         queue: &QueueName,
         entries: &[IndexEntry],
     ) -> Result<u64, QueueError> {
         let k = self.keys.queue(queue);
+        let mut keys = vec![k.pending.as_str(), &k.delayed, &k.active, &k.prio, &k.seq];
+        if with_held {
+            keys.push(&k.held);
+        }
         let mut conn = self.conn.clone();
         let mut placed = 0;
         for chunk in entries.chunks(CHUNK) {
             let args = entry_args(&k.wake, chunk);
-            placed += script
-                .call::<u64>(
-                    &mut conn,
-                    &[&k.pending, &k.delayed, &k.active, &k.prio, &k.seq],
-                    &args,
-                )
-                .await?;
+            placed += script.call::<u64>(&mut conn, &keys, &args).await?;
         }
         Ok(placed)
+    }
+
+    /// Gives ids their concurrency key (`limit` ids of one key run at
+    /// once): call before they are indexed, so no claim sees them without
+    /// it. Entries are (id, limit, key).
+    pub async fn set_concurrency(
+        &self,
+        queue: &QueueName,
+        entries: &[(JobId, u32, &str)],
+    ) -> Result<(), QueueError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        for chunk in entries.chunks(CHUNK) {
+            let pairs: Vec<(String, String)> = chunk
+                .iter()
+                .map(|(id, limit, key)| {
+                    (
+                        id.to_string(),
+                        format!("{limit}\t{}", keys::concurrency_tag(key)),
+                    )
+                })
+                .collect();
+            let _: () = conn.hset_multiple(&k.ckey, &pairs).await?;
+        }
+        Ok(())
+    }
+
+    /// After Valkey lost its data: puts running jobs with a concurrency key
+    /// back in the active set and their key's running set. Entries are
+    /// (id, lease deadline ms, limit, key).
+    pub async fn restore_running(
+        &self,
+        queue: &QueueName,
+        entries: &[(JobId, i64, u32, &str)],
+    ) -> Result<u64, QueueError> {
+        let k = self.keys.queue(queue);
+        let mut conn = self.conn.clone();
+        let mut restored = 0;
+        for chunk in entries.chunks(CHUNK) {
+            let mut args = Vec::with_capacity(1 + chunk.len() * 4);
+            args.push(k.base.clone());
+            for (id, deadline, limit, key) in chunk {
+                args.push(id.to_string());
+                args.push(deadline.to_string());
+                args.push(limit.to_string());
+                args.push(keys::concurrency_tag(key));
+            }
+            restored += self
+                .scripts
+                .restore_running
+                .call::<u64>(&mut conn, &[&k.active, &k.ckey], &args)
+                .await?;
+        }
+        Ok(restored)
     }
 
     /// The ids this queue does not index anywhere (read-only).
@@ -196,7 +257,11 @@ impl ValkeyQueue {
             let found: Vec<String> = self
                 .scripts
                 .missing
-                .call(&mut conn, &[&k.pending, &k.delayed, &k.active], &args)
+                .call(
+                    &mut conn,
+                    &[&k.pending, &k.delayed, &k.active, &k.held],
+                    &args,
+                )
                 .await?;
             for id in found {
                 missing.push(parse_id_str(&id)?);
@@ -214,15 +279,29 @@ impl ValkeyQueue {
     ) -> Result<Claimed, QueueError> {
         let k = self.keys.queue(queue);
         let mut conn = self.conn.clone();
-        let args = [lease.as_millis() as u64, max as u64, max.max(100) as u64];
+        let args = [
+            lease.as_millis().to_string(),
+            max.to_string(),
+            max.max(100).to_string(),
+            k.base.clone(),
+        ];
         let value: redis::Value = self
             .scripts
             .claim
             .call(
                 &mut conn,
                 &[
-                    &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused, &k.limit,
+                    &k.pending,
+                    &k.delayed,
+                    &k.active,
+                    &k.prio,
+                    &k.seq,
+                    &k.paused,
+                    &k.limit,
                     &k.halted,
+                    &k.ckey,
+                    &k.held,
+                    &k.heldkeys,
                 ],
                 &args,
             )
@@ -266,19 +345,29 @@ impl ValkeyQueue {
     /// Releases the leases of finished jobs. Call only after Postgres committed.
     pub async fn ack(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
         let k = self.keys.queue(queue);
-        self.call_with_ids(&self.scripts.ack, &[&k.active], ids)
+        self.call_with_ids(&self.scripts.ack, &[&k.active, &k.ckey], ids)
             .await
     }
 
     /// Removes every trace of ids (finished, cancelled or unknown jobs).
     pub async fn forget(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
         let k = self.keys.queue(queue);
-        self.call_with_ids(
-            &self.scripts.forget,
-            &[&k.pending, &k.delayed, &k.active, &k.prio],
-            ids,
-        )
-        .await
+        let mut conn = self.conn.clone();
+        for chunk in ids.chunks(CHUNK) {
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push(k.base.clone());
+            args.extend(chunk.iter().map(|id| id.to_string()));
+            let _: u64 = self
+                .scripts
+                .forget
+                .call(
+                    &mut conn,
+                    &[&k.pending, &k.delayed, &k.active, &k.prio, &k.ckey, &k.held],
+                    &args,
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Calls a script whose arguments are ids, in chunks.
@@ -392,11 +481,13 @@ impl ValkeyQueue {
             .depth
             .call(
                 &mut conn,
-                &[&k.pending, &k.delayed, &k.active, &k.paused, &k.halted],
+                &[
+                    &k.pending, &k.delayed, &k.active, &k.paused, &k.halted, &k.held,
+                ],
                 &[] as &[u8],
             )
             .await?;
-        if raw.len() != 14 {
+        if raw.len() != 15 {
             return Err(QueueError::Protocol(format!(
                 "depth returned {} values",
                 raw.len()
@@ -407,9 +498,10 @@ impl ValkeyQueue {
             active: raw[1],
             paused: raw[2] == 1,
             halted: raw[3] == 1,
+            held: raw[4],
             ..Depth::default()
         };
-        depth.pending_by_priority.copy_from_slice(&raw[4..14]);
+        depth.pending_by_priority.copy_from_slice(&raw[5..15]);
         Ok(depth)
     }
 

@@ -75,7 +75,7 @@ impl LuaScript {
     }
 }
 
-/// `claim-8.lua` -> ("claim", 8). File names are compile-time constants, so
+/// `claim-11.lua` -> ("claim", 11). File names are compile-time constants, so
 /// a malformed one is a programming error caught by the unit test below.
 fn parse_file_name(file: &'static str) -> (&'static str, usize) {
     let stem = file.strip_suffix(".lua").unwrap_or(file);
@@ -101,33 +101,35 @@ pub struct Scripts {
     pub depth: LuaScript,
     pub engage_kill_switch: LuaScript,
     pub lift_kill_switch: LuaScript,
+    pub restore_running: LuaScript,
 }
 
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
-            enqueue: LuaScript::new("enqueue-5.lua", lua!("enqueue-5.lua")),
+            enqueue: LuaScript::new("enqueue-6.lua", lua!("enqueue-6.lua")),
             reindex: LuaScript::new("reindex-5.lua", lua!("reindex-5.lua")),
-            claim: LuaScript::new("claim-8.lua", lua!("claim-8.lua")),
+            claim: LuaScript::new("claim-11.lua", lua!("claim-11.lua")),
             heartbeat: LuaScript::new("heartbeat-1.lua", lua!("heartbeat-1.lua")),
-            ack: LuaScript::new("ack-1.lua", lua!("ack-1.lua")),
-            forget: LuaScript::new("forget-4.lua", lua!("forget-4.lua")),
-            missing: LuaScript::new("missing-3.lua", lua!("missing-3.lua")),
+            ack: LuaScript::new("ack-2.lua", lua!("ack-2.lua")),
+            forget: LuaScript::new("forget-6.lua", lua!("forget-6.lua")),
+            missing: LuaScript::new("missing-4.lua", lua!("missing-4.lua")),
             request_cancel: LuaScript::new("requestCancel-1.lua", lua!("requestCancel-1.lua")),
             schedule: LuaScript::new("schedule-5.lua", lua!("schedule-5.lua")),
             promote: LuaScript::new("promote-4.lua", lua!("promote-4.lua")),
             reap: LuaScript::new("reap-1.lua", lua!("reap-1.lua")),
             set_paused: LuaScript::new("setPaused-1.lua", lua!("setPaused-1.lua")),
-            depth: LuaScript::new("depth-5.lua", lua!("depth-5.lua")),
+            depth: LuaScript::new("depth-6.lua", lua!("depth-6.lua")),
             engage_kill_switch: LuaScript::new(
                 "engageKillSwitch-1.lua",
                 lua!("engageKillSwitch-1.lua"),
             ),
             lift_kill_switch: LuaScript::new("liftKillSwitch-1.lua", lua!("liftKillSwitch-1.lua")),
+            restore_running: LuaScript::new("restoreRunning-2.lua", lua!("restoreRunning-2.lua")),
         }
     }
 
-    pub fn all(&self) -> [&LuaScript; 15] {
+    pub fn all(&self) -> [&LuaScript; 16] {
         [
             &self.enqueue,
             &self.reindex,
@@ -144,6 +146,7 @@ impl Scripts {
             &self.depth,
             &self.engage_kill_switch,
             &self.lift_kill_switch,
+            &self.restore_running,
         ]
     }
 
@@ -178,13 +181,13 @@ mod tests {
         let scripts = Scripts::new();
         for s in scripts.all() {
             assert!(
-                s.num_keys >= 1 && s.num_keys <= 8,
+                s.num_keys >= 1 && s.num_keys <= 11,
                 "{}: {}",
                 s.name,
                 s.num_keys
             );
         }
-        assert_eq!(parse_file_name("claim-8.lua"), ("claim", 8));
+        assert_eq!(parse_file_name("claim-11.lua"), ("claim", 11));
         assert_eq!(parse_file_name("setPaused-1.lua"), ("setPaused", 1));
     }
 }

@@ -65,6 +65,9 @@ pub struct IndexState {
     pub run_at: DateTime<Utc>,
     /// Running with a lease that has not expired yet.
     pub lease_live: bool,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Its concurrency key and limit.
+    pub concurrency: Option<(String, u32)>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -75,6 +78,9 @@ struct IndexRow {
     priority: i16,
     run_at: DateTime<Utc>,
     lease_live: bool,
+    lease_expires_at: Option<DateTime<Utc>>,
+    concurrency_key: Option<String>,
+    concurrency_limit: Option<i32>,
 }
 
 impl TryFrom<IndexRow> for IndexState {
@@ -88,12 +94,18 @@ impl TryFrom<IndexRow> for IndexState {
             priority: r.priority.clamp(1, 10) as u8,
             run_at: r.run_at,
             lease_live: r.lease_live,
+            lease_expires_at: r.lease_expires_at,
+            concurrency: r
+                .concurrency_key
+                .zip(r.concurrency_limit)
+                .map(|(k, l)| (k, l.max(1) as u32)),
         })
     }
 }
 
 const INDEX_COLUMNS: &str = "id, queue, status, priority, run_at, \
-    COALESCE(status = 'running' AND lease_expires_at > now(), false) AS lease_live";
+    COALESCE(status = 'running' AND lease_expires_at > now(), false) AS lease_live, \
+    lease_expires_at, concurrency_key, concurrency_limit";
 
 /// Who holds a job now, for telling orphaned sandboxes from live ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,6 +310,8 @@ async fn insert_fresh(
     let mut metadata = Vec::with_capacity(n);
     let mut callbacks: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut unique_keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut concurrency_keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut concurrency_limits: Vec<Option<i32>> = Vec::with_capacity(n);
     let mut schedule_ids: Vec<Option<Uuid>> = Vec::with_capacity(n);
     let mut ticks: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
     for j in jobs {
@@ -317,6 +331,8 @@ async fn insert_fresh(
         metadata.push(j.metadata.clone());
         callbacks.push(j.callback_url.as_deref());
         unique_keys.push(j.unique.as_ref().map(|u| u.key.as_str()));
+        concurrency_keys.push(j.concurrency.as_ref().map(|(k, _)| k.as_str()));
+        concurrency_limits.push(j.concurrency.as_ref().map(|(_, l)| *l as i32));
         schedule_ids.push(j.schedule.map(|(id, _)| id.0));
         ticks.push(j.schedule.map(|(_, tick)| tick));
     }
@@ -324,21 +340,21 @@ async fn insert_fresh(
             "WITH input AS (
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[],
                     $6::int[], $7::bigint[], $8::bigint[], $9::int[], $10::timestamptz[], $11::text[],
-                    $12::text[], $13::bool[], $14::jsonb[], $15::text[], $16::text[],
-                    $17::uuid[], $18::timestamptz[])
+                    $12::text[], $13::bool[], $14::jsonb[], $15::text[], $16::text[], $17::text[], $18::int[],
+                    $19::uuid[], $20::timestamptz[])
                 AS t(id, queue, kind, priority, payload, max_attempts, backoff_base_ms,
                      backoff_cap_ms, timeout_secs, run_at, idempotency_key, actor, yolo, metadata,
-                     callback_url, unique_key, schedule_id, scheduled_for)
+                     callback_url, unique_key, concurrency_key, concurrency_limit, schedule_id, scheduled_for)
             ),
             ins AS (
                 INSERT INTO jobs (id, queue, kind, status, priority, payload, max_attempts,
                     backoff_base_ms, backoff_cap_ms, timeout_secs, run_at, idempotency_key, metadata,
-                    callback_url, unique_key, schedule_id, scheduled_for)
+                    callback_url, unique_key, concurrency_key, concurrency_limit, schedule_id, scheduled_for)
                 SELECT id, queue, kind,
                     CASE WHEN run_at > now() THEN 'scheduled' ELSE 'queued' END,
                     priority, payload, max_attempts, backoff_base_ms, backoff_cap_ms,
                     timeout_secs, COALESCE(run_at, now()), idempotency_key, metadata, callback_url,
-                    unique_key, schedule_id, scheduled_for
+                    unique_key, concurrency_key, concurrency_limit, schedule_id, scheduled_for
                 FROM input
                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING {JOB_COLUMNS}
@@ -373,6 +389,8 @@ async fn insert_fresh(
         .bind(&metadata)
         .bind(&callbacks)
         .bind(&unique_keys)
+        .bind(&concurrency_keys)
+        .bind(&concurrency_limits)
         .bind(&schedule_ids)
         .bind(&ticks)
         .fetch_all(&mut *conn)
@@ -599,6 +617,18 @@ impl Store {
             .bind(&uuids)
             .fetch_all(&self.pool)
             .await?;
+        rows.into_iter().map(IndexState::try_from).collect()
+    }
+
+    /// Running jobs with a concurrency key and a live lease, for putting
+    /// them back first after Valkey lost its data.
+    pub async fn running_keyed_jobs(&self) -> Result<Vec<IndexState>, StoreError> {
+        let sql = format!(
+            "SELECT {INDEX_COLUMNS} FROM jobs
+             WHERE finished_at IS NULL AND status = 'running'
+               AND concurrency_key IS NOT NULL AND lease_expires_at > now()"
+        );
+        let rows: Vec<IndexRow> = sqlx::query_as(&sql).fetch_all(&self.pool).await?;
         rows.into_iter().map(IndexState::try_from).collect()
     }
 

@@ -11,7 +11,7 @@ pub const JOB_COLUMNS: &str = "id, queue, kind, status, stage, priority, payload
     max_attempts, backoff_base_ms, backoff_cap_ms, timeout_secs, lease_id, worker_id, \
     lease_expires_at, run_at, idempotency_key, last_error, result, created_at, updated_at, \
     started_at, finished_at, version, progress, metadata, callback_url, unique_key, \
-    schedule_id, scheduled_for";
+    concurrency_key, concurrency_limit, schedule_id, scheduled_for";
 
 #[derive(sqlx::FromRow)]
 pub struct JobRow {
@@ -43,6 +43,8 @@ pub struct JobRow {
     metadata: serde_json::Value,
     callback_url: Option<String>,
     unique_key: Option<String>,
+    concurrency_key: Option<String>,
+    concurrency_limit: Option<i32>,
     schedule_id: Option<Uuid>,
     scheduled_for: Option<DateTime<Utc>>,
 }
@@ -103,6 +105,11 @@ impl TryFrom<JobRow> for Job {
             metadata: r.metadata,
             callback_url: r.callback_url,
             unique_key: r.unique_key,
+            concurrency_key: r.concurrency_key,
+            concurrency_limit: r
+                .concurrency_limit
+                .map(|l| non_negative("concurrency_limit", l.into()))
+                .transpose()?,
             schedule_id: r.schedule_id.map(ScheduleId),
             scheduled_for: r.scheduled_for,
         })

@@ -394,3 +394,124 @@ async fn retention_prunes_old_finished_jobs_and_only_it_may_delete_events() {
     let rest = env.maintenance(&q).prune_once(&cfg).await.expect("prune");
     assert_eq!(rest.jobs, 10);
 }
+
+/// (start, end) of each job from its audit trail: the `started` event and
+/// the terminal one, in Postgres' time.
+async fn intervals(env: &TestEnv, ids: &[JobId]) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
+    let uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+    let rows: Vec<(uuid::Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT job_id,
+                min(at) FILTER (WHERE type = 'started'),
+                max(at) FILTER (WHERE type = 'succeeded')
+         FROM job_events WHERE job_id = ANY($1) GROUP BY job_id",
+    )
+    .bind(&uuids)
+    .fetch_all(env.app.store().pool())
+    .await
+    .expect("events");
+    assert_eq!(rows.len(), ids.len());
+    // In the order the ids were given (their enqueue order).
+    ids.iter()
+        .map(|id| {
+            let (_, s, e) = rows.iter().find(|r| r.0 == id.0).expect("row");
+            (*s, *e)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_concurrency_key_never_runs_twice_at_once_across_prefetching_workers() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let keyed = |key: &str| JobRequest {
+        concurrency_key: Some(key.to_owned()),
+        ..request("sleep", &q, json!({ "ms": 150 }))
+    };
+    // Two keys of eight jobs each, interleaved with sixteen jobs without a
+    // key, all at one priority: a held key must not block those behind it.
+    let mut requests = Vec::new();
+    for _ in 0..8 {
+        requests.push(keyed("https://example.test/a.git#main"));
+        requests.push(keyed("https://example.test/b.git#main"));
+        requests.push(request("sleep", &q, json!({ "ms": 150 })));
+        requests.push(request("sleep", &q, json!({ "ms": 150 })));
+    }
+    let jobs = env.enqueue(requests).await;
+    assert_eq!(
+        jobs[0].concurrency_key.as_deref(),
+        Some("https://example.test/a.git#main")
+    );
+    assert_eq!(jobs[0].concurrency_limit, Some(1), "the default limit");
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let vars = [("ORCH_WORKER__PREFETCH", "16")];
+    let _workers: Vec<WorkerProcess> = (0..2)
+        .map(|_| WorkerProcess::spawn_with(&env, &q, 4, &vars))
+        .collect();
+    // While keys are held, the depth says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut saw_held = false;
+    while !saw_held && Instant::now() < deadline {
+        let depth = env
+            .app
+            .queue()
+            .depth(&q.parse().expect("queue"))
+            .await
+            .expect("depth");
+        saw_held = depth.held > 0;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_held, "no job was ever held by its key");
+    let done = env.wait_terminal(&ids, Duration::from_secs(90)).await;
+    crate::support::assert_status(&done, Status::Succeeded);
+
+    let spans = intervals(&env, &ids).await;
+    for key in ["a.git", "b.git"] {
+        let of_key: Vec<_> = jobs
+            .iter()
+            .zip(&spans)
+            .filter(|(j, _)| {
+                j.concurrency_key
+                    .as_deref()
+                    .is_some_and(|k| k.contains(key))
+            })
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(of_key.len(), 8);
+        // Skipped, never starved: a key's jobs run in their enqueue order,
+        // each after the one before it ended.
+        for pair in of_key.windows(2) {
+            assert!(
+                pair[1].0 > pair[0].1,
+                "{key}: a job started at {} before the previous one ended at {}",
+                pair[1].0,
+                pair[0].1
+            );
+        }
+    }
+    // Other keys kept flowing: at some instant jobs of both keys and jobs
+    // without a key ran side by side.
+    let overlapping = |a: &(DateTime<Utc>, DateTime<Utc>), b: &(DateTime<Utc>, DateTime<Utc>)| {
+        a.0 < b.1 && b.0 < a.1
+    };
+    let (a, b, free): (Vec<_>, Vec<_>, Vec<_>) = {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        let mut free = Vec::new();
+        for (j, s) in jobs.iter().zip(&spans) {
+            match j.concurrency_key.as_deref() {
+                Some(k) if k.contains("a.git") => a.push(*s),
+                Some(_) => b.push(*s),
+                None => free.push(*s),
+            }
+        }
+        (a, b, free)
+    };
+    assert!(
+        a.iter().any(|x| b.iter().any(|y| overlapping(x, y))),
+        "the two keys never ran at once"
+    );
+    assert!(
+        a.iter().any(|x| free.iter().any(|y| overlapping(x, y))),
+        "jobs without a key waited behind a held key"
+    );
+}

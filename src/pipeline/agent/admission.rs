@@ -17,6 +17,10 @@ pub struct AdmissionSettings {
     /// bound concurrent agents); queues not listed have no limit.
     #[serde(default)]
     pub queue_limits: std::collections::BTreeMap<String, u32>,
+    /// Per queue, the most jobs sharing a concurrency key that run at once
+    /// (a kind's `max_per_key` comes first; 1 where neither says).
+    #[serde(default)]
+    pub max_per_key: std::collections::BTreeMap<String, u32>,
 }
 
 /// The admission policy (the "50% rule"): a task whose estimated tokens

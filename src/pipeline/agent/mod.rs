@@ -74,6 +74,35 @@ impl Handler for SandboxKind {
             .map_err(PayloadError::Invalid)
     }
 
+    /// A job on a repository defaults to one key per repository and the
+    /// branch it pushes to (its own `branch`, else its `base`, else the
+    /// remote's default), so two agents never push to one branch at once.
+    fn concurrency(&self, payload: &Value) -> super::KindConcurrency {
+        let text = |field: &str| payload.get(field).and_then(Value::as_str);
+        super::KindConcurrency {
+            default_key: text("repo").map(|repo| {
+                let branch = text("branch").or(text("base")).unwrap_or("HEAD");
+                let key = format!("{repo}#{branch}");
+                // A key must fit its column; a longer one stands for itself
+                // by its digest.
+                if key.len() > crate::job::MAX_CONCURRENCY_KEY_LEN {
+                    use sha2::{Digest, Sha256};
+                    let digest = Sha256::digest(key.as_bytes());
+                    format!(
+                        "sha256:{}",
+                        digest
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<String>()
+                    )
+                } else {
+                    key
+                }
+            }),
+            max_per_key: self.def.max_per_key,
+        }
+    }
+
     fn privileges(&self, payload: &Value) -> super::Privileges {
         let mut p = super::Privileges::default();
         if payload.get("yolo") == Some(&Value::Bool(true)) {

@@ -1,15 +1,17 @@
--- depth: a consistent snapshot of a queue's size.
+-- depth: a snapshot of one queue.
+--
+-- Read-only.
 --
 -- KEYS[1] pending  KEYS[2] delayed  KEYS[3] active  KEYS[4] paused flag
--- KEYS[5] halted flag (kill switch)
+-- KEYS[5] halted flag  KEYS[6] held
 --
--- Returns {delayed, active, paused (0/1), halted (0/1), pending at priority 1,
--- …, at 10}.
+-- Returns {delayed, active, paused, halted, held, pending at priority 1..10}.
 local out = {
   redis.call('ZCARD', KEYS[2]),
   redis.call('ZCARD', KEYS[3]),
   redis.call('EXISTS', KEYS[4]),
   redis.call('EXISTS', KEYS[5]),
+  redis.call('ZCARD', KEYS[6]),
 }
 for p = 1, 10 do
   local lo = (10 - p) * 10000000000000
