@@ -343,7 +343,26 @@ impl Settings {
             complete_batch: w.complete_batch,
             maintenance: settings.maintenance_config(),
             queue_limits: settings.admission.queue_limits.clone(),
+            rates: settings.rates(),
         }
+    }
+
+    /// `admission.rate_limits` and `admission.key_rate_limits`, by queue.
+    pub fn rates(&self) -> std::collections::BTreeMap<String, crate::queue::Rates> {
+        let limit = |r: &crate::pipeline::RateSetting| crate::queue::RateLimit {
+            starts: r.starts,
+            per: Duration::from_secs(r.per_secs),
+        };
+        let a = &self.admission;
+        let mut rates: std::collections::BTreeMap<String, crate::queue::Rates> =
+            std::collections::BTreeMap::new();
+        for (queue, r) in &a.rate_limits {
+            rates.entry(queue.clone()).or_default().queue = Some(limit(r));
+        }
+        for (queue, r) in &a.key_rate_limits {
+            rates.entry(queue.clone()).or_default().per_key = Some(limit(r));
+        }
+        rates
     }
 
     /// The maintenance services' intervals (`[maintenance]`, the orphan reaper's).

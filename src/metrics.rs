@@ -59,6 +59,9 @@ pub const KILL_SWITCH_ENGAGED: &str = "orchestrator_kill_switch_engaged";
 pub const WEBHOOK_DELIVERIES: &str = "orchestrator_webhook_deliveries_total";
 /// Histogram: from a webhook's transition to its delivery, seconds.
 pub const WEBHOOK_DELIVERY_SECONDS: &str = "orchestrator_webhook_delivery_latency_seconds";
+/// Counter {queue}: claims that found jobs waiting and no start left in
+/// the queue's rate limit (jobs held by it wait in pending).
+pub const RATE_LIMITED_CLAIMS: &str = "orchestrator_rate_limited_claims_total";
 /// Counter {outcome}: schedule ticks, by what came of them (enqueued,
 /// skipped_overlap, invalid).
 pub const SCHEDULE_TICKS: &str = "orchestrator_schedule_ticks_total";
@@ -130,6 +133,10 @@ fn describe() {
     );
     describe_counter!(CANCELLATIONS, "Jobs cancelled, by stage.");
     describe_gauge!(KILL_SWITCH_ENGAGED, "1 while the kill switch is engaged.");
+    describe_counter!(
+        RATE_LIMITED_CLAIMS,
+        "Claims that found jobs waiting and the queue's rate limit spent."
+    );
     describe_counter!(
         RETENTION_PRUNED,
         "Rows retention deleted, by table (jobs, job_events) and job status."

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::job::PayloadError;
 use crate::store::{ClaimedJob, Store};
 
-pub use agent::{AdmissionSettings, GitHost, HostOptions, NoChanges, SandboxHost, SandboxKind};
+pub use agent::{
+    AdmissionSettings, GitHost, HostOptions, NoChanges, RateSetting, SandboxHost, SandboxKind,
+};
 pub use builtin::{Flaky, Noop, Sleep};
 
 /// What a handler gets: the job it runs and a token that fires when the job

@@ -39,6 +39,8 @@ pub struct QueueKeys {
     pub held: String,
     /// hash: tag -> limit, the keys that hold ids.
     pub heldkeys: String,
+    /// hash: the queue's rate-limit token bucket (`tokens`, `ts`).
+    pub bucket: String,
     /// What the per-key keys start with (`<base>ck:<tag>`: running ids,
     /// `<base>held:<tag>`: held ids), in the queue's slot.
     pub base: String,
@@ -70,6 +72,7 @@ impl Keys {
             ckey: format!("{base}:ckey"),
             held: format!("{base}:held"),
             heldkeys: format!("{base}:heldkeys"),
+            bucket: format!("{base}:bucket"),
             base: format!("{base}:"),
         }
     }

@@ -30,6 +30,7 @@ pub use workers::{WorkerEntry, WORKER_FORGET};
 mod codes {
     /// `claim`: the queue is paused.
     pub const PAUSED: i64 = -1;
+    pub const RATE_LIMITED: i64 = -2;
 }
 
 /// How long a cancel request waits for a worker to see it.
@@ -60,6 +61,28 @@ pub enum QueueError {
     Protocol(String),
 }
 
+/// At most `starts` starts per `per` (a token bucket in the claim script).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub starts: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    fn arg(limit: Option<RateLimit>) -> String {
+        limit
+            .map(|r| format!("{}:{}", r.starts.max(1), r.per.as_millis().max(1)))
+            .unwrap_or_default()
+    }
+}
+
+/// A queue's rate limits: of the whole queue, and of each concurrency key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rates {
+    pub queue: Option<RateLimit>,
+    pub per_key: Option<RateLimit>,
+}
+
 /// One id to index: its priority and when it is due (`None` = now).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
@@ -71,6 +94,8 @@ pub struct IndexEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claimed {
     Paused,
+    /// Ids wait, but the queue's rate limit has no start left for now.
+    RateLimited,
     /// Ids handed out, with the priority they were queued at.
     Ids(Vec<(JobId, u8)>),
 }
@@ -270,12 +295,13 @@ impl ValkeyQueue {
         Ok(missing)
     }
 
-    /// Hands out up to `max` ids under a lease of `lease`.
+    /// Hands out up to `max` ids under a lease of `lease`, within `rates`.
     pub async fn claim(
         &self,
         queue: &QueueName,
         max: usize,
         lease: Duration,
+        rates: Rates,
     ) -> Result<Claimed, QueueError> {
         let k = self.keys.queue(queue);
         let mut conn = self.conn.clone();
@@ -284,6 +310,8 @@ impl ValkeyQueue {
             max.to_string(),
             max.max(100).to_string(),
             k.base.clone(),
+            RateLimit::arg(rates.queue),
+            RateLimit::arg(rates.per_key),
         ];
         let value: redis::Value = self
             .scripts
@@ -302,12 +330,14 @@ impl ValkeyQueue {
                     &k.ckey,
                     &k.held,
                     &k.heldkeys,
+                    &k.bucket,
                 ],
                 &args,
             )
             .await?;
         match value {
             redis::Value::Int(codes::PAUSED) => Ok(Claimed::Paused),
+            redis::Value::Int(codes::RATE_LIMITED) => Ok(Claimed::RateLimited),
             redis::Value::Array(items) => items
                 .chunks(2)
                 .map(|pair| match pair {

@@ -75,7 +75,7 @@ impl LuaScript {
     }
 }
 
-/// `claim-11.lua` -> ("claim", 11). File names are compile-time constants, so
+/// `claim-12.lua` -> ("claim", 12). File names are compile-time constants, so
 /// a malformed one is a programming error caught by the unit test below.
 fn parse_file_name(file: &'static str) -> (&'static str, usize) {
     let stem = file.strip_suffix(".lua").unwrap_or(file);
@@ -109,7 +109,7 @@ impl Scripts {
         Scripts {
             enqueue: LuaScript::new("enqueue-6.lua", lua!("enqueue-6.lua")),
             reindex: LuaScript::new("reindex-5.lua", lua!("reindex-5.lua")),
-            claim: LuaScript::new("claim-11.lua", lua!("claim-11.lua")),
+            claim: LuaScript::new("claim-12.lua", lua!("claim-12.lua")),
             heartbeat: LuaScript::new("heartbeat-1.lua", lua!("heartbeat-1.lua")),
             ack: LuaScript::new("ack-2.lua", lua!("ack-2.lua")),
             forget: LuaScript::new("forget-6.lua", lua!("forget-6.lua")),
@@ -181,13 +181,13 @@ mod tests {
         let scripts = Scripts::new();
         for s in scripts.all() {
             assert!(
-                s.num_keys >= 1 && s.num_keys <= 11,
+                s.num_keys >= 1 && s.num_keys <= 12,
                 "{}: {}",
                 s.name,
                 s.num_keys
             );
         }
-        assert_eq!(parse_file_name("claim-11.lua"), ("claim", 11));
+        assert_eq!(parse_file_name("claim-12.lua"), ("claim", 12));
         assert_eq!(parse_file_name("setPaused-1.lua"), ("setPaused", 1));
     }
 }

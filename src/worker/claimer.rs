@@ -122,8 +122,22 @@ async fn claim(
     max: usize,
 ) -> Result<Vec<ClaimedJob>, PoolError> {
     let t0 = std::time::Instant::now();
-    let claimed = match shared.queue.claim(queue, max, shared.cfg.lease).await? {
+    let rates = shared
+        .cfg
+        .rates
+        .get(queue.as_str())
+        .copied()
+        .unwrap_or_default();
+    let claimed = match shared
+        .queue
+        .claim(queue, max, shared.cfg.lease, rates)
+        .await?
+    {
         Claimed::Paused => return Ok(Vec::new()),
+        Claimed::RateLimited => {
+            metrics::counter!(m::RATE_LIMITED_CLAIMS, "queue" => queue.to_string()).increment(1);
+            return Ok(Vec::new());
+        }
         Claimed::Ids(ids) if ids.is_empty() => return Ok(Vec::new()),
         Claimed::Ids(ids) => ids,
     };

@@ -43,6 +43,8 @@ pub struct PoolConfig {
     pub maintenance: crate::maintenance::MaintenanceConfig,
     /// Most jobs running at once per queue, across every worker.
     pub queue_limits: std::collections::BTreeMap<String, u32>,
+    /// Rate limits by queue.
+    pub rates: std::collections::BTreeMap<String, crate::queue::Rates>,
 }
 
 /// `<host>-<pid>-<random>`: unique per replica, readable in logs.

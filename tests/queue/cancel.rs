@@ -91,7 +91,7 @@ async fn the_reaper_cancels_an_expired_job_whose_cancel_was_requested() {
     let claimed = env
         .app
         .queue()
-        .claim(&queue, 1, lease)
+        .claim(&queue, 1, lease, Default::default())
         .await
         .expect("claim");
     assert!(matches!(claimed, orchestrator::queue::Claimed::Ids(ref ids) if ids.len() == 1));

@@ -28,6 +28,7 @@ fn ids(c: Claimed) -> Vec<JobId> {
     match c {
         Claimed::Ids(ids) => ids.into_iter().map(|(id, _)| id).collect(),
         Claimed::Paused => panic!("queue unexpectedly paused"),
+        Claimed::RateLimited => panic!("queue unexpectedly rate limited"),
     }
 }
 
@@ -47,16 +48,16 @@ async fn claim_pops_highest_priority_first_and_fifo_within_a_priority() {
     // Stable sort: FIFO within equal priorities.
     expected.sort_by_key(|(_, p)| std::cmp::Reverse(*p));
     let mut got = ids(vq
-        .claim(&q, 3, Duration::from_secs(30))
+        .claim(&q, 3, Duration::from_secs(30), Default::default())
         .await
         .expect("claim"));
     got.extend(ids(vq
-        .claim(&q, 10, Duration::from_secs(30))
+        .claim(&q, 10, Duration::from_secs(30), Default::default())
         .await
         .expect("claim")));
     assert_eq!(got, expected.iter().map(|(id, _)| *id).collect::<Vec<_>>());
     assert!(ids(vq
-        .claim(&q, 10, Duration::from_secs(30))
+        .claim(&q, 10, Duration::from_secs(30), Default::default())
         .await
         .expect("claim"))
     .is_empty());
@@ -80,7 +81,7 @@ async fn delayed_ids_are_not_claimed_before_they_are_due() {
     .await
     .expect("enqueue");
     assert!(ids(vq
-        .claim(&q, 10, Duration::from_secs(30))
+        .claim(&q, 10, Duration::from_secs(30), Default::default())
         .await
         .expect("claim"))
     .is_empty());
@@ -88,7 +89,7 @@ async fn delayed_ids_are_not_claimed_before_they_are_due() {
     tokio::time::sleep(Duration::from_millis(1_700)).await;
     assert_eq!(
         ids(vq
-            .claim(&q, 10, Duration::from_secs(30))
+            .claim(&q, 10, Duration::from_secs(30), Default::default())
             .await
             .expect("claim")),
         vec![soon]
@@ -103,7 +104,7 @@ async fn paused_queue_hands_out_nothing_and_loses_nothing() {
     assert!(vq.set_paused(&q, true).await.expect("pause"));
     assert!(!vq.set_paused(&q, true).await.expect("pause again"));
     assert_eq!(
-        vq.claim(&q, 10, Duration::from_secs(30))
+        vq.claim(&q, 10, Duration::from_secs(30), Default::default())
             .await
             .expect("claim"),
         Claimed::Paused
@@ -114,7 +115,7 @@ async fn paused_queue_hands_out_nothing_and_loses_nothing() {
     assert!(vq.set_paused(&q, false).await.expect("resume"));
     assert_eq!(
         ids(vq
-            .claim(&q, 10, Duration::from_secs(30))
+            .claim(&q, 10, Duration::from_secs(30), Default::default())
             .await
             .expect("claim")),
         vec![id]
@@ -129,7 +130,7 @@ async fn expired_leases_are_reaped_once_and_heartbeats_keep_them() {
         .await
         .expect("enqueue");
     ids(vq
-        .claim(&q, 2, Duration::from_millis(300))
+        .claim(&q, 2, Duration::from_millis(300), Default::default())
         .await
         .expect("claim"));
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -160,12 +161,12 @@ async fn claims_report_priorities_and_schedule_requeues_by_them() {
         .await
         .expect("enqueue");
     let claimed = match vq
-        .claim(&q, 2, Duration::from_secs(30))
+        .claim(&q, 2, Duration::from_secs(30), Default::default())
         .await
         .expect("claim")
     {
         Claimed::Ids(ids) => ids,
-        Claimed::Paused => panic!("paused"),
+        Claimed::Paused | Claimed::RateLimited => panic!("paused"),
     };
     assert_eq!(claimed, vec![(high, 9), (low, 2)]);
     let later = chrono::Utc::now().timestamp_millis() + 60_000;
@@ -190,7 +191,7 @@ async fn claims_report_priorities_and_schedule_requeues_by_them() {
     );
     assert_eq!(
         ids(vq
-            .claim(&q, 2, Duration::from_secs(30))
+            .claim(&q, 2, Duration::from_secs(30), Default::default())
             .await
             .expect("claim")),
         vec![high, low]
@@ -266,13 +267,13 @@ async fn a_queue_limit_caps_leases_across_workers() {
     vq.enqueue(&q, &entries).await.expect("enqueue");
     vq.set_limit(&q, Some(3)).await.expect("limit");
     let first = ids(vq
-        .claim(&q, 10, Duration::from_secs(30))
+        .claim(&q, 10, Duration::from_secs(30), Default::default())
         .await
         .expect("claim"));
     assert_eq!(first.len(), 3, "at most 3 under a lease");
     assert!(
         ids(vq
-            .claim(&q, 10, Duration::from_secs(30))
+            .claim(&q, 10, Duration::from_secs(30), Default::default())
             .await
             .expect("claim"))
         .is_empty(),
@@ -281,7 +282,7 @@ async fn a_queue_limit_caps_leases_across_workers() {
     vq.ack(&q, &first[..2]).await.expect("ack");
     assert_eq!(
         ids(vq
-            .claim(&q, 10, Duration::from_secs(30))
+            .claim(&q, 10, Duration::from_secs(30), Default::default())
             .await
             .expect("claim"))
         .len(),
@@ -290,10 +291,82 @@ async fn a_queue_limit_caps_leases_across_workers() {
     vq.set_limit(&q, None).await.expect("lift");
     assert_eq!(
         ids(vq
-            .claim(&q, 10, Duration::from_secs(30))
+            .claim(&q, 10, Duration::from_secs(30), Default::default())
             .await
             .expect("claim"))
         .len(),
         5
     );
+}
+
+#[tokio::test]
+async fn rate_limits_hold_starts_per_queue_and_per_key_and_fail_nothing() {
+    use orchestrator::queue::{RateLimit, Rates};
+    let env = TestEnv::new().await;
+    let vq = env.app.queue();
+    let q: QueueName = unique_queue().parse().expect("queue");
+    let minute = Duration::from_secs(60);
+    let entries: Vec<IndexEntry> = (0..10).map(|_| entry(JobId::new(), 5)).collect();
+    vq.enqueue(&q, &entries).await.expect("enqueue");
+    let three = Rates {
+        queue: Some(RateLimit {
+            starts: 3,
+            per: minute,
+        }),
+        per_key: None,
+    };
+    let first = ids(vq.claim(&q, 10, minute, three).await.expect("claim"));
+    assert_eq!(first.len(), 3, "three starts a minute");
+    let again = vq.claim(&q, 10, minute, three).await.expect("claim");
+    assert_eq!(again, Claimed::RateLimited, "the rest wait");
+    let depth = vq.depth(&q).await.expect("depth");
+    assert_eq!(depth.pending(), 7, "nothing was dropped or failed");
+    // Without the limit they flow.
+    let rest = ids(vq
+        .claim(&q, 10, minute, Rates::default())
+        .await
+        .expect("claim"));
+    assert_eq!(rest.len(), 7);
+
+    // Per key: one start a minute for each key; a key's second job is held
+    // while another key's job starts.
+    let q2: QueueName = unique_queue().parse().expect("queue");
+    let (k1, k2, l1) = (JobId::new(), JobId::new(), JobId::new());
+    vq.set_concurrency(
+        &q2,
+        &[(k1, 10, "repo-k"), (k2, 10, "repo-k"), (l1, 10, "repo-l")],
+    )
+    .await
+    .expect("keys");
+    vq.enqueue(&q2, &[entry(k1, 5), entry(k2, 5), entry(l1, 5)])
+        .await
+        .expect("enqueue");
+    let per_key = Rates {
+        queue: None,
+        per_key: Some(RateLimit {
+            starts: 1,
+            per: minute,
+        }),
+    };
+    let got = ids(vq.claim(&q2, 10, minute, per_key).await.expect("claim"));
+    assert_eq!(
+        got,
+        vec![k1, l1],
+        "k2 waits for its key's bucket, l1 does not"
+    );
+    assert_eq!(vq.depth(&q2).await.expect("depth").held, 1);
+    let none = ids(vq.claim(&q2, 10, minute, per_key).await.expect("claim"));
+    assert!(none.is_empty(), "still no token for repo-k");
+    // A fast bucket refills: the held job comes back and starts.
+    let fast = Rates {
+        queue: None,
+        per_key: Some(RateLimit {
+            starts: 1,
+            per: Duration::from_millis(50),
+        }),
+    };
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let later = ids(vq.claim(&q2, 10, minute, fast).await.expect("claim"));
+    assert_eq!(later, vec![k2]);
+    assert_eq!(vq.depth(&q2).await.expect("depth").held, 0);
 }

@@ -21,6 +21,21 @@ pub struct AdmissionSettings {
     /// (a kind's `max_per_key` comes first; 1 where neither says).
     #[serde(default)]
     pub max_per_key: std::collections::BTreeMap<String, u32>,
+    /// Per queue, at most `starts` job starts per `per_secs` (e.g. to stay
+    /// under an LLM provider's rate limit); over it, jobs wait.
+    #[serde(default)]
+    pub rate_limits: std::collections::BTreeMap<String, RateSetting>,
+    /// Per queue, the same for each concurrency key of the queue.
+    #[serde(default)]
+    pub key_rate_limits: std::collections::BTreeMap<String, RateSetting>,
+}
+
+/// `{ starts = N, per_secs = W }`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSetting {
+    pub starts: u32,
+    pub per_secs: u64,
 }
 
 /// The admission policy (the "50% rule"): a task whose estimated tokens

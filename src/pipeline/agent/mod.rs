@@ -21,7 +21,7 @@ use crate::job::PayloadError;
 use crate::pipeline::kinds::KindDef;
 use crate::pipeline::{Handler, HandlerFuture, JobContext, JobError};
 
-pub use admission::AdmissionSettings;
+pub use admission::{AdmissionSettings, RateSetting};
 pub use git_host::GitHost;
 pub use host::{HostOptions, SandboxHost};
 pub use lifecycle::NoChanges;

@@ -22,18 +22,59 @@
 --         (absent: no limit)
 -- KEYS[8] halted flag: present while the kill switch is engaged
 -- KEYS[9] ckey hash  KEYS[10] held zset  KEYS[11] heldkeys hash (tag -> limit)
+-- KEYS[12] the queue's token bucket (hash: tokens, ts)
 -- ARGV[1] lease length (ms)
 -- ARGV[2] maximum ids to claim
 -- ARGV[3] maximum delayed ids to promote first
 -- ARGV[4] the queue's key base (`<prefix>:{q:<name>}:`), for the per-tag keys
+-- ARGV[5] the queue's rate limit, `<starts>:<window ms>`, or empty
+-- ARGV[6] each key's rate limit, the same way (`<base>bucket:<tag>`)
 --
--- Returns pairs {id, priority, …}, or -1 (PAUSED) when the queue is paused
--- or halted.
+-- Rate limits are token buckets: <starts> tokens, refilled evenly over the
+-- window; each start takes one. Over the limit, ids wait (the queue's in
+-- pending, a key's held like a full key); nothing fails.
+--
+-- Returns pairs {id, priority, …}, -1 (PAUSED) when the queue is paused
+-- or halted, or -2 (RATE_LIMITED) when its bucket holds no token while ids
+-- wait.
 if redis.call('EXISTS', KEYS[6]) == 1 or redis.call('EXISTS', KEYS[8]) == 1 then
   return -1
 end
 local now = now_ms()
 local base = ARGV[4]
+
+local function rate(spec)
+  if spec == nil or spec == '' then
+    return nil
+  end
+  local colon = string.find(spec, ':', 1, true)
+  return { n = tonumber(string.sub(spec, 1, colon - 1)), ms = tonumber(string.sub(spec, colon + 1)) }
+end
+local queue_rate, key_rate = rate(ARGV[5]), rate(ARGV[6])
+
+-- Tokens in a bucket now (refilled since it was last written).
+local function level(key, r)
+  local b = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens, ts = tonumber(b[1]), tonumber(b[2])
+  if not tokens then
+    return r.n
+  end
+  return math.min(r.n, tokens + math.max(0, now - ts) * r.n / r.ms)
+end
+local function store(key, r, tokens)
+  redis.call('HSET', key, 'tokens', tokens, 'ts', now)
+  redis.call('PEXPIRE', key, r.ms * 2 + 1000)
+end
+-- Per-key buckets touched by this call: tag -> tokens.
+local key_tokens = {}
+local function key_level(tag)
+  local t = key_tokens[tag]
+  if t == nil then
+    t = level(base .. 'bucket:' .. tag, key_rate)
+    key_tokens[tag] = t
+  end
+  return t
+end
 promote_due(KEYS[2], KEYS[1], KEYS[4], KEYS[5], now, tonumber(ARGV[3]))
 
 -- Running ids per tag, counted once per call and kept up to date here.
@@ -61,6 +102,9 @@ local held = redis.call('HGETALL', KEYS[11])
 for i = 1, #held, 2 do
   local tag, limit = held[i], tonumber(held[i + 1])
   local room = limit - count(tag)
+  if key_rate then
+    room = math.min(room, math.floor(key_level(tag)))
+  end
   local tagged = base .. 'held:' .. tag
   if room > 0 then
     local back = redis.call('ZPOPMIN', tagged, room)
@@ -82,6 +126,17 @@ if limit then
     return {}
   end
 end
+local queue_tokens
+if queue_rate then
+  queue_tokens = level(KEYS[12], queue_rate)
+  want = math.min(want, math.floor(queue_tokens))
+  if want <= 0 then
+    if redis.call('ZCARD', KEYS[1]) > 0 then
+      return -2
+    end
+    return {}
+  end
+end
 local deadline = now + tonumber(ARGV[1])
 local out, active = {}, {}
 -- Held ids cost a look each; bound the looks of one call.
@@ -99,7 +154,7 @@ while #out / 2 < want and looks > 0 do
     if ck then
       local tab = string.find(ck, '\t', 1, true)
       local key_limit, tag = tonumber(string.sub(ck, 1, tab - 1)), string.sub(ck, tab + 1)
-      if count(tag) >= key_limit then
+      if count(tag) >= key_limit or (key_rate and key_level(tag) < 1) then
         take = false
         redis.call('ZADD', base .. 'held:' .. tag, score, id)
         redis.call('ZADD', KEYS[10], score, id)
@@ -107,6 +162,9 @@ while #out / 2 < want and looks > 0 do
       else
         running[tag] = running[tag] + 1
         redis.call('ZADD', base .. 'ck:' .. tag, now, id)
+        if key_rate then
+          key_tokens[tag] = key_level(tag) - 1
+        end
       end
     end
     if take then
@@ -119,5 +177,11 @@ while #out / 2 < want and looks > 0 do
 end
 if #active > 0 then
   redis.call('ZADD', KEYS[3], unpack(active))
+end
+if queue_rate then
+  store(KEYS[12], queue_rate, queue_tokens - #active / 2)
+end
+for tag, tokens in pairs(key_tokens) do
+  store(base .. 'bucket:' .. tag, key_rate, tokens)
 end
 return out
