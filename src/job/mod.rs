@@ -354,6 +354,23 @@ pub const PROGRESS_PREFIX: &str = "::progress::";
 /// Longest progress message kept (longer ones are cut at a char boundary).
 pub const MAX_PROGRESS_MESSAGE: usize = 500;
 
+/// The line prefix an agent prints when its provider throttled it:
+/// `::retry-after::<seconds>`.
+pub const RETRY_AFTER_PREFIX: &str = "::retry-after::";
+/// The longest delay an agent may ask for: a day.
+pub const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
+/// Parses `::retry-after::<seconds>` (whole seconds, 1 to a day; more is
+/// cut to a day); `None` for any other line.
+pub fn parse_retry_after(line: &str) -> Option<u64> {
+    let number = line.strip_prefix(RETRY_AFTER_PREFIX)?.trim();
+    if number.is_empty() || number.len() > 9 || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: u64 = number.parse().ok()?;
+    Some(secs.clamp(1, MAX_RETRY_AFTER_SECS))
+}
+
 impl Progress {
     /// Parses `::progress::<0-100> <message>`; `None` for any other line
     /// (a malformed progress line is an ordinary log line).
@@ -418,6 +435,21 @@ mod tests {
     #[test]
     fn progress_lines_parse_and_anything_else_is_a_log_line() {
         let at = Utc::now();
+        assert_eq!(parse_retry_after("::retry-after::30"), Some(30));
+        assert_eq!(parse_retry_after("::retry-after::0"), Some(1));
+        assert_eq!(
+            parse_retry_after("::retry-after::999999999"),
+            Some(MAX_RETRY_AFTER_SECS)
+        );
+        for bad in [
+            "::retry-after::",
+            "::retry-after::-5",
+            "::retry-after::1e9",
+            "::retry-after::12s",
+            "retry-after 5",
+        ] {
+            assert_eq!(parse_retry_after(bad), None, "{bad}");
+        }
         let p = Progress::parse("::progress::42 running the tests", at).expect("progress");
         assert_eq!((p.percent, p.message.as_str()), (42, "running the tests"));
         assert_eq!(

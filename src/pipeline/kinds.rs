@@ -57,6 +57,31 @@ pub struct KindFile {
     /// repository and the branch pushed to) that run at once.
     #[serde(default)]
     pub max_per_key: Option<u32>,
+    /// What a throttled agent (its provider's 429) leads to.
+    #[serde(default)]
+    pub throttle: Throttle,
+}
+
+/// `[throttle]` of a kind: an agent that prints `::retry-after::<seconds>`
+/// and exits non-zero, or exits with `exit_code`, is run again after the
+/// delay it asked for (else `delay_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Throttle {
+    pub exit_code: Option<i64>,
+    pub delay_secs: u64,
+    /// Whether a throttled run uses up an attempt.
+    pub counts_attempt: bool,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            exit_code: None,
+            delay_secs: 60,
+            counts_attempt: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -105,6 +130,7 @@ pub struct KindDef {
     pub gates: GatesFile,
     pub allow_existing_branch: bool,
     pub max_per_key: Option<u32>,
+    pub throttle: Throttle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +204,22 @@ impl KindDef {
         if raw.timeout_secs == 0 || raw.timeout_secs > 86_400 {
             return Err(err(file, "timeout_secs", "must be between 1 and 86400"));
         }
+        if raw.throttle.delay_secs == 0
+            || raw.throttle.delay_secs > crate::job::MAX_RETRY_AFTER_SECS
+        {
+            return Err(err(
+                file,
+                "throttle.delay_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        if raw
+            .throttle
+            .exit_code
+            .is_some_and(|c| !(1..=255).contains(&c))
+        {
+            return Err(err(file, "throttle.exit_code", "must be between 1 and 255"));
+        }
         if raw.max_per_key.is_some_and(|n| n == 0 || n > 10_000) {
             return Err(err(file, "max_per_key", "must be between 1 and 10000"));
         }
@@ -226,6 +268,7 @@ impl KindDef {
             gates: raw.gates,
             allow_existing_branch: raw.allow_existing_branch,
             max_per_key: raw.max_per_key,
+            throttle: raw.throttle,
         })
     }
 

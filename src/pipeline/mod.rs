@@ -143,6 +143,15 @@ pub enum JobError {
         message: String,
         result: serde_json::Value,
     },
+    /// The agent's provider throttled it (`::retry-after::<seconds>`, or
+    /// the kind's throttle exit code): run again after `retry_after`,
+    /// using up the attempt only if the kind says so.
+    #[error("{message}")]
+    Throttled {
+        message: String,
+        retry_after: std::time::Duration,
+        counts_attempt: bool,
+    },
     /// The handler stopped because its cancellation token fired.
     #[error("interrupted")]
     Interrupted,

@@ -94,6 +94,40 @@ impl Finish {
         }
     }
 
+    /// Throttled from outside: due again after `delay`. The attempt is given
+    /// back unless it `counts`; one that counts and was the last is dead.
+    pub fn throttled(
+        id: JobId,
+        lease_id: i64,
+        attempt: u32,
+        retry: &RetryPolicy,
+        delay: std::time::Duration,
+        counts: bool,
+        error: String,
+    ) -> Self {
+        if counts && retry.after_failure(attempt) == RetryDecision::Dead {
+            return Finish::dead(id, lease_id, error);
+        }
+        let run_at =
+            Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        Finish {
+            id,
+            lease_id,
+            to: Status::Scheduled,
+            run_at: Some(run_at),
+            event: "throttled",
+            event_data: serde_json::json!({
+                "error": error,
+                "retry_at": run_at,
+                "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "counts_attempt": counts,
+            }),
+            error: Some(error),
+            result: None,
+            refund_attempt: !counts,
+        }
+    }
+
     /// Straight to the dead-letter state: retrying cannot help.
     pub fn dead(id: JobId, lease_id: i64, error: String) -> Self {
         Finish {

@@ -68,6 +68,22 @@ pub(super) async fn run(
             error,
         )),
         (Err(JobError::Fatal(error)), _) => Some(Finish::dead(job.id, job.lease_id, error)),
+        (
+            Err(JobError::Throttled {
+                message,
+                retry_after,
+                counts_attempt,
+            }),
+            _,
+        ) => Some(Finish::throttled(
+            job.id,
+            job.lease_id,
+            job.attempt,
+            &job.retry,
+            retry_after,
+            counts_attempt,
+            message,
+        )),
         (Err(JobError::FailedWith { message, result }), _) => {
             let mut finish = Finish::failed(job.id, job.lease_id, job.attempt, &job.retry, message);
             finish.result = Some(result);

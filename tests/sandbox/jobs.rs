@@ -18,6 +18,11 @@ fn workers_dir() -> tempfile::TempDir {
     for (kind, extra) in [
         ("script-agent", ""),
         ("secret-agent", "secrets = [\"ORCH_TEST_AGENT_KEY\"]\n"),
+        ("throttled-agent", "[throttle]\ndelay_secs = 1\n"),
+        (
+            "counted-agent",
+            "[throttle]\nexit_code = 75\ndelay_secs = 1\ncounts_attempt = true\n",
+        ),
     ] {
         let path = dir.path().join(kind);
         std::fs::create_dir_all(&path).expect("mkdir");
@@ -365,4 +370,71 @@ async fn cancelling_a_running_agent_stops_and_removes_its_sandbox() {
     let last = events.last().expect("events");
     assert_eq!(last.kind, "cancelled");
     assert_eq!(last.data["requested_by"], "operator");
+}
+
+#[tokio::test]
+async fn a_throttled_agent_runs_again_after_its_delay_and_uses_attempts_only_if_the_kind_says() {
+    let dir = workers_dir();
+    let env = env_with_kinds(&dir).await;
+    let q = unique_queue();
+    let mut asks = request(
+        "throttled-agent",
+        &q,
+        json!({ "script": "echo '::retry-after::1'; exit 1" }),
+    );
+    asks.max_attempts = Some(1);
+    let mut counted = request("counted-agent", &q, json!({ "script": "exit 75" }));
+    counted.max_attempts = Some(2);
+    let jobs = env.enqueue(vec![asks, counted]).await;
+    let pool = env.start_pool(env.pool_config(&q, 2));
+    // The counted one: throttled once (by its exit code, after the kind's
+    // delay), then its second and last attempt is spent: dead.
+    let done = env
+        .wait_terminal(&[jobs[1].id], Duration::from_secs(60))
+        .await;
+    assert_eq!(done[0].status, Status::Dead, "{:?}", done[0].last_error);
+    let trail = events(&env, jobs[1].id).await;
+    let throttled: Vec<_> = trail.iter().filter(|e| e.kind == "throttled").collect();
+    assert_eq!(throttled.len(), 1, "{trail:?}");
+    assert_eq!(throttled[0].data["delay_ms"], 1000);
+    assert_eq!(throttled[0].data["counts_attempt"], true);
+    let retry_at: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(throttled[0].data["retry_at"].clone()).expect("retry_at");
+    let second_start = trail
+        .iter()
+        .filter(|e| e.kind == "started")
+        .nth(1)
+        .expect("a second start");
+    assert!(second_start.at >= retry_at, "ran again before its delay");
+
+    // The one that asks: with one attempt, a failure would be dead at once;
+    // throttled, it keeps its attempt and runs again, and again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let trail = events(&env, jobs[0].id).await;
+        if trail.iter().filter(|e| e.kind == "throttled").count() >= 2 {
+            assert!(trail.iter().all(|e| e.kind != "dead"));
+            assert!(
+                trail
+                    .iter()
+                    .filter(|e| e.kind == "throttled")
+                    .all(|e| e.data["delay_ms"] == 1000 && e.data["counts_attempt"] == false),
+                "{trail:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not throttled twice: {trail:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = env.job(jobs[0].id).await;
+    assert!(job.attempt <= 1, "attempts used: {}", job.attempt);
+    assert!(!job.status.is_terminal());
+    env.app
+        .cancel(jobs[0].id, "test", "enough")
+        .await
+        .expect("cancel");
+    pool.shutdown().await;
 }

@@ -256,8 +256,21 @@ pub(super) fn outcome_result(
         "duration_ms": u64::try_from(finished.duration.as_millis()).unwrap_or(u64::MAX),
         "log": log,
     });
+    let asked = result["log"]["retry_after_secs"].as_u64();
     match finished.outcome {
         Outcome::Exited { code: 0 } => Ok(result),
+        Outcome::Exited { code }
+            if asked.is_some() || def.throttle.exit_code == Some(i64::from(code)) =>
+        {
+            let secs = asked.unwrap_or(def.throttle.delay_secs);
+            Err(JobError::Throttled {
+                message: format!(
+                    "the agent was throttled (exit code {code}); it runs again in {secs}s"
+                ),
+                retry_after: Duration::from_secs(secs),
+                counts_attempt: def.throttle.counts_attempt,
+            })
+        }
         Outcome::Exited { code } => Err(JobError::Failed(format!(
             "the script exited with code {code}"
         ))),
@@ -284,11 +297,16 @@ async fn write_logs(
     let mut batch: Vec<(&'static str, Value)> = Vec::new();
     let mut ticker = tokio::time::interval(LOG_FLUSH);
     let mut progress = Coalesced::default();
+    let mut retry_after = None;
     loop {
         tokio::select! {
             line = rx.recv() => match line {
                 Some(mut line) => {
                     host.redact(&mut line);
+                    // `::retry-after::<seconds>`: the agent was throttled.
+                    if let Some(secs) = crate::job::parse_retry_after(&line.text) {
+                        retry_after = Some(secs);
+                    }
                     // `::progress::<0-100> <message>` is progress, not a log line.
                     if let Some(p) = Progress::parse(&line.text, chrono::Utc::now()) {
                         progress.latest = Some(p);
@@ -326,6 +344,7 @@ async fn write_logs(
     json!({
         "emitted_bytes": summary.emitted_bytes,
         "dropped_bytes": summary.dropped_bytes,
+        "retry_after_secs": retry_after,
         "progress_lines": progress.lines,
         "progress_bytes": progress.bytes,
     })
