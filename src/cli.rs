@@ -131,6 +131,9 @@ struct EnqueueArgs {
     /// How long the unique key holds.
     #[arg(long, requires = "unique_key")]
     unique_for_secs: Option<i64>,
+    /// Jobs sharing this key run at most max_per_key at once.
+    #[arg(long)]
+    concurrency_key: Option<String>,
     /// Wait until the job is finished, then print it.
     #[arg(long)]
     wait: bool,
@@ -585,6 +588,7 @@ async fn enqueue(settings: Settings, args: EnqueueArgs) -> anyhow::Result<()> {
             for_secs: args.unique_for_secs,
             states: None,
         }),
+        concurrency_key: args.concurrency_key,
         ..JobRequest::default()
     };
     let jobs = app.validate(vec![request], CLI_ACTOR)?;

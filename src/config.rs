@@ -105,6 +105,8 @@ pub struct RetentionSettings {
     pub batch: u32,
     /// How often a replica looks for jobs to prune.
     pub interval_ms: u64,
+    /// The pause between full batches while a backlog is pruned.
+    pub batch_pause_ms: u64,
 }
 
 impl RetentionSettings {
@@ -120,6 +122,7 @@ impl RetentionSettings {
             dead: keep(self.dead_secs),
             batch: self.batch.max(1),
             max_batches: 100,
+            batch_pause: Duration::from_millis(self.batch_pause_ms),
             interval: Duration::from_millis(self.interval_ms.max(1)),
         })
     }

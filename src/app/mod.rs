@@ -291,39 +291,15 @@ impl App {
                     && job.idempotency_key == requested.idempotency_key
             })
             .find_map(|(index, ((job, _), requested))| check_replay(index, requested, job).err());
-        let mut by_queue: BTreeMap<&QueueName, Vec<IndexEntry>> = BTreeMap::new();
-        let mut keyed: BTreeMap<&QueueName, Vec<(JobId, u32, &str)>> = BTreeMap::new();
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for (job, created) in &stored {
-            if !created {
-                continue;
-            }
-            if let (Some(key), Some(limit)) = (&job.concurrency_key, job.concurrency_limit) {
-                keyed
-                    .entry(&job.queue)
-                    .or_default()
-                    .push((job.id, limit, key.as_str()));
-            }
+        for (job, _) in stored.iter().filter(|(_, created)| *created) {
             *counts
                 .entry((job.queue.as_str(), job.kind.as_str()))
                 .or_default() += 1;
-            by_queue.entry(&job.queue).or_default().push(IndexEntry {
-                id: job.id,
-                priority: job.priority,
-                due_ms: (job.status == Status::Scheduled).then(|| job.run_at.timestamp_millis()),
-            });
         }
-        for (queue, entries) in by_queue {
-            let keys = keyed.remove(queue).unwrap_or_default();
-            let indexed = async {
-                self.queue.register_queues(&[queue]).await?;
-                // Keys first: no claim may see a keyed id without its key.
-                self.queue.set_concurrency(queue, &keys).await?;
-                self.queue.enqueue(queue, &entries).await
-            };
-            if let Err(err) = indexed.await {
-                tracing::warn!(queue = %queue, error = %err, jobs = entries.len(), "jobs stored but not yet indexed; the reconciler will index them");
-            }
+        let created = stored.iter().filter(|(_, c)| *c).map(|(job, _)| job);
+        for (queue, jobs, err) in self.queue.index_jobs(created).await {
+            tracing::warn!(queue = %queue, error = %err, jobs, "jobs stored but not yet indexed; the reconciler will index them");
         }
         for ((queue, kind), n) in counts {
             metrics::counter!(m::JOBS_ENQUEUED, "queue" => queue.to_owned(), "kind" => kind.to_owned()).increment(n);

@@ -313,6 +313,13 @@ pub(crate) async fn remove_queue(app: &App, queue: &QueueName) -> Result<(), Ben
     Ok(())
 }
 
+/// The middle of the samples (the upper one of an even count); 0 for none.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Rounded to two decimals, for reports.
 pub fn round(v: f64) -> f64 {
     (v * 100.0).round() / 100.0

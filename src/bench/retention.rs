@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{round, BenchError, BenchOptions};
+use super::{median, round, BenchError, BenchOptions};
 use crate::app::App;
 use crate::app::RetentionConfig;
 use crate::config::Settings;
@@ -33,12 +33,6 @@ pub struct RetentionBench {
     pub pruned_events: u64,
     /// Jobs pruned per second while a round ran.
     pub pruned_jobs_per_s: f64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Writes `n` succeeded jobs of `queue` that finished two days ago, with
@@ -81,6 +75,9 @@ pub async fn run(
     rounds: usize,
     seeded: u64,
 ) -> Result<RetentionBench, BenchError> {
+    // The measured pruner paces itself as the service would.
+    let batch_pause = Duration::from_millis(settings.retention.batch_pause_ms);
+    let batch = settings.retention.batch.max(1);
     settings.retention.succeeded_secs = 0;
     settings.retention.cancelled_secs = 0;
     settings.retention.dead_secs = 0;
@@ -96,8 +93,9 @@ pub async fn run(
         succeeded: Some(Duration::from_secs(86400)),
         cancelled: None,
         dead: None,
-        batch: 500,
+        batch,
         max_batches: 1,
+        batch_pause,
         interval: Duration::from_millis(1),
     };
     let mut report = RetentionBench {
@@ -170,6 +168,7 @@ pub async fn run(
     let all = RetentionConfig {
         max_batches: u32::MAX,
         batch: 5000,
+        batch_pause: Duration::ZERO,
         ..cfg
     };
     app.prune_finished_jobs(&all).await?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{round, BenchError, BenchOptions};
+use super::{median, round, BenchError, BenchOptions};
 use crate::app::App;
 use crate::config::Settings;
 use crate::job::{WebhookRequest, JOB_WEBHOOK_EVENTS};
@@ -34,16 +34,6 @@ pub struct WebhookBench {
     pub backlog_at_drain: Vec<i64>,
     /// From then until the outbox was empty, seconds.
     pub outbox_empty_after_s: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        0.0
-    } else {
-        s[s.len() / 2]
-    }
 }
 
 async fn undelivered(app: &App) -> Result<i64, BenchError> {

@@ -18,6 +18,10 @@ pub struct RetentionConfig {
     pub batch: u32,
     /// Most batches per status in one pass (the next pass goes on).
     pub max_batches: u32,
+    /// The pause after each full batch, so pruning a backlog leaves
+    /// Postgres to the queue (measured: flat out, it cost a no-op burst on
+    /// two cores 20% of its throughput).
+    pub batch_pause: Duration,
     pub interval: Duration,
 }
 
@@ -61,6 +65,7 @@ pub async fn prune(store: &Store, cfg: &RetentionConfig) -> Result<PruneCounts, 
             if jobs < u64::from(cfg.batch) {
                 break;
             }
+            tokio::time::sleep(cfg.batch_pause).await;
         }
     }
     if counts.jobs > 0 {

@@ -4,16 +4,14 @@
 //! jobs are indexed in Valkey after the commit, as every enqueue is; should
 //! that fail, the reconciler indexes them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use super::{Maintenance, MaintenanceError};
-use crate::job::{NewJob, QueueName, Schedule, Status};
+use crate::job::{NewJob, Schedule};
 use crate::metrics as m;
-use crate::queue::IndexEntry;
 
 /// Makes the job of a schedule's tick (the application validates the
 /// template against the kinds it knows); `Err` says why it cannot.
@@ -65,32 +63,11 @@ impl Maintenance {
             return Ok(0);
         }
         metrics::counter!(m::SCHEDULE_TICKS, "outcome" => "enqueued").increment(n as u64);
-        let mut by_queue: BTreeMap<&QueueName, Vec<IndexEntry>> = BTreeMap::new();
-        let mut keyed: BTreeMap<&QueueName, Vec<(crate::job::JobId, u32, &str)>> = BTreeMap::new();
         for job in &run.enqueued {
-            if let (Some(key), Some(limit)) = (&job.concurrency_key, job.concurrency_limit) {
-                keyed
-                    .entry(&job.queue)
-                    .or_default()
-                    .push((job.id, limit, key.as_str()));
-            }
             tracing::info!(job.id = %job.id, schedule.id = ?job.schedule_id, tick = ?job.scheduled_for, "schedule enqueued a job");
-            by_queue.entry(&job.queue).or_default().push(IndexEntry {
-                id: job.id,
-                priority: job.priority,
-                due_ms: (job.status == Status::Scheduled).then(|| job.run_at.timestamp_millis()),
-            });
         }
-        for (queue, entries) in by_queue {
-            let keys = keyed.remove(queue).unwrap_or_default();
-            let indexed = async {
-                self.valkey.register_queues(&[queue]).await?;
-                self.valkey.set_concurrency(queue, &keys).await?;
-                self.valkey.enqueue(queue, &entries).await
-            };
-            if let Err(err) = indexed.await {
-                tracing::warn!(queue = %queue, error = %err, "scheduled jobs stored but not yet indexed; the reconciler will index them");
-            }
+        for (queue, jobs, err) in self.valkey.index_jobs(&run.enqueued).await {
+            tracing::warn!(queue = %queue, error = %err, jobs, "scheduled jobs stored but not yet indexed; the reconciler will index them");
         }
         Ok(n)
     }

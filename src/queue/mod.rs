@@ -211,6 +211,45 @@ impl ValkeyQueue {
         Ok(placed)
     }
 
+    /// Indexes jobs Postgres has just stored, queue by queue: the queue
+    /// registered, their concurrency keys set first (no claim may see a
+    /// keyed id without its key), then the ids. Returns the queues whose
+    /// indexing failed, with how many jobs and why; Postgres holds those
+    /// jobs, and the reconciler indexes them.
+    pub async fn index_jobs<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = &'a crate::job::Job>,
+    ) -> Vec<(QueueName, usize, QueueError)> {
+        let mut by_queue: std::collections::BTreeMap<
+            &QueueName,
+            (Vec<IndexEntry>, Vec<(JobId, u32, &str)>),
+        > = std::collections::BTreeMap::new();
+        for job in jobs {
+            let (entries, keys) = by_queue.entry(&job.queue).or_default();
+            if let (Some(key), Some(limit)) = (&job.concurrency_key, job.concurrency_limit) {
+                keys.push((job.id, limit, key.as_str()));
+            }
+            entries.push(IndexEntry {
+                id: job.id,
+                priority: job.priority,
+                due_ms: (job.status == crate::job::Status::Scheduled)
+                    .then(|| job.run_at.timestamp_millis()),
+            });
+        }
+        let mut failed = Vec::new();
+        for (queue, (entries, keys)) in by_queue {
+            let indexed = async {
+                self.register_queues(&[queue]).await?;
+                self.set_concurrency(queue, &keys).await?;
+                self.enqueue(queue, &entries).await
+            };
+            if let Err(err) = indexed.await {
+                failed.push((queue.clone(), entries.len(), err));
+            }
+        }
+        failed
+    }
+
     /// Gives ids their concurrency key (`limit` ids of one key run at
     /// once): call before they are indexed, so no claim sees them without
     /// it. Entries are (id, limit, key).

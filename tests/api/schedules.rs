@@ -212,6 +212,37 @@ async fn a_unique_duplicate_answers_200_with_the_existing_job_and_says_so() {
         .await;
         assert_eq!(p["field"], field, "{unique}: {p}");
     }
+    for (key, why) in [
+        (json!(""), "empty"),
+        (json!("a\u{1b}[31m"), "control"),
+        (json!("k".repeat(1025)), "long"),
+        (json!(7), "number"),
+    ] {
+        let r = api
+            .post_json(
+                "/v1/jobs",
+                ENQUEUE,
+                json!({ "kind": "noop", "queue": q, "concurrency_key": key }),
+            )
+            .await;
+        assert!(
+            matches!(r.status().as_u16(), 400 | 422),
+            "{why}: {}",
+            r.status()
+        );
+    }
+    let (status, keyed) = body_of(
+        api.post_json(
+            "/v1/jobs",
+            ENQUEUE,
+            json!({ "kind": "noop", "queue": q, "concurrency_key": "repo#main" }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(keyed["concurrency_key"], "repo#main");
+    assert_eq!(keyed["concurrency_limit"], 1);
     // One key twice in a batch: refused, nothing stored.
     let batch = json!({ "jobs": [
         { "kind": "noop", "queue": q, "unique": { "key": "twice" } },
