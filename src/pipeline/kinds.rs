@@ -57,9 +57,11 @@ pub struct KindFile {
     /// repository and the branch pushed to) that run at once.
     #[serde(default)]
     pub max_per_key: Option<u32>,
-    /// What a throttled agent (its provider's 429) leads to.
+    /// What a throttled agent (its provider's 429) leads to. Without it,
+    /// `::retry-after::` lines are ignored: an agent's output is data, and
+    /// only a kind that asks for it lets that output reschedule a job.
     #[serde(default)]
-    pub throttle: Throttle,
+    pub throttle: Option<Throttle>,
 }
 
 /// `[throttle]` of a kind: an agent that prints `::retry-after::<seconds>`
@@ -130,7 +132,7 @@ pub struct KindDef {
     pub gates: GatesFile,
     pub allow_existing_branch: bool,
     pub max_per_key: Option<u32>,
-    pub throttle: Throttle,
+    pub throttle: Option<Throttle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,20 +206,15 @@ impl KindDef {
         if raw.timeout_secs == 0 || raw.timeout_secs > 86_400 {
             return Err(err(file, "timeout_secs", "must be between 1 and 86400"));
         }
-        if raw.throttle.delay_secs == 0
-            || raw.throttle.delay_secs > crate::job::MAX_RETRY_AFTER_SECS
-        {
+        let throttle = raw.throttle.unwrap_or_default();
+        if throttle.delay_secs == 0 || throttle.delay_secs > crate::job::MAX_RETRY_AFTER_SECS {
             return Err(err(
                 file,
                 "throttle.delay_secs",
                 "must be between 1 and 86400",
             ));
         }
-        if raw
-            .throttle
-            .exit_code
-            .is_some_and(|c| !(1..=255).contains(&c))
-        {
+        if throttle.exit_code.is_some_and(|c| !(1..=255).contains(&c)) {
             return Err(err(file, "throttle.exit_code", "must be between 1 and 255"));
         }
         if raw.max_per_key.is_some_and(|n| n == 0 || n > 10_000) {

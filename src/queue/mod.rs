@@ -220,10 +220,9 @@ impl ValkeyQueue {
         &self,
         jobs: impl IntoIterator<Item = &'a crate::job::Job>,
     ) -> Vec<(QueueName, usize, QueueError)> {
-        let mut by_queue: std::collections::BTreeMap<
-            &QueueName,
-            (Vec<IndexEntry>, Vec<(JobId, u32, &str)>),
-        > = std::collections::BTreeMap::new();
+        type Batch<'j> = (Vec<IndexEntry>, Vec<(JobId, u32, &'j str)>);
+        let mut by_queue: std::collections::BTreeMap<&QueueName, Batch<'a>> =
+            std::collections::BTreeMap::new();
         for job in jobs {
             let (entries, keys) = by_queue.entry(&job.queue).or_default();
             if let (Some(key), Some(limit)) = (&job.concurrency_key, job.concurrency_limit) {
@@ -414,41 +413,36 @@ impl ValkeyQueue {
     /// Releases the leases of finished jobs. Call only after Postgres committed.
     pub async fn ack(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
         let k = self.keys.queue(queue);
-        self.call_with_ids(&self.scripts.ack, &[&k.active, &k.ckey], ids)
+        self.call_with_ids(&self.scripts.ack, &[&k.active, &k.ckey], &k.base, ids)
             .await
     }
 
     /// Removes every trace of ids (finished, cancelled or unknown jobs).
     pub async fn forget(&self, queue: &QueueName, ids: &[JobId]) -> Result<(), QueueError> {
         let k = self.keys.queue(queue);
-        let mut conn = self.conn.clone();
-        for chunk in ids.chunks(CHUNK) {
-            let mut args = Vec::with_capacity(chunk.len() + 1);
-            args.push(k.base.clone());
-            args.extend(chunk.iter().map(|id| id.to_string()));
-            let _: u64 = self
-                .scripts
-                .forget
-                .call(
-                    &mut conn,
-                    &[&k.pending, &k.delayed, &k.active, &k.prio, &k.ckey, &k.held],
-                    &args,
-                )
-                .await?;
-        }
-        Ok(())
+        self.call_with_ids(
+            &self.scripts.forget,
+            &[&k.pending, &k.delayed, &k.active, &k.prio, &k.ckey, &k.held],
+            &k.base,
+            ids,
+        )
+        .await
     }
 
-    /// Calls a script whose arguments are ids, in chunks.
+    /// Calls a script whose arguments are the queue's key base, then ids,
+    /// in chunks.
     async fn call_with_ids(
         &self,
         script: &scripts::LuaScript,
         keys: &[&str],
+        base: &str,
         ids: &[JobId],
     ) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         for chunk in ids.chunks(CHUNK) {
-            let args: Vec<String> = chunk.iter().map(|id| id.to_string()).collect();
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push(base.to_owned());
+            args.extend(chunk.iter().map(|id| id.to_string()));
             let _: u64 = script.call(&mut conn, keys, &args).await?;
         }
         Ok(())

@@ -593,6 +593,17 @@ impl Store {
     }
 
     /// A job's audit trail in order, optionally only events after `after_id`.
+    /// How many events of type `kind` a job's trail holds.
+    pub async fn event_count(&self, id: JobId, kind: &str) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM job_events WHERE job_id = $1 AND type = $2")
+                .bind(id.0)
+                .bind(kind)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn job_events(
         &self,
         id: JobId,
@@ -620,13 +631,14 @@ impl Store {
         rows.into_iter().map(IndexState::try_from).collect()
     }
 
-    /// Running jobs with a concurrency key and a live lease, for putting
-    /// them back first after Valkey lost its data.
+    /// Running jobs with a concurrency key, for putting them back first
+    /// after Valkey lost its data (those whose lease ran out get their key
+    /// only, for the retry the reaper gives them).
     pub async fn running_keyed_jobs(&self) -> Result<Vec<IndexState>, StoreError> {
         let sql = format!(
             "SELECT {INDEX_COLUMNS} FROM jobs
              WHERE finished_at IS NULL AND status = 'running'
-               AND concurrency_key IS NOT NULL AND lease_expires_at > now()"
+               AND concurrency_key IS NOT NULL"
         );
         let rows: Vec<IndexRow> = sqlx::query_as(&sql).fetch_all(&self.pool).await?;
         rows.into_iter().map(IndexState::try_from).collect()

@@ -4,6 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Throttles that give their attempt back, per job; later ones use one up.
+const MAX_FREE_THROTTLES: i64 = 20;
+
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -75,15 +78,25 @@ pub(super) async fn run(
                 counts_attempt,
             }),
             _,
-        ) => Some(Finish::throttled(
-            job.id,
-            job.lease_id,
-            job.attempt,
-            &job.retry,
-            retry_after,
-            counts_attempt,
-            message,
-        )),
+        ) => {
+            // An agent's output asked for this: after MAX_FREE_THROTTLES
+            // free ones, throttles use up attempts, so no agent keeps its
+            // job alive for ever. (Unreadable: counted, failing closed.)
+            let earlier = shared
+                .store
+                .event_count(job.id, "throttled")
+                .await
+                .unwrap_or(MAX_FREE_THROTTLES);
+            Some(Finish::throttled(
+                job.id,
+                job.lease_id,
+                job.attempt,
+                &job.retry,
+                retry_after,
+                counts_attempt || earlier >= MAX_FREE_THROTTLES,
+                message,
+            ))
+        }
         (Err(JobError::FailedWith { message, result }), _) => {
             let mut finish = Finish::failed(job.id, job.lease_id, job.attempt, &job.retry, message);
             finish.result = Some(result);

@@ -427,15 +427,13 @@ async fn a_concurrency_key_never_runs_twice_at_once_across_prefetching_workers()
         concurrency_key: Some(key.to_owned()),
         ..request("sleep", &q, json!({ "ms": 150 }))
     };
-    // Two keys of eight jobs each, interleaved with sixteen jobs without a
-    // key, all at one priority: a held key must not block those behind it.
+    // Eight jobs of key a first, then eight of key b, then sixteen without
+    // a key, all at one priority: a's held jobs must not block what is
+    // behind them.
     let mut requests = Vec::new();
-    for _ in 0..8 {
-        requests.push(keyed("https://example.test/a.git#main"));
-        requests.push(keyed("https://example.test/b.git#main"));
-        requests.push(request("sleep", &q, json!({ "ms": 150 })));
-        requests.push(request("sleep", &q, json!({ "ms": 150 })));
-    }
+    requests.extend((0..8).map(|_| keyed("https://example.test/a.git#main")));
+    requests.extend((0..8).map(|_| keyed("https://example.test/b.git#main")));
+    requests.extend((0..16).map(|_| request("sleep", &q, json!({ "ms": 150 }))));
     let jobs = env.enqueue(requests).await;
     assert_eq!(
         jobs[0].concurrency_key.as_deref(),
@@ -510,8 +508,14 @@ async fn a_concurrency_key_never_runs_twice_at_once_across_prefetching_workers()
         a.iter().any(|x| b.iter().any(|y| overlapping(x, y))),
         "the two keys never ran at once"
     );
+    // FIFO without holds would start nothing of b or of the free jobs
+    // before a's seven other jobs: they started while a's second waited.
+    let a_second = a[1].0;
+    let first_b = b.iter().map(|s| s.0).min().expect("b");
+    let first_free = free.iter().map(|s| s.0).min().expect("free");
+    assert!(first_b < a_second, "key b waited behind key a's held jobs");
     assert!(
-        a.iter().any(|x| free.iter().any(|y| overlapping(x, y))),
-        "jobs without a key waited behind a held key"
+        first_free < a_second,
+        "jobs without a key waited behind key a"
     );
 }

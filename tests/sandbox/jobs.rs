@@ -385,7 +385,14 @@ async fn a_throttled_agent_runs_again_after_its_delay_and_uses_attempts_only_if_
     asks.max_attempts = Some(1);
     let mut counted = request("counted-agent", &q, json!({ "script": "exit 75" }));
     counted.max_attempts = Some(2);
-    let jobs = env.enqueue(vec![asks, counted]).await;
+    // A kind without [throttle] ignores the line: its output is data.
+    let mut plain = request(
+        "script-agent",
+        &q,
+        json!({ "script": "echo '::retry-after::1'; exit 1" }),
+    );
+    plain.max_attempts = Some(1);
+    let jobs = env.enqueue(vec![asks, counted, plain]).await;
     let pool = env.start_pool(env.pool_config(&q, 2));
     // The counted one: throttled once (by its exit code, after the kind's
     // delay), then its second and last attempt is spent: dead.
@@ -429,9 +436,27 @@ async fn a_throttled_agent_runs_again_after_its_delay_and_uses_attempts_only_if_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every run was attempt 1: each throttle gave its attempt back.
+    let starts: Vec<_> = events(&env, jobs[0].id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "started")
+        .map(|e| e.data["attempt"].clone())
+        .collect();
+    assert!(
+        starts.len() >= 2 && starts.iter().all(|a| a == 1),
+        "{starts:?}"
+    );
     let job = env.job(jobs[0].id).await;
-    assert!(job.attempt <= 1, "attempts used: {}", job.attempt);
     assert!(!job.status.is_terminal());
+    let plain = env
+        .wait_terminal(&[jobs[2].id], Duration::from_secs(60))
+        .await;
+    assert_eq!(plain[0].status, Status::Dead, "{:?}", plain[0].last_error);
+    assert!(events(&env, jobs[2].id)
+        .await
+        .iter()
+        .all(|e| e.kind != "throttled"));
     env.app
         .cancel(jobs[0].id, "test", "enough")
         .await

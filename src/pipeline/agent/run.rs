@@ -257,18 +257,22 @@ pub(super) fn outcome_result(
         "log": log,
     });
     let asked = result["log"]["retry_after_secs"].as_u64();
+    let throttled = |code: i64| {
+        def.throttle
+            .filter(|t| asked.is_some() || t.exit_code == Some(code))
+    };
     match finished.outcome {
         Outcome::Exited { code: 0 } => Ok(result),
-        Outcome::Exited { code }
-            if asked.is_some() || def.throttle.exit_code == Some(i64::from(code)) =>
-        {
-            let secs = asked.unwrap_or(def.throttle.delay_secs);
+        Outcome::Exited { code } if throttled(code).is_some() => {
+            let t = throttled(code).unwrap_or_default();
+            // What the agent asked for, but never less than the kind's delay.
+            let secs = asked.unwrap_or(t.delay_secs).max(t.delay_secs);
             Err(JobError::Throttled {
                 message: format!(
                     "the agent was throttled (exit code {code}); it runs again in {secs}s"
                 ),
                 retry_after: Duration::from_secs(secs),
-                counts_attempt: def.throttle.counts_attempt,
+                counts_attempt: t.counts_attempt,
             })
         }
         Outcome::Exited { code } => Err(JobError::Failed(format!(

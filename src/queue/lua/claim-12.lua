@@ -151,9 +151,15 @@ while #out / 2 < want and looks > 0 do
     looks = looks - 1
     local take = true
     local ck = redis.call('HGET', KEYS[9], id)
-    if ck then
-      local tab = string.find(ck, '\t', 1, true)
-      local key_limit, tag = tonumber(string.sub(ck, 1, tab - 1)), string.sub(ck, tab + 1)
+    local tab = ck and string.find(ck, '\t', 1, true)
+    local key_limit = tab and tonumber(string.sub(ck, 1, tab - 1))
+    if ck and not key_limit then
+      -- Not written by set_concurrency: dropped rather than let it stop
+      -- the queue (the reconciler writes it again from Postgres).
+      redis.call('HDEL', KEYS[9], id)
+    end
+    if key_limit then
+      local tag = string.sub(ck, tab + 1)
       if count(tag) >= key_limit or (key_rate and key_level(tag) < 1) then
         take = false
         redis.call('ZADD', base .. 'held:' .. tag, score, id)

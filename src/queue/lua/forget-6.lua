@@ -20,9 +20,11 @@ n = n + redis.call('ZREM', KEYS[3], unpack(ids))
 redis.call('HDEL', KEYS[4], unpack(ids))
 local cks = redis.call('HMGET', KEYS[5], unpack(ids))
 for i, ck in ipairs(cks) do
-  if ck then
-    local tab = string.find(ck, '\t', 1, true)
-    redis.call('ZREM', ARGV[1] .. 'held:' .. string.sub(ck, tab + 1), ids[i])
+  local tab = ck and string.find(ck, '\t', 1, true)
+  if tab then
+    local tag = string.sub(ck, tab + 1)
+    redis.call('ZREM', ARGV[1] .. 'held:' .. tag, ids[i])
+    redis.call('ZREM', ARGV[1] .. 'ck:' .. tag, ids[i])
   end
 end
 n = n + redis.call('ZREM', KEYS[6], unpack(ids))

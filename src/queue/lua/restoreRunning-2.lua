@@ -4,18 +4,21 @@
 --
 -- KEYS[1] active  KEYS[2] ckey
 -- ARGV[1] the queue's key base, for the per-tag running sets
--- ARGV[2..] quadruples: id, lease deadline (ms), limit, tag
+-- ARGV[2..] quadruples: id, lease deadline (ms), limit, tag. An id whose
+-- lease ran out gets its key only: the reaper retries it, with its key.
 --
 -- Returns the number of ids restored.
 local now = now_ms()
 local n = 0
 for i = 2, #ARGV, 4 do
   local id, deadline, limit, tag = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if not redis.call('ZSCORE', KEYS[1], id) then
-    redis.call('ZADD', KEYS[1], deadline, id)
-  end
   redis.call('HSET', KEYS[2], id, limit .. '\t' .. tag)
-  redis.call('ZADD', ARGV[1] .. 'ck:' .. tag, now, id)
+  if tonumber(deadline) > now then
+    if not redis.call('ZSCORE', KEYS[1], id) then
+      redis.call('ZADD', KEYS[1], deadline, id)
+    end
+    redis.call('ZADD', ARGV[1] .. 'ck:' .. tag, now, id)
+  end
   n = n + 1
 end
 return n
