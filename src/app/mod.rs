@@ -261,7 +261,7 @@ impl App {
 
     /// Writes jobs to Postgres (committed), then indexes them in Valkey.
     /// Returns each job with whether it was created (false: an idempotent
-    /// replay). Should indexing fail, the jobs are still safe: the
+    /// replay, or the job holding its `unique` key). Should indexing fail, the jobs are still safe: the
     /// reconciler indexes them on its next pass.
     ///
     /// Idempotency keys are checked first, for every front end alike: a key
