@@ -23,6 +23,10 @@ ALTER TABLE jobs
 -- enqueue (of such jobs only: partial) and never a claim's HOT update.
 CREATE INDEX jobs_unique_key_idx ON jobs (unique_key, created_at)
     WHERE unique_key IS NOT NULL;
+-- The claim counts a key's running jobs (see over_key_limits): only
+-- unfinished keyed jobs are in it, and a claim changes none of its columns.
+CREATE INDEX jobs_concurrency_key_idx ON jobs (concurrency_key)
+    WHERE concurrency_key IS NOT NULL AND finished_at IS NULL;
 -- Exactly one job per schedule and tick, whatever the replicas do: the
 -- scheduler's row lock decides who enqueues a tick, this index makes a
 -- second job for it impossible.

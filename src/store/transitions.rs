@@ -269,6 +269,62 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Which of `ids` have a concurrency key already at its limit in
+/// Postgres: the claim leaves them (they go back to wait). Valkey's claim
+/// script holds them first; this is what still holds after Valkey lost its
+/// running sets, until the reconciler restores them. The keys are locked
+/// for the claim's transaction (in key order), so two claims cannot both
+/// take a key's last slot; only batches with keyed ids pay for it.
+async fn over_key_limits(
+    tx: &mut sqlx::PgConnection,
+    ids: &[JobId],
+) -> Result<HashSet<Uuid>, StoreError> {
+    let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+    let keyed: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT id, concurrency_key, concurrency_limit FROM jobs
+         WHERE id = ANY($1) AND concurrency_key IS NOT NULL ORDER BY id",
+    )
+    .bind(&uuids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut over = HashSet::new();
+    if keyed.is_empty() {
+        return Ok(over);
+    }
+    let mut keys: Vec<&str> = keyed.iter().map(|(_, k, _)| k.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('orchestrator.ckey:' || k, 0))
+         FROM UNNEST($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+    )
+    .bind(&keys)
+    .execute(&mut *tx)
+    .await?;
+    // A new statement after the locks: it sees every claim committed
+    // before them.
+    let running: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT concurrency_key, count(*) FROM jobs
+         WHERE concurrency_key = ANY($1) AND finished_at IS NULL
+           AND status = 'running' AND lease_expires_at > now()
+         GROUP BY concurrency_key",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut taken: std::collections::HashMap<&str, i64> =
+        running.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    for (id, key, limit) in &keyed {
+        let n = taken.entry(key.as_str()).or_default();
+        if *n >= i64::from(*limit) {
+            over.insert(*id);
+        } else {
+            *n += 1;
+        }
+    }
+    Ok(over)
+}
+
 impl Store {
     /// Starts the given jobs under a new lease for `worker_id`: `queued` (or
     /// due `scheduled`) → `running`, `attempt` and `lease_id` incremented, one
@@ -282,7 +338,13 @@ impl Store {
         if ids.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let uuids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let mut tx = self.pool.begin().await?;
+        let over = over_key_limits(&mut tx, ids).await?;
+        let uuids: Vec<Uuid> = ids
+            .iter()
+            .map(|id| id.0)
+            .filter(|id| !over.contains(id))
+            .collect();
         let rows: Vec<ClaimRow> = sqlx::query_as(
             "WITH locked AS (
                 SELECT id FROM jobs
@@ -316,8 +378,9 @@ impl Store {
         .bind(worker_id)
         .bind(ms(lease))
         .bind(statuses(&Status::sources_of(Status::Running)))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let claimed = rows
             .into_iter()
             .map(ClaimedJob::try_from)

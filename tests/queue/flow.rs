@@ -519,3 +519,49 @@ async fn a_concurrency_key_never_runs_twice_at_once_across_prefetching_workers()
         "jobs without a key waited behind key a"
     );
 }
+
+#[tokio::test]
+async fn postgres_refuses_a_claim_past_a_keys_limit_even_without_valkey() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let keyed = || JobRequest {
+        concurrency_key: Some("repo#main".into()),
+        ..request("noop", &q, json!({}))
+    };
+    let jobs = env.enqueue((0..5).map(|_| keyed()).collect()).await;
+    let store = env.app.store().clone();
+    let lease = Duration::from_secs(30);
+    // Racing claims of one key each, as workers would make them after
+    // Valkey lost its running sets: exactly one wins.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, job) in jobs.iter().take(4).enumerate() {
+        let store = store.clone();
+        let id = job.id;
+        tasks.spawn(async move {
+            store
+                .claim(&[id], &format!("w{i}"), lease)
+                .await
+                .expect("claim")
+        });
+    }
+    let mut won = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (claimed, refused) = r.expect("task");
+        won += claimed.len();
+        assert_eq!(claimed.len() + refused.len(), 1);
+    }
+    assert_eq!(won, 1, "one job of the key runs");
+    // While one runs, another claim of the key takes nothing.
+    let (claimed, refused) = store
+        .claim(&[jobs[4].id], "w9", lease)
+        .await
+        .expect("claim");
+    assert!(claimed.is_empty() && refused == vec![jobs[4].id]);
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND status = 'running'")
+            .bind(&q)
+            .fetch_one(store.pool())
+            .await
+            .expect("count");
+    assert_eq!(running, 1);
+}
