@@ -247,15 +247,8 @@ async fn unique_duplicates(
     }
     // Stable: of one key, the first in the call stays first.
     keyed.sort_by(|a, b| a.0.cmp(b.0));
-    let mut keys: Vec<&str> = keyed.iter().map(|(k, _)| *k).collect();
-    keys.dedup();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended('orchestrator.unique:' || k, 0))
-         FROM UNNEST($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
-    )
-    .bind(&keys)
-    .execute(&mut *conn)
-    .await?;
+    let keys: Vec<&str> = keyed.iter().map(|(k, _)| *k).collect();
+    super::lock_keys(conn, "orchestrator.unique:", keys).await?;
     let sql = format!(
         "SELECT {JOB_COLUMNS} FROM jobs
          WHERE unique_key = $1 AND status = ANY($2)

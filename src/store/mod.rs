@@ -27,6 +27,28 @@ pub use webhooks::{ClaimedDelivery, DeliveryOutcome};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Takes a transaction-scoped advisory lock on each of `keys` (within
+/// `namespace`), in key order and each once, so two transactions locking
+/// overlapping sets cannot deadlock. Returns the keys, sorted and deduped.
+pub(crate) async fn lock_keys<'k>(
+    conn: &mut sqlx::PgConnection,
+    namespace: &str,
+    keys: impl IntoIterator<Item = &'k str>,
+) -> Result<Vec<&'k str>, StoreError> {
+    let mut keys: Vec<&str> = keys.into_iter().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1 || k, 0))
+         FROM UNNEST($2::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+    )
+    .bind(namespace)
+    .bind(&keys)
+    .execute(&mut *conn)
+    .await?;
+    Ok(keys)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot reach PostgreSQL at {url} (start it with scripts/services.sh, or set ORCH_DATABASE_URL)")]

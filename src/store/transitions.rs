@@ -291,15 +291,11 @@ async fn over_key_limits(
     if keyed.is_empty() {
         return Ok(over);
     }
-    let mut keys: Vec<&str> = keyed.iter().map(|(_, k, _)| k.as_str()).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended('orchestrator.ckey:' || k, 0))
-         FROM UNNEST($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+    let keys = super::lock_keys(
+        &mut *tx,
+        "orchestrator.ckey:",
+        keyed.iter().map(|(_, k, _)| k.as_str()),
     )
-    .bind(&keys)
-    .execute(&mut *tx)
     .await?;
     // A new statement after the locks: it sees every claim committed
     // before them.
