@@ -10,6 +10,7 @@ pub mod app;
 pub mod auth;
 pub mod bench;
 pub mod config;
+pub mod digest;
 pub mod git;
 pub mod job;
 pub mod maintenance;

@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("secret", 0),
     ("metrics", 0),
     ("net", 0),
+    ("digest", 0),
     ("store", 1),
     ("queue", 1),
     ("sandbox", 1),

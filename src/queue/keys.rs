@@ -149,9 +149,9 @@ impl Keys {
 /// its SHA-256, in hex. Keys are producers' strings of up to 1 KiB; the tag
 /// is short, fixed-size and cannot hold a brace or a separator.
 pub fn concurrency_tag(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(key.as_bytes());
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = crate::digest::sha256_hex(key.as_bytes());
+    hex.truncate(32);
+    hex
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ use axum::Form;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::super::auth::Caller;
@@ -46,8 +45,7 @@ fn random_token() -> Result<String, ApiError> {
 }
 
 fn id_hash(id: &str) -> String {
-    let digest = Sha256::digest(id.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::digest::sha256_hex(id.as_bytes())
 }
 
 fn mac_message(id: &str) -> Vec<u8> {

@@ -86,15 +86,7 @@ impl Handler for SandboxKind {
                 // A key must fit its column; a longer one stands for itself
                 // by its digest.
                 if key.len() > crate::job::MAX_CONCURRENCY_KEY_LEN {
-                    use sha2::{Digest, Sha256};
-                    let digest = Sha256::digest(key.as_bytes());
-                    format!(
-                        "sha256:{}",
-                        digest
-                            .iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect::<String>()
-                    )
+                    format!("sha256:{}", crate::digest::sha256_hex(key.as_bytes()))
                 } else {
                     key
                 }
