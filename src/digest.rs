@@ -16,7 +16,7 @@ mod tests {
     #[test]
     fn the_digest_of_nothing_is_the_known_one() {
         assert_eq!(
-            super::sha256_hex(b""),
+            crate::digest::sha256_hex(b""),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
