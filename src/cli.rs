@@ -98,6 +98,14 @@ struct WorkerArgs {
     /// Queues to claim from, comma-separated.
     #[arg(long, value_delimiter = ',')]
     queues: Vec<String>,
+    /// Claim one job, run it to its end, and exit (a Kubernetes ScaledJob's
+    /// pod: scaling down never interrupts a job). Implies --concurrency 1
+    /// and no prefetch.
+    #[arg(long)]
+    one_job: bool,
+    /// Exit once nothing was claimed or running for this many seconds.
+    #[arg(long)]
+    idle_exit_secs: Option<u64>,
 }
 
 #[derive(Args)]
@@ -351,7 +359,15 @@ pub async fn run() -> anyhow::Result<()> {
             app.migrate().await?;
             let stop = shutdown_signal();
             let pool = app.pool(pool_config(&app, &args)?);
-            let worker = tokio::spawn(pool.run(stop.clone()));
+            // A pool that ends by itself (--one-job, --idle-exit-secs)
+            // takes the HTTP server down with it.
+            let worker = tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    pool.run(stop.clone()).await;
+                    stop.cancel();
+                }
+            });
             let served = serve_http(&app, stop.clone(), true).await;
             stop.cancel();
             worker.await.context("worker task failed")?;
@@ -482,6 +498,21 @@ fn pool_config(app: &App, args: &WorkerArgs) -> anyhow::Result<PoolConfig> {
             .map(|q| QueueName::parse(q.as_str()))
             .collect::<Result<_, _>>()
             .context("--queues")?;
+    }
+    if args.one_job {
+        if args.concurrency.is_some_and(|c| c != 1) {
+            bail!("--one-job runs one job; drop --concurrency");
+        }
+        cfg.concurrency = 1;
+        cfg.prefetch = 0;
+        cfg.claim_batch = 1;
+        cfg.max_jobs = Some(1);
+    }
+    if let Some(secs) = args.idle_exit_secs {
+        if secs == 0 || secs > 7 * 24 * 3600 {
+            bail!("--idle-exit-secs must be between 1 and 604800, got {secs}");
+        }
+        cfg.idle_exit = Some(Duration::from_secs(secs));
     }
     Ok(cfg)
 }

@@ -347,6 +347,8 @@ impl Settings {
             maintenance: settings.maintenance_config(),
             queue_limits: settings.admission.queue_limits.clone(),
             rates: settings.rates(),
+            max_jobs: None,
+            idle_exit: None,
         }
     }
 

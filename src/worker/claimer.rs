@@ -56,6 +56,14 @@ pub(super) async fn run(
                 credits.merge(c);
             }
         }
+        if shared.budget_spent() {
+            tracing::info!(queue = %queue, "claimed as many jobs as allowed; claiming no more");
+            return;
+        }
+        if shared.idle_too_long() {
+            tracing::info!(queue = %queue, "idle for the idle exit; claiming no more");
+            return;
+        }
         // Armed before claiming, so a wake-up that arrives while the claim is
         // under way is not missed.
         let woken = shared.wake.notified();
@@ -71,9 +79,18 @@ pub(super) async fn run(
             }
             continue;
         }
-        match claim(&shared, &queue, credits.num_permits()).await {
+        let reserved = shared.reserve(credits.num_permits());
+        if reserved == 0 {
+            // Another queue's claimer took the rest of the budget.
+            drop(credits);
+            continue;
+        }
+        let claimed = claim(&shared, &queue, reserved).await;
+        shared.unreserve(reserved - claimed.as_ref().map_or(0, Vec::len));
+        match claimed {
             Ok(jobs) if !jobs.is_empty() => {
                 failures = 0;
+                shared.mark_busy();
                 for job in jobs {
                     let Some(credit) = credits.split(1) else {
                         break;

@@ -13,7 +13,7 @@ mod heartbeat;
 mod runner;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +45,12 @@ pub struct PoolConfig {
     pub queue_limits: std::collections::BTreeMap<String, u32>,
     /// Rate limits by queue.
     pub rates: std::collections::BTreeMap<String, crate::queue::Rates>,
+    /// Claim at most this many jobs, run them, then stop (`worker
+    /// --one-job` is 1): a scaled-to-zero replica that exits after its work,
+    /// so scaling down never interrupts a job.
+    pub max_jobs: Option<usize>,
+    /// Stop once nothing was claimed or running for this long.
+    pub idle_exit: Option<Duration>,
 }
 
 /// `<host>-<pid>-<random>`: unique per replica, readable in logs.
@@ -166,6 +172,10 @@ struct Shared {
     kill_switch_sync: tokio::sync::Mutex<()>,
     observer: Option<mpsc::UnboundedSender<PoolEvent>>,
     worker_id: Arc<str>,
+    /// Jobs this pool may still claim, when `max_jobs` is set.
+    budget: Option<AtomicUsize>,
+    /// When a job was last claimed or finished (or the pool started).
+    last_busy: Mutex<std::time::Instant>,
     /// For the orphan reapers.
     sandboxes: Option<crate::pipeline::SandboxHost>,
     git: Option<crate::git::repo::GitStage>,
@@ -190,6 +200,55 @@ impl Shared {
     fn busy_slots(&self) -> usize {
         self.cfg.concurrency - self.slots.available_permits()
     }
+
+    /// Takes up to `want` claims from the budget (all of them without one).
+    fn reserve(&self, want: usize) -> usize {
+        let Some(budget) = &self.budget else {
+            return want;
+        };
+        let mut left = budget.load(Ordering::SeqCst);
+        loop {
+            let take = left.min(want);
+            match budget.compare_exchange(left, left - take, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return take,
+                Err(now) => left = now,
+            }
+        }
+    }
+
+    /// Gives back claims reserved but not made.
+    fn unreserve(&self, unused: usize) {
+        if let Some(budget) = &self.budget {
+            budget.fetch_add(unused, Ordering::SeqCst);
+        }
+    }
+
+    /// The budget is spent: claim nothing more.
+    fn budget_spent(&self) -> bool {
+        self.budget
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::SeqCst) == 0)
+    }
+
+    fn mark_busy(&self) {
+        *self.last_busy.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// Nothing claimed or running for `idle_exit`.
+    fn idle_too_long(&self) -> bool {
+        let Some(limit) = self.cfg.idle_exit else {
+            return false;
+        };
+        if !self.inflight().is_empty() {
+            self.mark_busy();
+            return false;
+        }
+        self.last_busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            >= limit
+    }
 }
 
 pub struct Pool {
@@ -213,6 +272,8 @@ impl Pool {
                 kill_switch_sync: tokio::sync::Mutex::new(()),
                 observer: None,
                 worker_id: Arc::from(cfg.worker_id.as_str()),
+                budget: cfg.max_jobs.map(AtomicUsize::new),
+                last_busy: Mutex::new(std::time::Instant::now()),
                 sandboxes: None,
                 git: None,
                 webhooks: None,
@@ -320,10 +381,20 @@ impl Pool {
         }
         tracing::info!(worker_id = %cfg.worker_id, busy = shared.busy_slots(), "stopped claiming; waiting for in-flight jobs");
 
-        // Grace period: wait for every slot to come back.
+        // Claiming ended by itself (budget spent, idle): the jobs run to
+        // their end unless a stop comes. Then, or on a stop, the grace
+        // period: wait for every slot to come back.
         let all = u32::try_from(cfg.concurrency).unwrap_or(u32::MAX);
-        let finished =
-            tokio::time::timeout(cfg.shutdown_grace, shared.slots.acquire_many(all)).await;
+        let all_back = shared.slots.acquire_many(all);
+        tokio::pin!(all_back);
+        let finished = if stop.is_cancelled() {
+            tokio::time::timeout(cfg.shutdown_grace, all_back).await
+        } else {
+            tokio::select! {
+                done = &mut all_back => Ok(done),
+                () = stop.cancelled() => tokio::time::timeout(cfg.shutdown_grace, all_back).await,
+            }
+        };
         if finished.is_err() {
             let interrupted = interrupt_all(&shared, StopReason::Shutdown);
             tracing::warn!(

@@ -146,6 +146,7 @@ pub(super) async fn run(
             shared.inflight().remove(&job.id);
         }
     }
+    shared.mark_busy();
     drop(slot);
     drop(credit);
     m::set_busy(shared.busy_slots());

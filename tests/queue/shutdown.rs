@@ -85,3 +85,73 @@ async fn sigterm_releases_unfinished_jobs_after_the_grace_period_without_burning
         assert_eq!(env.event_counts(*id, "released").await, 1);
     }
 }
+
+/// `worker --one-job` (a Kubernetes ScaledJob's pod): claims one job, runs
+/// it to its end even past the shutdown grace, and exits; the other jobs
+/// stay queued, untouched. With nothing to claim, `--idle-exit-secs` ends it.
+#[tokio::test]
+async fn one_job_runs_exactly_one_job_to_its_end_and_idle_exit_ends_an_idle_worker() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let jobs = env
+        .enqueue(
+            (0..3)
+                .map(|_| request("sleep", &q, json!({ "ms": 2_500 })))
+                .collect(),
+        )
+        .await;
+    // A grace shorter than the job: were the job held to it, it would be
+    // released, not succeed.
+    let mut worker = WorkerProcess::spawn_args(
+        &env,
+        &["worker", "--queues", &q, "--one-job"],
+        &[("ORCH_WORKER__SHUTDOWN_GRACE_SECS", "1")],
+    );
+    let status = worker.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "worker exited with {status}");
+    let mut succeeded = 0;
+    for job in &jobs {
+        let j = env.job(job.id).await;
+        match j.status {
+            Status::Succeeded => {
+                succeeded += 1;
+                assert_eq!(env.event_counts(j.id, "started").await, 1);
+                assert_eq!(env.event_counts(j.id, "released").await, 0);
+            }
+            Status::Queued => {
+                assert_eq!(j.attempt, 0, "job {} was touched", j.id);
+                assert_eq!(env.event_counts(j.id, "started").await, 0);
+            }
+            other => panic!("job {} is {other}", j.id),
+        }
+    }
+    assert_eq!(succeeded, 1, "--one-job ran {succeeded} jobs");
+
+    // An empty queue: both exit by themselves once idle.
+    let empty = unique_queue();
+    for args in [
+        vec!["worker", "--queues", &empty, "--idle-exit-secs", "1"],
+        vec![
+            "worker",
+            "--queues",
+            &empty,
+            "--one-job",
+            "--idle-exit-secs",
+            "1",
+        ],
+    ] {
+        let mut idle = WorkerProcess::spawn_args(&env, &args, &[]);
+        let status = idle.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "{args:?} exited with {status}");
+    }
+    // Bad values are refused before anything starts.
+    let out = crate::support::cli(&env, &["worker", "--queues", &q, "--idle-exit-secs", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--idle-exit-secs"));
+    let out = crate::support::cli(
+        &env,
+        &["worker", "--queues", &q, "--one-job", "--concurrency", "4"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--one-job"));
+}
