@@ -330,12 +330,22 @@ pub struct SandboxSettings {
 /// Settings mapped to each layer's own configuration: the layers below
 /// never read `Settings` themselves.
 impl Settings {
+    /// `worker.host`, or the machine's host name.
+    pub fn host_name(&self) -> String {
+        if self.worker.host.is_empty() {
+            crate::sandbox::machine_host_name()
+        } else {
+            self.worker.host.clone()
+        }
+    }
+
     /// The worker pool's configuration (`[worker]`, `[maintenance]`, queue limits).
     pub fn pool_config(&self) -> PoolConfig {
         let settings = self;
         let w = &settings.worker;
         PoolConfig {
             worker_id: crate::worker::new_worker_id(),
+            host: settings.host_name(),
             queues: w.queues.clone(),
             concurrency: w.concurrency,
             lease: w.lease(),
@@ -453,6 +463,12 @@ pub struct WorkerSettings {
     pub shutdown_grace_secs: u64,
     /// Most completions written in one transaction.
     pub complete_batch: usize,
+    /// The host this worker runs on, for the worker registry and the
+    /// sandboxes' host label (a host's orphan reaper removes only its own).
+    /// Empty: the machine's host name. In Kubernetes, the node's name, since
+    /// sandboxes run on the node's Docker daemon.
+    #[serde(default)]
+    pub host: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -590,6 +606,12 @@ impl Settings {
         }
         if w.prefetch > 10_000 {
             return Err(invalid("worker.prefetch", "must be at most 10000"));
+        }
+        if w.host.len() > 253 || w.host.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(invalid(
+                "worker.host",
+                "must be at most 253 characters, without spaces or control characters",
+            ));
         }
         if w.complete_batch == 0 || w.complete_batch > 5_000 {
             return Err(invalid(

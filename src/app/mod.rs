@@ -154,6 +154,7 @@ impl App {
             None => Scanner::default_rules(),
         }?);
         let sandboxes = SandboxHost::new(&settings.sandbox.host_options(), &settings.key_prefix)
+            .with_host_name(settings.host_name())
             .with_redactor(scanner.clone());
         let git = GitHost {
             stage: GitStage::new(

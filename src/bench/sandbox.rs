@@ -46,6 +46,7 @@ pub async fn run(image: &str, runs: usize) -> Result<SandboxBench, SandboxError>
             network: Network::None,
             owner: Owner {
                 deployment: "bench".into(),
+                host: crate::sandbox::machine_host_name(),
                 job_id: JobId::new(),
                 attempt: 1,
                 worker_id: "bench".into(),

@@ -83,7 +83,14 @@ impl Maintenance {
         let Ok(runtime) = host.runtime().await else {
             return Ok(OrphanReport::default());
         };
-        let ours = runtime.list_ours(&host.deployment).await?;
+        // Only this host's: another host's containers mount worktrees on
+        // its disk, and its own live workers reap them.
+        let ours: Vec<Labelled> = runtime
+            .list_ours(&host.deployment)
+            .await?
+            .into_iter()
+            .filter(|c| c.host.as_ref().is_none_or(|h| *h == host.host_name))
+            .collect();
         let mut report = OrphanReport {
             seen: ours.len(),
             ..OrphanReport::default()

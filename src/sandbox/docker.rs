@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use super::logs::{LineSplitter, LogLine, LogStream};
 use super::{
     Finished, Labelled, Network, Outcome, RunOptions, SandboxError, SandboxSpec, LABEL_ATTEMPT,
-    LABEL_CREATED, LABEL_DEPLOYMENT, LABEL_EXPIRES, LABEL_JOB, LABEL_WORKER, SANDBOX_USER,
-    WORKSPACE,
+    LABEL_CREATED, LABEL_DEPLOYMENT, LABEL_EXPIRES, LABEL_HOST, LABEL_JOB, LABEL_WORKER,
+    SANDBOX_USER, WORKSPACE,
 };
 
 /// How long after its start a container counts as young: a stop signal
@@ -78,6 +78,7 @@ impl DockerRuntime {
             (LABEL_JOB.to_owned(), owner.job_id.to_string()),
             (LABEL_ATTEMPT.to_owned(), owner.attempt.to_string()),
             (LABEL_WORKER.to_owned(), owner.worker_id.clone()),
+            (LABEL_HOST.to_owned(), owner.host.clone()),
             (LABEL_CREATED.to_owned(), owner.created_at.to_rfc3339()),
             (LABEL_EXPIRES.to_owned(), owner.expires_at.to_rfc3339()),
         ]);
@@ -357,6 +358,7 @@ impl DockerRuntime {
                     job_id: labels.get(LABEL_JOB).and_then(|v| v.parse().ok()),
                     attempt: labels.get(LABEL_ATTEMPT).and_then(|v| v.parse().ok()),
                     worker_id: labels.get(LABEL_WORKER).cloned(),
+                    host: labels.get(LABEL_HOST).cloned(),
                     expires_at: labels
                         .get(LABEL_EXPIRES)
                         .and_then(|v| chrono::DateTime::parse_from_rfc3339(v).ok())

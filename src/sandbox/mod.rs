@@ -34,6 +34,17 @@ pub const LABEL_ATTEMPT: &str = "dev.orchestrator.attempt";
 pub const LABEL_WORKER: &str = "dev.orchestrator.worker-id";
 pub const LABEL_CREATED: &str = "dev.orchestrator.created-at";
 pub const LABEL_EXPIRES: &str = "dev.orchestrator.expires-at";
+/// The host whose worker started the sandbox: each host's reaper removes
+/// only its own, since a worktree a sandbox mounts is on that host's disk.
+pub const LABEL_HOST: &str = "dev.orchestrator.host";
+
+/// This machine's host name (empty if it has none that is UTF-8).
+pub fn machine_host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
 
 /// Secret values shorter than this are not masked in output (masking "a"
 /// would garble every line, and such a value is no secret).
@@ -108,6 +119,8 @@ pub struct BindMount {
 pub struct Owner {
     /// The deployment this sandbox belongs to (see [`LABEL_DEPLOYMENT`]).
     pub deployment: String,
+    /// The host the worker runs on (see [`LABEL_HOST`]).
+    pub host: String,
     pub job_id: JobId,
     pub attempt: u32,
     pub worker_id: String,
@@ -193,6 +206,8 @@ pub struct Labelled {
     pub job_id: Option<JobId>,
     pub attempt: Option<u32>,
     pub worker_id: Option<String>,
+    /// Absent on a container made before hosts were labelled.
+    pub host: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
 }
 

@@ -17,11 +17,8 @@ use crate::metrics as m;
 pub(super) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let interval = shared.cfg.lease / 3;
     let started_at = chrono::Utc::now().to_rfc3339();
-    // Shown on the dashboard: which machine a worker runs on.
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
+    // Shown on the dashboard: which host a worker runs on.
+    let host = shared.cfg.host.clone();
     loop {
         beat(&shared, &started_at, &host).await;
         tokio::select! {

@@ -30,6 +30,8 @@ use crate::store::Store;
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub worker_id: String,
+    /// The host it runs on, as the worker registry and sandbox labels say.
+    pub host: String,
     pub queues: Vec<QueueName>,
     pub concurrency: usize,
     pub lease: Duration,

@@ -231,6 +231,20 @@ async fn a_sigkilled_workers_container_is_reaped_and_its_job_recovered() {
         )],
     );
     wait_for_container(&env, &name).await;
+    let label = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"dev.orchestrator.host\"}}",
+            &name,
+        ])
+        .output()
+        .expect("inspect");
+    assert_eq!(
+        String::from_utf8_lossy(&label.stdout).trim(),
+        env.app.settings().host_name(),
+        "the sandbox carries its host's label"
+    );
     victim.kill9();
     assert!(
         container_exists(&env, &name).await,
@@ -326,6 +340,74 @@ async fn the_reaper_never_touches_containers_that_are_not_ours() {
         "true",
         "someone else's container was touched"
     );
+}
+
+/// Each host reaps only the sandboxes its own workers started (by the host
+/// label): another host's mount worktrees on that host's disk.
+#[tokio::test]
+async fn each_hosts_reaper_removes_only_its_own_orphans() {
+    let dir = workers_dir();
+    let env = env_with_kinds(&dir).await;
+    let here = env.app.settings().host_name();
+    assert!(!here.is_empty());
+    let elsewhere = format!(
+        "other-host-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let deployment = env.app.settings().key_prefix.clone();
+    // Orphans for certain: their job does not exist.
+    let start = |host: &str| {
+        let name = format!(
+            "orch-hosttest-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let out = std::process::Command::new("docker")
+            .args(["run", "-d", "--name", &name, "--network", "none"])
+            .args([
+                "--label",
+                &format!("dev.orchestrator.deployment={deployment}"),
+            ])
+            .args([
+                "--label",
+                &format!("dev.orchestrator.job-id={}", JobId::new()),
+            ])
+            .args(["--label", &format!("dev.orchestrator.host={host}")])
+            .args(["orchestrator/script-agent:latest", "sleep", "30"])
+            .output()
+            .expect("docker run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        name
+    };
+    let mine = start(&here);
+    let theirs = start(&elsewhere);
+
+    let reaper = |host: &str| {
+        env.maintenance("default").with_sandboxes(Some(
+            env.app.sandboxes().clone().with_host_name(host.to_owned()),
+        ))
+    };
+    let report = reaper(&here)
+        .reap_sandboxes_once()
+        .await
+        .expect("reap here");
+    assert!(report.removed.contains(&mine), "{report:?}");
+    assert!(!report.removed.contains(&theirs), "{report:?}");
+    assert!(
+        container_exists(&env, &theirs).await,
+        "another host's sandbox was touched"
+    );
+    assert!(!container_exists(&env, &mine).await);
+
+    let report = reaper(&elsewhere)
+        .reap_sandboxes_once()
+        .await
+        .expect("reap there");
+    assert_eq!(report.removed, vec![theirs.clone()]);
+    assert!(!container_exists(&env, &theirs).await);
 }
 
 #[tokio::test]

@@ -52,6 +52,7 @@ fn spec(script: &str) -> SandboxSpec {
         network: Network::None,
         owner: Owner {
             deployment: DEPLOYMENT.to_owned(),
+            host: "test-host".into(),
             job_id: JobId::new(),
             attempt: 1,
             worker_id: "sandbox-tests".into(),

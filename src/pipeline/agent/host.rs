@@ -50,6 +50,8 @@ pub struct SandboxHost {
     redactor: Option<Arc<Scanner>>,
     /// Labels this deployment's sandboxes (the Valkey key prefix).
     pub deployment: String,
+    /// Labels the sandboxes started here (`worker.host`).
+    pub host_name: String,
     pub log_budget_bytes: u64,
     pub log_tail_bytes: usize,
 }
@@ -69,9 +71,16 @@ impl SandboxHost {
             egress_allow_local: settings.egress_allow_local,
             redactor: None,
             deployment: deployment.to_owned(),
+            host_name: crate::sandbox::machine_host_name(),
             log_budget_bytes: settings.log_budget_bytes,
             log_tail_bytes: settings.log_tail_bytes,
         }
+    }
+
+    /// Labels its sandboxes with `name` as their host.
+    pub fn with_host_name(mut self, name: String) -> Self {
+        self.host_name = name;
+        self
     }
 
     /// The runtime; `Err` says why none is available. Isolation fails

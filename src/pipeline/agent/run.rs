@@ -108,6 +108,7 @@ fn owner(host: &SandboxHost, ctx: &JobContext, runs_for: Duration) -> Owner {
     let now = chrono::Utc::now();
     Owner {
         deployment: host.deployment.clone(),
+        host: host.host_name.clone(),
         job_id: ctx.job.id,
         attempt: ctx.job.attempt,
         worker_id: ctx.worker_id.to_string(),
