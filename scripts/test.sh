@@ -12,6 +12,8 @@ source scripts/lib/images.sh
 orch_services_up --with-promtool --with-browser
 if [[ "${ORCH_DOCKER_AVAILABLE:-0}" == 1 ]]; then
   orch_images_up
+  # debian:bookworm-slim for the image test (tests/sandbox/image.rs).
+  orch_base_image_up
 else
   echo "warning: no Docker daemon; the sandbox tests will fail (see /var/log/orchestrator-dockerd.log)" >&2
 fi

@@ -30,3 +30,43 @@ orch_images_up() {
         rm -rf "$ctx"
     done
 }
+
+# orch_base_image_up: makes debian:bookworm-slim locally (no registry is
+# reachable): `debootstrap --variant=minbase bookworm` plus `docker import`.
+# Once per machine; the Dockerfile's runtime stages start FROM it.
+orch_base_image_up() {
+    local image=debian:bookworm-slim
+    if docker image inspect "$image" >/dev/null 2>&1; then
+        return 0
+    fi
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        _orch_apt_install debootstrap || return 1
+    fi
+    local mirror="${ORCH_DEBIAN_MIRROR:-http://deb.debian.org/debian}" root
+    root="$(mktemp -d /tmp/orch-bookworm.XXXXXX)"
+    printf '[images] debootstrap --variant=minbase bookworm (a few minutes, once)\n' >&2
+    if ! debootstrap --variant=minbase bookworm "$root" "$mirror" >/tmp/orch-debootstrap.log 2>&1; then
+        printf '[images] ERROR: debootstrap failed (see /tmp/orch-debootstrap.log)\n' >&2
+        rm -rf "$root"
+        return 1
+    fi
+    # What makes it slim: no package lists, caches, documentation or
+    # translations, now and (by dpkg's path excludes) for later installs.
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/archives/*.deb \
+        "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
+        "$root"/usr/share/locale/*
+    cat >"$root/etc/dpkg/dpkg.cfg.d/slim" <<'SLIM'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+SLIM
+    if ! tar -C "$root" -c . | docker import - "$image" >/dev/null; then
+        printf '[images] ERROR: docker import of %s failed\n' "$image" >&2
+        rm -rf "$root"
+        return 1
+    fi
+    rm -rf "$root"
+    printf '[images] %s ready\n' "$image" >&2
+}

@@ -5,6 +5,7 @@
 mod agent;
 mod egress;
 mod gates;
+mod image;
 mod jobs;
 mod kill;
 #[path = "../support/mod.rs"]
