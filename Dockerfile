@@ -27,7 +27,7 @@
 FROM debian:bookworm-slim AS base
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libssl3 \
- && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb \
  && useradd --system --uid 10001 --home /var/lib/orchestrator orchestrator \
  && mkdir -p /var/lib/orchestrator && chown orchestrator /var/lib/orchestrator
 COPY workers /etc/orchestrator/workers
