@@ -290,6 +290,28 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1_000_000)]
         seed_jobs: u64,
     },
+    /// Scale-out: I/O-bound `sleep` jobs through 1, 2, 4, 8 worker
+    /// processes (efficiency against linear), then no-op jobs at 1 and 2.
+    Replicas {
+        /// Replica counts; the first is the baseline.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        replicas: Vec<usize>,
+        /// Slots per replica.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1_000)]
+        sleep_ms: u64,
+        /// Jobs per slot in each round.
+        #[arg(long, default_value_t = 5)]
+        waves: usize,
+        #[arg(long, default_value_t = 20_000)]
+        noop_jobs: usize,
+        #[arg(long, default_value_t = 500)]
+        noop_prefetch: usize,
+        /// Rounds per replica count (the median counts).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
     /// Cancel latency (request to sandbox gone) and kill-all wall time with
     /// running `sleep` agents, against `docker rm -f` of as many containers.
     Cancel {
@@ -429,6 +451,37 @@ pub async fn run() -> anyhow::Result<()> {
         } => {
             let opts = bench_options(&args);
             let report = orchestrator::bench::webhooks::run(settings, &opts, rounds.max(1)).await?;
+            out(&serde_json::to_string(&report)?)?;
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Replicas {
+                    replicas,
+                    concurrency,
+                    sleep_ms,
+                    waves,
+                    noop_jobs,
+                    noop_prefetch,
+                    repeat,
+                },
+        } => {
+            if replicas.is_empty() || replicas.iter().any(|&n| n == 0 || n > 64) {
+                bail!("--replicas takes counts between 1 and 64");
+            }
+            if concurrency == 0 || concurrency > 10_000 || waves == 0 || noop_jobs == 0 {
+                bail!("--concurrency, --waves and --noop-jobs must be positive");
+            }
+            let app = connect_migrated(settings).await?;
+            let opts = orchestrator::bench::replicas::ReplicaOptions {
+                replicas,
+                concurrency,
+                sleep_ms,
+                waves,
+                noop_jobs,
+                noop_prefetch,
+                repeat,
+            };
+            let report = orchestrator::bench::replicas::run(&app, &opts).await?;
             out(&serde_json::to_string(&report)?)?;
         }
         Command::Bench {

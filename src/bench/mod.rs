@@ -1,5 +1,5 @@
 //! Benchmarks, one `orchestrator bench <what>` each: `queue` (here),
-//! `lifecycle`, `git`, `sandbox`, `cancel`, `webhooks` and `retention` (the submodules). They are a
+//! `lifecycle`, `git`, `sandbox`, `cancel`, `webhooks`, `retention` and `replicas` (the submodules). They are a
 //! front end: they drive the app, and the adapters they measure.
 //!
 //! `orchestrator bench queue`: throughput and latency through the real path
@@ -9,6 +9,7 @@
 pub mod cancel;
 pub mod git;
 pub mod lifecycle;
+pub mod replicas;
 pub mod retention;
 pub mod sandbox;
 pub mod webhooks;
