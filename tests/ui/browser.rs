@@ -55,8 +55,16 @@ async fn a_job_appears_progresses_and_finishes_live() {
     .await;
     b.wait_text("#events", "the audit trail", |t| t.contains("succeeded"))
         .await;
-    assert!(b.text_of("#attempts").await.contains("succeeded"));
-    assert!(b.text_of("#result").await.contains("\"pushed\": true"));
+    // The attempts table and the result are refreshed by the page on its
+    // own, a moment after the status: waited for, not read once.
+    b.wait_text("#attempts", "the attempt succeeded", |t| {
+        t.contains("succeeded")
+    })
+    .await;
+    b.wait_text("#result", "the pushed result", |t| {
+        t.contains("\"pushed\": true")
+    })
+    .await;
     let stored = f.api.env.job(id).await;
     assert_eq!(stored.status, Status::Succeeded);
     b.screenshot(&docs_dir().join("dashboard-job.png")).await;
