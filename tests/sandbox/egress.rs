@@ -13,19 +13,10 @@ use std::time::Duration;
 use orchestrator::job::Status;
 use serde_json::json;
 
+use crate::docker_cli;
 use crate::support::{request, unique_queue, TestEnv};
 
 const MARKER: &str = "EGRESS-MARKER-7c1f";
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("docker");
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// A network and an httpd container of this test's own, removed on drop.
 struct AllowedHost {
@@ -40,8 +31,8 @@ impl AllowedHost {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
         let network = format!("orch-test-net-{id}");
         let container = format!("orch-test-httpd-{id}");
-        docker(&["network", "create", &network]);
-        docker(&[
+        docker_cli(&["network", "create", &network]);
+        docker_cli(&[
             "run",
             "-d",
             "--name",
@@ -55,13 +46,13 @@ impl AllowedHost {
             "-c",
             &format!("mkdir -p /tmp/www && echo {MARKER} > /tmp/www/m.txt && exec httpd -f -p 80 -h /tmp/www"),
         ]);
-        let ip = docker(&[
+        let ip = docker_cli(&[
             "inspect",
             "-f",
             "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
             &container,
         ]);
-        let gateway = docker(&[
+        let gateway = docker_cli(&[
             "network",
             "inspect",
             "-f",
@@ -174,7 +165,7 @@ async fn an_egress_sandbox_reaches_its_allowlist_and_nothing_else() {
 
     // The check below can fail: from a container on an ordinary network,
     // the host listener is one connect away.
-    docker(&[
+    docker_cli(&[
         "run",
         "--rm",
         "--network",

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use orchestrator::job::Status;
 
+use crate::docker_cli;
 use crate::support::{free_port, TestEnv};
 
 const TOKEN: &str = "image-test-admin-token-0123";
@@ -30,16 +31,6 @@ impl Drop for Cleanup {
             .args(["rmi", "-f", &self.image])
             .output();
     }
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("docker");
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A build context with the Dockerfile, the kinds and the binary under test
@@ -98,7 +89,7 @@ fn start(env: &TestEnv, image: &str, name: &str, port: u16, command: &str, extra
     }
     args.extend_from_slice(extra);
     args.extend_from_slice(&[image, command]);
-    docker(&args);
+    docker_cli(&args);
 }
 
 /// Waits for `/readyz` to answer 200, or panics with the container's log.
@@ -130,7 +121,7 @@ async fn wait_ready(http: &reqwest::Client, name: &str, port: u16) {
 /// The uid of the container's first process, and whether its root
 /// filesystem refuses a write.
 fn uid_and_read_only(name: &str) -> (String, bool) {
-    let status = docker(&["exec", name, "cat", "/proc/1/status"]);
+    let status = docker_cli(&["exec", name, "cat", "/proc/1/status"]);
     let uid = status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
@@ -153,7 +144,7 @@ async fn the_image_runs_a_job_and_serves_as_a_non_root_user_on_a_read_only_root(
         containers: Vec::new(),
     };
     let ctx = context();
-    docker(&[
+    docker_cli(&[
         "build",
         "-q",
         "--network",
@@ -164,12 +155,12 @@ async fn the_image_runs_a_job_and_serves_as_a_non_root_user_on_a_read_only_root(
         &tag,
         ctx.path().to_str().expect("utf-8"),
     ]);
-    let size: u64 = docker(&["image", "inspect", "-f", "{{.Size}}", &tag])
+    let size: u64 = docker_cli(&["image", "inspect", "-f", "{{.Size}}", &tag])
         .parse()
         .expect("size");
     eprintln!("image {tag}: {} MB (binary under test)", size / 1_000_000);
     assert_eq!(
-        docker(&["image", "inspect", "-f", "{{.Config.User}}", &tag]),
+        docker_cli(&["image", "inspect", "-f", "{{.Config.User}}", &tag]),
         "orchestrator"
     );
 

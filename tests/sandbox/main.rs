@@ -25,6 +25,21 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const IMAGE: &str = "orchestrator/script-agent:latest";
+
+/// Runs the docker CLI; panics with its stderr when it fails. Its stdout,
+/// trimmed.
+fn docker_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
 const DEPLOYMENT: &str = "sandbox-tests";
 
 async fn docker() -> Runtime {
