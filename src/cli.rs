@@ -106,6 +106,11 @@ struct WorkerArgs {
     /// Exit once nothing was claimed or running for this many seconds.
     #[arg(long)]
     idle_exit_secs: Option<u64>,
+    /// Claim nothing: run only the maintenance (promoting delayed jobs,
+    /// reaping expired leases, re-indexing, schedules, retention) until
+    /// stopped. Beside --one-job pods, which must not take it with them.
+    #[arg(long, conflicts_with_all = ["concurrency", "one_job", "idle_exit_secs"])]
+    maintenance_only: bool,
 }
 
 #[derive(Args)]
@@ -358,7 +363,9 @@ pub async fn run() -> anyhow::Result<()> {
             let app = connect_migrated(settings).await?;
             let stop = shutdown_signal();
             let pool = app.pool(pool_config(&app, &args)?);
-            let served = serve_observability(&app, stop.clone()).await?;
+            // A maintenance-only worker starts no sandbox: its /readyz
+            // does not need a Docker daemon.
+            let served = serve_observability(&app, stop.clone(), !args.maintenance_only).await?;
             pool.run(stop.clone()).await;
             stop.cancel();
             if let Some(served) = served {
@@ -567,6 +574,11 @@ fn pool_config(app: &App, args: &WorkerArgs) -> anyhow::Result<PoolConfig> {
         }
         cfg.idle_exit = Some(Duration::from_secs(secs));
     }
+    if args.maintenance_only {
+        cfg.claim = false;
+        cfg.concurrency = 0;
+        cfg.prefetch = 0;
+    }
     Ok(cfg)
 }
 
@@ -608,6 +620,7 @@ fn shutdown_signal() -> CancellationToken {
 async fn serve_observability(
     app: &App,
     stop: CancellationToken,
+    runs_agents: bool,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
     let addr = app.settings().metrics_addr.clone();
     if addr.trim().eq_ignore_ascii_case("off") {
@@ -619,7 +632,7 @@ async fn serve_observability(
         .await
         .with_context(|| format!("cannot listen on {addr} (set ORCH_METRICS_ADDR)"))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness listening");
-    let state = ApiState::for_observability(app.clone(), handle);
+    let state = ApiState::for_observability(app.clone(), handle, runs_agents);
     Ok(Some(tokio::spawn(api::serve(
         listener,
         api::observability_router(state),

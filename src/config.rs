@@ -359,6 +359,7 @@ impl Settings {
             rates: settings.rates(),
             max_jobs: None,
             idle_exit: None,
+            claim: true,
         }
     }
 

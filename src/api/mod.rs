@@ -57,9 +57,11 @@ impl ApiState {
 
     /// For a worker's `/metrics`, `/healthz` and `/readyz` (no `/v1`, so
     /// no warning about tokens; `/metrics` still honours them).
-    pub fn for_observability(app: App, metrics: PrometheusHandle) -> Self {
+    /// `runs_agents`: the worker claims jobs, so `/readyz` needs a sandbox
+    /// runtime.
+    pub fn for_observability(app: App, metrics: PrometheusHandle, runs_agents: bool) -> Self {
         let mut state = Self::quiet(app, metrics);
-        state.runs_agents = true;
+        state.runs_agents = runs_agents;
         state
     }
 

@@ -53,6 +53,10 @@ pub struct PoolConfig {
     pub max_jobs: Option<usize>,
     /// Stop once nothing was claimed or running for this long.
     pub idle_exit: Option<Duration>,
+    /// Claim jobs. False: run only the maintenance and the heartbeat until
+    /// stopped (`worker --maintenance-only`, beside pods that each run one
+    /// job and exit, which must not take the maintenance with them).
+    pub claim: bool,
 }
 
 /// `<host>-<pid>-<random>`: unique per replica, readable in logs.
@@ -366,15 +370,22 @@ impl Pool {
             stop.clone(),
         ));
         let mut claimers = JoinSet::new();
-        for queue in cfg.queues.clone() {
-            claimers.spawn(claimer::run(
-                shared.clone(),
-                queue,
-                buffer.clone(),
-                stop.clone(),
-            ));
+        if cfg.claim {
+            for queue in cfg.queues.clone() {
+                claimers.spawn(claimer::run(
+                    shared.clone(),
+                    queue,
+                    buffer.clone(),
+                    stop.clone(),
+                ));
+            }
+        } else {
+            tracing::info!(worker_id = %cfg.worker_id, "maintenance only: claiming nothing");
         }
         drop(buffer);
+        if !cfg.claim {
+            stop.cancelled().await;
+        }
         while claimers.join_next().await.is_some() {}
         // Every claimer is gone, so the buffer closes once drained: the
         // dispatcher releases what never started.

@@ -224,6 +224,70 @@ async fn overlap_skip_waits_for_the_last_job_and_catch_up_none_drops_missed_tick
     );
 }
 
+/// `worker --maintenance-only` (beside `--one-job` pods): its scheduler
+/// fires ticks, and it claims none of the jobs they make, nor any other.
+#[tokio::test]
+async fn a_maintenance_only_worker_fires_schedules_and_claims_nothing() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let waiting = env.enqueue(vec![request("noop", &q, json!({}))]).await;
+    let schedule = env
+        .app
+        .create_schedule(
+            ScheduleRequest {
+                name: Some("maintenance-only".into()),
+                cron: Some("* * * * * *".into()),
+                job: Some(request("noop", &q, json!({}))),
+                overlap: Some(Overlap::Allow),
+                ..ScheduleRequest::default()
+            },
+            "test",
+        )
+        .await
+        .expect("schedule");
+    let mut worker = WorkerProcess::spawn_args(
+        &env,
+        &["worker", "--queues", &q, "--maintenance-only"],
+        &[("ORCH_MAINTENANCE__SCHEDULE_INTERVAL_MS", "100")],
+    );
+    wait_ticks(&env, schedule.id.0, 3, Duration::from_secs(30)).await;
+    worker.terminate();
+    let status = worker.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "worker exited with {status}");
+
+    let started: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM job_events e JOIN jobs j ON j.id = e.job_id \
+         WHERE j.queue = $1 AND e.type = 'started'",
+    )
+    .bind(&q)
+    .fetch_one(env.app.store().pool())
+    .await
+    .expect("started events");
+    assert_eq!(started, 0, "a maintenance-only worker started jobs");
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT status FROM jobs WHERE queue = $1")
+            .bind(&q)
+            .fetch_all(env.app.store().pool())
+            .await
+            .expect("statuses");
+    assert_eq!(statuses, vec!["queued".to_owned()]);
+    assert_eq!(env.job(waiting[0].id).await.attempt, 0);
+
+    // It takes no job-running options.
+    for extra in ["--one-job", "--concurrency=2", "--idle-exit-secs=5"] {
+        let out = crate::support::cli(
+            &env,
+            &["worker", "--queues", &q, "--maintenance-only", extra],
+        );
+        assert!(!out.status.success(), "{extra} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+            "{extra}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 fn scheduler_config(env: &TestEnv) -> orchestrator::maintenance::SchedulerConfig {
     env.app.scheduler_config()
 }
