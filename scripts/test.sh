@@ -36,6 +36,9 @@ fi
 psql "$ORCH_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'test\_%'" |
   while read -r db; do psql "$ORCH_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" || true; done
 
+echo "== deployment files (deploy/: Kubernetes, compose)" >&2
+scripts/check-deploy.sh
+
 echo "== format and lints" >&2
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
