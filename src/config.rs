@@ -21,11 +21,12 @@ use crate::job::{QueueName, RetryPolicy, RetryPolicyError};
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
 /// Top-level settings that `ORCH_<KEY>` (and `ORCH_<KEY>__<FIELD>`) may set.
-const SETTINGS_KEYS: [&str; 19] = [
+const SETTINGS_KEYS: [&str; 20] = [
     "admin_token",
     "api",
     "database_url",
     "valkey_url",
+    "valkey",
     "http_addr",
     "metrics_addr",
     "key_prefix",
@@ -61,8 +62,11 @@ pub enum ConfigError {
 pub struct Settings {
     /// PostgreSQL URL (`ORCH_DATABASE_URL`).
     pub database_url: Secret,
-    /// Valkey URL (`ORCH_VALKEY_URL`).
+    /// Valkey URL (`ORCH_VALKEY_URL`); several, comma-separated, are the
+    /// seed nodes of a Valkey Cluster.
     pub valkey_url: Secret,
+    #[serde(default)]
+    pub valkey: ValkeySettings,
     /// HTTP listen address (`ORCH_HTTP_ADDR`).
     pub http_addr: String,
     /// Where `orchestrator worker` serves `/metrics`, `/healthz` and
@@ -91,6 +95,16 @@ pub struct Settings {
     #[serde(default)]
     pub gates: GateSettings,
     pub retention: RetentionSettings,
+}
+
+/// `[valkey]`: how to talk to it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValkeySettings {
+    /// `valkey_url` names a node of a Valkey Cluster (`ORCH_VALKEY__CLUSTER`;
+    /// a list of several URLs means a cluster either way).
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 /// How long finished jobs (and their events, webhook rows and keys) are

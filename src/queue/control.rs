@@ -189,14 +189,12 @@ impl ValkeyQueue {
     /// Moves a record Postgres refuses to the outbox's dead list, where an
     /// operator can read it (`LRANGE <prefix>:outbox:dead 0 -1`).
     pub async fn outbox_bury(&self, record: &str) -> Result<(), QueueError> {
+        // Two commands, not a pipeline: in a cluster the two lists may live
+        // in different slots. Dead first, so a crash between them leaves the
+        // record in both lists (buried again later), never in neither.
         let mut conn = self.conn.clone();
-        let _: () = redis::pipe()
-            .rpush(self.keys.outbox_dead(), record)
-            .ignore()
-            .lrem(self.keys.outbox(), 1, record)
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
+        let _: () = conn.rpush(self.keys.outbox_dead(), record).await?;
+        let _: () = conn.lrem(self.keys.outbox(), 1, record).await?;
         Ok(())
     }
 
@@ -212,12 +210,12 @@ impl ValkeyQueue {
     /// `KillSwitch` change, since one may have been missed).
     pub fn control_listener(&self) -> mpsc::Receiver<Control> {
         let (tx, rx) = mpsc::channel(256);
-        let client = self.client.clone();
+        let nodes = self.subscribers.clone();
         let cancel = self.keys.cancel_channel();
         let control = self.keys.control_channel();
         tokio::spawn(async move {
-            loop {
-                if let Ok(mut pubsub) = client.get_async_pubsub().await {
+            for attempt in 0.. {
+                if let Ok(mut pubsub) = super::pubsub(&nodes, attempt).await {
                     if pubsub.subscribe(&[&cancel, &control]).await.is_ok() {
                         if tx.send(Control::KillSwitch).await.is_err() {
                             return;

@@ -4,6 +4,7 @@
 //! follows a committed Postgres write, and everything here can be rebuilt
 //! from Postgres by the reconciler.
 
+mod connection;
 mod control;
 mod keys;
 mod scripts;
@@ -14,12 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
 pub use crate::job::CancelRequest;
 use crate::job::{JobId, QueueName};
+pub use connection::{Connection, Topology};
 pub use control::{Control, KillSwitchState};
 pub use keys::{Keys, QueueKeys};
 pub use scripts::Scripts;
@@ -122,37 +123,51 @@ impl Depth {
 
 #[derive(Clone)]
 pub struct ValkeyQueue {
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// For subscriptions, which need a connection of their own: one client
+    /// per listed node. In a cluster a plain `PUBLISH` reaches every node,
+    /// so a subscriber on any one of them hears it; a listener that loses
+    /// its node moves on to the next.
+    subscribers: Arc<Vec<redis::Client>>,
+    conn: Connection,
     keys: Keys,
     scripts: Arc<Scripts>,
 }
 
 impl ValkeyQueue {
-    /// Connects, checks the server answers, and loads every script.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, QueueError> {
+    /// Connects to one server, or to a cluster when `url` lists several
+    /// nodes or `cluster` is set; checks it answers and loads every script
+    /// (on every node of a cluster).
+    pub async fn connect(url: &str, prefix: &str, cluster: bool) -> Result<Self, QueueError> {
+        let topology = Topology::parse(url, cluster);
         let connect_err = |source| QueueError::Connect {
-            url: url.to_owned(),
+            url: topology.redacted(),
             source,
         };
-        let client = redis::Client::open(url).map_err(connect_err)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(2));
-        let mut conn = client
-            .get_connection_manager_with_config(config)
-            .await
+        let subscribers = topology
+            .urls
+            .iter()
+            .map(|u| redis::Client::open(u.as_str()))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(connect_err)?;
+        let mut conn = Connection::open(&topology).await.map_err(connect_err)?;
         let scripts = Arc::new(Scripts::new());
         scripts.load(&mut conn).await?;
         Ok(ValkeyQueue {
-            client,
+            subscribers: Arc::new(subscribers),
             conn,
             keys: Keys::new(prefix),
             scripts,
         })
+    }
+
+    /// A connection for commands of one's own (tests, tools).
+    pub fn connection(&self) -> Connection {
+        self.conn.clone()
+    }
+
+    /// Whether this is a Valkey Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
     }
 
     pub fn keys(&self) -> &Keys {
@@ -609,15 +624,13 @@ impl ValkeyQueue {
     pub async fn drop_queue(&self, queue: &QueueName) -> Result<(), QueueError> {
         let k = self.keys.queue(queue);
         let mut conn = self.conn.clone();
-        let _: () = redis::pipe()
+        // The queue's keys share its slot; the registry is elsewhere.
+        let _: () = conn
             .del(&[
                 &k.pending, &k.delayed, &k.active, &k.prio, &k.seq, &k.paused, &k.halted, &k.limit,
             ])
-            .ignore()
-            .srem(self.keys.queues(), queue.as_str())
-            .ignore()
-            .query_async(&mut conn)
             .await?;
+        let _: () = conn.srem(self.keys.queues(), queue.as_str()).await?;
         Ok(())
     }
 
@@ -657,11 +670,16 @@ impl ValkeyQueue {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let info_key = self.keys.worker_info(worker_id);
         let forget = WORKER_FORGET.max(ttl).as_millis() as i64;
-        let mut pipe = redis::pipe();
-        pipe.zadd(self.keys.workers(), worker_id, now_ms)
+        // A pipeline per key: in a cluster the registry and the worker's
+        // hash live in different slots.
+        let _: () = redis::pipe()
+            .zadd(self.keys.workers(), worker_id, now_ms)
             .ignore()
             .zrembyscore(self.keys.workers(), "-inf", now_ms - forget)
-            .ignore();
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        let mut pipe = redis::pipe();
         if !info.is_empty() {
             pipe.hset_multiple(&info_key, info).ignore();
         }
@@ -672,13 +690,8 @@ impl ValkeyQueue {
 
     pub async fn worker_deregister(&self, worker_id: &str) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        let _: () = redis::pipe()
-            .zrem(self.keys.workers(), worker_id)
-            .ignore()
-            .del(self.keys.worker_info(worker_id))
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
+        let _: () = conn.zrem(self.keys.workers(), worker_id).await?;
+        let _: () = conn.del(self.keys.worker_info(worker_id)).await?;
         Ok(())
     }
 
@@ -768,11 +781,11 @@ impl ValkeyQueue {
     /// resubscribes after a lost connection and ends when the receiver drops.
     pub fn wake_listener(&self, queues: &[QueueName]) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel(1);
-        let client = self.client.clone();
+        let nodes = self.subscribers.clone();
         let channels: Vec<String> = queues.iter().map(|q| self.keys.queue(q).wake).collect();
         tokio::spawn(async move {
-            loop {
-                match client.get_async_pubsub().await {
+            for attempt in 0.. {
+                match pubsub(&nodes, attempt).await {
                     Ok(mut pubsub) => {
                         if let Err(err) = pubsub.subscribe(&channels).await {
                             tracing::warn!(error = %err, "wake subscription failed");
@@ -795,6 +808,18 @@ impl ValkeyQueue {
             }
         });
         rx
+    }
+}
+
+/// A subscription connection to the `attempt`-th of `nodes`, round robin,
+/// so that a listener whose node is gone tries the next one.
+async fn pubsub(nodes: &[redis::Client], attempt: usize) -> redis::RedisResult<redis::aio::PubSub> {
+    match nodes.get(attempt % nodes.len().max(1)) {
+        Some(client) => client.get_async_pubsub().await,
+        None => Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "no Valkey node to subscribe on",
+        ))),
     }
 }
 

@@ -6,7 +6,7 @@
 //! EVALSHA, falling back to loading the script once on NOSCRIPT (after a
 //! Valkey restart, say).
 
-use redis::aio::ConnectionManager;
+use super::Connection;
 use redis::{FromRedisValue, Script, ToRedisArgs};
 
 use super::QueueError;
@@ -46,7 +46,7 @@ impl LuaScript {
 
     pub async fn call<T: FromRedisValue>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         keys: &[&str],
         args: &[impl ToRedisArgs],
     ) -> Result<T, QueueError> {
@@ -152,7 +152,7 @@ impl Scripts {
 
     /// Loads every script into the server's cache (SCRIPT LOAD), so the first
     /// calls go straight to EVALSHA and a syntax error shows up at startup.
-    pub async fn load(&self, conn: &mut ConnectionManager) -> Result<(), QueueError> {
+    pub async fn load(&self, conn: &mut Connection) -> Result<(), QueueError> {
         for s in self.all() {
             s.script
                 .load_async(conn)

@@ -36,11 +36,15 @@ impl ValkeyQueue {
         if beats.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for (id, _) in &beats {
-            pipe.hgetall(self.keys.worker_info(id));
-        }
-        let infos: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        // One request per worker, sent together: in a cluster their hashes
+        // live in different slots, which one pipeline cannot span.
+        let infos: Vec<HashMap<String, String>> =
+            futures_util::future::try_join_all(beats.iter().map(|(id, _)| {
+                let mut conn = conn.clone();
+                let key = self.keys.worker_info(id);
+                async move { conn.hgetall(key).await }
+            }))
+            .await?;
         Ok(beats
             .into_iter()
             .zip(infos)

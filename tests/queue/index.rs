@@ -10,7 +10,7 @@ use crate::support::{env_var, request, unique_queue, TestEnv, ValkeyServer};
 
 async fn queue() -> (ValkeyQueue, QueueName) {
     let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let q = ValkeyQueue::connect(&env_var("ORCH_VALKEY_URL"), &prefix)
+    let q = ValkeyQueue::connect(&env_var("ORCH_VALKEY_URL"), &prefix, false)
         .await
         .expect("connect");
     (q, unique_queue().parse().expect("name"))

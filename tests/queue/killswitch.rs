@@ -83,11 +83,7 @@ async fn the_outbox_writes_each_record_once_and_sets_aside_what_postgres_refuses
         .expect("peek")
         .is_empty());
     let keys = env.app.queue().keys();
-    let mut conn = redis::Client::open(env.valkey_url.as_str())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = env.app.queue().connection();
     let dead: Vec<String> = redis::AsyncCommands::lrange(&mut conn, keys.outbox_dead(), 0, -1)
         .await
         .expect("dead list");
@@ -98,11 +94,7 @@ async fn the_outbox_writes_each_record_once_and_sets_aside_what_postgres_refuses
 /// rebuild sentinel are gone.
 async fn lose_valkey_state(env: &TestEnv) {
     let keys = env.app.queue().keys();
-    let mut conn = redis::Client::open(env.valkey_url.as_str())
-        .expect("client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = env.app.queue().connection();
     let _: () = redis::AsyncCommands::del(&mut conn, &[keys.kill_switch(), keys.epoch()])
         .await
         .expect("del");

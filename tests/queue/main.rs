@@ -2,6 +2,7 @@
 //! PostgreSQL and the real binary. Run them with `scripts/test.sh`.
 
 mod cancel;
+mod cluster;
 mod deploy;
 mod flow;
 mod frontends;

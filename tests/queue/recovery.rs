@@ -19,7 +19,7 @@ async fn running_count(env: &TestEnv, ids: &[JobId]) -> i64 {
         .expect("count")
 }
 
-async fn assert_each_finished_once(env: &TestEnv, ids: &[JobId]) {
+pub(crate) async fn assert_each_finished_once(env: &TestEnv, ids: &[JobId]) {
     for id in ids {
         assert_eq!(
             env.terminal_events(*id).await,

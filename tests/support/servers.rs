@@ -7,64 +7,243 @@ use std::time::{Duration, Instant};
 
 use super::env::{env_var, free_port, short_id};
 
-/// A private valkey-server on a free port, killed on drop.
+/// A private Valkey on free ports, killed on drop: one server, or (with
+/// `ORCH_TEST_VALKEY_CLUSTER=1`, as scripts/test.sh's cluster pass sets) a
+/// three-master Valkey Cluster, so the tests that flush Valkey mid-run run
+/// against both.
 pub struct ValkeyServer {
+    nodes: Vec<ValkeyNode>,
+    cluster: bool,
+}
+
+struct ValkeyNode {
     child: Child,
-    pub port: u16,
+    port: u16,
     _dir: tempfile::TempDir,
 }
 
-impl ValkeyServer {
-    pub fn start() -> ValkeyServer {
+impl ValkeyNode {
+    fn start(cluster: bool) -> ValkeyNode {
         let bin = env_var("ORCH_VALKEY_SERVER");
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let child = Command::new(bin)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path());
+        if cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start valkey-server");
         wait_port(port, Duration::from_secs(10));
-        ValkeyServer {
+        ValkeyNode {
             child,
             port,
             _dir: dir,
         }
     }
 
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+    fn connection(&self) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
+            .expect("client")
+            .get_connection()
+            .expect("connect")
     }
 
+    fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        cmd.query(&mut self.connection())
+            .unwrap_or_else(|e| panic!("node {}: {e}", self.port))
+    }
+}
+
+impl ValkeyServer {
+    pub fn start() -> ValkeyServer {
+        if std::env::var("ORCH_TEST_VALKEY_CLUSTER").is_ok_and(|v| v == "1") {
+            return Self::start_cluster(3, 0);
+        }
+        ValkeyServer {
+            nodes: vec![ValkeyNode::start(false)],
+            cluster: false,
+        }
+    }
+
+    /// A Valkey Cluster: `masters` primaries sharing the 16384 slots, each
+    /// with `replicas` replicas, formed with CLUSTER ADDSLOTSRANGE, MEET
+    /// and REPLICATE; returns once every node sees the cluster ok and
+    /// every replica is in sync.
+    pub fn start_cluster(masters: usize, replicas: usize) -> ValkeyServer {
+        let nodes: Vec<ValkeyNode> = (0..masters * (1 + replicas))
+            .map(|_| ValkeyNode::start(true))
+            .collect();
+        let per = 16384 / masters;
+        for (i, node) in nodes[..masters].iter().enumerate() {
+            let last = if i + 1 == masters {
+                16383
+            } else {
+                (i + 1) * per - 1
+            };
+            let _: () = node.query(
+                redis::cmd("CLUSTER")
+                    .arg("ADDSLOTSRANGE")
+                    .arg(i * per)
+                    .arg(last),
+            );
+        }
+        for node in &nodes[1..] {
+            let _: () = nodes[0].query(
+                redis::cmd("CLUSTER")
+                    .arg("MEET")
+                    .arg("127.0.0.1")
+                    .arg(node.port),
+            );
+        }
+        let server = ValkeyServer {
+            nodes,
+            cluster: true,
+        };
+        server.wait_until("every node knows every other", |s| {
+            s.nodes.iter().all(|n| {
+                let known: String = n.query(redis::cmd("CLUSTER").arg("NODES"));
+                known.lines().count() == s.nodes.len()
+            })
+        });
+        for (i, replica) in server.nodes[masters..].iter().enumerate() {
+            let master = &server.nodes[i % masters];
+            let id: String = master.query(redis::cmd("CLUSTER").arg("MYID"));
+            let _: () = replica.query(redis::cmd("CLUSTER").arg("REPLICATE").arg(id));
+        }
+        server.wait_until("the cluster is ok and every replica in sync", |s| {
+            s.nodes.iter().enumerate().all(|(i, n)| {
+                let info: String = n.query(redis::cmd("CLUSTER").arg("INFO"));
+                let ok = info.contains("cluster_state:ok");
+                ok && (i < masters || {
+                    let repl: String = n.query(redis::cmd("INFO").arg("replication"));
+                    repl.contains("master_link_status:up")
+                })
+            })
+        });
+        server
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "Valkey Cluster: {what}: not after 30s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The URL, or the cluster nodes' URLs comma-separated (as
+    /// `ORCH_VALKEY_URL` takes them).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Empties every primary (replicas follow).
     pub async fn flushall(&self) {
-        let client = redis::Client::open(self.url()).expect("client");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let _: () = redis::cmd("FLUSHALL")
-            .query_async(&mut conn)
-            .await
-            .expect("FLUSHALL");
+        for node in self.primaries() {
+            let _: () = node.query(&mut redis::cmd("FLUSHALL"));
+        }
+    }
+
+    fn primaries(&self) -> Vec<&ValkeyNode> {
+        self.nodes
+            .iter()
+            .filter(|n| {
+                if !self.cluster {
+                    return true;
+                }
+                let role: Vec<redis::Value> = n.query(&mut redis::cmd("ROLE"));
+                matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master")
+            })
+            .collect()
+    }
+
+    /// The primary that owns `key`'s slot, and one of its replicas (ports).
+    pub fn owners(&self, key: &str) -> (u16, Option<u16>) {
+        let slot: u16 = self.nodes[0].query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key));
+        let nodes: String = self.nodes[0].query(redis::cmd("CLUSTER").arg("NODES"));
+        // <id> <ip:port@bus> <flags> <master-id|-> <ping> <pong> <epoch> <link> <slot>...
+        let rows: Vec<Vec<&str>> = nodes.lines().map(|l| l.split(' ').collect()).collect();
+        let port_of = |row: &[&str]| -> u16 {
+            row[1]
+                .split(['@', ','])
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .expect("a node address")
+        };
+        let owner = rows
+            .iter()
+            .find(|row| {
+                row[2].contains("master")
+                    && row[8..].iter().any(|range| {
+                        let (a, b) = range.split_once('-').unwrap_or((range, range));
+                        match (a.parse::<u16>(), b.parse::<u16>()) {
+                            (Ok(a), Ok(b)) => (a..=b).contains(&slot),
+                            _ => false,
+                        }
+                    })
+            })
+            .expect("an owner of the slot");
+        let replica = rows
+            .iter()
+            .find(|row| row[3] == owner[0] && row[2].contains("slave"))
+            .map(|row| port_of(row));
+        (port_of(owner), replica)
+    }
+
+    /// `CLUSTER FAILOVER` on the replica at `port`: it takes over its
+    /// primary's slots once in sync. Returns when every node sees it as a
+    /// primary and the cluster is ok.
+    pub fn failover(&self, port: u16) {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster");
+        let _: () = node.query(redis::cmd("CLUSTER").arg("FAILOVER"));
+        let id: String = node.query(redis::cmd("CLUSTER").arg("MYID"));
+        self.wait_until("the replica took over", |s| {
+            s.nodes.iter().all(|n| {
+                let nodes: String = n.query(redis::cmd("CLUSTER").arg("NODES"));
+                let info: String = n.query(redis::cmd("CLUSTER").arg("INFO"));
+                info.contains("cluster_state:ok")
+                    && nodes.lines().any(|l| {
+                        l.starts_with(&id)
+                            && l.split(' ').nth(2).is_some_and(|f| f.contains("master"))
+                    })
+            })
+        });
     }
 }
 
 impl Drop for ValkeyServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for node in &mut self.nodes {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
     }
 }
 
