@@ -10,6 +10,8 @@ source scripts/lib/services.sh
 # shellcheck source=lib/images.sh
 source scripts/lib/images.sh
 orch_services_up --with-promtool --with-browser
+# The queue suite's second pass runs against a Valkey Cluster.
+orch_valkey_cluster_up
 if [[ "${ORCH_DOCKER_AVAILABLE:-0}" == 1 ]]; then
   orch_images_up
   # debian:bookworm-slim for the image test (tests/sandbox/image.rs).
@@ -51,4 +53,15 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast "$@"
 else
   cargo test --locked --no-fail-fast -- "$@"
+fi
+
+# The queue suite again, against a Valkey Cluster (3 primaries, 3
+# replicas): ORCH_VALKEY_URL lists its nodes, and the tests that flush
+# Valkey start private clusters instead of single servers.
+echo "== queue suite against a Valkey Cluster ($ORCH_VALKEY_CLUSTER_URL)" >&2
+export ORCH_VALKEY_URL="$ORCH_VALKEY_CLUSTER_URL" ORCH_TEST_VALKEY_CLUSTER=1
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast --test queue "$@"
+else
+  cargo test --locked --no-fail-fast --test queue -- "$@"
 fi
