@@ -379,11 +379,10 @@ impl Pool {
                     stop.clone(),
                 ));
             }
-        } else {
-            tracing::info!(worker_id = %cfg.worker_id, "maintenance only: claiming nothing");
         }
         drop(buffer);
         if !cfg.claim {
+            tracing::info!(worker_id = %cfg.worker_id, "maintenance only: claiming nothing");
             stop.cancelled().await;
         }
         while claimers.join_next().await.is_some() {}

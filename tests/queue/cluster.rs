@@ -20,6 +20,18 @@ async fn succeeded(env: &TestEnv, queue: &str) -> i64 {
         .expect("count")
 }
 
+/// Enqueues `n` short sleep jobs; their ids.
+async fn sleeps(env: &TestEnv, queue: &str, n: usize) -> Vec<JobId> {
+    let jobs = env
+        .enqueue(
+            (0..n)
+                .map(|_| request("sleep", queue, json!({ "ms": 25 })))
+                .collect(),
+        )
+        .await;
+    jobs.iter().map(|j| j.id).collect()
+}
+
 #[tokio::test]
 async fn failing_over_the_primary_of_a_busy_queue_loses_nothing_and_completes_nothing_twice() {
     let cluster = ValkeyServer::start_cluster(3, 1);
@@ -30,14 +42,7 @@ async fn failing_over_the_primary_of_a_busy_queue_loses_nothing_and_completes_no
     let (primary, replica) = cluster.owners(&format!("{{q:{q}}}"));
     let replica = replica.expect("the queue's primary has a replica");
 
-    let jobs = env
-        .enqueue(
-            (0..400)
-                .map(|_| request("sleep", &q, json!({ "ms": 25 })))
-                .collect(),
-        )
-        .await;
-    let mut ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let mut ids = sleeps(&env, &q, 400).await;
     let mut workers = [
         WorkerProcess::spawn(&env, &q, 8),
         WorkerProcess::spawn(&env, &q, 8),
@@ -61,14 +66,7 @@ async fn failing_over_the_primary_of_a_busy_queue_loses_nothing_and_completes_no
 
     // Jobs enqueued after the failover run too: the producers' and the
     // workers' connections found the new primary by themselves.
-    let later = env
-        .enqueue(
-            (0..40)
-                .map(|_| request("sleep", &q, json!({ "ms": 25 })))
-                .collect(),
-        )
-        .await;
-    ids.extend(later.iter().map(|j| j.id));
+    ids.extend(sleeps(&env, &q, 40).await);
     let done = env.wait_terminal(&ids, Duration::from_secs(120)).await;
     assert_status(&done, Status::Succeeded);
     assert_each_finished_once(&env, &ids).await;
