@@ -3,6 +3,7 @@
 
 mod dashboard;
 mod error;
+mod external;
 mod killswitch;
 mod queues;
 mod schedules;
@@ -10,6 +11,9 @@ mod webhooks;
 
 pub use dashboard::{Finished, Overview, WorkerInfo, THROUGHPUT_WINDOW};
 pub use error::{AppError, ErrorClass};
+pub use external::{
+    ExternalOutcome, ExternalTask, EXTERNAL_ARGS_FIELD, EXTERNAL_STOP_WAIT,
+};
 pub use queues::QueueInfo;
 // What `App::pool` takes and gives, for front ends that run workers.
 pub use crate::maintenance::{PruneCounts, RetentionConfig};
@@ -577,12 +581,11 @@ impl App {
 
     /// A worker pool over this app's connections.
     pub fn pool(&self, cfg: PoolConfig) -> Pool {
-        Pool::new(
-            self.store.clone(),
-            self.queue.clone(),
-            self.registry.clone(),
-            cfg,
-        )
+        self.pool_with_registry(cfg, self.registry.clone())
+    }
+
+    fn pool_with_registry(&self, cfg: PoolConfig, registry: Registry) -> Pool {
+        Pool::new(self.store.clone(), self.queue.clone(), registry, cfg)
         .with_sandboxes(self.sandboxes.clone())
         .with_git(self.git.stage.clone())
         .with_webhooks(self.delivery.clone())
