@@ -11,9 +11,7 @@ mod webhooks;
 
 pub use dashboard::{Finished, Overview, WorkerInfo, THROUGHPUT_WINDOW};
 pub use error::{AppError, ErrorClass};
-pub use external::{
-    ExternalOutcome, ExternalTask, EXTERNAL_ARGS_FIELD, EXTERNAL_STOP_WAIT,
-};
+pub use external::{ExternalOutcome, ExternalTask, EXTERNAL_ARGS_FIELD, EXTERNAL_STOP_WAIT};
 pub use queues::QueueInfo;
 // What `App::pool` takes and gives, for front ends that run workers.
 pub use crate::maintenance::{PruneCounts, RetentionConfig};
@@ -586,10 +584,10 @@ impl App {
 
     fn pool_with_registry(&self, cfg: PoolConfig, registry: Registry) -> Pool {
         Pool::new(self.store.clone(), self.queue.clone(), registry, cfg)
-        .with_sandboxes(self.sandboxes.clone())
-        .with_git(self.git.stage.clone())
-        .with_webhooks(self.delivery.clone())
-        .with_schedules(Some(self.scheduler_config()))
-        .with_retention(self.settings.retention.config())
+            .with_sandboxes(self.sandboxes.clone())
+            .with_git(self.git.stage.clone())
+            .with_webhooks(self.delivery.clone())
+            .with_schedules(Some(self.scheduler_config()))
+            .with_retention(self.settings.retention.config())
     }
 }
