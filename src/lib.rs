@@ -5,6 +5,8 @@
 //! ends); `docs/guarantees.md` says what each guarantee is and where it is
 //! tested.
 
+#[cfg(feature = "apalis")]
+pub mod apalis;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -26,6 +26,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("app", 3),
     ("config", 3),
     ("api", 4),
+    ("apalis", 4),
     ("bench", 4),
     ("cli", 4),
     ("telemetry", 4),
