@@ -91,6 +91,9 @@ struct Produce {
     delay_secs: Option<u64>,
     #[arg(long)]
     max_attempts: Option<usize>,
+    /// Each task's time limit.
+    #[arg(long)]
+    timeout_secs: Option<u64>,
     /// The same key twice is one job.
     #[arg(long)]
     idempotency_key: Option<String>,
@@ -131,7 +134,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn produce(app: App, args: Produce) -> anyhow::Result<()> {
-    let config = Config::new(KIND)?.queue(&args.queue)?;
+    let mut config = Config::new(KIND)?.queue(&args.queue)?;
+    if let Some(secs) = args.timeout_secs {
+        config = config.timeout(Duration::from_secs(secs))?;
+    }
     let mut storage = OrchestratorStorage::<Chore>::new(app, config);
     let tasks: Vec<_> = (0..args.count)
         .map(|n| {
@@ -235,14 +241,14 @@ fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let fire = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            Ok(term) => term,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -131,6 +131,7 @@ pub struct Config {
     concurrency: Option<usize>,
     prefetch: Option<usize>,
     claim_batch: Option<usize>,
+    timeout_secs: Option<i64>,
 }
 
 impl Config {
@@ -150,6 +151,7 @@ impl Config {
             concurrency: None,
             prefetch: None,
             claim_batch: None,
+            timeout_secs: None,
         })
     }
 
@@ -186,6 +188,20 @@ impl Config {
             return Err(Error::Config("claim_batch must be at least 1".into()));
         }
         self.claim_batch = Some(jobs);
+        Ok(self)
+    }
+
+    /// How long each pushed task may run (the kind's default, from
+    /// settings, otherwise). At the end its `Cancellation` fires and the
+    /// attempt fails.
+    pub fn timeout(mut self, limit: std::time::Duration) -> Result<Self, Error> {
+        let secs = i64::try_from(limit.as_secs())
+            .ok()
+            .filter(|secs| *secs > 0)
+            .ok_or_else(|| {
+                Error::Config(format!("timeout {limit:?}: give whole seconds, at least 1"))
+            })?;
+        self.timeout_secs = Some(secs);
         Ok(self)
     }
 
@@ -357,6 +373,7 @@ impl<Args: Serialize> OrchestratorStorage<Args> {
             max_attempts: ctx.max_attempts().map(wide),
             run_at,
             idempotency_key: ctx.idempotency_key().map(str::to_owned),
+            timeout_secs: self.config.timeout_secs,
             ..JobRequest::default()
         })
     }
