@@ -44,15 +44,26 @@ scripts/check-deploy.sh
 echo "== format and lints" >&2
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --locked --features apalis -- -D warnings
 
 echo "== supply chain (deny.toml)" >&2
-cargo deny --locked check bans licenses sources
+cargo deny --locked --all-features check bans licenses sources
 
 echo "== tests" >&2
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast "$@"
 else
   cargo test --locked --no-fail-fast -- "$@"
+fi
+
+# The apalis backend (feature `apalis`, off by default): its example runs
+# as worker and producer processes.
+echo "== apalis backend (feature apalis)" >&2
+cargo build --locked --features apalis --examples
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast --features apalis --test apalis "$@"
+else
+  cargo test --locked --no-fail-fast --features apalis --test apalis -- "$@"
 fi
 
 # The queue suite again, against a Valkey Cluster (3 primaries, 3

@@ -276,7 +276,7 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
 
 /// Removes a bench queue's jobs, their events and webhook rows, and its
 /// Valkey keys.
-pub(crate) async fn remove_queue(app: &App, queue: &QueueName) -> Result<(), BenchError> {
+pub async fn remove_queue(app: &App, queue: &QueueName) -> Result<(), BenchError> {
     let pool = app.store().pool();
     sqlx::query(
         "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT d.id FROM webhook_deliveries d
