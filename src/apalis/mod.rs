@@ -44,8 +44,12 @@
 //!   through `PATCH /v1/jobs/{id}` (versioned and audited), retries through
 //!   the dead-letter endpoints, and pruning through retention. A second,
 //!   unfenced path around those would weaken them.
-//! - `WaitForCompletion` and `ListTasks` are not, because their result
-//!   types assume apalis's own storage layout. The job's events are
+//! - [`WaitForCompletion`] is implemented: results as the jobs finish, read
+//!   from Postgres (the truth) at the worker's poll interval.
+//! - `ListTasks` is not: it lists tasks in apalis's wire format (a
+//!   `WireFormatBackend` codec), which this storage does not have, since
+//!   arguments are JSON in the job's payload. Jobs are listed by
+//!   `GET /v1/jobs?queue=…&kind=…`, and a job's events by
 //!   `GET /v1/jobs/{id}/events`, or SSE.
 //! - `apalis_core::backend::persistence` is not used. It keeps claimed tasks
 //!   and their acks in the worker's memory, which is what the pool already
@@ -57,6 +61,7 @@
 //! worker's stream.
 
 use std::any::type_name;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -66,7 +71,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use apalis_core::backend::finalize::FinalizeBackend;
-use apalis_core::backend::{Backend, BackendConfig, FetchById, TaskSink, TaskSinkError};
+use apalis_core::backend::{
+    Backend, BackendConfig, FetchById, TaskResult, TaskSink, TaskSinkError, WaitForCompletion,
+};
 use apalis_core::error::{AbortError, BoxDynError, RetryAfterError};
 use apalis_core::layers::{Layer, Service};
 use apalis_core::task::builder::TaskBuilder;
@@ -77,6 +84,7 @@ use apalis_core::task::Task;
 use apalis_core::worker::context::WorkerContext;
 use chrono::DateTime;
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, Sink, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -88,7 +96,7 @@ use crate::app::{
     App, AppError, ErrorClass, ExternalOutcome, ExternalTask, PoolConfig, EXTERNAL_ARGS_FIELD,
     EXTERNAL_STOP_WAIT,
 };
-use crate::job::{JobId, JobKind, JobRequest, NameError, QueueName};
+use crate::job::{Job, JobId, JobKind, JobRequest, NameError, QueueName, Status};
 
 /// The actor producers' jobs are recorded under.
 pub const ACTOR: &str = "apalis";
@@ -119,6 +127,10 @@ pub enum Error {
     },
     #[error("job {0} is not of this storage's kind and queue")]
     Foreign(JobId),
+    #[error("no job {0}")]
+    NotFound(JobId),
+    #[error("task id {0} is not a job id (a UUID)")]
+    NotAJob(String),
     #[error("the worker pool ended abnormally: {0}")]
     Pool(#[source] tokio::task::JoinError),
 }
@@ -136,8 +148,8 @@ pub struct Config {
 
 impl Config {
     /// Jobs of `kind` in the queue `default`. Give apalis kinds a queue of
-    /// their own ([`Config::queue`]): a plain worker that claims one puts it
-    /// back for an apalis worker, a little later.
+    /// their own ([`Config::queue`]) that no plain `orchestrator worker`
+    /// serves: one has no handler for the kind, and fails such a job.
     pub fn new(kind: &str) -> Result<Self, Error> {
         Ok(Config {
             kind: JobKind::parse(kind).map_err(|source| Error::Name {
@@ -522,11 +534,7 @@ where
     ) -> impl Future<Output = Result<Option<Task<Args>>, Error>> + Send {
         let app = self.app.clone();
         let config = self.config.clone();
-        let id = match task_id {
-            TaskId::Uuid(id) => Some(JobId(*id)),
-            TaskId::String(s) => s.parse::<uuid::Uuid>().ok().map(JobId),
-            _ => None,
-        };
+        let id = job_id(task_id).ok();
         async move {
             let Some(id) = id else { return Ok(None) };
             let job = match app.job(id).await {
@@ -555,6 +563,142 @@ where
                     .priority(usize::from(job.priority))
                     .build(),
             ))
+        }
+    }
+}
+
+/// The job a task id names: ours are the job's UUID.
+fn job_id(task_id: &TaskId) -> Result<JobId, Error> {
+    match task_id {
+        TaskId::Uuid(id) => Ok(JobId(*id)),
+        TaskId::String(s) => s
+            .parse::<uuid::Uuid>()
+            .map(JobId)
+            .map_err(|_| Error::NotAJob(s.clone())),
+        other => Err(Error::NotAJob(other.to_string())),
+    }
+}
+
+/// A job as apalis sees a task's result: the response for a job that
+/// succeeded, the last error (or the status) otherwise.
+fn task_result<Output: DeserializeOwned>(job: &Job) -> Result<TaskResult<Output>, Error> {
+    use apalis_core::task::status::Status as Apalis;
+    let status = match job.status {
+        Status::Scheduled => Apalis::Pending,
+        Status::Queued => Apalis::Queued,
+        Status::Running => Apalis::Running,
+        Status::Succeeded => Apalis::Done,
+        Status::Dead => Apalis::Failed,
+        Status::Cancelled => Apalis::Killed,
+    };
+    let result = match job.status {
+        Status::Succeeded => {
+            let value = job.result.clone().unwrap_or_default();
+            Ok(Output::deserialize(&value).map_err(|source| Error::Decode {
+                id: job.id,
+                ty: type_name::<Output>(),
+                source,
+            })?)
+        }
+        other => Err(job
+            .last_error
+            .clone()
+            .unwrap_or_else(|| format!("the job is {other}"))),
+    };
+    Ok(TaskResult {
+        task_id: TaskId::from_uuid(job.id.0),
+        attempt: job.attempt as usize,
+        status,
+        result,
+    })
+}
+
+impl<Args, Output> WaitForCompletion<Output> for OrchestratorStorage<Args>
+where
+    Args: DeserializeOwned + Send + 'static,
+    Output: DeserializeOwned + Send + 'static,
+{
+    type ResultStream = BoxStream<'static, Result<TaskResult<Output>, Error>>;
+
+    /// Each task's result as its job finishes (succeeded, dead or
+    /// cancelled), read from Postgres every `worker.poll_interval_ms`; an id
+    /// that names no job yields an error. The stream ends when every task
+    /// has yielded.
+    fn wait_for(&mut self, task_ids: impl IntoIterator<Item = TaskId>) -> Self::ResultStream {
+        let app = self.app.clone();
+        let every = std::time::Duration::from_millis(app.settings().worker.poll_interval_ms);
+        let mut ready: VecDeque<Result<TaskResult<Output>, Error>> = VecDeque::new();
+        let mut waiting = Vec::new();
+        for task_id in task_ids {
+            match job_id(&task_id) {
+                Ok(id) => waiting.push(id),
+                Err(e) => ready.push_back(Err(e)),
+            }
+        }
+        futures_util::stream::unfold(
+            (app, waiting, ready, true),
+            move |(app, mut waiting, mut ready, mut first)| async move {
+                loop {
+                    if let Some(item) = ready.pop_front() {
+                        return Some((item, (app, waiting, ready, first)));
+                    }
+                    if waiting.is_empty() {
+                        return None;
+                    }
+                    if !first {
+                        tokio::time::sleep(every).await;
+                    }
+                    first = false;
+                    let jobs = match app.jobs_by_ids(&waiting).await {
+                        Ok(jobs) => jobs,
+                        // The stream goes on after an outage; the caller
+                        // sees it.
+                        Err(e) => {
+                            ready.push_back(Err(e.into()));
+                            continue;
+                        }
+                    };
+                    let jobs: HashMap<JobId, Job> = jobs.into_iter().map(|j| (j.id, j)).collect();
+                    waiting.retain(|id| match jobs.get(id) {
+                        None => {
+                            ready.push_back(Err(Error::NotFound(*id)));
+                            false
+                        }
+                        Some(job) if job.status.is_terminal() => {
+                            ready.push_back(task_result(job));
+                            false
+                        }
+                        Some(_) => true,
+                    });
+                }
+            },
+        )
+        .boxed()
+    }
+
+    /// Each task's status now; a task that has not succeeded has its last
+    /// error, or its status, as its `Err`.
+    fn check_status(
+        &mut self,
+        task_ids: impl IntoIterator<Item = TaskId> + Send,
+    ) -> impl Future<Output = Result<Vec<TaskResult<Output>>, Error>> + Send {
+        let app = self.app.clone();
+        let ids: Result<Vec<JobId>, Error> = task_ids.into_iter().map(|t| job_id(&t)).collect();
+        async move {
+            let ids = ids?;
+            let jobs: HashMap<JobId, Job> = app
+                .jobs_by_ids(&ids)
+                .await?
+                .into_iter()
+                .map(|j| (j.id, j))
+                .collect();
+            ids.iter()
+                .map(|id| {
+                    jobs.get(id)
+                        .ok_or(Error::NotFound(*id))
+                        .and_then(task_result)
+                })
+                .collect()
         }
     }
 }

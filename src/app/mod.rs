@@ -544,6 +544,11 @@ impl App {
         Ok(self.store.get_job(id).await?)
     }
 
+    /// The jobs with these ids that exist, in no particular order.
+    pub async fn jobs_by_ids(&self, ids: &[JobId]) -> Result<Vec<Job>, AppError> {
+        Ok(self.store.get_jobs(ids).await?)
+    }
+
     /// Newest first, keyset-paginated.
     pub async fn jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, AppError> {
         Ok(self.store.list_jobs(filter).await?)

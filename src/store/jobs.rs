@@ -553,6 +553,17 @@ impl Store {
         Ok(())
     }
 
+    /// The jobs with these ids that exist, in no particular order.
+    pub async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY($1)");
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let rows: Vec<JobRow> = sqlx::query_as(&sql)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
     pub async fn get_job(&self, id: JobId) -> Result<Job, StoreError> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
         let row: Option<JobRow> = sqlx::query_as(&sql)

@@ -602,3 +602,88 @@ async fn flushing_valkey_under_an_apalis_worker_loses_no_task() {
         assert_succeeded_once(&env, job).await;
     }
 }
+
+#[tokio::test]
+async fn the_storage_pushes_fetches_and_waits_for_its_tasks_in_process() {
+    use apalis_core::backend::{FetchById, TaskResult, WaitForCompletion};
+    use apalis_core::task::builder::TaskBuilder;
+    use apalis_core::task::status::Status as ApalisStatus;
+    use apalis_core::task::task_id::TaskId;
+    use futures_util::StreamExt;
+    use orchestrator::apalis::{Config, OrchestratorStorage};
+    use serde_json::{json, Value};
+
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let config = Config::new("apalis-chore")
+        .and_then(|c| c.queue(&q))
+        .expect("config");
+    let mut storage = OrchestratorStorage::<Value>::new(env.app.clone(), config);
+    let chore =
+        |label: &str, behaviour: &str| json!({"label": label, "behaviour": behaviour, "ms": 200});
+    let tasks = vec![
+        TaskBuilder::new(chore("a", "sleep")).priority(7).build(),
+        TaskBuilder::new(chore("b", "abort")).build(),
+        // Not a `Chore`: the worker cannot decode it.
+        TaskBuilder::new(json!({"label": "c", "behaviour": "no-such-thing"})).build(),
+    ];
+    let ids = storage.enqueue_tasks(tasks).await.expect("enqueue");
+    assert_eq!(ids.len(), 3);
+    let task_ids: Vec<TaskId> = ids.iter().map(|id| TaskId::from_uuid(id.0)).collect();
+
+    // Before any worker: queued, fetched as they were pushed.
+    let now: Vec<TaskResult<String>> = storage
+        .check_status(task_ids.clone())
+        .await
+        .expect("status");
+    assert!(
+        now.iter().all(|r| *r.status() == ApalisStatus::Queued),
+        "{now:?}"
+    );
+    let fetched = storage
+        .fetch_by_id(&task_ids[0])
+        .await
+        .expect("fetch")
+        .expect("the job exists");
+    assert_eq!(fetched.args, chore("a", "sleep"));
+    assert_eq!(fetched.ctx().priority(), Some(7));
+    let nobody = TaskId::from_uuid(uuid::Uuid::now_v7());
+    assert!(storage.fetch_by_id(&nobody).await.expect("fetch").is_none());
+
+    let _worker = Worker::spawn(&env, &q, "w1", 2);
+    let results: Vec<_> = storage.wait_for(task_ids.clone()).collect().await;
+    let mut by_id: HashMap<String, TaskResult<String>> = HashMap::new();
+    for r in results {
+        let r = r.expect("a result");
+        by_id.insert(r.task_id().to_string(), r);
+    }
+    assert_eq!(by_id.len(), 3);
+    let a = &by_id[&ids[0].to_string()];
+    assert_eq!(*a.status(), ApalisStatus::Done);
+    assert_eq!(
+        a.result(),
+        &Ok("a by w1".to_owned()),
+        "the handler's response"
+    );
+    let b = &by_id[&ids[1].to_string()];
+    assert_eq!(*b.status(), ApalisStatus::Failed);
+    assert!(b
+        .result()
+        .as_ref()
+        .is_err_and(|e| e.contains("this chore cannot succeed")));
+    let c = &by_id[&ids[2].to_string()];
+    assert_eq!(*c.status(), ApalisStatus::Failed);
+    let error = c.result().clone().expect_err("dead");
+    assert!(
+        error.contains("do not decode as") && error.contains("Chore"),
+        "a clear error: {error}"
+    );
+    assert_eq!(events(&env, ids[2]).await, ["enqueued", "started", "dead"]);
+
+    // An id that names no job is an error in the stream, not a hang.
+    let missing: Vec<Result<TaskResult<String>, _>> = storage.wait_for([nobody]).collect().await;
+    assert!(matches!(
+        missing.as_slice(),
+        [Err(orchestrator::apalis::Error::NotFound(_))]
+    ));
+}
