@@ -172,7 +172,8 @@ async fn produce(app: App, args: Produce) -> anyhow::Result<()> {
 
 async fn work(app: App, args: Work) -> anyhow::Result<()> {
     let stop = shutdown_signal();
-    let observability = serve_observability(&app, stop.clone()).await?;
+    // /metrics, /healthz and /readyz, as `orchestrator worker` serves them.
+    let observability = orchestrator::api::spawn_observability(&app, stop.clone(), false).await?;
     let config = Config::new(KIND)?
         .queue(&args.queue)?
         .concurrency(args.concurrency)?;
@@ -256,27 +257,4 @@ fn shutdown_signal() -> CancellationToken {
         fire.cancel();
     });
     token
-}
-
-/// `/metrics`, `/healthz` and `/readyz` on `metrics_addr`, as the
-/// `orchestrator worker` serves them.
-async fn serve_observability(
-    app: &App,
-    stop: CancellationToken,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
-    let addr = app.settings().metrics_addr.clone();
-    if addr.trim().eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    let handle = orchestrator::metrics::install().context("installing the metrics recorder")?;
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (set ORCH_METRICS_ADDR)"))?;
-    tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness listening");
-    let state = orchestrator::api::ApiState::for_observability(app.clone(), handle, false);
-    Ok(Some(tokio::spawn(orchestrator::api::serve(
-        listener,
-        orchestrator::api::observability_router(state),
-        stop,
-    ))))
 }

@@ -365,7 +365,8 @@ pub async fn run() -> anyhow::Result<()> {
             let pool = app.pool(pool_config(&app, &args)?);
             // A maintenance-only worker starts no sandbox: its /readyz
             // does not need a Docker daemon.
-            let served = serve_observability(&app, stop.clone(), !args.maintenance_only).await?;
+            let served =
+                api::spawn_observability(&app, stop.clone(), !args.maintenance_only).await?;
             pool.run(stop.clone()).await;
             stop.cancel();
             if let Some(served) = served {
@@ -611,33 +612,6 @@ fn shutdown_signal() -> CancellationToken {
         fire.cancel();
     });
     token
-}
-
-/// `/metrics`, `/healthz` and `/readyz` of a worker, on `metrics_addr`,
-/// until `stop` fires; `None` when `metrics_addr` is `off`. An address in
-/// use is an error naming the variable: a worker nobody can scrape or
-/// probe should not pass for a healthy one.
-async fn serve_observability(
-    app: &App,
-    stop: CancellationToken,
-    runs_agents: bool,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
-    let addr = app.settings().metrics_addr.clone();
-    if addr.trim().eq_ignore_ascii_case("off") {
-        tracing::warn!("metrics_addr = off: this worker serves no /metrics, /healthz or /readyz");
-        return Ok(None);
-    }
-    let handle = orchestrator::metrics::install().context("installing the metrics recorder")?;
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (set ORCH_METRICS_ADDR)"))?;
-    tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness listening");
-    let state = ApiState::for_observability(app.clone(), handle, runs_agents);
-    Ok(Some(tokio::spawn(api::serve(
-        listener,
-        api::observability_router(state),
-        stop,
-    ))))
 }
 
 /// `runs_agents`: workers run in this process too, so `/readyz` needs a

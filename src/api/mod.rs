@@ -147,6 +147,52 @@ pub async fn serve(
         .await
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ObservabilityError {
+    #[error("installing the metrics recorder: {0}")]
+    Metrics(#[source] metrics_exporter_prometheus::BuildError),
+    #[error("cannot listen on {addr} (set ORCH_METRICS_ADDR): {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a worker process serves on the settings' `metrics_addr`:
+/// `/metrics`, `/healthz` and `/readyz`, in a task of their own until
+/// `stop` fires. `None` when `metrics_addr` is `off`. An address in use is
+/// an error naming the variable: a worker nobody can scrape or probe should
+/// not pass for a healthy one. `runs_agents`: the
+/// process runs sandboxes, so `/readyz` needs a sandbox runtime.
+pub async fn spawn_observability(
+    app: &App,
+    stop: CancellationToken,
+    runs_agents: bool,
+) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>, ObservabilityError> {
+    let addr = app.settings().metrics_addr.clone();
+    if addr.trim().eq_ignore_ascii_case("off") {
+        tracing::warn!("metrics_addr = off: this worker serves no /metrics, /healthz or /readyz");
+        return Ok(None);
+    }
+    let handle = m::install().map_err(ObservabilityError::Metrics)?;
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ObservabilityError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
+    if let Ok(local) = listener.local_addr() {
+        tracing::info!(addr = %local, "metrics, health and readiness listening");
+    }
+    let state = ApiState::for_observability(app.clone(), handle, runs_agents);
+    Ok(Some(tokio::spawn(serve(
+        listener,
+        observability_router(state),
+        stop,
+    ))))
+}
+
 async fn openapi_json() -> impl IntoResponse {
     Json(openapi::ApiDoc::openapi())
 }

@@ -219,18 +219,6 @@ async fn wait_done(env: &TestEnv, queue: &str, count: usize) -> HashMap<String, 
     jobs_by_label(env, queue).await
 }
 
-/// A job's event types, in order.
-async fn events(env: &TestEnv, id: JobId) -> Vec<String> {
-    env.app
-        .store()
-        .job_events(id, None)
-        .await
-        .expect("events")
-        .into_iter()
-        .map(|e| e.kind)
-        .collect()
-}
-
 async fn assert_succeeded_once(env: &TestEnv, job: &Job) {
     assert_eq!(job.status, Status::Succeeded, "{job:?}");
     assert_eq!(env.terminal_events(job.id).await, 1, "job {}", job.id);
@@ -276,7 +264,7 @@ async fn every_outcome_of_an_apalis_task_is_a_fenced_audited_transition() {
             "the handler's response"
         );
         assert_eq!(
-            events(&env, job.id).await,
+            env.event_types(job.id).await,
             ["enqueued", "started", "succeeded"]
         );
     }
@@ -293,7 +281,7 @@ async fn every_outcome_of_an_apalis_task_is_a_fenced_audited_transition() {
         assert_eq!(job.attempt, 2, "{label}");
         assert_eq!(job.last_error.as_deref(), Some(error), "{label}");
         assert_eq!(
-            events(&env, job.id).await,
+            env.event_types(job.id).await,
             ["enqueued", "started", "failed", "started", "succeeded"],
             "{label}"
         );
@@ -311,7 +299,7 @@ async fn every_outcome_of_an_apalis_task_is_a_fenced_audited_transition() {
         "{abort:?}"
     );
     assert_eq!(
-        events(&env, abort.id).await,
+        env.event_types(abort.id).await,
         ["enqueued", "started", "dead"]
     );
 
@@ -348,7 +336,10 @@ async fn a_timed_out_apalis_task_is_a_failed_attempt_and_its_handler_is_told() {
     let job = &jobs["slow-0"];
     assert_eq!(job.status, Status::Dead);
     assert_eq!(job.last_error.as_deref(), Some("timed out after 1s"));
-    assert_eq!(events(&env, job.id).await, ["enqueued", "started", "dead"]);
+    assert_eq!(
+        env.event_types(job.id).await,
+        ["enqueued", "started", "dead"]
+    );
     worker
         .wait_for("cancelled", 1, Duration::from_secs(10))
         .await;
@@ -678,7 +669,10 @@ async fn the_storage_pushes_fetches_and_waits_for_its_tasks_in_process() {
         error.contains("do not decode as") && error.contains("Chore"),
         "a clear error: {error}"
     );
-    assert_eq!(events(&env, ids[2]).await, ["enqueued", "started", "dead"]);
+    assert_eq!(
+        env.event_types(ids[2]).await,
+        ["enqueued", "started", "dead"]
+    );
 
     // An id that names no job is an error in the stream, not a hang.
     let missing: Vec<Result<TaskResult<String>, _>> = storage.wait_for([nobody]).collect().await;

@@ -79,15 +79,7 @@ impl Fixture {
     }
 
     pub(crate) async fn event_types(&self, id: JobId) -> Vec<String> {
-        self.env
-            .app
-            .store()
-            .job_events(id, None)
-            .await
-            .expect("events")
-            .into_iter()
-            .map(|e| e.kind)
-            .collect()
+        self.env.event_types(id).await
     }
 
     pub(crate) fn worktrees_left(&self) -> usize {

@@ -207,6 +207,18 @@ impl TestEnv {
             .expect("count events")
     }
 
+    /// A job's event types, in order.
+    pub async fn event_types(&self, id: JobId) -> Vec<String> {
+        self.app
+            .store()
+            .job_events(id, None)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
     /// The data of a job's last event, which must be its `cancelled` event
     /// (who asked, why, from where).
     pub async fn cancelled_event(&self, id: JobId) -> serde_json::Value {
