@@ -21,7 +21,6 @@ use orchestrator::apalis::{Cancellation, Config, OrchestratorStorage};
 use orchestrator::app::App;
 use orchestrator::config::Settings;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 /// The kind of this example's jobs.
 const KIND: &str = "apalis-chore";
@@ -171,7 +170,7 @@ async fn produce(app: App, args: Produce) -> anyhow::Result<()> {
 }
 
 async fn work(app: App, args: Work) -> anyhow::Result<()> {
-    let stop = shutdown_signal();
+    let stop = orchestrator::telemetry::shutdown_signal();
     // /metrics, /healthz and /readyz, as `orchestrator worker` serves them.
     let observability = orchestrator::api::spawn_observability(&app, stop.clone(), false).await?;
     let config = Config::new(KIND)?
@@ -235,26 +234,4 @@ fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     // Nobody to tell if stdout is gone.
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
-}
-
-/// Fires on SIGTERM or Ctrl-C.
-fn shutdown_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let fire = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(error) => {
-                    tracing::error!(%error, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        fire.cancel();
-    });
-    token
 }

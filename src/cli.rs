@@ -361,7 +361,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Worker(args) => {
             let app = connect_migrated(settings).await?;
-            let stop = shutdown_signal();
+            let stop = orchestrator::telemetry::shutdown_signal();
             let pool = app.pool(pool_config(&app, &args)?);
             // A maintenance-only worker starts no sandbox: its /readyz
             // does not need a Docker daemon.
@@ -375,7 +375,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Serve => {
             let app = connect_migrated(settings).await?;
-            let stop = shutdown_signal();
+            let stop = orchestrator::telemetry::shutdown_signal();
             let deliverer = app.clone();
             let until = stop.clone();
             let delivering = tokio::spawn(async move { deliverer.deliver_webhooks(until).await });
@@ -387,7 +387,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Run(args) => {
             let app = App::connect(settings).await?;
             app.migrate().await?;
-            let stop = shutdown_signal();
+            let stop = orchestrator::telemetry::shutdown_signal();
             let pool = app.pool(pool_config(&app, &args)?);
             // A pool that ends by itself (--one-job, --idle-exit-secs)
             // takes the HTTP server down with it.
@@ -581,37 +581,6 @@ fn pool_config(app: &App, args: &WorkerArgs) -> anyhow::Result<PoolConfig> {
         cfg.prefetch = 0;
     }
     Ok(cfg)
-}
-
-/// Fires on SIGTERM or SIGINT.
-fn shutdown_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let fire = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(err) => {
-                        tracing::error!(error = %err, "cannot listen for SIGTERM");
-                        let _ = ctrl_c.await;
-                        fire.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutdown requested");
-        fire.cancel();
-    });
-    token
 }
 
 /// `runs_agents`: workers run in this process too, so `/readyz` needs a

@@ -1,6 +1,9 @@
-//! Tracing setup: human-readable logs by default, JSON with
-//! `ORCH_LOG_FORMAT=json`; the filter comes from `ORCH_LOG` (default `info`).
+//! Process set-up for the binaries (`orchestrator`, the examples):
+//! tracing, with human-readable logs by default, JSON with
+//! `ORCH_LOG_FORMAT=json`, the filter from `ORCH_LOG` (default `info`); and
+//! the shutdown signal.
 
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 pub fn init() {
@@ -18,4 +21,35 @@ pub fn init() {
     };
     // Already initialised (tests); keep the first subscriber.
     drop(result);
+}
+
+/// Fires on SIGTERM or SIGINT.
+pub fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let fire = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        fire.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        fire.cancel();
+    });
+    token
 }

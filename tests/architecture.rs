@@ -48,8 +48,10 @@ const SAME_LAYER: &[(&str, &str)] = &[
     // The binary's CLI serves the API and runs the benchmarks.
     ("cli", "api"),
     ("cli", "bench"),
-    // The binary sets up tracing before anything else.
+    // The binary sets up tracing before anything else, and its commands
+    // stop on the same signal.
     ("main", "telemetry"),
+    ("cli", "telemetry"),
 ];
 
 /// What a module may import beyond the table's rule, and why.
