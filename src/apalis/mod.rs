@@ -152,14 +152,8 @@ impl Config {
     /// serves: one has no handler for the kind, and fails such a job.
     pub fn new(kind: &str) -> Result<Self, Error> {
         Ok(Config {
-            kind: JobKind::parse(kind).map_err(|source| Error::Name {
-                what: "kind",
-                source,
-            })?,
-            queue: QueueName::parse("default").map_err(|source| Error::Name {
-                what: "queue",
-                source,
-            })?,
+            kind: JobKind::parse(kind).map_err(name_error("kind"))?,
+            queue: QueueName::parse("default").map_err(name_error("queue"))?,
             concurrency: None,
             prefetch: None,
             claim_batch: None,
@@ -168,10 +162,7 @@ impl Config {
     }
 
     pub fn queue(mut self, queue: &str) -> Result<Self, Error> {
-        self.queue = QueueName::parse(queue).map_err(|source| Error::Name {
-            what: "queue",
-            source,
-        })?;
+        self.queue = QueueName::parse(queue).map_err(name_error("queue"))?;
         Ok(self)
     }
 
@@ -224,6 +215,10 @@ impl Config {
     pub fn queue_name(&self) -> &QueueName {
         &self.queue
     }
+}
+
+fn name_error(what: &'static str) -> impl FnOnce(NameError) -> Error {
+    move |source| Error::Name { what, source }
 }
 
 /// The kind marker of [`OrchestratorStorage`]: it yields decoded tasks, so
@@ -391,6 +386,18 @@ impl<Args: Serialize> OrchestratorStorage<Args> {
     }
 }
 
+impl<Args> OrchestratorStorage<Args> {
+    /// Drives the flush under way, if any, to its end.
+    fn poll_pushing(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let Some(pushing) = self.pushing.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let done = ready!(pushing.poll_unpin(cx));
+        self.pushing = None;
+        Poll::Ready(done)
+    }
+}
+
 async fn enqueue(app: &App, requests: Vec<JobRequest>) -> Result<Vec<JobId>, Error> {
     let mut ids = Vec::with_capacity(requests.len());
     let mut requests = requests.into_iter().peekable();
@@ -402,30 +409,50 @@ async fn enqueue(app: &App, requests: Vec<JobRequest>) -> Result<Vec<JobId>, Err
     Ok(ids)
 }
 
+/// A job's JSON (its arguments, or its result) as `T`.
+fn decode<T: DeserializeOwned>(id: JobId, value: &serde_json::Value) -> Result<T, Error> {
+    T::deserialize(value).map_err(|source| Error::Decode {
+        id,
+        ty: type_name::<T>(),
+        source,
+    })
+}
+
+/// A task for the job `id`, with its attempt count and limits.
+fn task_of<Args>(
+    args: Args,
+    id: JobId,
+    attempt: u32,
+    max_attempts: u32,
+    priority: u8,
+) -> TaskBuilder<Args> {
+    TaskBuilder::new(args)
+        .task_id(TaskId::from_uuid(id.0))
+        .attempt(attempt as usize)
+        .max_attempts(max_attempts as usize)
+        .priority(usize::from(priority))
+}
+
 /// A claimed job as the worker's task, or `None` when its arguments do not
 /// decode (then the job is dead, saying why).
-fn into_task<Args: DeserializeOwned>(mut external: ExternalTask) -> Option<Task<Args>> {
-    let args = std::mem::take(&mut external.args);
-    let args = match Args::deserialize(&args) {
+fn into_task<Args: DeserializeOwned>(external: ExternalTask) -> Option<Task<Args>> {
+    let args = match decode(external.id, &external.args) {
         Ok(args) => args,
-        Err(source) => {
-            let error = Error::Decode {
-                id: external.id,
-                ty: type_name::<Args>(),
-                source,
-            };
+        Err(error) => {
             tracing::warn!(job.id = %external.id, %error, "task dropped");
             external.finish(ExternalOutcome::Fatal(error.to_string()));
             return None;
         }
     };
-    let builder = TaskBuilder::new(args)
-        .task_id(TaskId::from_uuid(external.id.0))
-        // The worker counts the run it starts.
-        .attempt(external.attempt.saturating_sub(1) as usize)
-        .max_attempts(external.max_attempts as usize)
-        .priority(usize::from(external.priority))
-        .data(Cancellation(external.cancel.clone()));
+    // The worker counts the run it starts.
+    let builder = task_of(
+        args,
+        external.id,
+        external.attempt.saturating_sub(1),
+        external.max_attempts,
+        external.priority,
+    )
+    .data(Cancellation(external.cancel.clone()));
     let settle = Settle {
         cancel: external.cancel.clone(),
         task: Arc::new(Mutex::new(Some(external))),
@@ -550,18 +577,9 @@ where
                 .get(EXTERNAL_ARGS_FIELD)
                 .cloned()
                 .unwrap_or_default();
-            let args = Args::deserialize(&args).map_err(|source| Error::Decode {
-                id,
-                ty: type_name::<Args>(),
-                source,
-            })?;
+            let args = decode(id, &args)?;
             Ok(Some(
-                TaskBuilder::new(args)
-                    .task_id(TaskId::from_uuid(id.0))
-                    .attempt(job.attempt as usize)
-                    .max_attempts(job.max_attempts as usize)
-                    .priority(usize::from(job.priority))
-                    .build(),
+                task_of(args, id, job.attempt, job.max_attempts, job.priority).build(),
             ))
         }
     }
@@ -592,14 +610,10 @@ fn task_result<Output: DeserializeOwned>(job: &Job) -> Result<TaskResult<Output>
         Status::Cancelled => Apalis::Killed,
     };
     let result = match job.status {
-        Status::Succeeded => {
-            let value = job.result.clone().unwrap_or_default();
-            Ok(Output::deserialize(&value).map_err(|source| Error::Decode {
-                id: job.id,
-                ty: type_name::<Output>(),
-                source,
-            })?)
-        }
+        Status::Succeeded => Ok(decode(
+            job.id,
+            job.result.as_ref().unwrap_or(&serde_json::Value::Null),
+        )?),
         other => Err(job
             .last_error
             .clone()
@@ -711,15 +725,7 @@ where
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         // One flush at a time: a new task waits for the one under way.
-        let this = self.get_mut();
-        match this.pushing.as_mut() {
-            Some(pushing) => {
-                let done = ready!(pushing.poll_unpin(cx));
-                this.pushing = None;
-                Poll::Ready(done)
-            }
-            None => Poll::Ready(Ok(())),
-        }
+        self.get_mut().poll_pushing(cx)
     }
 
     fn start_send(self: Pin<&mut Self>, task: Task<Args>) -> Result<(), Error> {
@@ -740,12 +746,7 @@ where
             let app = this.app.clone();
             this.pushing = Some(async move { enqueue(&app, requests).await.map(drop) }.boxed());
         }
-        let Some(pushing) = this.pushing.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        let done = ready!(pushing.poll_unpin(cx));
-        this.pushing = None;
-        Poll::Ready(done)
+        this.poll_pushing(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
