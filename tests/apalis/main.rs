@@ -674,6 +674,28 @@ async fn the_storage_pushes_fetches_and_waits_for_its_tasks_in_process() {
         ["enqueued", "started", "dead"]
     );
 
+    // Bad input is a clear error and writes nothing: a priority out of
+    // range fails the whole batch, and a task id that is not a job's.
+    let before = jobs_by_label(&env, &q).await.len();
+    let bad = vec![
+        TaskBuilder::new(chore("d", "noop")).build(),
+        TaskBuilder::new(chore("e", "noop")).priority(11).build(),
+    ];
+    let error = storage.enqueue_tasks(bad).await.expect_err("priority 11");
+    assert!(error.to_string().contains("priority"), "{error}");
+    assert_eq!(
+        jobs_by_label(&env, &q).await.len(),
+        before,
+        "nothing written"
+    );
+    let not_a_job: Result<Vec<TaskResult<String>>, _> = storage
+        .check_status([TaskId::String("../../etc/passwd".into())])
+        .await;
+    assert!(
+        matches!(not_a_job, Err(orchestrator::apalis::Error::NotAJob(ref s)) if s == "../../etc/passwd"),
+        "{not_a_job:?}"
+    );
+
     // An id that names no job is an error in the stream, not a hang.
     let missing: Vec<Result<TaskResult<String>, _>> = storage.wait_for([nobody]).collect().await;
     assert!(matches!(
