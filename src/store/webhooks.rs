@@ -180,7 +180,11 @@ impl Store {
                       SELECT 1 FROM webhook_deliveries e
                       WHERE e.job_id = d.job_id AND e.webhook_id = d.webhook_id AND e.id < d.id
                         AND e.state IN ('pending', 'sending'))
-                ORDER BY d.next_at, d.id
+                -- By next_at alone, the order of webhook_deliveries_next_idx:
+                -- rows of one statement share a next_at, and their order
+                -- among themselves does not matter (a stream's is kept by
+                -- the check above).
+                ORDER BY d.next_at
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
             )
