@@ -146,6 +146,17 @@ pub struct Store {
     pool: PgPool,
 }
 
+/// Sessions say which process they belong to (`orchestrator pid <pid>` in
+/// `pg_stat_activity`), so an operator can tell which replica holds a lock
+/// or runs a slow statement, unless the URL names them itself.
+fn named(options: PgConnectOptions) -> PgConnectOptions {
+    if options.get_application_name().is_some() {
+        return options;
+    }
+    let name = format!("orchestrator pid {}", std::process::id());
+    options.application_name(&name)
+}
+
 impl Store {
     /// Connects and checks the server answers.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
@@ -159,7 +170,7 @@ impl Store {
         // that take seconds on large batches. Plan each execution instead.
         // The random_page_cost suits SSDs and makes lookups of id arrays use
         // the primary key rather than scan small tables.
-        let options = options.options([
+        let options = named(options).options([
             ("plan_cache_mode", "force_custom_plan"),
             ("random_page_cost", "1.1"),
         ]);
@@ -184,7 +195,7 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy_with(options);
+            .connect_lazy_with(named(options));
         Ok(Store { pool })
     }
 
