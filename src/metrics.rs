@@ -172,7 +172,10 @@ fn describe() {
         "How long an agent job's lifecycle stage took."
     );
     describe_gauge!(WORKER_SLOTS, "Worker slots in all.");
-    describe_gauge!(QUEUE_DEPTH, "Jobs in a queue by state, sampled.");
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Jobs in a queue by state, sampled: pending (claimable now), delayed, active, held (by a concurrency key or its rate limit), rate_limited (by the queue's rate limit)."
+    );
     describe_counter!(
         RECONCILER_REINDEXED,
         "Ids re-indexed in Valkey from Postgres."
@@ -203,15 +206,30 @@ pub fn count_cancel(queue: &str, stage: &str) {
         .increment(1);
 }
 
+/// A queue's jobs by the state `orchestrator_queue_depth` names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueDepth {
+    /// Due and claimable now.
+    pub pending: u64,
+    pub delayed: u64,
+    pub active: u64,
+    /// Waiting because their concurrency key is at its limit (or out of
+    /// starts under its key's rate limit).
+    pub held: u64,
+    /// Due, but waiting for the queue's rate limit to allow a start.
+    pub rate_limited: u64,
+}
+
 /// Records a queue's depth (the same value from every process that reads
-/// it: aggregate with `max by (queue, state)`, never `sum`).
-/// `held`: waiting because their concurrency key is at its limit.
-pub fn set_queue_depth(queue: &str, pending: u64, delayed: u64, active: u64, held: u64) {
+/// it: aggregate with `max by (queue, state)`, never `sum`). `held` and
+/// `rate_limited` are the jobs held back by a limit.
+pub fn set_queue_depth(queue: &str, depth: QueueDepth) {
     for (state, value) in [
-        ("pending", pending),
-        ("delayed", delayed),
-        ("active", active),
-        ("held", held),
+        ("pending", depth.pending),
+        ("delayed", depth.delayed),
+        ("active", depth.active),
+        ("held", depth.held),
+        ("rate_limited", depth.rate_limited),
     ] {
         metrics::gauge!(QUEUE_DEPTH, "queue" => queue.to_owned(), "state" => state)
             .set(value as f64);

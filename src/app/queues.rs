@@ -103,14 +103,7 @@ impl App {
             .collect()
             .await;
         for (queue, depth) in depths {
-            let depth = depth?;
-            crate::metrics::set_queue_depth(
-                queue.as_str(),
-                depth.pending(),
-                depth.delayed,
-                depth.active,
-                depth.held,
-            );
+            depth?.record(&queue);
         }
         Ok(())
     }

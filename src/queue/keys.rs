@@ -41,6 +41,9 @@ pub struct QueueKeys {
     pub heldkeys: String,
     /// hash: the queue's rate-limit token bucket (`tokens`, `ts`).
     pub bucket: String,
+    /// flag: present while the pending ids wait for the bucket (set by a
+    /// claim it refused, expiring when a token is back).
+    pub ratewait: String,
     /// What the per-key keys start with (`<base>ck:<tag>`: running ids,
     /// `<base>held:<tag>`: held ids), in the queue's slot.
     pub base: String,
@@ -73,6 +76,7 @@ impl Keys {
             held: format!("{base}:held"),
             heldkeys: format!("{base}:heldkeys"),
             bucket: format!("{base}:bucket"),
+            ratewait: format!("{base}:ratewait"),
             base: format!("{base}:"),
         }
     }

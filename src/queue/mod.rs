@@ -111,13 +111,31 @@ pub struct Depth {
     pub paused: bool,
     /// Held by the kill switch.
     pub halted: bool,
-    /// Ids waiting because their concurrency key is at its limit.
+    /// Ids waiting because their concurrency key is at its limit (or its
+    /// key's rate limit).
     pub held: u64,
+    /// Pending ids that wait because the queue's rate limit has no start
+    /// left for now (all of them, or none: they are among `pending`).
+    pub rate_limited: u64,
 }
 
 impl Depth {
     pub fn pending(&self) -> u64 {
         self.pending_by_priority.iter().sum()
+    }
+
+    /// Records this depth in the `orchestrator_queue_depth` gauge.
+    pub fn record(&self, queue: &QueueName) {
+        crate::metrics::set_queue_depth(
+            queue.as_str(),
+            crate::metrics::QueueDepth {
+                pending: self.pending() - self.rate_limited,
+                delayed: self.delayed,
+                active: self.active,
+                held: self.held,
+                rate_limited: self.rate_limited,
+            },
+        );
     }
 }
 
@@ -560,12 +578,18 @@ impl ValkeyQueue {
             .call(
                 &mut conn,
                 &[
-                    &k.pending, &k.delayed, &k.active, &k.paused, &k.halted, &k.held,
+                    &k.pending,
+                    &k.delayed,
+                    &k.active,
+                    &k.paused,
+                    &k.halted,
+                    &k.held,
+                    &k.ratewait,
                 ],
                 &[] as &[u8],
             )
             .await?;
-        if raw.len() != 15 {
+        if raw.len() != 16 {
             return Err(QueueError::Protocol(format!(
                 "depth returned {} values",
                 raw.len()
@@ -579,7 +603,10 @@ impl ValkeyQueue {
             held: raw[4],
             ..Depth::default()
         };
-        depth.pending_by_priority.copy_from_slice(&raw[5..15]);
+        depth.pending_by_priority.copy_from_slice(&raw[6..16]);
+        if raw[5] == 1 {
+            depth.rate_limited = depth.pending();
+        }
         Ok(depth)
     }
 

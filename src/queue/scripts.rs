@@ -119,7 +119,7 @@ impl Scripts {
             promote: LuaScript::new("promote-4.lua", lua!("promote-4.lua")),
             reap: LuaScript::new("reap-1.lua", lua!("reap-1.lua")),
             set_paused: LuaScript::new("setPaused-1.lua", lua!("setPaused-1.lua")),
-            depth: LuaScript::new("depth-6.lua", lua!("depth-6.lua")),
+            depth: LuaScript::new("depth-7.lua", lua!("depth-7.lua")),
             engage_kill_switch: LuaScript::new(
                 "engageKillSwitch-1.lua",
                 lua!("engageKillSwitch-1.lua"),

@@ -321,12 +321,37 @@ async fn rate_limits_hold_starts_per_queue_and_per_key_and_fail_nothing() {
     assert_eq!(again, Claimed::RateLimited, "the rest wait");
     let depth = vq.depth(&q).await.expect("depth");
     assert_eq!(depth.pending(), 7, "nothing was dropped or failed");
+    assert_eq!(depth.rate_limited, 7, "and all seven wait for the limit");
+    // The gauge says so, by queue: held back by a limit, not claimable.
+    let handle = orchestrator::metrics::install().expect("metrics");
+    env.maintenance(q.as_str())
+        .sample_once()
+        .await
+        .expect("sample");
+    let text = handle.render();
+    let gauge = |state: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("orchestrator_queue_depth{")
+                    && l.contains(&format!("queue=\"{q}\""))
+                    && l.contains(&format!("state=\"{state}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(gauge("rate_limited").as_deref(), Some("7"), "{text}");
+    assert_eq!(gauge("pending").as_deref(), Some("0"), "{text}");
     // Without the limit they flow.
     let rest = ids(vq
         .claim(&q, 10, minute, Rates::default())
         .await
         .expect("claim"));
     assert_eq!(rest.len(), 7);
+    assert_eq!(
+        vq.depth(&q).await.expect("depth").rate_limited,
+        0,
+        "nothing waits once they started"
+    );
 
     // Per key: one start a minute for each key; a key's second job is held
     // while another key's job starts.

@@ -132,6 +132,10 @@ if queue_rate then
   want = math.min(want, math.floor(queue_tokens))
   if want <= 0 then
     if redis.call('ZCARD', KEYS[1]) > 0 then
+      -- Says, until the bucket has a token again, that the pending ids
+      -- wait for it (the depth script reports them as rate_limited).
+      local wait = math.ceil((1 - queue_tokens) * queue_rate.ms / queue_rate.n)
+      redis.call('SET', base .. 'ratewait', '1', 'PX', math.max(1, wait))
       return -2
     end
     return {}
