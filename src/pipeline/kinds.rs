@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -66,12 +67,17 @@ pub struct KindFile {
 
 /// `[throttle]` of a kind: an agent that prints `::retry-after::<seconds>`
 /// and exits non-zero, or exits with `exit_code`, is run again after the
-/// delay it asked for (else `delay_secs`).
+/// delay it asked for (never less than `min_delay_secs`), else after
+/// `delay_secs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Throttle {
     pub exit_code: Option<i64>,
+    /// The delay when the agent asked for none.
     pub delay_secs: u64,
+    /// The least delay an agent may ask for: what it prints is an
+    /// adversary's data, and a kind may not want to be re-run at once.
+    pub min_delay_secs: u64,
     /// Whether a throttled run uses up an attempt.
     pub counts_attempt: bool,
 }
@@ -81,8 +87,17 @@ impl Default for Throttle {
         Throttle {
             exit_code: None,
             delay_secs: 60,
+            min_delay_secs: 1,
             counts_attempt: false,
         }
+    }
+}
+
+impl Throttle {
+    /// How long a throttled job waits: what the agent asked for, but at
+    /// least `min_delay_secs`; `delay_secs` when it asked for nothing.
+    pub fn delay(&self, asked: Option<u64>) -> Duration {
+        Duration::from_secs(asked.map_or(self.delay_secs, |a| a.max(self.min_delay_secs)))
     }
 }
 
@@ -299,6 +314,21 @@ mod tests {
 
     fn parse(text: &str) -> Result<KindDef, KindError> {
         KindDef::parse("k", Path::new("workers/k/worker.toml"), text)
+    }
+
+    #[test]
+    fn a_throttle_keeps_the_asked_delay_above_its_floor() {
+        let t = parse(
+            "command = [\"x\"]\nimage = \"i\"\n[throttle]\ndelay_secs = 3600\nmin_delay_secs = 5\n",
+        )
+        .expect("kind")
+        .throttle
+        .expect("throttle");
+        assert_eq!(t.delay(None), Duration::from_secs(3600), "none asked");
+        assert_eq!(t.delay(Some(30)), Duration::from_secs(30), "as asked");
+        assert_eq!(t.delay(Some(1)), Duration::from_secs(5), "the floor");
+        let d = Throttle::default();
+        assert_eq!((d.delay_secs, d.min_delay_secs), (60, 1));
     }
 
     #[test]

@@ -18,7 +18,12 @@ fn workers_dir() -> tempfile::TempDir {
     for (kind, extra) in [
         ("script-agent", ""),
         ("secret-agent", "secrets = [\"ORCH_TEST_AGENT_KEY\"]\n"),
-        ("throttled-agent", "[throttle]\ndelay_secs = 1\n"),
+        // Asked delays are kept as asked (above the floor): the kind's default
+        // would be an hour.
+        (
+            "throttled-agent",
+            "[throttle]\ndelay_secs = 3600\nmin_delay_secs = 1\n",
+        ),
         (
             "counted-agent",
             "[throttle]\nexit_code = 75\ndelay_secs = 1\ncounts_attempt = true\n",
@@ -462,7 +467,7 @@ async fn a_throttled_agent_runs_again_after_its_delay_and_uses_attempts_only_if_
     let mut asks = request(
         "throttled-agent",
         &q,
-        json!({ "script": "echo '::retry-after::1'; exit 1" }),
+        json!({ "script": "echo '::retry-after::2'; exit 1" }),
     );
     asks.max_attempts = Some(1);
     let mut counted = request("counted-agent", &q, json!({ "script": "exit 75" }));
@@ -496,8 +501,9 @@ async fn a_throttled_agent_runs_again_after_its_delay_and_uses_attempts_only_if_
         .expect("a second start");
     assert!(second_start.at >= retry_at, "ran again before its delay");
 
-    // The one that asks: with one attempt, a failure would be dead at once;
-    // throttled, it keeps its attempt and runs again, and again.
+    // The one that asks for 2 s gets 2 s, not its kind's hour: with one
+    // attempt, a failure would be dead at once; throttled, it keeps its
+    // attempt and runs again, and again.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let trail = events(&env, jobs[0].id).await;
@@ -507,7 +513,7 @@ async fn a_throttled_agent_runs_again_after_its_delay_and_uses_attempts_only_if_
                 trail
                     .iter()
                     .filter(|e| e.kind == "throttled")
-                    .all(|e| e.data["delay_ms"] == 1000 && e.data["counts_attempt"] == false),
+                    .all(|e| e.data["delay_ms"] == 2000 && e.data["counts_attempt"] == false),
                 "{trail:?}"
             );
             break;

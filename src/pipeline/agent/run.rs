@@ -266,13 +266,13 @@ pub(super) fn outcome_result(
         Outcome::Exited { code: 0 } => Ok(result),
         Outcome::Exited { code } if throttled(code).is_some() => {
             let t = throttled(code).unwrap_or_default();
-            // What the agent asked for, but never less than the kind's delay.
-            let secs = asked.unwrap_or(t.delay_secs).max(t.delay_secs);
+            let delay = t.delay(asked);
             Err(JobError::Throttled {
                 message: format!(
-                    "the agent was throttled (exit code {code}); it runs again in {secs}s"
+                    "the agent was throttled (exit code {code}); it runs again in {}s",
+                    delay.as_secs()
                 ),
-                retry_after: Duration::from_secs(secs),
+                retry_after: delay,
                 counts_attempt: t.counts_attempt,
             })
         }
