@@ -274,39 +274,25 @@ pub async fn run(app: &App, opts: &BenchOptions) -> Result<BenchReport, BenchErr
     })
 }
 
-/// Removes a bench queue's jobs, their events and webhook rows, and its
-/// Valkey keys.
+/// Removes a bench queue's finished jobs, their events and webhook rows
+/// (through `prune_finished_jobs()`, the only way the trail's guard lets
+/// events be deleted), and its Valkey keys.
 pub async fn remove_queue(app: &App, queue: &QueueName) -> Result<(), BenchError> {
     let pool = app.store().pool();
-    sqlx::query(
-        "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT d.id FROM webhook_deliveries d
-             JOIN jobs j ON j.id = d.job_id WHERE j.queue = $1)",
-    )
-    .bind(queue.as_str())
-    .execute(pool)
-    .await?;
-    sqlx::query(
-        "DELETE FROM webhook_deliveries WHERE job_id IN (SELECT id FROM jobs WHERE queue = $1)",
-    )
-    .bind(queue.as_str())
-    .execute(pool)
-    .await?;
-    // The trail is append-only but for pruning: a bench's own throwaway
-    // queue is pruned the way prune_finished_jobs() does it, in one
-    // transaction that says so.
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('orchestrator.pruning', 'on', true)")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE queue = $1)")
-        .bind(queue.as_str())
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    sqlx::query("DELETE FROM jobs WHERE queue = $1")
-        .bind(queue.as_str())
-        .execute(pool)
-        .await?;
+    for status in [Status::Succeeded, Status::Dead, Status::Cancelled] {
+        loop {
+            let jobs: i64 = sqlx::query_scalar(
+                "SELECT pruned_jobs FROM prune_finished_jobs($1, 'infinity', 50000, $2)",
+            )
+            .bind(status.as_str())
+            .bind(queue.as_str())
+            .fetch_one(pool)
+            .await?;
+            if jobs == 0 {
+                break;
+            }
+        }
+    }
     app.queue()
         .drop_queue(queue)
         .await
