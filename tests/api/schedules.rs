@@ -92,6 +92,55 @@ async fn schedules_are_created_read_changed_and_deleted() {
 }
 
 #[tokio::test]
+async fn a_scheduled_job_names_its_schedule_and_tick_over_http() {
+    let api = TestApi::spawn().await;
+    let q = unique_queue();
+    let mut body = schedule(&q);
+    body["cron"] = json!("* * * * * *");
+    body["timezone"] = json!("UTC");
+    let (status, created) = body_of(api.post_json("/v1/schedules", ADMIN, body).await).await;
+    assert_eq!(status, 201, "{created}");
+    let schedule_id = created["id"].as_str().expect("id").to_owned();
+    // This replica's scheduler, one pass at a time, until the tick's job is
+    // there.
+    let maintenance = api.env.maintenance(&q);
+    let cfg = api.env.app.scheduler_config();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let job_id = loop {
+        maintenance.schedule_once(&cfg).await.expect("pass");
+        let (_, list) = body_of(api.get(&format!("/v1/jobs?queue={q}"), READ).await).await;
+        if let Some(id) = list["jobs"][0]["id"].as_str() {
+            break id.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tick enqueued: {list}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let (status, job) = body_of(api.get(&format!("/v1/jobs/{job_id}"), READ).await).await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["schedule_id"], json!(schedule_id), "{job}");
+    let tick = job["scheduled_for"].as_str().expect("scheduled_for");
+    let parsed = chrono::DateTime::parse_from_rfc3339(tick).expect("RFC 3339");
+    assert_eq!(
+        parsed.timestamp_subsec_nanos(),
+        0,
+        "a whole-second tick: {tick}"
+    );
+    let stored: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT scheduled_for FROM jobs WHERE id = $1::uuid")
+            .bind(&job_id)
+            .fetch_one(api.env.app.store().pool())
+            .await
+            .expect("tick");
+    assert_eq!(parsed, stored, "the tick as Postgres holds it");
+    // The schedule's own view agrees: its last tick and job.
+    let (_, s) = body_of(api.get(&format!("/v1/schedules/{schedule_id}"), READ).await).await;
+    assert_eq!(s["last_job_id"], json!(job_id), "{s}");
+}
+
+#[tokio::test]
 async fn bad_schedules_get_a_clear_error_and_create_nothing() {
     let api = TestApi::spawn().await;
     let q = unique_queue();

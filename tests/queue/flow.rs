@@ -148,6 +148,148 @@ async fn every_tick_yields_exactly_one_job_across_replicas_crashes_and_a_flush()
     assert_eq!(events, vec!["schedule:every-second".to_owned()]);
 }
 
+/// The worker whose Postgres session waits on a lock inside an `INSERT
+/// INTO jobs` (sessions name their process: `orchestrator pid <pid>`).
+async fn blocked_inserter(env: &TestEnv, pids: &[u32], limit: Duration) -> u32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT application_name FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND query ILIKE '%INSERT INTO jobs%'",
+        )
+        .fetch_all(env.app.store().pool())
+        .await
+        .expect("pg_stat_activity");
+        if let Some(pid) = names
+            .iter()
+            .filter_map(|n| n.strip_prefix("orchestrator pid ")?.parse::<u32>().ok())
+            .find(|pid| pids.contains(pid))
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replica blocked inside its scheduler transaction after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replica_killed_inside_its_scheduler_transaction_leaves_its_tick_to_another() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let schedule = env
+        .app
+        .create_schedule(
+            ScheduleRequest {
+                name: Some("killed-mid-tick".into()),
+                cron: Some("* * * * * *".into()),
+                job: Some(request("noop", &q, json!({}))),
+                overlap: Some(Overlap::Allow),
+                catch_up: Some(CatchUp::All),
+                ..ScheduleRequest::default()
+            },
+            "test",
+        )
+        .await
+        .expect("schedule");
+    let id = schedule.id.0;
+    let first = schedule.next_tick.expect("next tick");
+    let held = first + chrono::Duration::seconds(3);
+
+    // Hold the unique key of a future tick with an uncommitted job of our
+    // own: whichever replica enqueues that tick waits on it inside its
+    // scheduler transaction, after taking the schedule's row lock, until
+    // this transaction ends. That is the moment to kill it.
+    let template = env
+        .enqueue(vec![request("noop", &unique_queue(), json!({}))])
+        .await;
+    let mut blocker = env.app.store().pool().begin().await.expect("begin");
+    sqlx::query("CREATE TEMP TABLE blocker ON COMMIT DROP AS SELECT * FROM jobs WHERE id = $1")
+        .bind(template[0].id.0)
+        .execute(&mut *blocker)
+        .await
+        .expect("copy");
+    sqlx::query("UPDATE blocker SET id = gen_random_uuid(), schedule_id = $1, scheduled_for = $2")
+        .bind(id)
+        .bind(held)
+        .execute(&mut *blocker)
+        .await
+        .expect("retarget");
+    sqlx::query("INSERT INTO jobs SELECT * FROM blocker")
+        .execute(&mut *blocker)
+        .await
+        .expect("hold the tick");
+
+    let vars = [("ORCH_MAINTENANCE__SCHEDULE_INTERVAL_MS", "100")];
+    let mut workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::spawn_with(&env, &q, 4, &vars))
+        .collect();
+    let pids: Vec<u32> = workers.iter().map(|w| w.child.id()).collect();
+    let inside = blocked_inserter(&env, &pids, Duration::from_secs(30)).await;
+    let (before, _) = ticks_of(&env, id).await;
+    assert!(
+        before.iter().all(|t| *t < held),
+        "a tick at or after the held one committed: {before:?}"
+    );
+    let victim = pids.iter().position(|p| *p == inside).expect("one of ours");
+    workers[victim].kill9();
+    // Our transaction ends; the dead replica's, woken, finds no client and
+    // rolls back with its row lock. Another replica takes the tick.
+    blocker.rollback().await.expect("rollback");
+    workers[victim] = WorkerProcess::spawn_with(&env, &q, 4, &vars);
+    let limit = Duration::from_secs(30);
+    let deadline = Instant::now() + limit;
+    loop {
+        let (ticks, _) = ticks_of(&env, id).await;
+        if ticks.iter().filter(|t| **t > held).count() >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ticks after the held one: {ticks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sqlx::query("UPDATE schedules SET paused = true WHERE id = $1")
+        .bind(id)
+        .execute(env.app.store().pool())
+        .await
+        .expect("pause");
+    sqlx::query("SELECT 1 FROM schedules WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(env.app.store().pool())
+        .await
+        .expect("settle");
+    let (ticks, jobs) = ticks_of(&env, id).await;
+    let distinct: BTreeSet<_> = ticks.iter().collect();
+    assert_eq!(
+        distinct.len() as i64,
+        jobs,
+        "a tick has two jobs: {ticks:?}"
+    );
+    assert_eq!(
+        ticks.iter().filter(|t| **t == held).count(),
+        1,
+        "the tick whose replica died has exactly one job: {ticks:?}"
+    );
+    let last = *ticks.last().expect("ticks");
+    assert_eq!(ticks.first(), Some(&first), "{ticks:?}");
+    assert_eq!(
+        (last - first).num_seconds() + 1,
+        jobs,
+        "gaps between {first} and {last}: {ticks:?}"
+    );
+    let dead: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(format!("orchestrator pid {inside}"))
+            .fetch_one(env.app.store().pool())
+            .await
+            .expect("sessions");
+    assert_eq!(dead, 0, "the killed replica's session is gone");
+}
+
 #[tokio::test]
 async fn overlap_skip_waits_for_the_last_job_and_catch_up_none_drops_missed_ticks() {
     let env = TestEnv::new().await;
@@ -375,6 +517,60 @@ async fn twenty_racing_enqueues_with_one_unique_key_make_one_job() {
         dup.id == third.id || dup.id == again.id,
         "an existing holder"
     );
+
+    // For ever means for ever: a holder created ten years ago, alone.
+    let aged = |key: &str, states: Option<Vec<String>>| JobRequest {
+        unique: Some(UniqueRequest {
+            key: key.into(),
+            for_secs: None,
+            states,
+        }),
+        ..request("noop", &q, json!({}))
+    };
+    let jobs = env
+        .app
+        .validate(vec![aged("forever", None)], "test")
+        .expect("valid");
+    let (old, new) = env.app.enqueue(&jobs).await.expect("enqueue").remove(0);
+    assert!(new);
+    sqlx::query("UPDATE jobs SET created_at = now() - interval '10 years' WHERE id = $1")
+        .bind(old.id.0)
+        .execute(env.app.store().pool())
+        .await
+        .expect("age");
+    let jobs = env
+        .app
+        .validate(vec![aged("forever", None)], "test")
+        .expect("valid");
+    let (dup, new) = env.app.enqueue(&jobs).await.expect("enqueue").remove(0);
+    assert!(!new, "no window: the ten-year-old holder still holds");
+    assert_eq!(dup.id, old.id);
+
+    // `states` names what holds the key: here only a succeeded job. A
+    // queued one does not, so a second is enqueued; once one has
+    // succeeded, it holds.
+    let done_only = || aged("once-done", Some(vec!["succeeded".to_owned()]));
+    let jobs = env.app.validate(vec![done_only()], "test").expect("valid");
+    let (first, new) = env.app.enqueue(&jobs).await.expect("enqueue").remove(0);
+    assert!(new);
+    let jobs = env.app.validate(vec![done_only()], "test").expect("valid");
+    let (second, new) = env.app.enqueue(&jobs).await.expect("enqueue").remove(0);
+    assert!(
+        new,
+        "a queued job does not hold a key kept for succeeded ones"
+    );
+    assert_ne!(second.id, first.id);
+    let pool = env.start_pool(env.pool_config(&q, 4));
+    let done = env
+        .wait_terminal(&[first.id, second.id], Duration::from_secs(60))
+        .await;
+    crate::support::assert_status(&done, Status::Succeeded);
+    pool.shutdown().await;
+    let jobs = env.app.validate(vec![done_only()], "test").expect("valid");
+    let (held, new) = env.app.enqueue(&jobs).await.expect("enqueue").remove(0);
+    assert!(!new, "a succeeded job holds it now");
+    assert!(held.id == first.id || held.id == second.id);
+    assert_eq!(held.status, Status::Succeeded);
 }
 
 #[tokio::test]
@@ -382,14 +578,69 @@ async fn retention_prunes_old_finished_jobs_and_only_it_may_delete_events() {
     let env = TestEnv::new().await;
     let q = unique_queue();
     let pool = env.app.store().pool();
-    let jobs = env
-        .enqueue((0..30).map(|_| request("noop", &q, json!({}))).collect())
-        .await;
+    // The first holds an idempotency key, the second a unique key kept for
+    // succeeded jobs: both end with their job.
+    let mut requests: Vec<JobRequest> = (0..30).map(|_| request("noop", &q, json!({}))).collect();
+    requests[0].idempotency_key = Some("retained-idem".into());
+    requests[1].unique = Some(UniqueRequest {
+        key: "retained-unique".into(),
+        for_secs: None,
+        states: Some(vec!["succeeded".into()]),
+    });
+    let jobs = env.enqueue(requests).await;
     let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
     let running = env.start_pool(env.pool_config(&q, 4));
     let done = env.wait_terminal(&ids, Duration::from_secs(30)).await;
-    running.shutdown().await;
     crate::support::assert_status(&done, Status::Succeeded);
+    // And jobs that ended otherwise: a dead one and a cancelled one.
+    let other = unique_queue();
+    let mut failing = request("flaky", &other, json!({ "fail_times": 5 }));
+    failing.max_attempts = Some(1);
+    let ended = env
+        .enqueue(vec![
+            failing.clone(),
+            failing,
+            request("noop", &other, json!({})),
+            request("noop", &other, json!({})),
+        ])
+        .await;
+    for j in &ended[2..] {
+        env.app
+            .cancel(j.id, "test", "not needed")
+            .await
+            .expect("cancel");
+    }
+    let flaky_pool = env.start_pool(env.pool_config(&other, 2));
+    let ended_ids: Vec<JobId> = ended.iter().map(|j| j.id).collect();
+    let finished = env.wait_terminal(&ended_ids, Duration::from_secs(30)).await;
+    flaky_pool.shutdown().await;
+    running.shutdown().await;
+    let statuses: Vec<Status> = finished.iter().map(|j| j.status).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            Status::Dead,
+            Status::Dead,
+            Status::Cancelled,
+            Status::Cancelled
+        ]
+    );
+    // Each status keeps its own time (1 day, 7 days, 1 day by default): a
+    // dead job two days old stays, one eight days old goes; a cancelled
+    // one two days old goes, one just now stays.
+    for (id, age) in [
+        (ended[0].id, "2 days"),
+        (ended[1].id, "8 days"),
+        (ended[2].id, "2 days"),
+    ] {
+        sqlx::query(&format!(
+            "UPDATE jobs SET finished_at = now() - interval '{age}' WHERE id = $1"
+        ))
+        .bind(id.0)
+        .execute(pool)
+        .await
+        .expect("age");
+    }
     // Two thirds finished two days ago; the rest just now.
     let old: Vec<uuid::Uuid> = ids[..20].iter().map(|i| i.0).collect();
     sqlx::query("UPDATE jobs SET finished_at = now() - interval '2 days' WHERE id = ANY($1)")
@@ -398,7 +649,8 @@ async fn retention_prunes_old_finished_jobs_and_only_it_may_delete_events() {
         .await
         .expect("age");
 
-    // The trail refuses any other DELETE or TRUNCATE.
+    // The trail refuses any other DELETE or TRUNCATE, and what the pruning
+    // function sets for itself is no way around it.
     for sql in [
         "DELETE FROM job_events WHERE job_id = ANY($1)",
         "TRUNCATE job_events",
@@ -410,6 +662,50 @@ async fn retention_prunes_old_finished_jobs_and_only_it_may_delete_events() {
             .expect_err(sql);
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
+    let mut tx = pool.begin().await.expect("tx");
+    sqlx::query("SELECT set_config('orchestrator.pruning', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    let err = sqlx::query("DELETE FROM job_events WHERE job_id = ANY($1)")
+        .bind(&old)
+        .execute(&mut *tx)
+        .await
+        .expect_err("a DELETE outside prune_finished_jobs()");
+    assert!(err.to_string().contains("append-only"), "{err}");
+    drop(tx);
+    // Not from a function of one's own either.
+    let err = sqlx::query(
+        "DO $$ BEGIN DELETE FROM job_events WHERE job_id = '00000000-0000-0000-0000-000000000000'; END $$",
+    )
+    .execute(pool)
+    .await
+    .expect_err("a DELETE in a DO block");
+    assert!(err.to_string().contains("append-only"), "{err}");
+    // Before pruning, both keys still answer with their job.
+    let replay = |requests: Vec<JobRequest>| {
+        let app = env.app.clone();
+        async move {
+            let jobs = app.validate(requests, "test").expect("valid");
+            app.enqueue(&jobs).await.expect("enqueue").remove(0)
+        }
+    };
+    let idem = || JobRequest {
+        idempotency_key: Some("retained-idem".into()),
+        ..request("noop", &q, json!({}))
+    };
+    let uniq = || JobRequest {
+        unique: Some(UniqueRequest {
+            key: "retained-unique".into(),
+            for_secs: None,
+            states: Some(vec!["succeeded".into()]),
+        }),
+        ..request("noop", &q, json!({}))
+    };
+    let (replayed, new) = replay(vec![idem()]).await;
+    assert!(!new && replayed.id == ids[0], "{replayed:?}");
+    let (held, new) = replay(vec![uniq()]).await;
+    assert!(!new && held.id == ids[1], "{held:?}");
 
     let cfg = orchestrator::maintenance::RetentionConfig {
         batch: 7,
@@ -421,7 +717,10 @@ async fn retention_prunes_old_finished_jobs_and_only_it_may_delete_events() {
             .expect("retention on by default")
     };
     let counts = env.maintenance(&q).prune_once(&cfg).await.expect("prune");
-    assert_eq!(counts.jobs, 20, "{counts:?}");
+    assert_eq!(
+        counts.jobs, 22,
+        "20 succeeded, one dead, one cancelled: {counts:?}"
+    );
     assert!(counts.events >= 20 * 3, "{counts:?}");
     let left: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE queue = $1")
         .bind(&q)
@@ -430,6 +729,23 @@ async fn retention_prunes_old_finished_jobs_and_only_it_may_delete_events() {
         .expect("left");
     let kept: BTreeSet<uuid::Uuid> = ids[20..].iter().map(|i| i.0).collect();
     assert_eq!(left.into_iter().collect::<BTreeSet<_>>(), kept);
+    let left: BTreeSet<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE queue = $1")
+        .bind(&other)
+        .fetch_all(pool)
+        .await
+        .expect("left")
+        .into_iter()
+        .collect();
+    assert_eq!(
+        left,
+        [ended[0].id.0, ended[3].id.0].into_iter().collect(),
+        "the dead job within its 7 days and the fresh cancelled one stay"
+    );
+    // The keys went with their jobs: each makes a new job now.
+    let (fresh, new) = replay(vec![idem()]).await;
+    assert!(new && fresh.id != ids[0], "the idempotency key is free");
+    let (fresh, new) = replay(vec![uniq()]).await;
+    assert!(new && fresh.id != ids[1], "the unique key is free");
     let orphans: i64 = sqlx::query_scalar("SELECT count(*) FROM job_events WHERE job_id = ANY($1)")
         .bind(&old)
         .fetch_one(pool)

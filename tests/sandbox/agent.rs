@@ -511,3 +511,79 @@ async fn progress_lines_become_the_jobs_progress_not_log_lines() {
     assert_eq!(view["progress"]["percent"], 90);
     assert!(view["version"].as_i64().is_some_and(|v| v > 0), "{view}");
 }
+
+#[tokio::test]
+async fn an_agent_job_is_keyed_by_repository_and_branch_under_its_queues_limit() {
+    let q = unique_queue();
+    let limited = q.clone();
+    let f = fixture_with(move |s| {
+        s.admission.max_per_key.insert(limited, 2);
+    })
+    .await;
+    let repo = f.bare.to_str().expect("utf-8").to_owned();
+    let job = |extra: serde_json::Value| {
+        let mut payload = json!({ "script": "true", "repo": repo });
+        for (k, v) in extra.as_object().expect("object") {
+            payload[k] = v.clone();
+        }
+        request("script-agent", &q, payload)
+    };
+    let jobs = f
+        .env
+        .enqueue(vec![
+            job(json!({ "branch": "feature-x" })),
+            job(json!({ "branch": "feature-x" })),
+            job(json!({ "branch": "feature-x" })),
+            job(json!({ "base": "main" })),
+            job(json!({})),
+        ])
+        .await;
+    let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.concurrency_key.as_deref()).collect();
+    let (x, main, head) = (
+        format!("{repo}#feature-x"),
+        format!("{repo}#main"),
+        format!("{repo}#HEAD"),
+    );
+    assert_eq!(
+        keys,
+        vec![
+            Some(x.as_str()),
+            Some(x.as_str()),
+            Some(x.as_str()),
+            Some(main.as_str()),
+            Some(head.as_str())
+        ],
+        "its branch, else its base, else the remote's default"
+    );
+    // script-agent names no max_per_key: the queue's admission setting.
+    assert!(
+        jobs.iter().all(|j| j.concurrency_limit == Some(2)),
+        "{:?}",
+        jobs.iter().map(|j| j.concurrency_limit).collect::<Vec<_>>()
+    );
+    // The claim script keeps to it: two of feature-x start, the third is
+    // held while the other keys start.
+    let queue: orchestrator::job::QueueName = q.parse().expect("queue");
+    let claimed = f
+        .env
+        .app
+        .queue()
+        .claim(
+            &queue,
+            10,
+            Duration::from_secs(60),
+            orchestrator::queue::Rates::default(),
+        )
+        .await
+        .expect("claim");
+    let orchestrator::queue::Claimed::Ids(ids) = claimed else {
+        panic!("nothing claimed: {claimed:?}");
+    };
+    let ids: Vec<JobId> = ids.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert!(!ids.contains(&jobs[2].id), "the third of one key waits");
+    assert_eq!(
+        f.env.app.queue().depth(&queue).await.expect("depth").held,
+        1
+    );
+}
