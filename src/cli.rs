@@ -234,6 +234,25 @@ enum SchedulesCommand {
         #[arg(long)]
         paused: bool,
     },
+    /// Change what is given of a schedule (as PATCH /v1/schedules/{id}).
+    Edit {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        cron: Option<String>,
+        #[arg(long)]
+        timezone: Option<String>,
+        /// The new job, whole (JSON, as POST /v1/jobs takes).
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, value_parser = ["skip", "allow"])]
+        overlap: Option<String>,
+        #[arg(long, value_parser = ["none", "latest", "all"])]
+        catch_up: Option<String>,
+        #[arg(long)]
+        catch_up_limit: Option<i64>,
+    },
     /// Every schedule.
     List,
     /// One schedule.
@@ -773,12 +792,19 @@ async fn schedules(settings: Settings, command: SchedulesCommand) -> anyhow::Res
     };
     // "skip" and friends are checked by clap; as JSON strings they parse.
     let policy = |raw: Option<String>| raw.map(serde_json::Value::String);
+    let job = |raw: Option<String>| -> anyhow::Result<Option<orchestrator::job::JobRequest>> {
+        raw.map(|j| {
+            serde_json::from_str(&j)
+                .context("--job is not a valid job (JSON, as POST /v1/jobs takes)")
+        })
+        .transpose()
+    };
     let schedule = match command {
         SchedulesCommand::Add {
             name,
             cron,
             timezone,
-            job,
+            job: raw_job,
             overlap,
             catch_up,
             catch_up_limit,
@@ -788,16 +814,35 @@ async fn schedules(settings: Settings, command: SchedulesCommand) -> anyhow::Res
                 name: Some(name),
                 cron: Some(cron),
                 timezone: Some(timezone),
-                job: Some(
-                    serde_json::from_str(&job)
-                        .context("--job is not a valid job (JSON, as POST /v1/jobs takes)")?,
-                ),
+                job: job(Some(raw_job))?,
                 paused: Some(paused),
                 overlap: policy(overlap).map(serde_json::from_value).transpose()?,
                 catch_up: policy(catch_up).map(serde_json::from_value).transpose()?,
                 catch_up_limit,
             };
             app.create_schedule(request, CLI_ACTOR).await?
+        }
+        SchedulesCommand::Edit {
+            id: raw,
+            name,
+            cron,
+            timezone,
+            job: raw_job,
+            overlap,
+            catch_up,
+            catch_up_limit,
+        } => {
+            let patch = ScheduleRequest {
+                name,
+                cron,
+                timezone,
+                job: job(raw_job)?,
+                paused: None,
+                overlap: policy(overlap).map(serde_json::from_value).transpose()?,
+                catch_up: policy(catch_up).map(serde_json::from_value).transpose()?,
+                catch_up_limit,
+            };
+            app.update_schedule(id(&raw)?, patch, CLI_ACTOR).await?
         }
         SchedulesCommand::List => {
             return out(&serde_json::to_string_pretty(&app.schedules().await?)?);

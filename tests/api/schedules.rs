@@ -333,6 +333,52 @@ async fn the_cli_adds_lists_pauses_and_removes_schedules() {
     let shown: Value =
         serde_json::from_slice(&cli(&api.env, &["schedules", "show", id]).stdout).expect("json");
     assert_eq!(shown["paused"], true);
+    // Edit changes what it is given and keeps the rest.
+    let other = unique_queue();
+    let new_job = json!({ "kind": "noop", "queue": other, "priority": 9 }).to_string();
+    let edited = cli(
+        &api.env,
+        &[
+            "schedules",
+            "edit",
+            id,
+            "--cron",
+            "0 4 * * *",
+            "--timezone",
+            "Asia/Tokyo",
+            "--job",
+            &new_job,
+        ],
+    );
+    assert!(
+        edited.status.success(),
+        "{}",
+        String::from_utf8_lossy(&edited.stderr)
+    );
+    let edited: Value = serde_json::from_slice(&edited.stdout).expect("json");
+    assert_eq!(edited["cron"], "0 4 * * *");
+    assert_eq!(edited["timezone"], "Asia/Tokyo");
+    assert_eq!(edited["job"]["queue"], json!(other));
+    assert_eq!(edited["job"]["priority"], 9);
+    assert_eq!(edited["catch_up"], "latest", "kept");
+    assert_eq!(edited["paused"], true, "kept");
+    assert_eq!(edited["name"], "cli-nightly", "kept");
+    let bad_edit = cli(
+        &api.env,
+        &["schedules", "edit", id, "--timezone", "Mars/Olympus"],
+    );
+    assert!(!bad_edit.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad_edit.stderr).contains("timezone"),
+        "{}",
+        String::from_utf8_lossy(&bad_edit.stderr)
+    );
+    let unchanged: Value =
+        serde_json::from_slice(&cli(&api.env, &["schedules", "show", id]).stdout).expect("json");
+    assert_eq!(
+        unchanged["timezone"], "Asia/Tokyo",
+        "a refused edit changes nothing"
+    );
     let bad = cli(
         &api.env,
         &["schedules", "add", "bad", "--cron", "nope", "--job", &job],
