@@ -30,6 +30,9 @@ pub struct WebhookBench {
     pub ratio: f64,
     /// Webhooks sent in all the rounds with a subscription.
     pub delivered: i64,
+    /// Delivered while each round's burst ran (by the time its last no-op
+    /// job had finished).
+    pub delivered_during_burst: Vec<i64>,
     /// Still undelivered when each round's last job had finished.
     pub backlog_at_drain: Vec<i64>,
     /// From then until the outbox was empty, seconds.
@@ -40,6 +43,23 @@ async fn undelivered(app: &App) -> Result<i64, BenchError> {
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending')",
     )
+    .fetch_one(app.store().pool())
+    .await?)
+}
+
+/// Webhooks of `queue` delivered by the time its `jobs`th job finished
+/// (the burst's last; the latency jobs come after it).
+async fn delivered_during_burst(app: &App, queue: &str, jobs: usize) -> Result<i64, BenchError> {
+    Ok(sqlx::query_scalar(
+        "WITH last AS (
+            SELECT finished_at FROM jobs WHERE queue = $1 AND finished_at IS NOT NULL
+            ORDER BY finished_at LIMIT 1 OFFSET $2
+        )
+        SELECT count(*) FROM webhook_deliveries d JOIN jobs j ON j.id = d.job_id, last
+        WHERE j.queue = $1 AND d.state = 'delivered' AND d.finished_at <= last.finished_at",
+    )
+    .bind(queue)
+    .bind(i64::try_from(jobs.saturating_sub(1)).unwrap_or(i64::MAX))
     .fetch_one(app.store().pool())
     .await?)
 }
@@ -104,6 +124,7 @@ pub async fn run(
         with_median_per_s: 0.0,
         ratio: 0.0,
         delivered: 0,
+        delivered_during_burst: Vec::new(),
         backlog_at_drain: Vec::new(),
         outbox_empty_after_s: Vec::new(),
     };
@@ -134,6 +155,9 @@ pub async fn run(
             Some(hook) => {
                 report.with_per_s.push(ran.process_per_s);
                 report.backlog_at_drain.push(undelivered(&app).await?);
+                report
+                    .delivered_during_burst
+                    .push(delivered_during_burst(&app, &ran.queue, opts.jobs).await?);
                 let t = Instant::now();
                 let deadline = t + Duration::from_secs(600);
                 while undelivered(&app).await? > 0 {
