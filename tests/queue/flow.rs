@@ -44,18 +44,15 @@ async fn wait_ticks(env: &TestEnv, schedule: uuid::Uuid, at_least: usize, limit:
     }
 }
 
-#[tokio::test]
-async fn every_tick_yields_exactly_one_job_across_replicas_crashes_and_a_flush() {
-    let valkey = ValkeyServer::start();
-    let env = TestEnv::with_valkey(&valkey.url()).await;
-    let q = unique_queue();
-    let schedule = env
-        .app
+/// A schedule of no-op jobs into `q` every second that lets ticks overlap
+/// and catches every missed one up: any tick without its job is a loss.
+async fn every_second(env: &TestEnv, q: &str, name: &str) -> orchestrator::job::Schedule {
+    env.app
         .create_schedule(
             ScheduleRequest {
-                name: Some("every-second".into()),
+                name: Some(name.into()),
                 cron: Some("* * * * * *".into()),
-                job: Some(request("noop", &q, json!({}))),
+                job: Some(request("noop", q, json!({}))),
                 overlap: Some(Overlap::Allow),
                 catch_up: Some(CatchUp::All),
                 ..ScheduleRequest::default()
@@ -63,7 +60,15 @@ async fn every_tick_yields_exactly_one_job_across_replicas_crashes_and_a_flush()
             "test",
         )
         .await
-        .expect("schedule");
+        .expect("schedule")
+}
+
+#[tokio::test]
+async fn every_tick_yields_exactly_one_job_across_replicas_crashes_and_a_flush() {
+    let valkey = ValkeyServer::start();
+    let env = TestEnv::with_valkey(&valkey.url()).await;
+    let q = unique_queue();
+    let schedule = every_second(&env, &q, "every-second").await;
     let id = schedule.id.0;
     let vars = [("ORCH_MAINTENANCE__SCHEDULE_INTERVAL_MS", "100")];
     let mut workers: Vec<WorkerProcess> = (0..3)
@@ -179,21 +184,7 @@ async fn blocked_inserter(env: &TestEnv, pids: &[u32], limit: Duration) -> u32 {
 async fn a_replica_killed_inside_its_scheduler_transaction_leaves_its_tick_to_another() {
     let env = TestEnv::new().await;
     let q = unique_queue();
-    let schedule = env
-        .app
-        .create_schedule(
-            ScheduleRequest {
-                name: Some("killed-mid-tick".into()),
-                cron: Some("* * * * * *".into()),
-                job: Some(request("noop", &q, json!({}))),
-                overlap: Some(Overlap::Allow),
-                catch_up: Some(CatchUp::All),
-                ..ScheduleRequest::default()
-            },
-            "test",
-        )
-        .await
-        .expect("schedule");
+    let schedule = every_second(&env, &q, "killed-mid-tick").await;
     let id = schedule.id.0;
     let first = schedule.next_tick.expect("next tick");
     let held = first + chrono::Duration::seconds(3);
