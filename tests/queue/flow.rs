@@ -44,6 +44,40 @@ async fn wait_ticks(env: &TestEnv, schedule: uuid::Uuid, at_least: usize, limit:
     }
 }
 
+/// Pauses the schedule, waits for a pass that read it before the pause
+/// (its row lock), and returns its ticks, each with exactly one job.
+async fn paused_ticks(
+    env: &TestEnv,
+    schedule: orchestrator::job::ScheduleId,
+) -> (Vec<DateTime<Utc>>, i64) {
+    let paused = env
+        .app
+        .update_schedule(
+            schedule,
+            ScheduleRequest {
+                paused: Some(true),
+                ..ScheduleRequest::default()
+            },
+            "test",
+        )
+        .await
+        .expect("pause");
+    assert!(paused.paused);
+    sqlx::query("SELECT 1 FROM schedules WHERE id = $1 FOR UPDATE")
+        .bind(schedule.0)
+        .execute(env.app.store().pool())
+        .await
+        .expect("lock");
+    let (ticks, jobs) = ticks_of(env, schedule.0).await;
+    let distinct: BTreeSet<_> = ticks.iter().collect();
+    assert_eq!(
+        distinct.len() as i64,
+        jobs,
+        "a tick has two jobs: {ticks:?}"
+    );
+    (ticks, jobs)
+}
+
 /// A schedule of no-op jobs into `q` every second that lets ticks overlap
 /// and catches every missed one up: any tick without its job is a loss.
 async fn every_second(env: &TestEnv, q: &str, name: &str) -> orchestrator::job::Schedule {
@@ -94,33 +128,7 @@ async fn every_tick_yields_exactly_one_job_across_replicas_crashes_and_a_flush()
     let (before, _) = ticks_of(&env, id).await;
     wait_ticks(&env, id, before.len() + 2, Duration::from_secs(30)).await;
 
-    let paused = env
-        .app
-        .update_schedule(
-            schedule.id,
-            ScheduleRequest {
-                paused: Some(true),
-                ..ScheduleRequest::default()
-            },
-            "test",
-        )
-        .await
-        .expect("pause");
-    assert!(paused.paused);
-    // A pass that read the schedule before the pause may still commit: wait
-    // for the row lock to settle, then read.
-    sqlx::query("SELECT 1 FROM schedules WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .execute(env.app.store().pool())
-        .await
-        .expect("lock");
-    let (ticks, jobs) = ticks_of(&env, id).await;
-    let distinct: BTreeSet<_> = ticks.iter().collect();
-    assert_eq!(
-        distinct.len() as i64,
-        jobs,
-        "a tick has two jobs: {ticks:?}"
-    );
+    let (ticks, jobs) = paused_ticks(&env, schedule.id).await;
     // catch_up all: no second between the first and the last tick lacks
     // its job, whoever was down.
     let first = *ticks.first().expect("ticks");
@@ -243,23 +251,7 @@ async fn a_replica_killed_inside_its_scheduler_transaction_leaves_its_tick_to_an
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    sqlx::query("UPDATE schedules SET paused = true WHERE id = $1")
-        .bind(id)
-        .execute(env.app.store().pool())
-        .await
-        .expect("pause");
-    sqlx::query("SELECT 1 FROM schedules WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .execute(env.app.store().pool())
-        .await
-        .expect("settle");
-    let (ticks, jobs) = ticks_of(&env, id).await;
-    let distinct: BTreeSet<_> = ticks.iter().collect();
-    assert_eq!(
-        distinct.len() as i64,
-        jobs,
-        "a tick has two jobs: {ticks:?}"
-    );
+    let (ticks, jobs) = paused_ticks(&env, schedule.id).await;
     assert_eq!(
         ticks.iter().filter(|t| **t == held).count(),
         1,
