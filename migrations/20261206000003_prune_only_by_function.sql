@@ -5,9 +5,11 @@
 -- when it is the very statement of prune_finished_jobs() below, whatever
 -- a session has set. TRUNCATE never passes. (A role of its own for the
 -- pruning would be stronger still, but migrations cannot assume the right
--- to create roles.) Written with the statement's exact text: the stack
--- quotes statements, so a statement of one's own cannot pose as this
--- frame without being this very DELETE inside this very function.
+-- to create roles.) The lines are matched by what the server does not
+-- translate (lc_messages may be another language): the statement's exact
+-- text at the end of its line, and the function's signature, with or
+-- without a schema. This stops any code path and any mistaken statement;
+-- someone who may create functions or drop triggers is not stopped.
 CREATE OR REPLACE FUNCTION job_events_prune_only() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     context text;
@@ -16,8 +18,8 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         GET DIAGNOSTICS context = PG_CONTEXT;
         stack := string_to_array(context, E'\n');
-        IF stack[2] = 'SQL statement "DELETE FROM job_events WHERE job_id = ANY(doomed)"'
-           AND stack[3] ~ '^PL/pgSQL function prune_finished_jobs\(text,timestamp with time zone,integer,text\) line [0-9]+ at SQL statement$'
+        IF stack[2] ~ ' .DELETE FROM job_events WHERE job_id = ANY\(doomed\).$'
+           AND stack[3] ~ '^PL/pgSQL[^ ]* ([^ ]+ )?([a-z_]+\.)?prune_finished_jobs\(text,timestamp with time zone,integer,text\) '
         THEN
             RETURN NULL;
         END IF;
@@ -31,8 +33,8 @@ $$;
 -- another transaction holds are skipped), and of one queue when `queue`
 -- is given (the bench's throwaway queues). No setting any more: the guard
 -- knows this function by its stack.
-DROP FUNCTION prune_finished_jobs(text, timestamptz, integer);
-CREATE FUNCTION prune_finished_jobs(p_status text, p_cutoff timestamptz, p_batch integer,
+DROP FUNCTION IF EXISTS prune_finished_jobs(text, timestamptz, integer);
+CREATE OR REPLACE FUNCTION prune_finished_jobs(p_status text, p_cutoff timestamptz, p_batch integer,
                                     p_queue text DEFAULT NULL)
 RETURNS TABLE (pruned_jobs bigint, pruned_events bigint) LANGUAGE plpgsql AS $$
 DECLARE

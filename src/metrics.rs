@@ -174,7 +174,7 @@ fn describe() {
     describe_gauge!(WORKER_SLOTS, "Worker slots in all.");
     describe_gauge!(
         QUEUE_DEPTH,
-        "Jobs in a queue by state, sampled: pending (claimable now), delayed, active, held (by a concurrency key or its rate limit), rate_limited (by the queue's rate limit)."
+        "Jobs in a queue by state, sampled: pending (due, not held back by a limit), delayed, active, held (by a concurrency key or its rate limit), rate_limited (by the queue's rate limit)."
     );
     describe_counter!(
         RECONCILER_REINDEXED,
@@ -209,7 +209,7 @@ pub fn count_cancel(queue: &str, stage: &str) {
 /// A queue's jobs by the state `orchestrator_queue_depth` names.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueDepth {
-    /// Due and claimable now.
+    /// Due and not held back by a limit.
     pub pending: u64,
     pub delayed: u64,
     pub active: u64,

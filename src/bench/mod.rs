@@ -293,6 +293,16 @@ pub async fn remove_queue(app: &App, queue: &QueueName) -> Result<(), BenchError
             }
         }
     }
+    // What did not finish (a round that stalled) is left in Postgres and
+    // said so; the trail keeps it, as it keeps every unfinished job.
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1 AND finished_at IS NULL")
+            .bind(queue.as_str())
+            .fetch_one(pool)
+            .await?;
+    if left > 0 {
+        tracing::warn!(queue = %queue, unfinished = left, "bench queue removed with unfinished jobs left in Postgres");
+    }
     app.queue()
         .drop_queue(queue)
         .await

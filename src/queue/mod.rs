@@ -129,7 +129,7 @@ impl Depth {
         crate::metrics::set_queue_depth(
             queue.as_str(),
             crate::metrics::QueueDepth {
-                pending: self.pending() - self.rate_limited,
+                pending: self.pending().saturating_sub(self.rate_limited),
                 delayed: self.delayed,
                 active: self.active,
                 held: self.held,

@@ -227,11 +227,6 @@ async fn a_replica_killed_inside_its_scheduler_transaction_leaves_its_tick_to_an
         .collect();
     let pids: Vec<u32> = workers.iter().map(|w| w.child.id()).collect();
     let inside = blocked_inserter(&env, &pids, Duration::from_secs(30)).await;
-    let (before, _) = ticks_of(&env, id).await;
-    assert!(
-        before.iter().all(|t| *t < held),
-        "a tick at or after the held one committed: {before:?}"
-    );
     let victim = pids.iter().position(|p| *p == inside).expect("one of ours");
     workers[victim].kill9();
     // Our transaction ends; the dead replica's, woken, finds no client and

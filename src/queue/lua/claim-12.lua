@@ -141,6 +141,8 @@ if queue_rate then
     return {}
   end
 end
+-- Past the queue's limit (or it has none now): nothing waits for it.
+redis.call('DEL', base .. 'ratewait')
 local deadline = now + tonumber(ARGV[1])
 local out, active = {}, {}
 -- Held ids cost a look each; bound the looks of one call.
