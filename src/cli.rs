@@ -783,6 +783,14 @@ async fn webhooks(settings: Settings, command: WebhooksCommand) -> anyhow::Resul
     Ok(())
 }
 
+/// A schedule policy flag (`skip`, `latest`, …) as its type: clap has
+/// checked the word, and as a JSON string it parses.
+fn policy<T: serde::de::DeserializeOwned>(raw: Option<String>) -> anyhow::Result<Option<T>> {
+    Ok(raw
+        .map(|word| serde_json::from_value(serde_json::Value::String(word)))
+        .transpose()?)
+}
+
 async fn schedules(settings: Settings, command: SchedulesCommand) -> anyhow::Result<()> {
     let app = connect_migrated(settings).await?;
     let id = |raw: &str| -> anyhow::Result<ScheduleId> {
@@ -790,8 +798,6 @@ async fn schedules(settings: Settings, command: SchedulesCommand) -> anyhow::Res
             raw.parse().context("not a schedule id (a UUID)")?,
         ))
     };
-    // "skip" and friends are checked by clap; as JSON strings they parse.
-    let policy = |raw: Option<String>| raw.map(serde_json::Value::String);
     let job = |raw: Option<String>| -> anyhow::Result<Option<orchestrator::job::JobRequest>> {
         raw.map(|j| {
             serde_json::from_str(&j)
@@ -816,8 +822,8 @@ async fn schedules(settings: Settings, command: SchedulesCommand) -> anyhow::Res
                 timezone: Some(timezone),
                 job: job(Some(raw_job))?,
                 paused: Some(paused),
-                overlap: policy(overlap).map(serde_json::from_value).transpose()?,
-                catch_up: policy(catch_up).map(serde_json::from_value).transpose()?,
+                overlap: policy(overlap)?,
+                catch_up: policy(catch_up)?,
                 catch_up_limit,
             };
             app.create_schedule(request, CLI_ACTOR).await?
@@ -838,8 +844,8 @@ async fn schedules(settings: Settings, command: SchedulesCommand) -> anyhow::Res
                 timezone,
                 job: job(raw_job)?,
                 paused: None,
-                overlap: policy(overlap).map(serde_json::from_value).transpose()?,
-                catch_up: policy(catch_up).map(serde_json::from_value).transpose()?,
+                overlap: policy(overlap)?,
+                catch_up: policy(catch_up)?,
                 catch_up_limit,
             };
             app.update_schedule(id(&raw)?, patch, CLI_ACTOR).await?
