@@ -27,9 +27,14 @@ async fn race(end: impl FnOnce(orchestrator::job::JobId, i64) -> Finish) {
     // Four writers, each with its own clock offset, 40 writes each; the
     // job ends while they write.
     let t0 = chrono::Utc::now();
+    // The end waits for the first written progress, not for a sleep: on a
+    // loaded machine the writers may not have reached Postgres in any
+    // fixed time.
+    let first_write = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..4i64 {
         let store = env.app.store().clone();
+        let first_write = first_write.clone();
         writers.spawn(async move {
             let mut written = 0;
             for i in 0..40i64 {
@@ -43,7 +48,10 @@ async fn race(end: impl FnOnce(orchestrator::job::JobId, i64) -> Finish) {
                     .await
                     .expect("progress write")
                 {
-                    ProgressWrite::Written { .. } => written += 1,
+                    ProgressWrite::Written { .. } => {
+                        written += 1;
+                        first_write.notify_one();
+                    }
                     ProgressWrite::NotRunning => break,
                     ProgressWrite::Older | ProgressWrite::Contended => {}
                 }
@@ -51,7 +59,7 @@ async fn race(end: impl FnOnce(orchestrator::job::JobId, i64) -> Finish) {
             written
         });
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    first_write.notified().await;
     let to = env
         .app
         .store()
