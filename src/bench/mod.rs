@@ -139,7 +139,8 @@ async fn drain(
                 done += ids.iter().filter(|(_, s)| s.is_terminal()).count();
             }
             Ok(Some(PoolEvent::Started(ids))) => on_start(&ids),
-            Ok(Some(PoolEvent::Stale(_) | PoolEvent::Reconciled(_))) => {}
+            Ok(Some(PoolEvent::Stale(_) | PoolEvent::Reconciled(_) | PoolEvent::CancelSeen(_))) => {
+            }
             Ok(None) | Err(_) => {
                 return Err(BenchError::Stalled {
                     done,

@@ -81,6 +81,8 @@ pub enum PoolEvent {
     Stale(Vec<JobId>),
     /// A full reconcile pass ended.
     Reconciled(crate::maintenance::ReconcileCounts),
+    /// A cancel request reached a job this pool runs (its stop has begun).
+    CancelSeen(JobId),
 }
 
 /// A round trip to Valkey or Postgres failed.
@@ -543,6 +545,7 @@ fn apply_cancels(shared: &Shared, requests: &[CancelRequest]) {
             });
         }
         job.cancel.cancel();
+        shared.observe(|| PoolEvent::CancelSeen(*id));
     }
 }
 

@@ -173,7 +173,8 @@ async fn a_running_or_finished_job_cannot_be_edited() {
     let q = unique_queue();
     let job = api
         .env
-        .enqueue(vec![request("sleep", &q, json!({ "ms": 1500 }))])
+        // Runs until it is cancelled below, however slow the edit is.
+        .enqueue(vec![request("sleep", &q, json!({ "ms": 600_000 }))])
         .await
         .remove(0);
     let mut pool = api.env.start_pool(api.env.pool_config(&q, 1));
@@ -186,6 +187,11 @@ async fn a_running_or_finished_job_cannot_be_edited() {
     )
     .await;
     assert!(detail.to_string().contains("running"), "{detail}");
+    api.env
+        .app
+        .cancel(job.id, "test", "to finish it")
+        .await
+        .expect("cancel");
     let done = api
         .env
         .wait_terminal(&[job.id], Duration::from_secs(20))

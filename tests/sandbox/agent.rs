@@ -183,7 +183,10 @@ async fn a_conflicting_change_on_the_target_is_reported_and_nothing_is_pushed() 
         "script-agent",
         &f.queue,
         json!({
-            "script": "printf '# app\\nline two, by the agent\\n' > README.md; echo edited; sleep 3",
+            // Waits for the human's push below (the `go` file), however
+            // long it takes.
+            "script": "printf '# app\\nline two, by the agent\\n' > README.md; echo edited; \
+                       while [ ! -f go ]; do sleep 0.1; done; rm go",
             "repo": f.bare.to_str().expect("utf-8"),
             "base": "main",
             "push": true,
@@ -208,19 +211,33 @@ async fn a_conflicting_change_on_the_target_is_reported_and_nothing_is_pushed() 
         assert!(std::time::Instant::now() < deadline, "the agent never ran");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let human = f.tmp.path().join("human");
-    git(
-        f.tmp.path(),
-        &[
-            "clone",
-            "-q",
-            f.bare.to_str().expect("utf-8"),
-            human.to_str().expect("utf-8"),
-        ],
-    );
-    std::fs::write(human.join("README.md"), "# app\nline two, by a human\n").expect("write");
-    git(&human, &["commit", "-qam", "human"]);
-    git(&human, &["push", "-q", "origin", "HEAD:main"]);
+    // Off the runtime's thread, which the pool's heartbeats share.
+    let (tmp, bare) = (f.tmp.path().to_owned(), f.bare.clone());
+    tokio::task::spawn_blocking(move || {
+        let human = tmp.join("human");
+        git(
+            &tmp,
+            &[
+                "clone",
+                "-q",
+                bare.to_str().expect("utf-8"),
+                human.to_str().expect("utf-8"),
+            ],
+        );
+        std::fs::write(human.join("README.md"), "# app\nline two, by a human\n").expect("write");
+        git(&human, &["commit", "-qam", "human"]);
+        git(&human, &["push", "-q", "origin", "HEAD:main"]);
+    })
+    .await
+    .expect("the human's push");
+    let workspace = f
+        .tmp
+        .path()
+        .join("git-data")
+        .join("worktrees")
+        .join(job.id.to_string())
+        .join("workspace");
+    std::fs::write(workspace.join("go"), "").expect("signal the agent");
 
     let done = f
         .env

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use orchestrator::app::Cancel;
 use orchestrator::job::{Job, JobId, JobRequest, Status};
 use orchestrator::sandbox::{DockerRuntime, Runtime};
+use orchestrator::worker::PoolEvent;
 use serde_json::{json, Value};
 
 use crate::support::git::git;
@@ -251,7 +252,7 @@ async fn a_cancel_in_the_git_stage_stops_it_before_anything_is_pushed() {
     let f = fixture().await;
     let script = "while [ ! -f go ]; do sleep 0.1; done; rm go; echo hi > hi.txt";
     let job = f.env.enqueue(vec![f.job("agent", script)]).await.remove(0);
-    let pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
+    let mut pool = f.env.start_pool(f.env.pool_config(&f.queue, 1));
     wait_until("the agent", Duration::from_secs(60), || async {
         containers(&f.env).await == 1
     })
@@ -270,7 +271,18 @@ async fn a_cancel_in_the_git_stage_stops_it_before_anything_is_pushed() {
     wait_stage(&f.env, job.id, "git").await;
 
     f.cancel_running(job.id, "wrong repo").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The pool has taken the cancel in while the commit still waits.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match pool.events.recv().await {
+                Some(PoolEvent::CancelSeen(id)) if id == job.id => break,
+                Some(_) => {}
+                None => panic!("the pool stopped"),
+            }
+        }
+    })
+    .await
+    .expect("the pool never saw the cancel");
     assert_eq!(
         f.env.job(job.id).await.status,
         Status::Running,
@@ -324,17 +336,19 @@ async fn a_cancel_in_the_gates_stage_stops_the_gate_sandbox() {
 #[tokio::test]
 async fn the_reaper_completes_a_cancel_whose_worker_died_midway() {
     let f = fixture().await;
-    // Notes the SIGTERM in the worktree, and carries on.
-    let script =
-        "trap 'touch /workspace/got-term' TERM; echo started; while true; do sleep 1; done";
+    // Notes the SIGTERM in the worktree, and carries on; `trapped` says the
+    // trap is set (a SIGTERM before that would end the shell).
+    let script = "trap 'touch /workspace/got-term' TERM; touch /workspace/trapped; \
+                  echo started; while true; do sleep 1; done";
     let job = f
         .env
         .enqueue(vec![f.job("stubborn", script)])
         .await
         .remove(0);
     let mut worker = f.worker(1);
-    wait_until("the agent", Duration::from_secs(60), || async {
-        containers(&f.env).await == 1 && f.env.job(job.id).await.status == Status::Running
+    let trapped = f.workspace(job.id).join("trapped");
+    wait_until("the agent's trap", Duration::from_secs(60), || async {
+        trapped.exists() && f.env.job(job.id).await.status == Status::Running
     })
     .await;
     f.cancel_running(job.id, "stuck").await;

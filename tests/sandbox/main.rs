@@ -181,39 +181,57 @@ async fn a_timeout_is_its_own_outcome_and_the_container_is_gone() {
     assert!(gone(&rt, &s.name).await);
 }
 
+/// Runs `spec` and stops it once it prints `ready` (after its trap is
+/// set: a stop before that meets a shell that has not chosen yet what
+/// SIGTERM does). Returns how it finished, its lines, and how long it took
+/// from the stop to the end.
+async fn run_stopped_when_ready(
+    rt: &Runtime,
+    spec: &SandboxSpec,
+    opts: RunOptions,
+) -> (Finished, Vec<LogLine>, Duration) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let mut lines = Vec::new();
+    let mut stopped_at = None;
+    let run = rt.run(spec, opts, tx, cancel.clone());
+    tokio::pin!(run);
+    let finished = loop {
+        tokio::select! {
+            finished = &mut run => break finished.expect("sandbox runs"),
+            Some(line) = rx.recv() => {
+                if stopped_at.is_none() && line.stream == LogStream::Stdout && line.text == "ready" {
+                    cancel.cancel();
+                    stopped_at = Some(std::time::Instant::now());
+                }
+                lines.push(line);
+            }
+        }
+    };
+    while let Ok(l) = rx.try_recv() {
+        lines.push(l);
+    }
+    let stopped_at = stopped_at.unwrap_or_else(|| panic!("never printed ready: {lines:?}"));
+    (finished, lines, stopped_at.elapsed())
+}
+
 async fn stop_behaviour(rt: Runtime) {
     // Traps SIGTERM: exits cleanly within the grace period.
     let s = spec("trap 'echo got-term; exit 0' TERM; echo ready; while true; do sleep 0.2; done");
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        c.cancel();
-    });
-    let (f, lines) = run(&rt, &s, opts(60_000, 5_000), cancel).await;
+    let (f, lines, after_stop) = run_stopped_when_ready(&rt, &s, opts(60_000, 5_000)).await;
     assert_eq!(f.outcome, Outcome::Stopped { code: 0 }, "{lines:?}");
     assert!(stdout(&lines).contains(&"got-term"), "{lines:?}");
-    assert!(
-        f.duration < Duration::from_millis(1_500 + 4_000),
-        "{:?}",
-        f.duration
-    );
+    assert!(after_stop < Duration::from_millis(4_000), "{after_stop:?}");
 
     // Ignores SIGTERM: killed once the grace period is over.
     let s = spec("trap '' TERM; echo ready; while true; do sleep 0.2; done");
-    let cancel = CancellationToken::new();
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
-        c.cancel();
-    });
-    let (f, _) = run(&rt, &s, opts(60_000, 2_000), cancel).await;
-    assert_eq!(f.outcome, Outcome::Stopped { code: 137 }, "SIGKILL");
-    assert!(
-        f.duration >= Duration::from_millis(1_000 + 1_900),
-        "{:?}",
-        f.duration
+    let (f, lines, after_stop) = run_stopped_when_ready(&rt, &s, opts(60_000, 2_000)).await;
+    assert_eq!(
+        f.outcome,
+        Outcome::Stopped { code: 137 },
+        "SIGKILL: {lines:?}"
     );
+    assert!(after_stop >= Duration::from_millis(1_900), "{after_stop:?}");
 }
 
 #[tokio::test]
