@@ -179,6 +179,9 @@ pub struct WebhookSettings {
     pub concurrency: usize,
     /// How often an idle deliverer looks at the outbox.
     pub poll_interval_ms: u64,
+    /// While a worker pool is saturated with short jobs, deliveries younger
+    /// than this wait, so that they do not take from the jobs (0: never).
+    pub defer_while_saturated_ms: u64,
     /// Let callback and subscription URLs (and coordinators) be on this
     /// machine or a private network: for tests and local use.
     pub allow_local: bool,
@@ -249,6 +252,7 @@ impl WebhookSettings {
             },
             timeout: self.timeout(),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
+            defer_while_saturated: Duration::from_millis(self.defer_while_saturated_ms),
         }))
     }
 }
@@ -708,6 +712,12 @@ impl Settings {
         }
         if h.poll_interval_ms == 0 {
             return Err(invalid("webhooks.poll_interval_ms", "must be positive"));
+        }
+        if h.defer_while_saturated_ms > 600_000 {
+            return Err(invalid(
+                "webhooks.defer_while_saturated_ms",
+                "must be at most 600000",
+            ));
         }
         Ok(())
     }

@@ -70,6 +70,9 @@ pub const SCHEDULE_TICKS: &str = "orchestrator_schedule_ticks_total";
 pub const RETENTION_PRUNED: &str = "orchestrator_retention_pruned_rows_total";
 /// Gauge: how long the oldest undelivered webhook has waited, seconds.
 pub const WEBHOOK_OLDEST_UNDELIVERED: &str = "orchestrator_webhook_oldest_undelivered_age_seconds";
+/// Gauge: 1 while this process's deliverer defers fresh webhooks because a
+/// worker pool is saturated with short jobs.
+pub const WEBHOOK_DEFERRING: &str = "orchestrator_webhook_deferring";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -158,6 +161,10 @@ fn describe() {
         WEBHOOK_OLDEST_UNDELIVERED,
         Unit::Seconds,
         "How long the oldest undelivered webhook has waited."
+    );
+    describe_gauge!(
+        WEBHOOK_DEFERRING,
+        "1 while fresh webhooks wait because a worker pool is saturated with short jobs."
     );
     describe_counter!(JOB_RETRIES, "Failed attempts scheduled for a retry.");
     describe_counter!(JOBS_DEAD, "Jobs dead-lettered after their last attempt.");

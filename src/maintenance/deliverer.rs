@@ -3,7 +3,10 @@
 //! each with its Standard Webhooks signature, at most `concurrency` at
 //! once, and records every attempt. A failed attempt is retried with the
 //! jobs' backoff (exponential, jittered by the `backoff` crate) until
-//! `max_attempts`, then the row is dead. Outcomes are written in batches;
+//! `max_attempts`, then the row is dead. While a worker pool says it is
+//! saturated with short jobs, rows younger than `defer_while_saturated`
+//! wait, so that delivering does not take from the jobs (Postgres and the
+//! cores are what both need). Outcomes are written in batches;
 //! should a deliverer die first, its rows are claimable again once their
 //! claim runs out, and the receiver sees the same `webhook-id` again.
 
@@ -34,6 +37,9 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// How often the outbox is looked at while it is empty.
     pub poll_interval: Duration,
+    /// While a worker pool says it is saturated with short jobs, rows
+    /// younger than this wait (zero: never).
+    pub defer_while_saturated: Duration,
 }
 
 impl DeliveryConfig {
@@ -53,6 +59,7 @@ impl Maintenance {
         // Whether the last wait ended on the poll tick rather than on a
         // finished request.
         let mut ticked = true;
+        let mut saturation = SaturationCheck::default();
         loop {
             let free = cfg.concurrency.saturating_sub(inflight.len());
             let mut claimed = 0;
@@ -63,9 +70,14 @@ impl Maintenance {
             let worth_claiming =
                 free > 0 && (ticked || inflight.is_empty() || free * 2 >= cfg.concurrency);
             if worth_claiming && !stopping {
+                let defer = if saturation.saturated(&self.valkey, &cfg).await {
+                    cfg.defer_while_saturated
+                } else {
+                    Duration::ZERO
+                };
                 match self
                     .store
-                    .claim_deliveries(u32::try_from(free).unwrap_or(u32::MAX), cfg.lease())
+                    .claim_deliveries(u32::try_from(free).unwrap_or(u32::MAX), cfg.lease(), defer)
                     .await
                 {
                     Ok(batch) => {
@@ -130,6 +142,54 @@ impl Maintenance {
         let age = self.store.oldest_undelivered().await?;
         metrics::gauge!(m::WEBHOOK_OLDEST_UNDELIVERED).set(age.as_secs_f64());
         Ok(())
+    }
+}
+
+/// How often a deliverer asks Valkey whether a pool is saturated.
+const SATURATION_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// The last answer to whether a worker pool is saturated, and when it came.
+#[derive(Default)]
+struct SaturationCheck {
+    at: Option<Instant>,
+    saturated: bool,
+}
+
+impl SaturationCheck {
+    /// Whether fresh deliveries should wait now. Valkey's answer is kept for
+    /// [`SATURATION_CHECK_EVERY`]; without one (Valkey down) they do not
+    /// wait: deferring is an optimisation, delivering is the job.
+    async fn saturated(
+        &mut self,
+        valkey: &crate::queue::ValkeyQueue,
+        cfg: &DeliveryConfig,
+    ) -> bool {
+        if cfg.defer_while_saturated.is_zero() {
+            return false;
+        }
+        if self
+            .at
+            .is_some_and(|at| at.elapsed() < SATURATION_CHECK_EVERY)
+        {
+            return self.saturated;
+        }
+        let was = self.saturated;
+        self.saturated = match valkey.saturated().await {
+            Ok(saturated) => saturated,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot tell whether a pool is saturated");
+                false
+            }
+        };
+        self.at = Some(Instant::now());
+        if self.saturated != was {
+            tracing::debug!(
+                saturated = self.saturated,
+                "webhook deliveries deferred while a pool is saturated"
+            );
+            metrics::gauge!(m::WEBHOOK_DEFERRING).set(if self.saturated { 1.0 } else { 0.0 });
+        }
+        self.saturated
     }
 }
 

@@ -141,6 +141,13 @@ impl Keys {
         format!("{}:outbox:dead", self.prefix)
     }
 
+    /// flag: present while some worker pool is saturated with short jobs
+    /// (each pool renews it while its claims say so); webhook deliverers
+    /// defer fresh deliveries while it is.
+    pub fn saturated(&self) -> String {
+        format!("{}:saturated", self.prefix)
+    }
+
     /// Sentinel written after a full index rebuild; its absence means Valkey
     /// lost its data (flush, restart without persistence) and the reconciler
     /// must rebuild now rather than at its next period.

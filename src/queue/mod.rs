@@ -672,6 +672,21 @@ impl ValkeyQueue {
         Ok(queues)
     }
 
+    /// Says for `ttl` that a worker pool is saturated with short jobs (see
+    /// [`Keys::saturated`]).
+    pub async fn mark_saturated(&self, ttl: Duration) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let _: () = conn.pset_ex(self.keys.saturated(), 1, ms).await?;
+        Ok(())
+    }
+
+    /// Whether some worker pool said it is saturated within its mark's TTL.
+    pub async fn saturated(&self) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(self.keys.saturated()).await?)
+    }
+
     /// Whether the rebuild sentinel is present (see [`Keys::epoch`]).
     pub async fn epoch_present(&self) -> Result<bool, QueueError> {
         let mut conn = self.conn.clone();

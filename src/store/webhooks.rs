@@ -159,20 +159,24 @@ impl Store {
 
     /// Claims up to `limit` due deliveries for `lease` (after which they
     /// are claimable again: at-least-once). A row is due only when no
-    /// earlier row of its stream (the job, and the subscription or the job's callback) is still undelivered, so a
-    /// later event never overtakes an earlier one. A row another deliverer
-    /// is claiming right now is skipped (`SKIP LOCKED`); the rows behind it
-    /// in its stream wait, because it is still pending or sending.
+    /// earlier row of its stream (the job, and the subscription or the
+    /// job's callback) is still undelivered, so a later event never
+    /// overtakes an earlier one. A row another deliverer is claiming right
+    /// now is skipped (`SKIP LOCKED`); the rows behind it in its stream
+    /// wait, because it is still pending or sending. Rows due less than
+    /// `younger_wait` ago wait too.
     pub async fn claim_deliveries(
         &self,
         limit: u32,
         lease: Duration,
+        younger_wait: Duration,
     ) -> Result<Vec<ClaimedDelivery>, StoreError> {
         #[allow(clippy::type_complexity)]
         let rows: Vec<(i64, Uuid, Uuid, String, String, String, i32, DateTime<Utc>)> = sqlx::query_as(
             "WITH due AS (
                 SELECT d.id FROM webhook_deliveries d
-                WHERE d.state IN ('pending', 'sending') AND d.next_at <= now()
+                WHERE d.state IN ('pending', 'sending')
+                  AND d.next_at <= now() - $3 * interval '1 millisecond'
                   -- A subscription deleted while its row was being written.
                   AND (d.webhook_id = '00000000-0000-0000-0000-000000000000'
                        OR EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id))
@@ -226,6 +230,7 @@ impl Store {
         )
         .bind(i64::from(limit))
         .bind(lease.as_secs_f64() * 1000.0)
+        .bind(younger_wait.as_secs_f64() * 1000.0)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

@@ -91,6 +91,7 @@ pub(super) async fn run(
             Ok(jobs) if !jobs.is_empty() => {
                 failures = 0;
                 shared.mark_busy();
+                shared.note_claim(reserved, jobs.len());
                 for job in jobs {
                     let Some(credit) = credits.split(1) else {
                         break;

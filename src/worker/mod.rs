@@ -11,6 +11,7 @@ mod claimer;
 mod completer;
 mod heartbeat;
 mod runner;
+mod saturation;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -184,6 +185,8 @@ struct Shared {
     budget: Option<AtomicUsize>,
     /// When a job was last claimed or finished (or the pool started).
     last_busy: Mutex<std::time::Instant>,
+    /// Whether the claims say this pool is saturated with short jobs.
+    saturation: Mutex<saturation::Saturation>,
     /// For the orphan reapers.
     sandboxes: Option<crate::pipeline::SandboxHost>,
     git: Option<crate::git::repo::GitStage>,
@@ -242,6 +245,26 @@ impl Shared {
         *self.last_busy.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
     }
 
+    /// Notes a claim; while the claims say this pool is saturated with
+    /// short jobs, tells the deployment's webhook deliverers (in the
+    /// background: a claim never waits on it, and a lost mark only means
+    /// deliveries are not deferred).
+    fn note_claim(&self, asked: usize, got: usize) {
+        let mark = self
+            .saturation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .claimed(asked, got, std::time::Instant::now());
+        if mark {
+            let queue = self.queue.clone();
+            tokio::spawn(async move {
+                if let Err(err) = queue.mark_saturated(saturation::MARK_TTL).await {
+                    tracing::debug!(error = %err, "could not mark the pool saturated");
+                }
+            });
+        }
+    }
+
     /// Nothing claimed or running for `idle_exit`.
     fn idle_too_long(&self) -> bool {
         let Some(limit) = self.cfg.idle_exit else {
@@ -282,6 +305,10 @@ impl Pool {
                 worker_id: Arc::from(cfg.worker_id.as_str()),
                 budget: cfg.max_jobs.map(AtomicUsize::new),
                 last_busy: Mutex::new(std::time::Instant::now()),
+                saturation: Mutex::new(saturation::Saturation::new(
+                    cfg.concurrency,
+                    std::time::Instant::now(),
+                )),
                 sandboxes: None,
                 git: None,
                 webhooks: None,

@@ -170,6 +170,38 @@ async fn prometheus_sees_depth_throughput_wait_time_and_busy_slots() {
         })
         .await;
 
+    // Four jobs fill both workers' two slots (no prefetch) and run until
+    // Prometheus has scraped every slot busy; then they are cancelled.
+    let holders: Vec<_> = (0..4)
+        .map(|_| request("sleep", &q, serde_json::json!({ "ms": 600_000 })))
+        .collect();
+    let holders: Vec<_> = api
+        .env
+        .enqueue(holders)
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let busy = prometheus
+        .until(
+            &client,
+            "orchestrator_worker_slots_busy{job=\"workers\"}",
+            limit,
+            |r| r.len() == 2 && r.iter().all(|(_, v)| *v >= 2.0),
+        )
+        .await;
+    assert!(busy.iter().all(|(_, v)| *v == 2.0), "{busy:?}");
+    for id in &holders {
+        api.env
+            .app
+            .cancel(*id, "test", "slots seen busy")
+            .await
+            .expect("cancel");
+    }
+    api.env
+        .wait_terminal(&holders, Duration::from_secs(60))
+        .await;
+
     // Five jobs wait an hour (delayed depth); twelve run a second each.
     let mut delayed = Vec::new();
     for _ in 0..5 {
@@ -239,7 +271,7 @@ async fn prometheus_sees_depth_throughput_wait_time_and_busy_slots() {
             &client,
             "max by (instance) (max_over_time(orchestrator_worker_slots_busy{job=\"workers\"}[5m]))",
             limit,
-            |r| r.len() == 2 && r.iter().all(|(_, v)| *v >= 1.0),
+            |r| r.len() == 2 && r.iter().all(|(_, v)| *v >= 2.0),
         )
         .await;
     assert!(

@@ -805,3 +805,128 @@ async fn the_cli_makes_a_secret_manages_subscriptions_and_lists_deliveries() {
     let listed: Value = serde_json::from_slice(&run(&["webhooks", "list"]).stdout).expect("json");
     assert_eq!(listed, json!([]));
 }
+
+/// The delivery rows of `id`: (state, attempts).
+async fn delivery_state(env: &TestEnv, id: JobId) -> Vec<(String, i32)> {
+    sqlx::query_as("SELECT state, attempts FROM webhook_deliveries WHERE job_id = $1")
+        .bind(id.0)
+        .fetch_all(env.app.store().pool())
+        .await
+        .expect("delivery rows")
+}
+
+#[tokio::test]
+async fn while_a_pool_is_saturated_fresh_deliveries_wait_and_older_ones_go() {
+    let secret = secret();
+    let env = TestEnv::with_settings(|s| {
+        webhooks_on(s, &secret);
+        // Longer than the test: a fresh row goes only once nothing is
+        // saturated.
+        s.webhooks.defer_while_saturated_ms = 600_000;
+    })
+    .await;
+    let rx = Receiver::start(&secret).await;
+    let q = unique_queue();
+    // Two jobs, one reported event each (their cancel).
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        let mut r = request("noop", &q, json!({}));
+        r.callback_url = Some(rx.url.clone());
+        r.delay_secs = Some(3_600);
+        let job = env.enqueue(vec![r]).await.remove(0);
+        env.app
+            .cancel(job.id, "test", "so that one event is reported")
+            .await
+            .expect("cancel");
+        jobs.push(job.id);
+    }
+    let (old, fresh) = (jobs[0], jobs[1]);
+    // The first has waited longer than the deferral.
+    sqlx::query(
+        "UPDATE webhook_deliveries SET next_at = now() - interval '601 seconds' WHERE job_id = $1",
+    )
+    .bind(old.0)
+    .execute(env.app.store().pool())
+    .await
+    .expect("age the row");
+    env.app
+        .queue()
+        .mark_saturated(Duration::from_secs(600))
+        .await
+        .expect("mark");
+    assert!(env.app.queue().saturated().await.expect("read the mark"));
+
+    let delivery = env
+        .app
+        .settings()
+        .webhooks
+        .delivery()
+        .expect("config")
+        .expect("a secret");
+    let stop = CancellationToken::new();
+    let deliverer = tokio::spawn(
+        env.maintenance(&q)
+            .with_webhooks(Some(delivery))
+            .run_webhooks(stop.clone()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivery_state(&env, old).await != [("delivered".to_owned(), 1)] {
+        assert!(Instant::now() < deadline, "the old row was not delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Both rows were due to the claim that took the old one, had the fresh
+    // one not been deferred: it would have been claimed with it.
+    assert_eq!(
+        delivery_state(&env, fresh).await,
+        [("pending".to_owned(), 0)],
+        "a fresh row was claimed while a pool was saturated"
+    );
+
+    // Nothing saturated any more (the mark runs out at once): it goes.
+    env.app
+        .queue()
+        .mark_saturated(Duration::from_millis(1))
+        .await
+        .expect("mark");
+    wait_outbox_empty(&env, Duration::from_secs(30)).await;
+    assert_eq!(
+        delivery_state(&env, fresh).await,
+        [("delivered".to_owned(), 1)]
+    );
+    stop.cancel();
+    deliverer.await.expect("deliverer");
+    let got: HashSet<String> = rx
+        .received()
+        .iter()
+        .filter(|r| r.valid)
+        .map(|r| r.body["data"]["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(got, HashSet::from([old.to_string(), fresh.to_string()]));
+}
+
+#[tokio::test]
+async fn a_pool_claiming_full_batches_of_short_jobs_says_it_is_saturated() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    assert!(!env.app.queue().saturated().await.expect("read the mark"));
+    let burst: Vec<JobRequest> = (0..400).map(|_| request("noop", &q, json!({}))).collect();
+    let ids: Vec<JobId> = env.enqueue(burst).await.iter().map(|j| j.id).collect();
+    let watch = {
+        let queue = env.app.queue().clone();
+        tokio::spawn(async move {
+            loop {
+                if queue.saturated().await.expect("read the mark") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let _pool = env.start_pool(env.pool_config(&q, 2));
+    env.wait_terminal(&ids, Duration::from_secs(120)).await;
+    // Each mark lasts a second after the last full claim.
+    tokio::time::timeout(Duration::from_secs(5), watch)
+        .await
+        .expect("the pool never said it was saturated")
+        .expect("watcher");
+}
