@@ -110,6 +110,19 @@ impl Drop for Prometheus {
     }
 }
 
+/// Enqueues `n` jobs that sleep `ms` each.
+async fn sleepers(api: &TestApi, q: &str, n: usize, ms: u64) -> Vec<orchestrator::job::JobId> {
+    let requests = (0..n)
+        .map(|_| request("sleep", q, serde_json::json!({ "ms": ms })))
+        .collect();
+    api.env
+        .enqueue(requests)
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect()
+}
+
 #[tokio::test]
 async fn prometheus_sees_depth_throughput_wait_time_and_busy_slots() {
     let api = TestApi::spawn().await;
@@ -172,16 +185,7 @@ async fn prometheus_sees_depth_throughput_wait_time_and_busy_slots() {
 
     // Four jobs fill both workers' two slots (no prefetch) and run until
     // Prometheus has scraped every slot busy; then they are cancelled.
-    let holders: Vec<_> = (0..4)
-        .map(|_| request("sleep", &q, serde_json::json!({ "ms": 600_000 })))
-        .collect();
-    let holders: Vec<_> = api
-        .env
-        .enqueue(holders)
-        .await
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let holders = sleepers(&api, &q, 4, 600_000).await;
     let busy = prometheus
         .until(
             &client,
@@ -210,16 +214,7 @@ async fn prometheus_sees_depth_throughput_wait_time_and_busy_slots() {
         delayed.push(r);
     }
     api.env.enqueue(delayed).await;
-    let running: Vec<_> = (0..12)
-        .map(|_| request("sleep", &q, serde_json::json!({ "ms": 1000 })))
-        .collect();
-    let ids: Vec<_> = api
-        .env
-        .enqueue(running)
-        .await
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let ids = sleepers(&api, &q, 12, 1000).await;
     api.env.wait_terminal(&ids, Duration::from_secs(60)).await;
 
     // Depth from the API alone, which runs no worker: read at scrape time.

@@ -648,14 +648,7 @@ async fn the_policy_is_checked_again_at_send() {
     .await;
     let rx = Receiver::start(&secret).await;
     let q = unique_queue();
-    let mut r = request("noop", &q, json!({}));
-    r.callback_url = Some(rx.url.clone());
-    r.delay_secs = Some(3_600);
-    let job = env.enqueue(vec![r]).await.remove(0);
-    env.app
-        .cancel(job.id, "test", "so that one event is reported")
-        .await
-        .expect("cancel");
+    let job = cancelled_with_callback(&env, &q, &rx.url).await;
     let mut strict = env.app.settings().webhooks.clone();
     strict.allow_local = false;
     let delivery = strict.delivery().expect("config").expect("a secret");
@@ -668,7 +661,7 @@ async fn the_policy_is_checked_again_at_send() {
     wait_outbox_empty(&env, Duration::from_secs(30)).await;
     stop.cancel();
     deliverer.await.expect("deliverer");
-    let deliveries = env.app.deliveries(job.id).await.expect("deliveries");
+    let deliveries = env.app.deliveries(job).await.expect("deliveries");
     assert_eq!(deliveries.len(), 1);
     assert_eq!(deliveries[0].state, "dead");
     for a in &deliveries[0].attempt_log {
@@ -806,6 +799,20 @@ async fn the_cli_makes_a_secret_manages_subscriptions_and_lists_deliveries() {
     assert_eq!(listed, json!([]));
 }
 
+/// A job calling back to `url` that is cancelled before it runs: one
+/// reported event.
+async fn cancelled_with_callback(env: &TestEnv, q: &str, url: &str) -> JobId {
+    let mut r = request("noop", q, json!({}));
+    r.callback_url = Some(url.to_owned());
+    r.delay_secs = Some(3_600);
+    let job = env.enqueue(vec![r]).await.remove(0);
+    env.app
+        .cancel(job.id, "test", "so that one event is reported")
+        .await
+        .expect("cancel");
+    job.id
+}
+
 /// The delivery rows of `id`: (state, attempts).
 async fn delivery_state(env: &TestEnv, id: JobId) -> Vec<(String, i32)> {
     sqlx::query_as("SELECT state, attempts FROM webhook_deliveries WHERE job_id = $1")
@@ -827,20 +834,8 @@ async fn while_a_pool_is_saturated_fresh_deliveries_wait_and_older_ones_go() {
     .await;
     let rx = Receiver::start(&secret).await;
     let q = unique_queue();
-    // Two jobs, one reported event each (their cancel).
-    let mut jobs = Vec::new();
-    for _ in 0..2 {
-        let mut r = request("noop", &q, json!({}));
-        r.callback_url = Some(rx.url.clone());
-        r.delay_secs = Some(3_600);
-        let job = env.enqueue(vec![r]).await.remove(0);
-        env.app
-            .cancel(job.id, "test", "so that one event is reported")
-            .await
-            .expect("cancel");
-        jobs.push(job.id);
-    }
-    let (old, fresh) = (jobs[0], jobs[1]);
+    let old = cancelled_with_callback(&env, &q, &rx.url).await;
+    let fresh = cancelled_with_callback(&env, &q, &rx.url).await;
     // The first has waited longer than the deferral.
     sqlx::query(
         "UPDATE webhook_deliveries SET next_at = now() - interval '601 seconds' WHERE job_id = $1",
