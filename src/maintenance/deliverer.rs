@@ -185,7 +185,7 @@ impl SaturationCheck {
         if self.saturated != was {
             tracing::debug!(
                 saturated = self.saturated,
-                "webhook deliveries deferred while a pool is saturated"
+                "fresh webhook deliveries wait (true) or go (false): a pool's saturation changed"
             );
             metrics::gauge!(m::WEBHOOK_DEFERRING).set(if self.saturated { 1.0 } else { 0.0 });
         }
