@@ -82,8 +82,18 @@ impl Fixture {
         self.env.event_types(id).await
     }
 
+    /// Where the git stage keeps the jobs' worktrees.
+    fn worktrees(&self) -> PathBuf {
+        self.tmp.path().join("git-data").join("worktrees")
+    }
+
+    /// What the sandbox of `id` sees at /workspace.
+    fn workspace(&self, id: JobId) -> PathBuf {
+        self.worktrees().join(id.to_string()).join("workspace")
+    }
+
     pub(crate) fn worktrees_left(&self) -> usize {
-        std::fs::read_dir(self.tmp.path().join("git-data").join("worktrees"))
+        std::fs::read_dir(self.worktrees())
             .map(|d| d.count())
             .unwrap_or(0)
     }
@@ -230,14 +240,7 @@ async fn a_conflicting_change_on_the_target_is_reported_and_nothing_is_pushed() 
     })
     .await
     .expect("the human's push");
-    let workspace = f
-        .tmp
-        .path()
-        .join("git-data")
-        .join("worktrees")
-        .join(job.id.to_string())
-        .join("workspace");
-    std::fs::write(workspace.join("go"), "").expect("signal the agent");
+    std::fs::write(f.workspace(job.id).join("go"), "").expect("signal the agent");
 
     let done = f
         .env
