@@ -28,6 +28,11 @@ pub struct WebhookBench {
     pub with_median_per_s: f64,
     /// with / without (the goal: at least 0.85).
     pub ratio: f64,
+    /// with / without for each pair of rounds run one after the other, and
+    /// their median: steadier than the ratio of medians when this machine
+    /// slows down or speeds up for several rounds at a time.
+    pub pair_ratios: Vec<f64>,
+    pub pair_ratio_median: f64,
     /// Webhooks sent in all the rounds with a subscription.
     pub delivered: i64,
     /// Delivered while each round's burst ran (by the time its last no-op
@@ -40,11 +45,11 @@ pub struct WebhookBench {
 }
 
 async fn undelivered(app: &App) -> Result<i64, BenchError> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending')",
-    )
-    .fetch_one(app.store().pool())
-    .await?)
+    Ok(app
+        .store()
+        .undelivered_webhooks()
+        .await
+        .map_err(crate::app::AppError::from)?)
 }
 
 /// Webhooks of `queue` delivered by the time its `jobs`th job finished
@@ -123,6 +128,8 @@ pub async fn run(
         without_median_per_s: 0.0,
         with_median_per_s: 0.0,
         ratio: 0.0,
+        pair_ratios: Vec::new(),
+        pair_ratio_median: 0.0,
         delivered: 0,
         delivered_during_burst: Vec::new(),
         backlog_at_drain: Vec::new(),
@@ -194,5 +201,12 @@ pub async fn run(
     report.without_median_per_s = median(&report.without_per_s);
     report.with_median_per_s = median(&report.with_per_s);
     report.ratio = super::ratio(report.with_median_per_s, report.without_median_per_s);
+    report.pair_ratios = report
+        .with_per_s
+        .iter()
+        .zip(&report.without_per_s)
+        .map(|(with, without)| super::ratio(*with, *without))
+        .collect();
+    report.pair_ratio_median = median(&report.pair_ratios);
     Ok(report)
 }

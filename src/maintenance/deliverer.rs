@@ -1,11 +1,13 @@
-//! The webhook deliverer: claims due outbox rows (`FOR UPDATE SKIP LOCKED`,
+//! The webhook deliverer: fans the transitions' outbox rows out into one
+//! delivery row per event and URL (one replica at a time, in order), claims
+//! due delivery rows (`FOR UPDATE SKIP LOCKED`,
 //! so every replica runs one and none sends a row another holds), POSTs
 //! each with its Standard Webhooks signature, at most `concurrency` at
 //! once, and records every attempt. A failed attempt is retried with the
 //! jobs' backoff (exponential, jittered by the `backoff` crate) until
 //! `max_attempts`, then the row is dead. While a worker pool says it is
 //! saturated with short jobs, rows younger than `defer_while_saturated`
-//! wait, so that delivering does not take from the jobs (Postgres and the
+//! wait (neither fanned out nor sent), so that delivering does not take from the jobs (Postgres and the
 //! cores are what both need). Outcomes are written in batches;
 //! should a deliverer die first, its rows are claimable again once their
 //! claim runs out, and the receiver sees the same `webhook-id` again.
@@ -75,6 +77,10 @@ impl Maintenance {
                 } else {
                     Duration::ZERO
                 };
+                if let Err(err) = self.store.fan_out_deliveries(defer, FAN_OUT_ROWS).await {
+                    metrics::counter!(m::LOOP_ERRORS, "task" => "webhooks").increment(1);
+                    tracing::warn!(error = %err, "cannot fan out webhook deliveries");
+                }
                 match self
                     .store
                     .claim_deliveries(u32::try_from(free).unwrap_or(u32::MAX), cfg.lease(), defer)
@@ -144,6 +150,10 @@ impl Maintenance {
         Ok(())
     }
 }
+
+/// The most fan-out rows (one per transition statement, so up to a claim
+/// or finish batch of events each) one pass turns into delivery rows.
+const FAN_OUT_ROWS: u32 = 20;
 
 /// How often a deliverer asks Valkey whether a pool is saturated.
 const SATURATION_CHECK_EVERY: Duration = Duration::from_millis(100);

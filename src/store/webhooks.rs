@@ -1,6 +1,8 @@
-//! Webhook subscriptions and the delivery outbox. The outbox rows are
-//! written by triggers in the transaction of each transition (see the
-//! `webhooks` migration); this module claims, records and lists them.
+//! Webhook subscriptions and the delivery outbox. The outbox is written by
+//! triggers in the transaction of each transition (see the `webhooks` and
+//! `webhook_fanout` migrations): one fan-out row per statement, which the
+//! deliverers fan out into a delivery row per event and URL; this module
+//! fans out, claims, records and lists them.
 
 use std::time::Duration;
 
@@ -103,6 +105,9 @@ const WEBHOOK_COLUMNS: &str = "id, url, events, queues, kinds, description, crea
 const DELIVERY_COLUMNS: &str = "id, message_id, webhook_id, event, url, state, attempts, \
     next_at, created_at, finished_at, last_status, last_error, body";
 
+/// The advisory lock the replica fanning out holds (transaction-scoped).
+pub const FAN_OUT_LOCK: i64 = 0x6f72_6368_6661_6e6f; // "orchfano"
+
 fn status(code: Option<i32>) -> Option<u16> {
     code.and_then(|c| u16::try_from(c).ok())
 }
@@ -155,6 +160,46 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(Some(dropped.rows_affected()))
+    }
+
+    /// Fans out, in order, the outbox's fan-out rows (one per transition
+    /// statement, written by the trigger) written at least `min_age` ago,
+    /// at most `max_rows` of them, into delivery rows. Returns how many
+    /// delivery rows were made, or `None` when another replica is fanning
+    /// out right now (one at a time, so that streams stay in order).
+    pub async fn fan_out_deliveries(
+        &self,
+        min_age: Duration,
+        max_rows: u32,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(FAN_OUT_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(None);
+        }
+        let made: i64 =
+            sqlx::query_scalar("SELECT fan_out_webhooks($1 * interval '1 millisecond', $2)")
+                .bind(min_age.as_secs_f64() * 1000.0)
+                .bind(i32::try_from(max_rows).unwrap_or(i32::MAX))
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(Some(u64::try_from(made).unwrap_or(0)))
+    }
+
+    /// Webhooks not yet delivered: delivery rows pending or being sent,
+    /// and events not yet fanned out (each counted once, whatever number
+    /// of URLs it will go to).
+    pub async fn undelivered_webhooks(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending'))
+                  + (SELECT COALESCE(sum(cardinality(event_ids)), 0) FROM webhook_fanout)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Claims up to `limit` due deliveries for `lease` (after which they
@@ -419,11 +464,13 @@ impl Store {
         Ok(state.map(|s| s == "delivered" || s == "dead"))
     }
 
-    /// How long the oldest undelivered row has waited (zero when none).
+    /// How long the oldest undelivered webhook has waited, fanned out or
+    /// not (zero when none).
     pub async fn oldest_undelivered(&self) -> Result<Duration, StoreError> {
         let secs: Option<f64> = sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8
-             FROM webhook_deliveries WHERE state IN ('pending', 'sending')",
+            "SELECT EXTRACT(EPOCH FROM now() - LEAST(
+                (SELECT min(created_at) FROM webhook_deliveries WHERE state IN ('pending', 'sending')),
+                (SELECT min(created_at) FROM webhook_fanout)))::float8",
         )
         .fetch_one(&self.pool)
         .await?;

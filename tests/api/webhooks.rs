@@ -64,11 +64,12 @@ async fn scalar(env: &TestEnv, sql: &str) -> i64 {
 async fn wait_outbox_empty(env: &TestEnv, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
-        let left = scalar(
-            env,
-            "SELECT count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending')",
-        )
-        .await;
+        let left = env
+            .app
+            .store()
+            .undelivered_webhooks()
+            .await
+            .expect("undelivered webhooks");
         if left == 0 {
             return;
         }
@@ -510,9 +511,17 @@ async fn a_crash_between_commit_and_delivery_loses_nothing_and_duplicates_share_
         in_flight > 0,
         "nothing was in flight when the processes died"
     );
+    // Every event is in the outbox, fanned out into its delivery row or
+    // still in its transition's fan-out row (one URL each here).
     let rows = scalar(&env, "SELECT count(*) FROM webhook_deliveries").await;
+    let unfanned = scalar(
+        &env,
+        "SELECT COALESCE(sum(cardinality(event_ids)), 0) FROM webhook_fanout",
+    )
+    .await;
     assert_eq!(
-        rows, 40,
+        rows + unfanned,
+        40,
         "one row per started and succeeded event, committed with it"
     );
 
@@ -836,9 +845,11 @@ async fn while_a_pool_is_saturated_fresh_deliveries_wait_and_older_ones_go() {
     let q = unique_queue();
     let old = cancelled_with_callback(&env, &q, &rx.url).await;
     let fresh = cancelled_with_callback(&env, &q, &rx.url).await;
-    // The first has waited longer than the deferral.
+    // The first has waited longer than the deferral (its transition's
+    // outbox row, not yet fanned out).
     sqlx::query(
-        "UPDATE webhook_deliveries SET next_at = now() - interval '601 seconds' WHERE job_id = $1",
+        "UPDATE webhook_fanout SET created_at = now() - interval '601 seconds'
+         WHERE $1 = ANY (job_ids)",
     )
     .bind(old.0)
     .execute(env.app.store().pool())
@@ -869,12 +880,17 @@ async fn while_a_pool_is_saturated_fresh_deliveries_wait_and_older_ones_go() {
         assert!(Instant::now() < deadline, "the old row was not delivered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Both rows were due to the claim that took the old one, had the fresh
-    // one not been deferred: it would have been claimed with it.
+    // The pass that fanned out the old one would have taken the fresh one
+    // too, had it not been deferred: it is still in the outbox, unsent.
     assert_eq!(
         delivery_state(&env, fresh).await,
-        [("pending".to_owned(), 0)],
-        "a fresh row was claimed while a pool was saturated"
+        [],
+        "a fresh row was fanned out while a pool was saturated"
+    );
+    assert_eq!(
+        scalar(&env, "SELECT count(*) FROM webhook_fanout").await,
+        1,
+        "the fresh event left the outbox without being delivered"
     );
 
     // Nothing saturated any more (the mark runs out at once): it goes.
@@ -924,4 +940,110 @@ async fn a_pool_claiming_full_batches_of_short_jobs_says_it_is_saturated() {
         .await
         .expect("the pool never said it was saturated")
         .expect("watcher");
+}
+
+/// A subscription to every event of `q` for `url`; its id.
+async fn subscribe(env: &TestEnv, q: &str, url: &str) -> uuid::Uuid {
+    env.app
+        .create_webhook(
+            serde_json::from_value(json!({ "url": url, "events": REPORTED, "queues": [q] }))
+                .expect("request"),
+            "test",
+        )
+        .await
+        .expect("subscription")
+        .id
+}
+
+/// The URLs `id`'s deliveries go to, in order.
+async fn delivery_urls(env: &TestEnv, id: JobId) -> Vec<String> {
+    sqlx::query_scalar("SELECT url FROM webhook_deliveries WHERE job_id = $1 ORDER BY id")
+        .bind(id.0)
+        .fetch_all(env.app.store().pool())
+        .await
+        .expect("delivery rows")
+}
+
+#[tokio::test]
+async fn fan_out_goes_in_order_one_replica_at_a_time_and_only_to_older_subscriptions() {
+    let secret = secret();
+    let env = TestEnv::with_settings(|s| webhooks_on(s, &secret)).await;
+    let q = unique_queue();
+    let store = env.app.store();
+    let first_url = "http://127.0.0.1:9/first";
+    subscribe(&env, &q, first_url).await;
+    let older = cancelled_with_callback(&env, &q, "http://127.0.0.1:9/callback").await;
+    let younger = cancelled_with_callback(&env, &q, "http://127.0.0.1:9/callback").await;
+    // Each cancel was its own statement: two outbox rows, no deliveries yet.
+    assert_eq!(scalar(&env, "SELECT count(*) FROM webhook_fanout").await, 2);
+    assert_eq!(
+        scalar(&env, "SELECT count(*) FROM webhook_deliveries").await,
+        0
+    );
+    // A subscription made after both events gets neither.
+    subscribe(&env, &q, "http://127.0.0.1:9/later").await;
+
+    // The younger row is old enough, the older one is not: nothing goes,
+    // since the younger would otherwise be fanned out first. The first
+    // subscription is aged further, so it still predates the younger row.
+    sqlx::query("UPDATE webhooks SET created_at = now() - interval '2 hours' WHERE url = $1")
+        .bind(first_url)
+        .execute(store.pool())
+        .await
+        .expect("age the subscription");
+    sqlx::query(
+        "UPDATE webhook_fanout SET created_at = now() - interval '1 hour' WHERE $1 = ANY (job_ids)",
+    )
+    .bind(younger.0)
+    .execute(store.pool())
+    .await
+    .expect("age the row");
+    assert_eq!(
+        store
+            .fan_out_deliveries(Duration::from_secs(60), 20)
+            .await
+            .expect("fan out"),
+        Some(0)
+    );
+
+    // Another replica fanning out right now: this one leaves it alone.
+    let mut other = store.pool().begin().await.expect("begin");
+    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(orchestrator::store::FAN_OUT_LOCK)
+        .fetch_one(&mut *other)
+        .await
+        .expect("lock");
+    assert!(held);
+    assert_eq!(
+        store
+            .fan_out_deliveries(Duration::ZERO, 20)
+            .await
+            .expect("fan out"),
+        None
+    );
+    other.rollback().await.expect("rollback");
+    assert_eq!(scalar(&env, "SELECT count(*) FROM webhook_fanout").await, 2);
+
+    // Now both go, in their order: the callback and the first
+    // subscription for each, nothing for the later subscription.
+    assert_eq!(
+        store
+            .fan_out_deliveries(Duration::ZERO, 20)
+            .await
+            .expect("fan out"),
+        Some(4)
+    );
+    assert_eq!(scalar(&env, "SELECT count(*) FROM webhook_fanout").await, 0);
+    for id in [older, younger] {
+        let mut urls = delivery_urls(&env, id).await;
+        urls.sort();
+        assert_eq!(urls, ["http://127.0.0.1:9/callback", first_url]);
+    }
+    let order: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT job_id FROM webhook_deliveries ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .expect("rows");
+    assert_eq!(order, [older.0, older.0, younger.0, younger.0]);
+    assert_eq!(store.undelivered_webhooks().await.expect("undelivered"), 4);
 }
