@@ -31,9 +31,22 @@ pub struct BatchRequest {
     pub jobs: Vec<JobRequest>,
 }
 
+/// What `POST /v1/jobs/batch` answers: the jobs in request order.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct JobList {
-    pub jobs: Vec<Job>,
+pub struct BatchList {
+    pub jobs: Vec<BatchJob>,
+}
+
+/// A job of a batch, and why it was not created if it already existed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchJob {
+    #[serde(flatten)]
+    pub job: Job,
+    /// `idempotency_key` or `unique` when this is an existing job (as the
+    /// `Orchestrator-Duplicate` header of `POST /v1/jobs`); absent when the
+    /// batch created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -180,21 +193,26 @@ pub async fn create(
     if created {
         return Ok((StatusCode::CREATED, Json(job)).into_response());
     }
-    // Says why nothing was created: a replay of the idempotency key, or an
-    // existing job holding the `unique` key.
-    let why = if requested_key.is_some() && requested_key == job.idempotency_key {
+    let why = duplicate_reason(requested_key.as_deref(), &job);
+    Ok((StatusCode::OK, [(DUPLICATE_HEADER, why)], Json(job)).into_response())
+}
+
+/// Why an enqueue returned an existing job: a replay of the idempotency
+/// key it asked for, or else an existing job holding its `unique` key.
+fn duplicate_reason(requested_key: Option<&str>, existing: &Job) -> &'static str {
+    if requested_key.is_some() && requested_key == existing.idempotency_key.as_deref() {
         "idempotency_key"
     } else {
         "unique"
-    };
-    Ok((StatusCode::OK, [(DUPLICATE_HEADER, why)], Json(job)).into_response())
+    }
 }
 
 /// Enqueue many jobs at once: all valid or none enqueued.
 #[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", request_body = BatchRequest,
     security(("bearer" = [])),
     responses(
-        (status = 201, description = "the jobs, in request order (replays included)", body = JobList),
+        (status = 201, description = "the jobs, in request order; an existing one (a replay, a `unique` key's holder) says so in `duplicate`", body = BatchList),
+        (status = 200, description = "every job existed already; each says why in `duplicate`", body = BatchList),
         (status = 400, description = "malformed request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "no valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "the token lacks the enqueue scope", body = Problem, content_type = "application/problem+json"),
@@ -222,8 +240,23 @@ pub async fn create_batch(
     let jobs = state.app.validate(batch.jobs, &caller.name)?;
     require_admin_where_needed(&state, &caller, &jobs, true)?;
     let stored = state.app.enqueue(&jobs).await?;
-    let jobs = stored.into_iter().map(|(job, _)| job).collect();
-    Ok((StatusCode::CREATED, Json(JobList { jobs })).into_response())
+    let any_created = stored.iter().any(|(_, created)| *created);
+    let jobs = stored
+        .into_iter()
+        .zip(&jobs)
+        .map(|((job, created), asked)| {
+            let duplicate =
+                (!created).then(|| duplicate_reason(asked.idempotency_key.as_deref(), &job));
+            BatchJob { job, duplicate }
+        })
+        .collect();
+    // As for one job: 200 when the batch made nothing new.
+    let status = if any_created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(BatchList { jobs })).into_response())
 }
 
 /// One job.

@@ -23,7 +23,7 @@ use crate::job::{
     ),
     components(schemas(
         Job, JobEvent, JobPatch, JobRequest, Status, error::Problem,
-        jobs::BatchRequest, jobs::JobList, jobs::JobPage, jobs::EventList, jobs::CancelRequest,
+        jobs::BatchRequest, jobs::BatchList, jobs::BatchJob, jobs::JobPage, jobs::EventList, jobs::CancelRequest,
         crate::app::QueueInfo, queues::QueueList,
         killswitch::KillRequest, killswitch::ControlEventList, killswitch::ControlEventView,
         crate::app::KillSwitchStatus, crate::app::KillReport,

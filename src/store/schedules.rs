@@ -144,7 +144,9 @@ impl Store {
 
     /// Replaces a schedule's fields (a PATCH merged onto it). A new cron
     /// expression or time zone, or a resume, starts from the next tick
-    /// after now: what a paused schedule missed is not caught up.
+    /// after now: what a paused schedule missed is not caught up. So does
+    /// any edit of a stopped schedule (`next_tick` null after a tick that
+    /// failed for good), since the edit is how its template gets fixed.
     pub async fn update_schedule(
         &self,
         id: ScheduleId,
@@ -155,7 +157,9 @@ impl Store {
             "UPDATE schedules SET name = $2, cron = $3, timezone = $4, job = $5, paused = $6,
                  overlap = $7, catch_up = $8, catch_up_limit = $9,
                  next_tick = CASE WHEN cron <> $3 OR timezone <> $4 OR (paused AND NOT $6)
+                                       OR next_tick IS NULL
                                   THEN $10 ELSE next_tick END,
+                 last_error = CASE WHEN next_tick IS NULL THEN NULL ELSE last_error END,
                  version = version + 1, updated_at = now()
              WHERE id = $1
              RETURNING {SCHEDULE_COLUMNS}"

@@ -299,6 +299,26 @@ async fn a_unique_duplicate_answers_200_with_the_existing_job_and_says_so() {
     ]});
     let p = problem(api.post_json("/v1/jobs/batch", ENQUEUE, batch).await, 422).await;
     assert_eq!(p["field"], "unique.key", "{p}");
+
+    // A batch says per job which ones existed, and why.
+    let batch = json!({ "jobs": [
+        { "kind": "noop", "queue": q, "unique": { "key": "review:7" } },
+        { "kind": "noop", "queue": q },
+        { "kind": "noop", "queue": q, "idempotency_key": "k-1" },
+    ]});
+    let (status, answer) = body_of(api.post_json("/v1/jobs/batch", ENQUEUE, batch).await).await;
+    assert_eq!(status, 201, "one job is new: {answer}");
+    let jobs = answer["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 3, "{answer}");
+    assert_eq!(jobs[0]["id"], first["id"]);
+    assert_eq!(jobs[0]["duplicate"], "unique");
+    assert!(jobs[1].get("duplicate").is_none(), "{answer}");
+    assert_ne!(jobs[1]["id"], first["id"]);
+    assert_eq!(jobs[2]["duplicate"], "idempotency_key");
+    let again = json!({ "jobs": [{ "kind": "noop", "queue": q, "idempotency_key": "k-1" }] });
+    let (status, answer) = body_of(api.post_json("/v1/jobs/batch", ENQUEUE, again).await).await;
+    assert_eq!(status, 200, "nothing new: {answer}");
+    assert_eq!(answer["jobs"][0]["duplicate"], "idempotency_key");
 }
 
 #[tokio::test]

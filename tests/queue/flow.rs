@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::support::processes::WorkerProcess;
 use crate::support::servers::ValkeyServer;
-use crate::support::{request, unique_queue, TestEnv};
+use crate::support::{metric_sample, request, unique_queue, TestEnv};
 
 /// The ticks (`scheduled_for`) of every job the schedule enqueued, and
 /// how many jobs there are (more than ticks would be a duplicate).
@@ -190,7 +190,8 @@ async fn blocked_inserter(env: &TestEnv, pids: &[u32], limit: Duration) -> u32 {
 
 #[tokio::test]
 async fn a_replica_killed_inside_its_scheduler_transaction_leaves_its_tick_to_another() {
-    let env = TestEnv::new().await;
+    let valkey = ValkeyServer::start();
+    let env = TestEnv::with_valkey(&valkey.url()).await;
     let q = unique_queue();
     let schedule = every_second(&env, &q, "killed-mid-tick").await;
     let id = schedule.id.0;
@@ -229,6 +230,9 @@ async fn a_replica_killed_inside_its_scheduler_transaction_leaves_its_tick_to_an
     let inside = blocked_inserter(&env, &pids, Duration::from_secs(30)).await;
     let victim = pids.iter().position(|p| *p == inside).expect("one of ours");
     workers[victim].kill9();
+    // And Valkey loses everything while the tick hangs: the ticks live in
+    // Postgres.
+    valkey.flushall().await;
     // Our transaction ends; the dead replica's, woken, finds no client and
     // rolls back with its row lock. Another replica takes the tick.
     blocker.rollback().await.expect("rollback");
@@ -337,11 +341,196 @@ async fn overlap_skip_waits_for_the_last_job_and_catch_up_none_drops_missed_tick
         n >= 2 && n <= 2 + grace + 1,
         "{n} jobs: the missed hour was caught up ({ticks:?})"
     );
-    let oldest_new = ticks[1];
-    assert!(
-        Utc::now() - oldest_new <= chrono::Duration::seconds(grace + 2),
-        "a tick older than the grace ran: {oldest_new}"
+    assert_eq!(
+        last_pass_missed(&env, schedule.id.0).await,
+        (n - 1, 0),
+        "a tick older than the grace ran ({ticks:?})"
     );
+}
+
+/// Of the jobs the schedule's latest pass enqueued, how many there are and
+/// how many were missed ticks: older than the grace when enqueued. A
+/// pass's jobs share their `created_at` (its transaction's `now()`, the
+/// time the tick was judged by), so this reads no clock of the test's.
+async fn last_pass_missed(env: &TestEnv, schedule: uuid::Uuid) -> (i64, i64) {
+    let grace = env.app.settings().maintenance.schedule_grace_secs as f64;
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE created_at - scheduled_for > make_interval(secs => $2))
+         FROM jobs
+         WHERE schedule_id = $1
+           AND created_at = (SELECT max(created_at) FROM jobs WHERE schedule_id = $1)",
+    )
+    .bind(schedule)
+    .bind(grace)
+    .fetch_one(env.app.store().pool())
+    .await
+    .expect("last pass")
+}
+
+/// After an hour's downtime (`next_tick` an hour back), `catch_up: latest`
+/// runs the newest missed tick and `all` the newest `catch_up_limit`,
+/// beside the ticks within the grace.
+#[tokio::test]
+async fn catch_up_latest_runs_the_newest_missed_tick_and_all_up_to_its_bound() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let maintenance = env.maintenance(&q);
+    let cfg = scheduler_config(&env);
+    let metrics = orchestrator::metrics::install().expect("metrics");
+    for (name, catch_up, limit, missed) in [
+        ("latest", CatchUp::Latest, None, 1),
+        ("all", CatchUp::All, Some(7), 7),
+    ] {
+        let schedule = env
+            .app
+            .create_schedule(
+                ScheduleRequest {
+                    name: Some(name.into()),
+                    cron: Some("* * * * * *".into()),
+                    job: Some(request("noop", &q, json!({}))),
+                    overlap: Some(Overlap::Allow),
+                    catch_up: Some(catch_up),
+                    catch_up_limit: limit,
+                    ..ScheduleRequest::default()
+                },
+                "test",
+            )
+            .await
+            .expect("schedule");
+        sqlx::query("UPDATE schedules SET next_tick = now() - interval '1 hour' WHERE id = $1")
+            .bind(schedule.id.0)
+            .execute(env.app.store().pool())
+            .await
+            .expect("rewind");
+        maintenance.schedule_once(&cfg).await.expect("pass");
+        let (jobs, late) = last_pass_missed(&env, schedule.id.0).await;
+        assert_eq!(late, missed, "{name}: missed ticks run");
+        assert_eq!(
+            ticks_of(&env, schedule.id.0).await.1,
+            jobs,
+            "{name}: one pass"
+        );
+        let grace = env.app.settings().maintenance.schedule_grace_secs as i64;
+        assert!(
+            jobs - late >= grace && jobs - late <= grace + 1,
+            "{name}: {} ticks within a grace of {grace} s",
+            jobs - late
+        );
+        // The missed ones are the newest: one second apart, ending just
+        // before the grace.
+        let ticks: Vec<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT scheduled_for FROM jobs WHERE schedule_id = $1 ORDER BY scheduled_for",
+        )
+        .bind(schedule.id.0)
+        .fetch_all(env.app.store().pool())
+        .await
+        .expect("ticks");
+        for pair in ticks.windows(2) {
+            assert_eq!(
+                (pair[1] - pair[0]).num_seconds(),
+                1,
+                "{name}: a gap in {ticks:?}"
+            );
+        }
+    }
+    let enqueued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE queue = $1")
+        .bind(&q)
+        .fetch_one(env.app.store().pool())
+        .await
+        .expect("jobs");
+    let text = metrics.render();
+    assert_eq!(
+        metric_sample(
+            &text,
+            "orchestrator_schedule_ticks_total",
+            &[("outcome", "enqueued")]
+        ),
+        Some(enqueued as f64),
+        "{text}"
+    );
+}
+
+/// A schedule whose tick fails for good stops (`next_tick` null,
+/// `last_error` says why) and holds back no other; an edit that leaves it
+/// unpaused starts it again, even one that changes neither `cron` nor
+/// `timezone`.
+#[tokio::test]
+async fn a_stopped_schedule_holds_back_no_other_and_an_edit_starts_it_again() {
+    let env = TestEnv::new().await;
+    let q = unique_queue();
+    let maintenance = env.maintenance(&q);
+    let cfg = scheduler_config(&env);
+    let metrics = orchestrator::metrics::install().expect("metrics");
+    let broken = every_second(&env, &q, "broken").await;
+    let healthy = every_second(&env, &q, "healthy").await;
+    // What only a change of the cron crate could do to a stored row.
+    sqlx::query(
+        "UPDATE schedules SET cron = 'no longer a cron', next_tick = now() - interval '1 second'
+         WHERE id = $1",
+    )
+    .bind(broken.id.0)
+    .execute(env.app.store().pool())
+    .await
+    .expect("break");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        maintenance.schedule_once(&cfg).await.expect("pass");
+        let stopped = env.app.schedule(broken.id).await.expect("s");
+        if stopped.next_tick.is_none() && ticks_of(&env, healthy.id.0).await.1 > 0 {
+            let error = stopped.last_error.expect("why it stopped");
+            assert!(error.starts_with("stopped: "), "{error}");
+            assert!(error.contains("schedule"), "{error}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken schedule did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ticks_of(&env, broken.id.0).await.1, 0);
+    let text = metrics.render();
+    assert_eq!(
+        metric_sample(
+            &text,
+            "orchestrator_schedule_ticks_total",
+            &[("outcome", "invalid")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+
+    // Repaired underneath (as an upgrade would), then resumed by a PATCH
+    // that repeats what it already is.
+    sqlx::query("UPDATE schedules SET cron = '* * * * * *' WHERE id = $1")
+        .bind(broken.id.0)
+        .execute(env.app.store().pool())
+        .await
+        .expect("repair");
+    let resumed = env
+        .app
+        .update_schedule(
+            broken.id,
+            ScheduleRequest {
+                paused: Some(false),
+                cron: Some("* * * * * *".into()),
+                ..ScheduleRequest::default()
+            },
+            "test",
+        )
+        .await
+        .expect("resume");
+    assert!(resumed.next_tick.is_some(), "still stopped: {resumed:?}");
+    assert_eq!(resumed.last_error, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks_of(&env, broken.id.0).await.1 == 0 {
+        maintenance.schedule_once(&cfg).await.expect("pass");
+        assert!(
+            Instant::now() < deadline,
+            "the resumed schedule enqueued nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `worker --maintenance-only` (beside `--one-job` pods): its scheduler
@@ -694,12 +883,30 @@ async fn retention_prunes_old_finished_jobs_and_only_it_may_delete_events() {
             .config()
             .expect("retention on by default")
     };
+    let metrics = orchestrator::metrics::install().expect("metrics");
     let counts = env.maintenance(&q).prune_once(&cfg).await.expect("prune");
     assert_eq!(
         counts.jobs, 22,
         "20 succeeded, one dead, one cancelled: {counts:?}"
     );
     assert!(counts.events >= 20 * 3, "{counts:?}");
+    // The metric says the same, by table and status.
+    let text = metrics.render();
+    let pruned = |table: &str, status: &str| {
+        metric_sample(
+            &text,
+            "orchestrator_retention_pruned_rows_total",
+            &[("table", table), ("status", status)],
+        )
+    };
+    assert_eq!(pruned("jobs", "succeeded"), Some(20.0), "{text}");
+    assert_eq!(pruned("jobs", "dead"), Some(1.0), "{text}");
+    assert_eq!(pruned("jobs", "cancelled"), Some(1.0), "{text}");
+    let events: f64 = ["succeeded", "dead", "cancelled"]
+        .iter()
+        .filter_map(|s| pruned("job_events", s))
+        .sum();
+    assert_eq!(events, counts.events as f64, "{text}");
     let left: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE queue = $1")
         .bind(&q)
         .fetch_all(pool)
@@ -803,17 +1010,20 @@ async fn a_concurrency_key_never_runs_twice_at_once_across_prefetching_workers()
     let _workers: Vec<WorkerProcess> = (0..2)
         .map(|_| WorkerProcess::spawn_with(&env, &q, 4, &vars))
         .collect();
-    // While keys are held, the depth says so.
+    // While keys are held, the depth gauge says so, as the sampler every
+    // replica runs exports it.
+    let metrics = orchestrator::metrics::install().expect("metrics");
+    let maintenance = env.maintenance(&q);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut saw_held = false;
     while !saw_held && Instant::now() < deadline {
-        let depth = env
-            .app
-            .queue()
-            .depth(&q.parse().expect("queue"))
-            .await
-            .expect("depth");
-        saw_held = depth.held > 0;
+        maintenance.sample_once().await.expect("sample");
+        let held = metric_sample(
+            &metrics.render(),
+            "orchestrator_queue_depth",
+            &[("queue", q.as_str()), ("state", "held")],
+        );
+        saw_held = held.is_some_and(|n| n > 0.0);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(saw_held, "no job was ever held by its key");
@@ -922,4 +1132,88 @@ async fn postgres_refuses_a_claim_past_a_keys_limit_even_without_valkey() {
             .await
             .expect("count");
     assert_eq!(running, 1);
+}
+
+/// The starts (`started` events, in Postgres' time) of `ids`, in order.
+async fn starts(env: &TestEnv, ids: &[JobId]) -> Vec<DateTime<Utc>> {
+    let uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+    sqlx::query_scalar(
+        "SELECT at FROM job_events WHERE job_id = ANY($1) AND type = 'started' ORDER BY at",
+    )
+    .bind(&uuids)
+    .fetch_all(env.app.store().pool())
+    .await
+    .expect("starts")
+}
+
+/// `[admission.rate_limits]` and `[admission.key_rate_limits]` from a
+/// worker process's config file: starts are paced by the token bucket
+/// (N at once, then N per window), the jobs over it wait and none fails,
+/// and one key's bucket does not pace another key.
+#[tokio::test]
+async fn configured_rate_limits_pace_a_workers_starts_and_fail_nothing() {
+    let env = TestEnv::new().await;
+    let per_queue = unique_queue();
+    let per_key = unique_queue();
+    let mut config = tempfile::NamedTempFile::new().expect("config file");
+    std::io::Write::write_all(
+        &mut config,
+        format!(
+            "[admission.rate_limits]\n\"{per_queue}\" = {{ starts = 4, per_secs = 1 }}\n\
+             [admission.key_rate_limits]\n\"{per_key}\" = {{ starts = 2, per_secs = 1 }}\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write config");
+    let queued = env
+        .enqueue(
+            (0..16)
+                .map(|_| request("noop", &per_queue, json!({})))
+                .collect(),
+        )
+        .await;
+    let keyed = |key: &str| JobRequest {
+        concurrency_key: Some(key.to_owned()),
+        ..request("noop", &per_key, json!({}))
+    };
+    let mut requests: Vec<JobRequest> = (0..8).map(|_| keyed("key-a")).collect();
+    requests.extend((0..8).map(|_| keyed("key-b")));
+    let keyed_jobs = env.enqueue(requests).await;
+    let queues = format!("{per_queue},{per_key}");
+    let path = config.path().to_str().expect("utf-8 path").to_owned();
+    let _worker = WorkerProcess::spawn_with(&env, &queues, 8, &[("ORCH_CONFIG", &path)]);
+
+    let all: Vec<JobId> = queued.iter().chain(&keyed_jobs).map(|j| j.id).collect();
+    let done = env.wait_terminal(&all, Duration::from_secs(120)).await;
+    crate::support::assert_status(&done, Status::Succeeded);
+    assert!(
+        done.iter().all(|j| j.attempt == 1),
+        "a job held back by a limit used an attempt"
+    );
+
+    // A bucket of N refilled at N per second: 16 starts take at least
+    // (16 - 4) / 4 = 3 s, 8 starts of one key (8 - 2) / 2 = 3 s. Delays
+    // between a claim and its `started` event only stretch this; the half
+    // second allows for the first start being the later one.
+    let span = |t: &[DateTime<Utc>]| (t[t.len() - 1] - t[0]).num_milliseconds();
+    let ids = |jobs: &[orchestrator::job::Job]| jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+    let q_starts = starts(&env, &ids(&queued)).await;
+    assert_eq!(q_starts.len(), 16);
+    assert!(
+        span(&q_starts) >= 2_500,
+        "16 starts within {} ms",
+        span(&q_starts)
+    );
+    let (a, b) = keyed_jobs.split_at(8);
+    let (a, b) = (starts(&env, &ids(a)).await, starts(&env, &ids(b)).await);
+    for (key, t) in [("key-a", &a), ("key-b", &b)] {
+        assert_eq!(t.len(), 8);
+        assert!(span(t) >= 2_500, "{key}: 8 starts within {} ms", span(t));
+    }
+    // Each key has its own bucket: both keys' jobs ran through the same
+    // seconds, not one key after the other.
+    assert!(
+        b[0] < a[a.len() - 1] && a[0] < b[b.len() - 1],
+        "one key waited for the other: {a:?} {b:?}"
+    );
 }

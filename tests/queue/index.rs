@@ -330,17 +330,14 @@ async fn rate_limits_hold_starts_per_queue_and_per_key_and_fail_nothing() {
         .expect("sample");
     let text = handle.render();
     let gauge = |state: &str| {
-        text.lines()
-            .find(|l| {
-                l.starts_with("orchestrator_queue_depth{")
-                    && l.contains(&format!("queue=\"{q}\""))
-                    && l.contains(&format!("state=\"{state}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .map(str::to_owned)
+        crate::support::metric_sample(
+            &text,
+            "orchestrator_queue_depth",
+            &[("queue", q.as_str()), ("state", state)],
+        )
     };
-    assert_eq!(gauge("rate_limited").as_deref(), Some("7"), "{text}");
-    assert_eq!(gauge("pending").as_deref(), Some("0"), "{text}");
+    assert_eq!(gauge("rate_limited"), Some(7.0), "{text}");
+    assert_eq!(gauge("pending"), Some(0.0), "{text}");
     // Without the limit they flow.
     let rest = ids(vq
         .claim(&q, 10, minute, Rates::default())
@@ -390,8 +387,19 @@ async fn rate_limits_hold_starts_per_queue_and_per_key_and_fail_nothing() {
             per: Duration::from_millis(50),
         }),
     };
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    let later = ids(vq.claim(&q2, 10, minute, fast).await.expect("claim"));
+    // The bucket's clock is Valkey's: claim until it has refilled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let later = loop {
+        let got = ids(vq.claim(&q2, 10, minute, fast).await.expect("claim"));
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bucket never refilled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(later, vec![k2]);
     assert_eq!(vq.depth(&q2).await.expect("depth").held, 0);
 }

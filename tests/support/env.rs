@@ -295,3 +295,20 @@ pub fn assert_status(jobs: &[Job], status: Status) {
         );
     }
 }
+
+/// The value of the first sample of `name` carrying every one of `labels`,
+/// in Prometheus' text format (as `PrometheusHandle::render` or `/metrics`
+/// give it); `None` if there is none.
+pub fn metric_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
