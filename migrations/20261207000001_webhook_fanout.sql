@@ -68,44 +68,114 @@ BEGIN
 END;
 $$;
 
--- Fans out the oldest fan-out rows written at least `min_age` ago, at most
--- `max_rows` of them, into delivery rows, and deletes them. Rows are taken
--- in id order and only up to the first one that is too young, so a job's
--- events reach webhook_deliveries in order. The caller holds the fan-out
--- lock, so two replicas never interleave. Returns the delivery rows made.
+-- The advisory lock a fan-out pass holds, and a retention batch waits for
+-- (pg_try_advisory_xact_lock keys are bigints; this one reads "orchfano").
+CREATE FUNCTION webhook_fanout_lock() RETURNS bigint LANGUAGE sql IMMUTABLE
+AS $$ SELECT 8030590385600425583::bigint $$;
+
+-- One fan-out pass. Under the fan-out lock (none when another replica
+-- holds it: one pass at a time, so streams never interleave), takes the
+-- oldest `max_rows` fan-out rows by id, cut at the first one written less
+-- than `min_age` ago, so that a job's events reach webhook_deliveries in
+-- order; writes their delivery rows in that order and deletes them.
+-- Returns the fan-out rows taken and the delivery rows made, or no row
+-- when the lock was held.
+--
+-- plpgsql keeps a generic plan for every statement, made without knowing
+-- `max_rows` or how large the tables are: each statement here reads only
+-- by primary key and index order so that no plan of it can scan a table
+-- (a first version, one SQL statement, deleted through a sequential scan
+-- of the backlog and compiled it with JIT on every pass). JIT is off for
+-- the same reason: its cost estimate is of that generic plan.
 CREATE FUNCTION fan_out_webhooks(min_age interval, max_rows integer)
-RETURNS bigint LANGUAGE sql AS $$
-    WITH young AS (
-        SELECT min(id) AS id FROM webhook_fanout WHERE created_at > now() - min_age
-    ), batch AS (
-        DELETE FROM webhook_fanout f
-        WHERE f.id IN (
-            SELECT o.id FROM webhook_fanout o, young
-            WHERE young.id IS NULL OR o.id < young.id
-            ORDER BY o.id LIMIT max_rows)
-        RETURNING f.*
-    ), made AS (
-        INSERT INTO webhook_deliveries
-            (job_id, webhook_id, event, url, event_id, status, version, next_at, created_at)
-        SELECT u.job_id, t.webhook_id, u.event, t.url, u.event_id, u.status, u.version,
-               b.created_at, b.created_at
-        FROM batch b
-        CROSS JOIN LATERAL unnest(b.job_ids, b.event_ids, b.events, b.statuses, b.versions)
-            WITH ORDINALITY AS u(job_id, event_id, event, status, version, n)
-        JOIN jobs j ON j.id = u.job_id
-        CROSS JOIN LATERAL (
-            SELECT '00000000-0000-0000-0000-000000000000'::uuid AS webhook_id, j.callback_url AS url
-            WHERE j.callback_url IS NOT NULL
-            UNION ALL
-            SELECT w.id, w.url
-            FROM webhooks w
-            WHERE u.event = ANY (w.events)
-              AND (w.queues IS NULL OR j.queue = ANY (w.queues))
-              AND (w.kinds IS NULL OR j.kind = ANY (w.kinds))
-              AND w.created_at <= b.created_at
-        ) t
-        ORDER BY b.id, u.n, t.webhook_id
-        RETURNING 1
-    )
-    SELECT count(*) FROM made;
+RETURNS TABLE (taken bigint, made bigint) LANGUAGE plpgsql
+SET jit = off AS $$
+DECLARE
+    ids bigint[];
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(webhook_fanout_lock()) THEN
+        RETURN;
+    END IF;
+    SELECT array_agg(c.id ORDER BY c.id) INTO ids
+    FROM (
+        SELECT o.id,
+               bool_or(o.created_at > now() - min_age) OVER (ORDER BY o.id) AS cut
+        FROM (SELECT f.id, f.created_at FROM webhook_fanout f ORDER BY f.id LIMIT max_rows) o
+    ) c
+    WHERE NOT c.cut;
+    taken := COALESCE(cardinality(ids), 0);
+    made := 0;
+    IF taken > 0 THEN
+        WITH batch AS (
+            DELETE FROM webhook_fanout f WHERE f.id = ANY (ids) RETURNING f.*
+        ), made_rows AS (
+            INSERT INTO webhook_deliveries
+                (job_id, webhook_id, event, url, event_id, status, version, next_at, created_at)
+            SELECT u.job_id, t.webhook_id, u.event, t.url, u.event_id, u.status, u.version,
+                   b.created_at, b.created_at
+            FROM batch b
+            CROSS JOIN LATERAL unnest(b.job_ids, b.event_ids, b.events, b.statuses, b.versions)
+                WITH ORDINALITY AS u(job_id, event_id, event, status, version, n)
+            -- A lookup by primary key (OFFSET 0: see the trigger); a job
+            -- pruned since its events were written gets nothing.
+            CROSS JOIN LATERAL (
+                SELECT jj.callback_url, jj.queue, jj.kind
+                FROM jobs jj WHERE jj.id = u.job_id OFFSET 0
+            ) j
+            CROSS JOIN LATERAL (
+                SELECT '00000000-0000-0000-0000-000000000000'::uuid AS webhook_id,
+                       j.callback_url AS url
+                WHERE j.callback_url IS NOT NULL
+                UNION ALL
+                SELECT w.id, w.url
+                FROM webhooks w
+                WHERE u.event = ANY (w.events)
+                  AND (w.queues IS NULL OR j.queue = ANY (w.queues))
+                  AND (w.kinds IS NULL OR j.kind = ANY (w.kinds))
+                  AND w.created_at <= b.created_at
+            ) t
+            -- Delivery ids follow this order: a stream's rows are claimed
+            -- in id order.
+            ORDER BY b.id, u.n, t.webhook_id
+            RETURNING 1
+        )
+        SELECT count(*) INTO made FROM made_rows;
+    END IF;
+    RETURN NEXT;
+END;
+$$;
+
+-- Retention as before (`20261206000003`), and in turn with fan-out passes:
+-- a job's delivery rows are deleted with it, and none is made after.
+CREATE OR REPLACE FUNCTION prune_finished_jobs(p_status text, p_cutoff timestamptz, p_batch integer,
+                                    p_queue text DEFAULT NULL)
+RETURNS TABLE (pruned_jobs bigint, pruned_events bigint) LANGUAGE plpgsql AS $$
+DECLARE
+    doomed uuid[];
+BEGIN
+    -- A fan-out pass that read a doomed job before this commits would
+    -- write delivery rows for it after: wait for the pass to end, and hold
+    -- the next one off until this batch is done.
+    PERFORM pg_advisory_xact_lock(webhook_fanout_lock());
+    SELECT array_agg(id) INTO doomed FROM (
+        SELECT id FROM jobs
+        WHERE finished_at IS NOT NULL AND finished_at < p_cutoff AND status = p_status
+          AND (p_queue IS NULL OR queue = p_queue)
+        ORDER BY finished_at
+        LIMIT p_batch
+        FOR UPDATE SKIP LOCKED
+    ) AS d;
+    IF doomed IS NULL THEN
+        RETURN QUERY SELECT 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    DELETE FROM job_events WHERE job_id = ANY(doomed);
+    GET DIAGNOSTICS pruned_events = ROW_COUNT;
+    DELETE FROM webhook_attempts WHERE delivery_id IN
+        (SELECT id FROM webhook_deliveries WHERE job_id = ANY(doomed));
+    DELETE FROM webhook_deliveries WHERE job_id = ANY(doomed);
+    DELETE FROM jobs WHERE id = ANY(doomed);
+    GET DIAGNOSTICS pruned_jobs = ROW_COUNT;
+    RETURN NEXT;
+END;
 $$;

@@ -59,6 +59,8 @@ pub const KILL_SWITCH_ENGAGED: &str = "orchestrator_kill_switch_engaged";
 pub const WEBHOOK_DELIVERIES: &str = "orchestrator_webhook_deliveries_total";
 /// Histogram: from a webhook's transition to its delivery, seconds.
 pub const WEBHOOK_DELIVERY_SECONDS: &str = "orchestrator_webhook_delivery_latency_seconds";
+/// Counter: delivery rows made from the transitions' fan-out rows.
+pub const WEBHOOK_FANNED_OUT: &str = "orchestrator_webhook_fanned_out_total";
 /// Counter {queue}: claims that found jobs waiting and no start left in
 /// the queue's rate limit (jobs held by it wait in pending).
 pub const RATE_LIMITED_CLAIMS: &str = "orchestrator_rate_limited_claims_total";
@@ -151,6 +153,10 @@ fn describe() {
     describe_counter!(
         WEBHOOK_DELIVERIES,
         "Webhook attempts, by outcome (delivered, retried, dead)."
+    );
+    describe_counter!(
+        WEBHOOK_FANNED_OUT,
+        "Delivery rows made from the transitions' outbox (one per event and URL)."
     );
     describe_histogram!(
         WEBHOOK_DELIVERY_SECONDS,

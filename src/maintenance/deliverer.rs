@@ -1,16 +1,16 @@
 //! The webhook deliverer: fans the transitions' outbox rows out into one
 //! delivery row per event and URL (one replica at a time, in order), claims
-//! due delivery rows (`FOR UPDATE SKIP LOCKED`,
-//! so every replica runs one and none sends a row another holds), POSTs
-//! each with its Standard Webhooks signature, at most `concurrency` at
-//! once, and records every attempt. A failed attempt is retried with the
-//! jobs' backoff (exponential, jittered by the `backoff` crate) until
-//! `max_attempts`, then the row is dead. While a worker pool says it is
-//! saturated with short jobs, rows younger than `defer_while_saturated`
-//! wait (neither fanned out nor sent), so that delivering does not take from the jobs (Postgres and the
-//! cores are what both need). Outcomes are written in batches;
-//! should a deliverer die first, its rows are claimable again once their
-//! claim runs out, and the receiver sees the same `webhook-id` again.
+//! due delivery rows (`FOR UPDATE SKIP LOCKED`, so every replica runs one
+//! and none sends a row another holds), POSTs each with its Standard
+//! Webhooks signature, at most `concurrency` at once, and records every
+//! attempt. A failed attempt is retried with the jobs' backoff
+//! (exponential, jittered by the `backoff` crate) until `max_attempts`,
+//! then the row is dead. While a worker pool says it is saturated with
+//! short jobs, rows younger than `defer_while_saturated` wait (neither
+//! fanned out nor sent), so that delivering does not take from the jobs
+//! (Postgres and the cores are what both need). Outcomes are written in
+//! batches; should a deliverer die first, its rows are claimable again once
+//! their claim runs out, and the receiver sees the same `webhook-id` again.
 
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,7 @@ impl Maintenance {
         let mut inflight: JoinSet<DeliveryOutcome> = JoinSet::new();
         let mut done = Vec::new();
         let mut failures = 0u32;
+        let mut fan_out_failures = 0u32;
         let mut stopping = false;
         // Whether the last wait ended on the poll tick rather than on a
         // finished request.
@@ -71,16 +72,25 @@ impl Maintenance {
             // slow receivers holding most slots do not hold up the rest.
             let worth_claiming =
                 free > 0 && (ticked || inflight.is_empty() || free * 2 >= cfg.concurrency);
-            if worth_claiming && !stopping {
+            // Fanning out does not wait for free slots: on every poll tick
+            // too, so that rows reach the delivery table (and every
+            // replica's deliverers) while this one's slots are busy.
+            let defer = if (worth_claiming || ticked) && !stopping {
                 let defer = if saturation.saturated(&self.valkey, &cfg).await {
                     cfg.defer_while_saturated
                 } else {
                     Duration::ZERO
                 };
-                if let Err(err) = self.store.fan_out_deliveries(defer, FAN_OUT_ROWS).await {
-                    metrics::counter!(m::LOOP_ERRORS, "task" => "webhooks").increment(1);
-                    tracing::warn!(error = %err, "cannot fan out webhook deliveries");
-                }
+                fan_out_failures = if self.fan_out(defer).await {
+                    0
+                } else {
+                    fan_out_failures + 1
+                };
+                defer
+            } else {
+                Duration::ZERO
+            };
+            if worth_claiming && !stopping {
                 match self
                     .store
                     .claim_deliveries(u32::try_from(free).unwrap_or(u32::MAX), cfg.lease(), defer)
@@ -105,8 +115,8 @@ impl Maintenance {
             }
             // Wait for a request to end, or for the next look at the
             // outbox (new rows while slow receivers hold some slots).
-            let pause = if failures > 0 {
-                error_backoff(failures)
+            let pause = if failures.max(fan_out_failures) > 0 {
+                error_backoff(failures.max(fan_out_failures))
             } else if claimed == free && free > 0 {
                 Duration::ZERO
             } else {
@@ -138,7 +148,32 @@ impl Maintenance {
         }
     }
 
-    /// Samples the age of the oldest undelivered row, and drops the rows of
+    /// Fans out what the transitions wrote at least `min_age` ago: passes
+    /// of `FAN_OUT_ROWS` rows while they come back full, at most
+    /// `FAN_OUT_PASSES` of them. Returns false if a pass failed (the rows
+    /// stay, and go on a later pass).
+    async fn fan_out(&self, min_age: Duration) -> bool {
+        for _ in 0..FAN_OUT_PASSES {
+            match self.store.fan_out_deliveries(min_age, FAN_OUT_ROWS).await {
+                Ok(Some(pass)) => {
+                    metrics::counter!(m::WEBHOOK_FANNED_OUT).increment(pass.made);
+                    if pass.taken < u64::from(FAN_OUT_ROWS) {
+                        break;
+                    }
+                }
+                // Another replica is at it, or a retention batch.
+                Ok(None) => break,
+                Err(err) => {
+                    metrics::counter!(m::LOOP_ERRORS, "task" => "webhooks").increment(1);
+                    tracing::warn!(error = %err, "cannot fan out webhook deliveries");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Samples the age of the oldest undelivered webhook, and drops the rows of
     /// subscriptions deleted while those rows were being written.
     pub async fn sample_webhooks_once(&self) -> Result<(), MaintenanceError> {
         let dropped = self.store.drop_orphan_deliveries().await?;
@@ -151,9 +186,15 @@ impl Maintenance {
     }
 }
 
-/// The most fan-out rows (one per transition statement, so up to a claim
-/// or finish batch of events each) one pass turns into delivery rows.
+/// The most fan-out rows one pass takes. A row is a transition statement,
+/// so up to a claim or finish batch of events (hundreds), each times its
+/// URLs: 20 keep a pass's transaction, and the lock every replica's
+/// fan-out and retention wait for, to a few thousand rows.
 const FAN_OUT_ROWS: u32 = 20;
+
+/// The most passes in a row, so that a backlog (deliverers were off) is
+/// fanned out at a pace but the loop still gets to claiming.
+const FAN_OUT_PASSES: u32 = 10;
 
 /// How often a deliverer asks Valkey whether a pool is saturated.
 const SATURATION_CHECK_EVERY: Duration = Duration::from_millis(100);

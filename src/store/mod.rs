@@ -23,7 +23,7 @@ pub use control::{ControlEvent, ControlKind, ControlRow};
 pub use jobs::{Failure, IndexState, LeaseHolder, ProgressWrite, QueueCounts};
 pub use schedules::{ScheduleWriteError, TickRun};
 pub use transitions::{ClaimedJob, Finish, FinishOutcome, Reaped};
-pub use webhooks::{ClaimedDelivery, DeliveryOutcome, FAN_OUT_LOCK};
+pub use webhooks::{ClaimedDelivery, DeliveryOutcome, FanOutPass};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

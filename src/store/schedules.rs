@@ -159,7 +159,8 @@ impl Store {
                  next_tick = CASE WHEN cron <> $3 OR timezone <> $4 OR (paused AND NOT $6)
                                        OR next_tick IS NULL
                                   THEN $10 ELSE next_tick END,
-                 last_error = CASE WHEN next_tick IS NULL THEN NULL ELSE last_error END,
+                 last_error = CASE WHEN next_tick IS NULL AND $10 IS NOT NULL THEN NULL
+                                   ELSE last_error END,
                  version = version + 1, updated_at = now()
              WHERE id = $1
              RETURNING {SCHEDULE_COLUMNS}"
@@ -242,6 +243,7 @@ impl Store {
                 break;
             };
             let id = ScheduleId(row.id);
+            let version = row.version;
             let outcome = match Schedule::try_from(row) {
                 Ok(schedule) => tick(&mut tx, &schedule, grace, &make_job, &mut run).await,
                 Err(e) => Err(e),
@@ -252,15 +254,18 @@ impl Store {
                 Err(e) => {
                     // A row that cannot be read or enqueued stops: it would
                     // fail every pass, first in line. `last_error` says why.
+                    // Only the row as read: an edit since (the lock went
+                    // with the transaction) may have mended it.
                     drop(tx);
                     tracing::warn!(schedule.id = %id, error = %e, "schedule stopped");
                     run.invalid += 1;
                     sqlx::query(
                         "UPDATE schedules SET next_tick = NULL, last_error = $2, updated_at = now()
-                         WHERE id = $1",
+                         WHERE id = $1 AND version = $3",
                     )
                     .bind(id.0)
                     .bind(format!("stopped: {e}"))
+                    .bind(version)
                     .execute(&self.pool)
                     .await?;
                 }

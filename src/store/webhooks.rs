@@ -105,8 +105,14 @@ const WEBHOOK_COLUMNS: &str = "id, url, events, queues, kinds, description, crea
 const DELIVERY_COLUMNS: &str = "id, message_id, webhook_id, event, url, state, attempts, \
     next_at, created_at, finished_at, last_status, last_error, body";
 
-/// The advisory lock the replica fanning out holds (transaction-scoped).
-pub const FAN_OUT_LOCK: i64 = 0x6f72_6368_6661_6e6f; // "orchfano"
+/// What a fan-out pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanOutPass {
+    /// Fan-out rows (transition statements) taken.
+    pub taken: u64,
+    /// Delivery rows made from them.
+    pub made: u64,
+}
 
 fn status(code: Option<i32>) -> Option<u16> {
     code.and_then(|c| u16::try_from(c).ok())
@@ -162,32 +168,27 @@ impl Store {
         Ok(Some(dropped.rows_affected()))
     }
 
-    /// Fans out, in order, the outbox's fan-out rows (one per transition
-    /// statement, written by the trigger) written at least `min_age` ago,
-    /// at most `max_rows` of them, into delivery rows. Returns how many
-    /// delivery rows were made, or `None` when another replica is fanning
-    /// out right now (one at a time, so that streams stay in order).
+    /// One fan-out pass: turns, in order, the oldest fan-out rows (one per
+    /// transition statement, written by the trigger) written at least
+    /// `min_age` ago, at most `max_rows` of them, into delivery rows.
+    /// `None` when another replica is fanning out right now (one at a time,
+    /// so that streams stay in order) or a retention batch is running.
     pub async fn fan_out_deliveries(
         &self,
         min_age: Duration,
         max_rows: u32,
-    ) -> Result<Option<u64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(FAN_OUT_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            return Ok(None);
-        }
-        let made: i64 =
-            sqlx::query_scalar("SELECT fan_out_webhooks($1 * interval '1 millisecond', $2)")
-                .bind(min_age.as_secs_f64() * 1000.0)
-                .bind(i32::try_from(max_rows).unwrap_or(i32::MAX))
-                .fetch_one(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        Ok(Some(u64::try_from(made).unwrap_or(0)))
+    ) -> Result<Option<FanOutPass>, StoreError> {
+        let pass: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT taken, made FROM fan_out_webhooks($1 * interval '1 millisecond', $2)",
+        )
+        .bind(min_age.as_secs_f64() * 1000.0)
+        .bind(i32::try_from(max_rows).unwrap_or(i32::MAX))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(pass.map(|(taken, made)| FanOutPass {
+            taken: u64::try_from(taken).unwrap_or(0),
+            made: u64::try_from(made).unwrap_or(0),
+        }))
     }
 
     /// Webhooks not yet delivered: delivery rows pending or being sent,
@@ -230,7 +231,8 @@ impl Store {
                       WHERE e.job_id = d.job_id AND e.webhook_id = d.webhook_id AND e.id < d.id
                         AND e.state IN ('pending', 'sending'))
                 -- By next_at alone, the order of webhook_deliveries_next_idx:
-                -- rows of one statement share a next_at, and their order
+                -- rows of one transition statement (one fan-out row) share a
+                -- next_at, and their order
                 -- among themselves does not matter (a stream's is kept by
                 -- the check above).
                 ORDER BY d.next_at

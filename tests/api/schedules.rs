@@ -315,10 +315,12 @@ async fn a_unique_duplicate_answers_200_with_the_existing_job_and_says_so() {
     assert!(jobs[1].get("duplicate").is_none(), "{answer}");
     assert_ne!(jobs[1]["id"], first["id"]);
     assert_eq!(jobs[2]["duplicate"], "idempotency_key");
+    let replayed = jobs[2]["id"].clone();
     let again = json!({ "jobs": [{ "kind": "noop", "queue": q, "idempotency_key": "k-1" }] });
     let (status, answer) = body_of(api.post_json("/v1/jobs/batch", ENQUEUE, again).await).await;
     assert_eq!(status, 200, "nothing new: {answer}");
     assert_eq!(answer["jobs"][0]["duplicate"], "idempotency_key");
+    assert_eq!(answer["jobs"][0]["id"], replayed, "the same job each time");
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use orchestrator::config::Settings;
 use orchestrator::job::{JobId, JobRequest, Status};
 use orchestrator::secret::Secret;
+use orchestrator::store::FanOutPass;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -1003,13 +1004,17 @@ async fn fan_out_goes_in_order_one_replica_at_a_time_and_only_to_older_subscript
             .fan_out_deliveries(Duration::from_secs(60), 20)
             .await
             .expect("fan out"),
-        Some(0)
+        Some(FanOutPass { taken: 0, made: 0 })
+    );
+    // Not yet fanned out is undelivered, as old as its row.
+    assert!(
+        store.oldest_undelivered().await.expect("oldest") >= Duration::from_secs(3600),
+        "the aged fan-out row is not counted"
     );
 
     // Another replica fanning out right now: this one leaves it alone.
     let mut other = store.pool().begin().await.expect("begin");
-    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(orchestrator::store::FAN_OUT_LOCK)
+    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(webhook_fanout_lock())")
         .fetch_one(&mut *other)
         .await
         .expect("lock");
@@ -1031,7 +1036,7 @@ async fn fan_out_goes_in_order_one_replica_at_a_time_and_only_to_older_subscript
             .fan_out_deliveries(Duration::ZERO, 20)
             .await
             .expect("fan out"),
-        Some(4)
+        Some(FanOutPass { taken: 2, made: 4 })
     );
     assert_eq!(scalar(&env, "SELECT count(*) FROM webhook_fanout").await, 0);
     for id in [older, younger] {
@@ -1046,4 +1051,48 @@ async fn fan_out_goes_in_order_one_replica_at_a_time_and_only_to_older_subscript
             .expect("rows");
     assert_eq!(order, [older.0, older.0, younger.0, younger.0]);
     assert_eq!(store.undelivered_webhooks().await.expect("undelivered"), 4);
+}
+
+/// Retention and the fan-out take turns: a retention batch holds fan-out
+/// passes off until it commits, and the events of a job it pruned are
+/// fanned out to nothing, not into delivery rows of a job that is gone.
+#[tokio::test]
+async fn retention_and_fan_out_take_turns_and_a_pruned_job_gets_no_deliveries() {
+    let secret = secret();
+    let env = TestEnv::with_settings(|s| webhooks_on(s, &secret)).await;
+    let q = unique_queue();
+    let store = env.app.store();
+    let pruned = cancelled_with_callback(&env, &q, "http://127.0.0.1:9/callback").await;
+    sqlx::query("UPDATE jobs SET finished_at = now() - interval '2 days' WHERE id = $1")
+        .bind(pruned.0)
+        .execute(store.pool())
+        .await
+        .expect("age the job");
+    let mut retention = store.pool().begin().await.expect("begin");
+    let (jobs, _events): (i64, i64) = sqlx::query_as(
+        "SELECT * FROM prune_finished_jobs('cancelled', now() - interval '1 day', 10, $1)",
+    )
+    .bind(&q)
+    .fetch_one(&mut *retention)
+    .await
+    .expect("prune");
+    assert_eq!(jobs, 1);
+    assert_eq!(
+        store
+            .fan_out_deliveries(Duration::ZERO, 20)
+            .await
+            .expect("fan out"),
+        None,
+        "a fan-out pass ran beside a retention batch"
+    );
+    retention.commit().await.expect("commit");
+    assert_eq!(
+        store
+            .fan_out_deliveries(Duration::ZERO, 20)
+            .await
+            .expect("fan out"),
+        Some(FanOutPass { taken: 1, made: 0 })
+    );
+    assert!(delivery_urls(&env, pruned).await.is_empty());
+    assert_eq!(store.undelivered_webhooks().await.expect("undelivered"), 0);
 }
