@@ -10,10 +10,10 @@
 -- rows, so none is lost or fanned out twice.
 CREATE TABLE webhook_fanout (
     id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    -- When the row was written, not when its transaction began: a later
-    -- transition of a job is then never older than an earlier one, which
-    -- fanning out "rows older than x" relies on. Deliveries take it as
-    -- their created_at and first next_at.
+    -- When the row was written, not when its transaction began: what the
+    -- deferral ("rows older than x") and the subscriptions' "made before
+    -- the events" compare with. (Order is by id, not by this.) Deliveries
+    -- take it as their created_at and first next_at.
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     -- One entry per reported event, in the event's order: the job, the
     -- job_events row, the event as reported (`lease_expired` is `failed`
@@ -34,8 +34,11 @@ CREATE TABLE webhook_fanout (
 -- they go to is settled at fan-out: a subscription made in between is not
 -- sent events older than itself, and one deleted in between gets nothing.
 -- No statement writes two reported events of one job, so a stream's order
--- is the order of the rows; a job's later transition waits for the lock on
--- the job's row, so its row is written after the earlier one committed.
+-- is the order of the rows: every writer of a reported event holds the
+-- job's row lock (the transitions' SELECT … FOR UPDATE), so a job's later
+-- transition takes its id (from the identity, without a cache) after the
+-- earlier one committed. Events written without that lock (the worker's
+-- log and note appends) are never reported.
 CREATE OR REPLACE FUNCTION job_events_to_webhooks() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO webhook_fanout (job_ids, event_ids, events, statuses, versions)

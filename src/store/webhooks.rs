@@ -226,10 +226,18 @@ impl Store {
                   -- A subscription deleted while its row was being written.
                   AND (d.webhook_id = '00000000-0000-0000-0000-000000000000'
                        OR EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id))
+                  -- No earlier row of its stream undelivered. Written as
+                  -- NOT IN the final states (the same rows, by the CHECK)
+                  -- so that only the stream index can serve it: as IN
+                  -- ('pending', 'sending') it matched the due index's
+                  -- predicate, and with statistics taken while nothing was
+                  -- undelivered the planner scanned that whole index for
+                  -- every candidate (800 ms a claim at 40,000 waiting rows,
+                  -- a drain of minutes; 0.6 ms this way, measured).
                   AND NOT EXISTS (
                       SELECT 1 FROM webhook_deliveries e
                       WHERE e.job_id = d.job_id AND e.webhook_id = d.webhook_id AND e.id < d.id
-                        AND e.state IN ('pending', 'sending'))
+                        AND e.state NOT IN ('delivered', 'dead', 'dropped'))
                 -- By next_at alone, the order of webhook_deliveries_next_idx:
                 -- rows of one transition statement (one fan-out row) share a
                 -- next_at, and their order
