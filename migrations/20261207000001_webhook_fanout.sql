@@ -84,12 +84,14 @@ AS $$ SELECT 8030590385600425583::bigint $$;
 -- Returns the fan-out rows taken and the delivery rows made, or no row
 -- when the lock was held.
 --
--- plpgsql keeps a generic plan for every statement, made without knowing
--- `max_rows` or how large the tables are: each statement here reads only
--- by primary key and index order so that no plan of it can scan a table
--- (a first version, one SQL statement, deleted through a sequential scan
--- of the backlog and compiled it with JIT on every pass). JIT is off for
--- the same reason: its cost estimate is of that generic plan.
+-- plpgsql soon settles on a generic plan for each statement, made without
+-- knowing `max_rows` or how large the tables are: each statement here
+-- reads by primary key, or in id order under a LIMIT, so that the plan
+-- stays an index scan whatever the estimates (a first version, one SQL
+-- statement, deleted through a sequential scan of the backlog and
+-- compiled it with JIT on every pass: 450 ms a pass at 200,000 rows; this
+-- one takes 1-2 ms there, measured). JIT is off for the same reason: its
+-- cost estimate is of that generic plan.
 CREATE FUNCTION fan_out_webhooks(min_age interval, max_rows integer)
 RETURNS TABLE (taken bigint, made bigint) LANGUAGE plpgsql
 SET jit = off AS $$
