@@ -240,9 +240,8 @@ impl Store {
                         AND e.state NOT IN ('delivered', 'dead', 'dropped'))
                 -- By next_at alone, the order of webhook_deliveries_next_idx:
                 -- rows of one transition statement (one fan-out row) share a
-                -- next_at, and their order
-                -- among themselves does not matter (a stream's is kept by
-                -- the check above).
+                -- next_at, and their order among themselves does not matter
+                -- (a stream's is kept by the check above).
                 ORDER BY d.next_at
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED

@@ -1137,16 +1137,12 @@ async fn postgres_refuses_a_claim_past_a_keys_limit_even_without_valkey() {
     assert_eq!(running, 1);
 }
 
-/// The starts (`started` events, in Postgres' time) of `ids`, in order.
+/// When each of `ids` started, earliest first (from `intervals`).
 async fn starts(env: &TestEnv, ids: &[JobId]) -> Vec<DateTime<Utc>> {
-    let uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
-    sqlx::query_scalar(
-        "SELECT at FROM job_events WHERE job_id = ANY($1) AND type = 'started' ORDER BY at",
-    )
-    .bind(&uuids)
-    .fetch_all(env.app.store().pool())
-    .await
-    .expect("starts")
+    let mut starts: Vec<DateTime<Utc>> =
+        intervals(env, ids).await.into_iter().map(|s| s.0).collect();
+    starts.sort();
+    starts
 }
 
 /// `[admission.rate_limits]` and `[admission.key_rate_limits]` from a
